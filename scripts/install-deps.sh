@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Install what building, testing or rebuilding the fixtures of imgbuild needs
+# on Debian 12 (bookworm).
+#
+#   scripts/install-deps.sh build     C compiler/linker for rustc and the `ring` crate
+#   scripts/install-deps.sh test      build + docker-registry, skopeo, qemu-user-static,
+#                                     htpasswd, openssl, tar, zstd, ca-certificates, moto
+#   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
+#
+# Idempotent and fast when everything is present: apt-get update runs only when
+# a package has to be installed.
+set -euo pipefail
+
+MODE="${1:-}"
+export DEBIAN_FRONTEND=noninteractive
+
+# moto (the AWS STS/ECR/S3 mock) lives in its own venv; moto_server ends up at
+# "$MOTO_VENV/bin/moto_server".
+MOTO_VENV="${IMGBUILD_TEST_VENV:-${HOME:-/root}/.cache/imgbuild-test/venv}"
+MOTO_SPEC='moto[server]==5.*'
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+SUDO=()
+if [[ "$(id -u)" -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo --preserve-env=DEBIAN_FRONTEND)
+    fi
+fi
+
+as_root() {
+    if [[ "$(id -u)" -ne 0 && ${#SUDO[@]} -eq 0 ]]; then
+        die "need root (or sudo) to run: $*"
+    fi
+    "${SUDO[@]}" "$@"
+}
+
+is_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+APT_UPDATED=0
+# apt_install PKG... : installs the packages that are not installed yet.
+apt_install() {
+    local missing=() p
+    for p in "$@"; do
+        is_installed "$p" || missing+=("$p")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install by hand: ${missing[*]}"
+    log "installing: ${missing[*]}"
+    if [[ "$APT_UPDATED" -eq 0 ]]; then
+        as_root apt-get update -qq
+        APT_UPDATED=1
+    fi
+    as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+install_build() {
+    # rustc links through `cc`; the `ring` crate compiles C (and assembly).
+    apt_install gcc libc6-dev
+}
+
+install_test_tools() {
+    apt_install docker-registry skopeo qemu-user-static apache2-utils openssl tar zstd \
+        ca-certificates
+}
+
+# Puts moto_server at "$MOTO_VENV/bin/moto_server" (a venv even when a python3 with
+# pip exists: it keeps moto's pinned dependencies away from everything else).
+install_moto() {
+    local py
+    if [[ -x "$MOTO_VENV/bin/python" ]] &&
+        "$MOTO_VENV/bin/python" - <<'PY' >/dev/null 2>&1
+import sys, moto, moto.server, flask
+sys.exit(0 if moto.__version__.startswith("5.") else 1)
+PY
+    then
+        [[ -x "$MOTO_VENV/bin/moto_server" ]] && {
+            log "moto_server: $MOTO_VENV/bin/moto_server"
+            return 0
+        }
+    fi
+
+    if ! command -v python3 >/dev/null 2>&1; then
+        apt_install python3 python3-pip python3-venv
+    fi
+    py="$(command -v python3)"
+
+    rm -rf "$MOTO_VENV"
+    mkdir -p "$(dirname "$MOTO_VENV")"
+    if ! "$py" -m venv "$MOTO_VENV" >/dev/null 2>&1; then
+        # Debian's python3 ships venv/ensurepip separately.
+        rm -rf "$MOTO_VENV"
+        apt_install python3-venv python3-pip
+        "$py" -m venv "$MOTO_VENV"
+    fi
+    log "installing $MOTO_SPEC into $MOTO_VENV"
+    "$MOTO_VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+    "$MOTO_VENV/bin/python" -m pip install -q --disable-pip-version-check "$MOTO_SPEC"
+    [[ -x "$MOTO_VENV/bin/moto_server" ]] || die "moto_server missing after install in $MOTO_VENV"
+    log "moto_server: $MOTO_VENV/bin/moto_server"
+}
+
+install_fixture_tools() {
+    apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
+}
+
+case "$MODE" in
+build)
+    install_build
+    ;;
+test)
+    install_build
+    install_test_tools
+    install_moto
+    ;;
+fixtures)
+    install_build
+    install_test_tools
+    install_fixture_tools
+    ;;
+*)
+    echo "usage: $0 build|test|fixtures" >&2
+    exit 2
+    ;;
+esac

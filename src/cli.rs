@@ -1,0 +1,122 @@
+//! Command-line interface: flags follow ko, crane and buildx where they have one
+//! (`--platform a,b`, `--tag` repeatable, `--image-refs`, `--metadata-file`, `--insecure-registry`,
+//! `--password-stdin`, `-f`).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imgbuild",
+    version,
+    about = "Build deterministic multi-arch OCI images from prebuilt artifacts and push them, without a daemon",
+    after_help = "Exit codes: 0 ok, 1 internal error, 2 usage or spec error, 3 input artifact error, 4 authentication, 5 registry or network."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build the image into a local OCI image layout (no registry, no credentials).
+    Build(BuildArgs),
+    /// Build the image and push it to a registry; prints REPO@sha256:<index digest>.
+    Push(PushArgs),
+}
+
+/// Flags shared by `build` and `push`.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// The build spec (TOML).
+    #[arg(short = 'f', long = "file", value_name = "SPEC", default_value = "imgbuild.toml")]
+    pub file: PathBuf,
+
+    /// Directory that relative `src` paths are resolved against [default: the spec's directory].
+    #[arg(long, value_name = "DIR")]
+    pub context: Option<PathBuf>,
+
+    /// Platforms to build, comma-separated or repeated (overrides `platforms`).
+    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]", value_delimiter = ',')]
+    pub platforms: Vec<String>,
+
+    /// Repository, e.g. 127.0.0.1:5000/hello (overrides `repository`).
+    #[arg(long, env = "IMGBUILD_REPO", value_name = "REGISTRY/PATH")]
+    pub repo: Option<String>,
+
+    /// Tag; repeat for several (overrides `tags`).
+    #[arg(short = 't', long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+
+    /// Extra annotation on the manifests and index; repeatable.
+    #[arg(long = "annotation", value_name = "KEY=VALUE")]
+    pub annotations: Vec<String>,
+
+    /// Do not check that ELF artifacts match each platform's architecture.
+    #[arg(long)]
+    pub no_arch_check: bool,
+
+    /// Write the index digest (sha256:...) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub digest_file: Option<PathBuf>,
+
+    /// Write one REPO@sha256:... line to this file (ko's --image-refs).
+    #[arg(long, value_name = "FILE")]
+    pub image_refs: Option<PathBuf>,
+
+    /// Write JSON metadata (digests, sizes, tags) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+
+    /// Layers compressed at once, and blobs uploaded at once.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+
+    /// Print only errors and warnings.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// More detail on stderr (-v, -vv).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Where to write the OCI image layout [default: out/<spec name>].
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+
+    /// Also write the layout as a tar file.
+    #[arg(long, value_name = "FILE")]
+    pub tarball: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Allow plain HTTP (and unverified fallback) for this registry; repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust this PEM CA certificate in addition to the system roots; repeatable.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    pub ca_certs: Vec<PathBuf>,
+
+    /// Registry user name (with --password-stdin).
+    #[arg(short, long, requires = "password_stdin")]
+    pub username: Option<String>,
+
+    /// Read the registry password or token from standard input.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+
+    /// Give up on a request that sends or receives nothing for this many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub timeout: u64,
+}

@@ -1,0 +1,65 @@
+//! The crate's top-level error and the documented process exit codes.
+//!
+//! Each stage has its own error enum carrying the file/line/field or URL it concerns; this
+//! module only sorts them into exit codes, in one place, so CI can retry on 5 and not on 2-4.
+
+/// Process exit codes (README "Exit codes"). Stable: scripts depend on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitCode {
+    Ok = 0,
+    /// A bug or an unexpected local I/O failure.
+    Internal = 1,
+    /// Bad command line, bad build spec, bad repository or tag.
+    Usage = 2,
+    /// An input artifact is missing, unreadable, or for the wrong architecture.
+    Input = 3,
+    /// The registry refused our credentials, or none could be found.
+    Auth = 4,
+    /// The registry or network still failed after retries.
+    Registry = 5,
+}
+
+/// Any failure of the pipeline.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Spec(#[from] crate::spec::SpecError),
+    #[error(transparent)]
+    Plan(#[from] crate::plan::PlanError),
+    #[error(transparent)]
+    Layer(#[from] crate::layer::LayerError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Reference(#[from] crate::reference::ReferenceError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Spec(_) | Error::Reference(_) | Error::Usage(_) => ExitCode::Usage,
+            Error::Plan(e) => e.exit_code(),
+            Error::Layer(_) => ExitCode::Input,
+            Error::Image(_) | Error::Io { .. } => ExitCode::Internal,
+            Error::Registry(e) => e.exit_code(),
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Image assembly: OCI image config, one manifest per platform, and the image index
+//! (image-spec config.md, manifest.md, image-index.md).
+//!
+//! JSON that gets a digest is serialized exactly once, canonically, into a [`JsonBlob`]; from
+//! then on only those bytes move (hashed, written to a layout, pushed). Canonical here means
+//! keys sorted at every level and no insignificant whitespace: oci-spec keeps annotations,
+//! labels and ports in `HashMap`s whose order varies between processes (oci-spec-rs#249), so
+//! we go through `serde_json::Value`, whose maps are `BTreeMap`s (serde_json without
+//! `preserve_order`), and RFC 8259 escaping (unlike OLPC canonical JSON, which leaves control
+//! characters raw and so is not valid JSON for a label holding a newline).
+
+use crate::digest::Digest;
+use crate::platform::Platform;
+use bytes::Bytes;
+use oci_spec::image as oci;
+use std::collections::{BTreeMap, HashMap};
+
+pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MEDIA_TYPE_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+
+pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+pub const ANNOTATION_SOURCE: &str = "org.opencontainers.image.source";
+pub const ANNOTATION_REVISION: &str = "org.opencontainers.image.revision";
+/// Set on `index.json` entries of an OCI layout so `oci:DIR:TAG` finds them.
+pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// A content descriptor: what a manifest or index says about a blob it references.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Descriptor {
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// JSON bytes fixed once, with their digest and media type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonBlob {
+    pub media_type: String,
+    pub digest: Digest,
+    pub bytes: Bytes,
+}
+
+/// Errors while assembling JSON documents. These are bugs or impossible inputs: the spec
+/// parser has already validated what the user wrote.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("building the {what}: {source}")]
+    Oci {
+        what: &'static str,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("serializing the {what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl JsonBlob {
+    /// Serialize `value` canonically, once.
+    pub fn canonical<T: serde::Serialize>(
+        media_type: &str,
+        value: &T,
+        what: &'static str,
+    ) -> Result<JsonBlob, ImageError> {
+        let json = |source| ImageError::Json { what, source };
+        let value = serde_json::to_value(value).map_err(json)?;
+        let bytes = Bytes::from(serde_json::to_vec(&value).map_err(json)?);
+        Ok(JsonBlob {
+            media_type: media_type.to_string(),
+            digest: Digest::of(&bytes),
+            bytes,
+        })
+    }
+
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: self.bytes.len() as u64,
+        }
+    }
+}
+
+/// One platform's finished image.
+#[derive(Debug, Clone)]
+pub struct PlatformImage {
+    pub platform: Platform,
+    pub config: JsonBlob,
+    pub layers: Vec<Descriptor>,
+    pub manifest: JsonBlob,
+}
+
+/// All platforms' images and the index that ties them together.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub images: Vec<PlatformImage>,
+    pub index: JsonBlob,
+}
+
+impl BuiltImage {
+    /// Every layer once, in first-use order: identical layers across platforms are one blob.
+    pub fn unique_layers(&self) -> Vec<Descriptor> {
+        let mut seen = std::collections::HashSet::new();
+        self.images
+            .iter()
+            .flat_map(|i| i.layers.iter())
+            .filter(|d| seen.insert(d.digest.clone()))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The runtime configuration from the spec's `[config]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub user: String,
+    pub workdir: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub exposed_ports: Vec<String>,
+    pub stop_signal: Option<String>,
+}
+
+/// A built layer as the config and manifest need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub descriptor: Descriptor,
+    /// Digest of the uncompressed tar (config `rootfs.diff_ids`).
+    pub diff_id: Digest,
+    /// What made it, for the config's `history`.
+    pub created_by: String,
+}
+
+/// Format seconds since the epoch as RFC 3339 UTC (`1970-01-01T00:00:00Z`), as the image
+/// config's `created` and the `org.opencontainers.image.created` annotation want.
+pub fn rfc3339(epoch: u64) -> String {
+    let days = (epoch / 86_400) as i64;
+    let secs = epoch % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+fn oci_err(what: &'static str) -> impl Fn(oci_spec::OciSpecError) -> ImageError {
+    move |source| ImageError::Oci { what, source }
+}
+
+fn oci_descriptor(d: &Descriptor) -> Result<oci::Descriptor, ImageError> {
+    let digest: oci::Digest = d
+        .digest
+        .to_string()
+        .parse()
+        .map_err(oci_err("descriptor"))?;
+    Ok(oci::Descriptor::new(
+        oci::MediaType::from(d.media_type.as_str()),
+        d.size,
+        digest,
+    ))
+}
+
+fn oci_arch(p: &Platform) -> oci::Arch {
+    oci::Arch::from(p.arch.as_str())
+}
+
+fn hashmap(m: &BTreeMap<String, String>) -> Option<HashMap<String, String>> {
+    (!m.is_empty()).then(|| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// The image config for one platform (image-spec config.md).
+pub fn config(
+    platform: &Platform,
+    runtime: &RuntimeConfig,
+    layers: &[LayerInfo],
+    epoch: u64,
+) -> Result<JsonBlob, ImageError> {
+    let created = rfc3339(epoch);
+    let env: Vec<String> = runtime.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let mut cfg = oci::ConfigBuilder::default();
+    cfg = cfg.user(runtime.user.clone());
+    if !env.is_empty() {
+        cfg = cfg.env(env);
+    }
+    if let Some(e) = &runtime.entrypoint {
+        cfg = cfg.entrypoint(e.clone());
+    }
+    if let Some(c) = &runtime.cmd {
+        cfg = cfg.cmd(c.clone());
+    }
+    if let Some(w) = &runtime.workdir {
+        cfg = cfg.working_dir(w.clone());
+    }
+    if let Some(l) = hashmap(&runtime.labels) {
+        cfg = cfg.labels(l);
+    }
+    if !runtime.exposed_ports.is_empty() {
+        cfg = cfg.exposed_ports(runtime.exposed_ports.clone());
+    }
+    if let Some(s) = &runtime.stop_signal {
+        cfg = cfg.stop_signal(s.clone());
+    }
+    let cfg = cfg.build().map_err(oci_err("image config"))?;
+
+    let rootfs = oci::RootFsBuilder::default()
+        .typ("layers")
+        .diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>())
+        .build()
+        .map_err(oci_err("image config rootfs"))?;
+    let history = layers
+        .iter()
+        .map(|l| {
+            oci::HistoryBuilder::default()
+                .created(created.clone())
+                .created_by(l.created_by.clone())
+                .comment("imgbuild")
+                .build()
+                .map_err(oci_err("image config history"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut image = oci::ImageConfigurationBuilder::default()
+        .created(created)
+        .architecture(oci_arch(platform))
+        .os(oci::Os::from(platform.os.as_str()))
+        .config(cfg)
+        .rootfs(rootfs)
+        .history(history);
+    if let Some(v) = &platform.variant {
+        image = image.variant(v.clone());
+    }
+    let image = image.build().map_err(oci_err("image config"))?;
+    JsonBlob::canonical(MEDIA_TYPE_CONFIG, &image, "image config")
+}
+
+/// The manifest for one platform (image-spec manifest.md).
+pub fn manifest(
+    config: &JsonBlob,
+    layers: &[Descriptor],
+    annotations: &BTreeMap<String, String>,
+) -> Result<JsonBlob, ImageError> {
+    let mut m = oci::ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(oci::MediaType::ImageManifest)
+        .config(oci_descriptor(&config.descriptor())?)
+        .layers(layers.iter().map(oci_descriptor).collect::<Result<Vec<_>, _>>()?);
+    if let Some(a) = hashmap(annotations) {
+        m = m.annotations(a);
+    }
+    let m = m.build().map_err(oci_err("image manifest"))?;
+    JsonBlob::canonical(MEDIA_TYPE_MANIFEST, &m, "image manifest")
+}
+
+/// The index over all platforms' manifests (image-spec image-index.md), `platform` on each.
+pub fn index(
+    images: &[(Platform, Descriptor)],
+    annotations: &BTreeMap<String, String>,
+) -> Result<JsonBlob, ImageError> {
+    let manifests = images
+        .iter()
+        .map(|(p, d)| {
+            let mut platform = oci::PlatformBuilder::default()
+                .architecture(oci_arch(p))
+                .os(oci::Os::from(p.os.as_str()));
+            if let Some(v) = &p.variant {
+                platform = platform.variant(v.clone());
+            }
+            let mut desc = oci_descriptor(d)?;
+            desc.set_platform(Some(platform.build().map_err(oci_err("index platform"))?));
+            Ok(desc)
+        })
+        .collect::<Result<Vec<_>, ImageError>>()?;
+    let mut idx = oci::ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(oci::MediaType::ImageIndex)
+        .manifests(manifests);
+    if let Some(a) = hashmap(annotations) {
+        idx = idx.annotations(a);
+    }
+    let idx = idx.build().map_err(oci_err("image index"))?;
+    JsonBlob::canonical(MEDIA_TYPE_INDEX, &idx, "image index")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_table() {
+        let cases = [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_700_000_000, "2023-11-14T22:13:20Z"),
+            (4_102_444_799, "2099-12-31T23:59:59Z"),
+        ];
+        for (epoch, want) in cases {
+            assert_eq!(rfc3339(epoch), want);
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_and_escapes() {
+        let mut labels = BTreeMap::new();
+        for k in ["z", "a", "m", "b", "y"] {
+            labels.insert(k.to_string(), format!("line1\nline2 {k}"));
+        }
+        let runtime = RuntimeConfig {
+            user: "65532:65532".into(),
+            labels,
+            exposed_ports: vec!["8080/tcp".into(), "53/udp".into()],
+            ..Default::default()
+        };
+        let p = Platform::new("linux", "amd64", None);
+        let first = config(&p, &runtime, &[], 0).unwrap();
+        // Many serializations in this process (HashMap seeds differ per map) give one result.
+        for _ in 0..20 {
+            assert_eq!(config(&p, &runtime, &[], 0).unwrap(), first);
+        }
+        let text = std::str::from_utf8(&first.bytes).unwrap();
+        assert!(text.contains(r#""Labels":{"a":"line1\nline2 a","b":"#), "{text}");
+        assert!(!text.contains(": "), "no insignificant whitespace: {text}");
+        assert!(!text.contains('\n'));
+        let v: serde_json::Value = serde_json::from_slice(&first.bytes).unwrap();
+        assert_eq!(v["architecture"], "amd64");
+        assert_eq!(v["config"]["ExposedPorts"]["53/udp"], serde_json::json!({}));
+    }
+}

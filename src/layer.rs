@@ -1,0 +1,266 @@
+//! Layers: a planned entry list becomes a tar stream, gzip-compressed, written into the blob
+//! store, with both digests computed in the same single pass:
+//!
+//! ```text
+//! files --read once--> tar::Builder --> HashingWriter (diff_id: sha256 of the tar)
+//!                                  --> GzEncoder --> BlobWriter (digest: sha256 of the gzip) --> blobs/sha256/<digest>
+//! ```
+//!
+//! Nothing is held whole in memory: each file is streamed through fixed-size buffers.
+//! Headers are fully determined by the plan and `SOURCE_DATE_EPOCH`: mtime fixed, numeric
+//! owners only (no user/group names), no xattrs, no device numbers, GNU long names for paths
+//! over 100 bytes (image-spec layer.md permits any tar the runtimes read; GNU and PAX both are).
+
+use crate::digest::{Digest, HashingWriter};
+use crate::image::{Descriptor, LayerInfo, MEDIA_TYPE_LAYER_GZIP};
+use crate::plan::{EntryKind, LayerPlan};
+use crate::store::BlobStore;
+use flate2::{Compression, GzBuilder};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+
+/// Default gzip level: 6 is what gzip, pigz and Docker use.
+pub const DEFAULT_GZIP_LEVEL: u32 = 6;
+
+/// How to write layers.
+#[derive(Debug, Clone)]
+pub struct LayerOptions {
+    /// `SOURCE_DATE_EPOCH`: the mtime of every entry.
+    pub epoch: u64,
+    pub gzip_level: u32,
+}
+
+impl Default for LayerOptions {
+    fn default() -> Self {
+        LayerOptions {
+            epoch: 0,
+            gzip_level: DEFAULT_GZIP_LEVEL,
+        }
+    }
+}
+
+/// Why a layer could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} changed size while it was being read (planned {planned} bytes); do not modify artifacts during a build", path.display())]
+    Changed { path: PathBuf, planned: u64 },
+    #[error("writing layer blob to {}: {source}", dir.display())]
+    Write {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Write one layer into `store`; return its descriptor and diff_id.
+pub fn write_layer(layer: &LayerPlan, store: &BlobStore, opts: &LayerOptions) -> Result<LayerInfo, LayerError> {
+    let write_err = |source| LayerError::Write {
+        dir: store.root().to_path_buf(),
+        source,
+    };
+    let blob = store.writer().map_err(write_err)?;
+    let gz = GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(blob, Compression::new(opts.gzip_level));
+    let mut tar = tar::Builder::new(HashingWriter::new(gz));
+    for entry in &layer.entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(entry.mode);
+        h.set_uid(u64::from(entry.uid));
+        h.set_gid(u64::from(entry.gid));
+        h.set_mtime(opts.epoch);
+        match &entry.kind {
+            EntryKind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                tar.append_data(&mut h, &entry.path, io::empty()).map_err(write_err)?;
+            }
+            EntryKind::Symlink { target } => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                tar.append_link(&mut h, &entry.path, target).map_err(write_err)?;
+            }
+            EntryKind::File { src, size } => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(*size);
+                let file = File::open(src).map_err(|source| LayerError::Read {
+                    path: src.clone(),
+                    source,
+                })?;
+                let reader = ExactReader {
+                    inner: file,
+                    remaining: *size,
+                };
+                tar.append_data(&mut h, &entry.path, reader).map_err(|e| {
+                    // A short read shows up here as our own error kind; anything else is
+                    // either reading the source or writing the blob.
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        LayerError::Changed {
+                            path: src.clone(),
+                            planned: *size,
+                        }
+                    } else if e.get_ref().is_some_and(|i| i.is::<ReadFailure>()) {
+                        LayerError::Read {
+                            path: src.clone(),
+                            source: e,
+                        }
+                    } else {
+                        write_err(e)
+                    }
+                })?;
+            }
+        }
+    }
+    let hashing = tar.into_inner().map_err(write_err)?;
+    let (gz, diff_id, _tar_size) = hashing.finish();
+    let blob = gz.finish().map_err(write_err)?;
+    let (digest, size) = blob.commit().map_err(write_err)?;
+    Ok(LayerInfo {
+        descriptor: Descriptor {
+            media_type: MEDIA_TYPE_LAYER_GZIP.to_string(),
+            digest,
+            size,
+        },
+        diff_id,
+        created_by: layer.created_by.clone(),
+    })
+}
+
+/// Marker for read errors of a source file, so they are told apart from write errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ReadFailure(io::Error);
+
+/// Reads exactly `remaining` bytes: a file that shrank since planning is an error
+/// (`UnexpectedEof`) rather than a corrupt tar; one that grew is cut at the planned size.
+struct ExactReader {
+    inner: File,
+    remaining: u64,
+}
+
+impl Read for ExactReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let max = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let n = self
+            .inner
+            .read(&mut buf[..max])
+            .map_err(|e| io::Error::new(e.kind(), ReadFailure(e)))?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank"));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+/// The diff_id (sha256 of the uncompressed tar) of a gzip layer blob, for checks and tests.
+pub fn diff_id_of_gzip(mut blob: impl Read) -> io::Result<Digest> {
+    let mut w = HashingWriter::new(io::sink());
+    io::copy(&mut flate2::read::GzDecoder::new(&mut blob), &mut w)?;
+    w.flush()?;
+    Ok(w.finish().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Entry;
+
+    fn entries(dir: &std::path::Path) -> LayerPlan {
+        let f = dir.join("f");
+        std::fs::write(&f, b"hello\n").unwrap();
+        LayerPlan {
+            entries: vec![
+                Entry {
+                    path: "app".into(),
+                    kind: EntryKind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                },
+                Entry {
+                    path: "app/f".into(),
+                    kind: EntryKind::File { src: f, size: 6 },
+                    mode: 0o644,
+                    uid: 1000,
+                    gid: 1000,
+                },
+                Entry {
+                    path: format!("app/{}", "long".repeat(40)).into(),
+                    kind: EntryKind::Symlink { target: "f".into() },
+                    mode: 0o777,
+                    uid: 0,
+                    gid: 0,
+                },
+            ],
+            created_by: "test".into(),
+        }
+    }
+
+    #[test]
+    fn layer_is_deterministic_and_self_consistent() {
+        let src = tempfile::tempdir().unwrap();
+        let plan = entries(src.path());
+        let a = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
+        let b = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
+        let opts = LayerOptions::default();
+        let la = write_layer(&plan, &a, &opts).unwrap();
+        // Different mtime on the source: same layer.
+        let later = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000_000);
+        File::options()
+            .write(true)
+            .open(src.path().join("f"))
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        let lb = write_layer(&plan, &b, &opts).unwrap();
+        assert_eq!(la, lb);
+        let blob = std::fs::read(a.path(&la.descriptor.digest)).unwrap();
+        assert_eq!(Digest::of(&blob), la.descriptor.digest);
+        assert_eq!(blob.len() as u64, la.descriptor.size);
+        assert_eq!(diff_id_of_gzip(&blob[..]).unwrap(), la.diff_id);
+
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+        let got: Vec<(String, u32, u64, u64, u64)> = ar
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                (
+                    e.path().unwrap().display().to_string(),
+                    h.mode().unwrap(),
+                    h.uid().unwrap(),
+                    h.mtime().unwrap(),
+                    h.size().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got[0], ("app".into(), 0o755, 0, 0, 0));
+        assert_eq!(got[1], ("app/f".into(), 0o644, 1000, 0, 6));
+        assert_eq!(got[2].0.len(), 4 + 160);
+    }
+
+    #[test]
+    fn shrunk_file_is_an_error() {
+        let src = tempfile::tempdir().unwrap();
+        let mut plan = entries(src.path());
+        if let EntryKind::File { size, .. } = &mut plan.entries[1].kind {
+            *size = 100;
+        }
+        let store = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
+        let err = write_layer(&plan, &store, &LayerOptions::default()).unwrap_err();
+        assert!(matches!(err, LayerError::Changed { planned: 100, .. }), "{err}");
+    }
+}

@@ -1,0 +1,92 @@
+//! The offline sink: an OCI image layout directory (image-spec image-layout.md) — `oci-layout`,
+//! `index.json` and `blobs/sha256/...` — and optionally the same as a tar file.
+//!
+//! The build writes its blobs straight into the layout's `blobs/`, so this only adds the two
+//! small top-level files. `index.json` names the image index once, with
+//! `org.opencontainers.image.ref.name` set to the first tag, so both `skopeo inspect oci:DIR`
+//! and `oci:DIR:TAG` find it.
+
+use crate::digest::Digest;
+use crate::image::{ANNOTATION_REF_NAME, BuiltImage, JsonBlob, MEDIA_TYPE_INDEX};
+use crate::store::BlobStore;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// The layout's `index.json`, canonical like every other JSON we write.
+pub fn layout_index(image: &BuiltImage, tag: Option<&str>) -> Result<JsonBlob, crate::image::ImageError> {
+    let mut desc = json!({
+        "mediaType": image.index.media_type,
+        "digest": image.index.digest,
+        "size": image.index.bytes.len(),
+    });
+    if let Some(tag) = tag {
+        desc["annotations"] = json!({ ANNOTATION_REF_NAME: tag });
+    }
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": MEDIA_TYPE_INDEX,
+        "manifests": [desc],
+    });
+    JsonBlob::canonical(MEDIA_TYPE_INDEX, &index, "layout index.json")
+}
+
+/// Finish the layout whose blobs are already in `store` (rooted at the layout directory).
+pub fn write_layout(image: &BuiltImage, store: &BlobStore, tag: Option<&str>) -> io::Result<()> {
+    let index = layout_index(image, tag).map_err(io::Error::other)?;
+    write_atomic(&store.root().join("oci-layout"), OCI_LAYOUT)?;
+    write_atomic(&store.root().join("index.json"), &index.bytes)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, path)
+}
+
+/// Every blob the image references, each once, in a stable order.
+pub fn referenced_blobs(image: &BuiltImage) -> BTreeSet<Digest> {
+    let mut all = BTreeSet::new();
+    all.insert(image.index.digest.clone());
+    for i in &image.images {
+        all.insert(i.manifest.digest.clone());
+        all.insert(i.config.digest.clone());
+        all.extend(i.layers.iter().map(|l| l.digest.clone()));
+    }
+    all
+}
+
+/// Write the layout as a tar file: the same `oci-layout`, `index.json` and referenced blobs
+/// (nothing else that may sit in the directory), deterministic like the layers.
+pub fn write_tarball(image: &BuiltImage, store: &BlobStore, tag: Option<&str>, out: &Path) -> io::Result<()> {
+    let index = layout_index(image, tag).map_err(io::Error::other)?;
+    let tmp = out.with_extension("partial");
+    let mut tar = tar::Builder::new(BufWriter::new(File::create(&tmp)?));
+    let header = |size: u64, dir: bool| {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(if dir { 0o755 } else { 0o644 });
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_size(size);
+        h.set_entry_type(if dir { tar::EntryType::Directory } else { tar::EntryType::Regular });
+        h
+    };
+    tar.append_data(&mut header(OCI_LAYOUT.len() as u64, false), "oci-layout", OCI_LAYOUT)?;
+    tar.append_data(&mut header(index.bytes.len() as u64, false), "index.json", &index.bytes[..])?;
+    tar.append_data(&mut header(0, true), "blobs", io::empty())?;
+    tar.append_data(&mut header(0, true), "blobs/sha256", io::empty())?;
+    for d in referenced_blobs(image) {
+        let f = store.open_blob(&d)?;
+        let size = f.metadata()?.len();
+        tar.append_data(&mut header(size, false), format!("blobs/sha256/{}", d.hex()), f)?;
+    }
+    let mut w = tar.into_inner()?;
+    w.flush()?;
+    drop(w);
+    fs::rename(&tmp, out)
+}

@@ -1,0 +1,25 @@
+//! imgbuild: build deterministic multi-arch OCI images from prebuilt artifacts and push them
+//! to any OCI registry, without a daemon.
+//!
+//! The pipeline runs one way: [`spec`] (parse) -> [`plan`] (resolve files per platform, check
+//! ELF architectures) -> [`layer`] (tar + gzip + hash in one pass into a [`store`]) -> [`image`]
+//! (config, manifests, index as canonical JSON) -> a sink: [`layout`] (OCI image layout on disk)
+//! or [`registry`] (push) -> [`output`] (digest files for deploy steps).
+//! [`pipeline`] strings the stages together; `main.rs` only parses the command line.
+
+pub mod digest;
+pub mod error;
+pub mod image;
+pub mod layer;
+pub mod layout;
+pub mod output;
+pub mod pipeline;
+pub mod plan;
+pub mod platform;
+pub mod progress;
+pub mod reference;
+pub mod registry;
+pub mod spec;
+pub mod store;
+
+pub use error::{Error, ExitCode};

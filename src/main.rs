@@ -1,0 +1,225 @@
+//! The `imgbuild` binary: parse the command line, read the environment, call the library,
+//! map errors to the documented exit codes. Nothing else lives here.
+
+mod cli;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use cli::{Cli, Command, CommonArgs};
+use imgbuild::output::{self, Outputs, Summary};
+use imgbuild::pipeline::{self, BuildOptions};
+use imgbuild::progress::{self, Progress, Verbosity};
+use imgbuild::reference::{Repository, validate_tag};
+use imgbuild::registry::{self, Credentials, PushOptions, Secret};
+use imgbuild::spec::{self, Spec};
+use imgbuild::store::BlobStore;
+use imgbuild::{Error, ExitCode};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain joined with ": ".
+            eprintln!("error: {e:#}");
+            let code = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<Error>())
+                .map_or(ExitCode::Internal, Error::exit_code);
+            std::process::ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Build(args) => {
+            let c = &args.common;
+            let progress = make_progress(c);
+            let (spec, opts) = prepare(c)?;
+            let repo = repository(c, &spec)?;
+            let tags = tags(c, &spec)?;
+            let dir = args
+                .output
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
+            let store = BlobStore::open(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
+            let tag = tags.first().map(String::as_str);
+            imgbuild::layout::write_layout(&image, &store, tag)
+                .map_err(|e| Error::io(format!("writing OCI layout {}", dir.display()), e))?;
+            if let Some(t) = &args.tarball {
+                imgbuild::layout::write_tarball(&image, &store, tag, t)
+                    .map_err(|e| Error::io(format!("writing {}", t.display()), e))?;
+            }
+            let summary = Summary {
+                image: &image,
+                repository: repo.map(|r| r.to_string()),
+                tags: Vec::new(),
+                layout: Some(dir.clone()),
+            };
+            output::write(&outputs(c), &summary).map_err(|e| Error::io("writing outputs", e))?;
+            if !c.quiet {
+                eprintln!("wrote OCI layout {} (oci:{}:{})", dir.display(), dir.display(), tag.unwrap_or(""));
+            }
+            println!("{}", image.index.digest);
+            Ok(())
+        }
+        Command::Push(args) => {
+            let c = &args.common;
+            let progress = make_progress(c);
+            let (spec, opts) = prepare(c)?;
+            let repo = repository(c, &spec)?.ok_or_else(|| {
+                Error::Usage(format!(
+                    "no repository: give --repo REGISTRY/PATH, set IMGBUILD_REPO, or add `repository` to {}",
+                    spec.path.display()
+                ))
+            })?;
+            let tags = tags(c, &spec)?;
+            let credentials = if args.password_stdin {
+                let mut password = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut password)
+                    .context("reading the password from standard input")?;
+                let password = password.trim_end_matches(['\n', '\r']).to_string();
+                if password.is_empty() {
+                    bail!(Error::Usage("--password-stdin: standard input was empty".into()));
+                }
+                Some(Credentials {
+                    username: args.username.clone().unwrap_or_default(),
+                    password: Secret::new(password),
+                })
+            } else {
+                None
+            };
+            // A scratch store for this run's blobs; removed when the push ends.
+            let tmp = tempfile::Builder::new()
+                .prefix("imgbuild-")
+                .tempdir()
+                .context("creating a temporary directory")?;
+            let store = BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?;
+            let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
+            let push_opts = PushOptions {
+                jobs: usize::from(c.jobs),
+                insecure_registries: args.insecure_registries.clone(),
+                ca_certs: args.ca_certs.clone(),
+                credentials,
+                timeout: std::time::Duration::from_secs(args.timeout.max(1)),
+                ..PushOptions::default()
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let report = runtime
+                .block_on(registry::push(&image, &store, &repo, &tags, &push_opts, progress.as_ref()))
+                .map_err(Error::from)?;
+            let summary = Summary {
+                image: &image,
+                repository: Some(repo.to_string()),
+                tags: report.tags.clone(),
+                layout: None,
+            };
+            output::write(&outputs(c), &summary).map_err(|e| Error::io("writing outputs", e))?;
+            println!("{}", summary.image_ref());
+            Ok(())
+        }
+    }
+}
+
+fn make_progress(c: &CommonArgs) -> Box<dyn Progress> {
+    let verbosity = match (c.quiet, c.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (false, 0) => Verbosity::Normal,
+        _ => Verbosity::Verbose,
+    };
+    if verbosity == Verbosity::Quiet {
+        Box::new(progress::Silent)
+    } else if std::io::stderr().is_terminal() {
+        Box::new(progress::Bars::new(verbosity))
+    } else {
+        Box::new(progress::Lines::new(verbosity))
+    }
+}
+
+/// Load the spec and turn flags and environment into build options.
+fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
+    let spec = spec::load(&c.file)?;
+    let platforms = if c.platforms.is_empty() {
+        None
+    } else {
+        let mut out = Vec::new();
+        for p in c.platforms.iter().filter(|p| !p.trim().is_empty()) {
+            out.push(p.trim().parse().map_err(|e| Error::Usage(format!("--platform: {e}")))?);
+        }
+        if out.is_empty() {
+            bail!(Error::Usage("--platform: empty list; name at least one, e.g. linux/amd64".into()));
+        }
+        Some(out)
+    };
+    let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+        Err(_) => 0,
+        Ok(v) if v.trim().is_empty() => 0,
+        Ok(v) => v.trim().parse::<u64>().map_err(|_| {
+            Error::Usage(format!(
+                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970; unset it or set e.g. $(git log -1 --format=%ct)"
+            ))
+        })?,
+    };
+    let mut annotations = BTreeMap::new();
+    // GitHub Actions: where the image came from (the variables every workflow run sets).
+    if let (Ok(server), Ok(repo)) = (std::env::var("GITHUB_SERVER_URL"), std::env::var("GITHUB_REPOSITORY")) {
+        annotations.insert(imgbuild::image::ANNOTATION_SOURCE.to_string(), format!("{server}/{repo}"));
+    }
+    if let Ok(sha) = std::env::var("GITHUB_SHA") {
+        annotations.insert(imgbuild::image::ANNOTATION_REVISION.to_string(), sha);
+    }
+    for a in &c.annotations {
+        let (k, v) = a
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| Error::Usage(format!("--annotation {a:?}: expected KEY=VALUE")))?;
+        annotations.insert(k.to_string(), v.to_string());
+    }
+    let opts = BuildOptions {
+        context: c.context.clone(),
+        platforms,
+        epoch,
+        arch_check: !c.no_arch_check,
+        annotations,
+        jobs: usize::from(c.jobs),
+        ..BuildOptions::default()
+    };
+    Ok((spec, opts))
+}
+
+fn repository(c: &CommonArgs, spec: &Spec) -> Result<Option<Repository>> {
+    Ok(match &c.repo {
+        Some(r) => Some(Repository::parse(r).map_err(Error::from).context("--repo")?),
+        None => spec.repository.clone(),
+    })
+}
+
+fn tags(c: &CommonArgs, spec: &Spec) -> Result<Vec<String>> {
+    if c.tags.is_empty() {
+        return Ok(spec.tags.clone());
+    }
+    for t in &c.tags {
+        validate_tag(t).map_err(Error::from).context("--tag")?;
+    }
+    let mut tags = c.tags.clone();
+    tags.dedup();
+    Ok(tags)
+}
+
+fn outputs(c: &CommonArgs) -> Outputs {
+    Outputs {
+        digest_file: c.digest_file.clone(),
+        image_refs: c.image_refs.clone(),
+        metadata_file: c.metadata_file.clone(),
+        github_output: std::env::var_os("GITHUB_OUTPUT").map(PathBuf::from).filter(|p| !p.as_os_str().is_empty()),
+    }
+}

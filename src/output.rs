@@ -1,0 +1,109 @@
+//! Outputs for deploy steps: the digest alone, ko-style image refs, a metadata JSON, and
+//! GitHub Actions step outputs. Deploy by digest, not by mutable tag.
+
+use crate::digest::Digest;
+use crate::image::BuiltImage;
+use serde_json::json;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Where to write what (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    /// `--digest-file`: `sha256:...` and nothing else.
+    pub digest_file: Option<PathBuf>,
+    /// `--image-refs`: one `REPO@sha256:...` line (ko's `--image-refs`).
+    pub image_refs: Option<PathBuf>,
+    /// `--metadata-file`: JSON with the index digest, per-platform manifests, tags.
+    pub metadata_file: Option<PathBuf>,
+    /// `$GITHUB_OUTPUT`: `digest=` and `image=` lines appended.
+    pub github_output: Option<PathBuf>,
+}
+
+/// What was built (and pushed).
+#[derive(Debug, Clone)]
+pub struct Summary<'a> {
+    pub image: &'a BuiltImage,
+    /// `REGISTRY/PATH` if the image has a repository.
+    pub repository: Option<String>,
+    /// Tags pushed (empty for a local build).
+    pub tags: Vec<String>,
+    /// The OCI layout written, for `build`.
+    pub layout: Option<PathBuf>,
+}
+
+impl Summary<'_> {
+    pub fn digest(&self) -> &Digest {
+        &self.image.index.digest
+    }
+
+    /// `REPO@sha256:...`, or just the digest without a repository.
+    pub fn image_ref(&self) -> String {
+        match &self.repository {
+            Some(r) => format!("{r}@{}", self.digest()),
+            None => self.digest().to_string(),
+        }
+    }
+
+    pub fn metadata(&self) -> serde_json::Value {
+        let platforms: Vec<_> = self
+            .image
+            .images
+            .iter()
+            .map(|i| {
+                json!({
+                    "platform": i.platform.to_string(),
+                    "digest": i.manifest.digest,
+                    "size": i.manifest.bytes.len(),
+                    "mediaType": i.manifest.media_type,
+                    "config": i.config.digest,
+                })
+            })
+            .collect();
+        let mut v = json!({
+            "digest": self.digest(),
+            "mediaType": self.image.index.media_type,
+            "size": self.image.index.bytes.len(),
+            "manifests": platforms,
+            "tags": self.tags,
+        });
+        if let Some(r) = &self.repository {
+            v["repository"] = json!(r);
+            v["image"] = json!(self.image_ref());
+        }
+        if let Some(l) = &self.layout {
+            v["layout"] = json!(l.display().to_string());
+        }
+        v
+    }
+}
+
+/// Write every requested output.
+pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
+    if let Some(p) = &outputs.digest_file {
+        write_file(p, format!("{}\n", summary.digest()).as_bytes())?;
+    }
+    if let Some(p) = &outputs.image_refs {
+        write_file(p, format!("{}\n", summary.image_ref()).as_bytes())?;
+    }
+    if let Some(p) = &outputs.metadata_file {
+        let mut text = serde_json::to_vec_pretty(&summary.metadata()).map_err(io::Error::other)?;
+        text.push(b'\n');
+        write_file(p, &text)?;
+    }
+    if let Some(p) = &outputs.github_output {
+        // GitHub's file is shared by all steps of the job: append, never truncate.
+        let mut f = OpenOptions::new().create(true).append(true).open(p)?;
+        writeln!(f, "digest={}", summary.digest())?;
+        writeln!(f, "image={}", summary.image_ref())?;
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(path, bytes).map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+}

@@ -1,0 +1,162 @@
+//! The whole build, stage after stage: spec -> plan -> layers -> image JSON. The result is a
+//! [`BuiltImage`] whose blobs are all in the given [`BlobStore`]; the caller hands it to a sink
+//! (an OCI layout on disk, or a registry).
+
+use crate::error::Error;
+use crate::image::{self, BuiltImage, LayerInfo, PlatformImage};
+use crate::layer::{self, LayerOptions};
+use crate::plan::{self, LayerPlan, PlanOptions};
+use crate::platform::Platform;
+use crate::progress::{Event, Progress};
+use crate::spec::Spec;
+use crate::store::BlobStore;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+/// Everything about a build that does not come from the spec file.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// `--context`: overrides the spec file's directory for relative `src` paths.
+    pub context: Option<PathBuf>,
+    /// `--platform`: overrides the spec's `platforms`.
+    pub platforms: Option<Vec<Platform>>,
+    /// `SOURCE_DATE_EPOCH`: entry mtimes, config `created`, the created annotation.
+    pub epoch: u64,
+    pub arch_check: bool,
+    /// Extra annotations (`--annotation`, GitHub Actions source/revision), over the spec's.
+    pub annotations: BTreeMap<String, String>,
+    pub layer: LayerOptions,
+    /// How many layers to compress at once.
+    pub jobs: usize,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            context: None,
+            platforms: None,
+            epoch: 0,
+            arch_check: true,
+            annotations: BTreeMap::new(),
+            layer: LayerOptions::default(),
+            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// Build the image for every platform into `store`.
+pub fn build(spec: &Spec, opts: &BuildOptions, store: &BlobStore, progress: &dyn Progress) -> Result<BuiltImage, Error> {
+    let platforms = opts.platforms.clone().unwrap_or_else(|| spec.platforms.clone());
+    if platforms.is_empty() {
+        return Err(Error::Usage("no platforms to build: name at least one with --platform".into()));
+    }
+    let plan = plan::plan(
+        spec,
+        &platforms,
+        &PlanOptions {
+            context: opts.context.clone().unwrap_or_else(|| spec.context.clone()),
+            arch_check: opts.arch_check,
+        },
+    )?;
+    for w in &plan.warnings {
+        progress.event(Event::Warning(w));
+    }
+
+    // Identical layer plans (same files, same modes: typically a layer without placeholders)
+    // are built once and shared by every platform that has them.
+    let mut unique: Vec<(&LayerPlan, Vec<String>)> = Vec::new();
+    let mut slot: HashMap<&LayerPlan, usize> = HashMap::new();
+    for pp in &plan.platforms {
+        for lp in &pp.layers {
+            let i = *slot.entry(lp).or_insert_with(|| {
+                unique.push((lp, Vec::new()));
+                unique.len() - 1
+            });
+            unique[i].1.push(pp.platform.to_string());
+        }
+    }
+    let built = build_layers(&unique, store, &opts.layer, opts.jobs.max(1), progress)?;
+
+    let mut annotations = BTreeMap::new();
+    annotations.insert(image::ANNOTATION_CREATED.to_string(), image::rfc3339(opts.epoch));
+    annotations.extend(spec.annotations.clone());
+    annotations.extend(opts.annotations.clone());
+
+    let mut images = Vec::new();
+    for pp in &plan.platforms {
+        let layers: Vec<LayerInfo> = pp.layers.iter().map(|lp| built[slot[lp]].clone()).collect();
+        let config = image::config(&pp.platform, &spec.config, &layers, opts.epoch)?;
+        let descriptors: Vec<_> = layers.iter().map(|l| l.descriptor.clone()).collect();
+        let manifest = image::manifest(&config, &descriptors, &annotations)?;
+        for blob in [&config, &manifest] {
+            store
+                .put_bytes(&blob.bytes)
+                .map_err(|e| Error::io(format!("writing to {}", store.root().display()), e))?;
+        }
+        images.push(PlatformImage {
+            platform: pp.platform.clone(),
+            config,
+            layers: descriptors,
+            manifest,
+        });
+    }
+    let entries: Vec<_> = images.iter().map(|i| (i.platform.clone(), i.manifest.descriptor())).collect();
+    let index = image::index(&entries, &annotations)?;
+    store
+        .put_bytes(&index.bytes)
+        .map_err(|e| Error::io(format!("writing to {}", store.root().display()), e))?;
+    Ok(BuiltImage { images, index })
+}
+
+/// Compress the unique layers on up to `jobs` threads; results in the same order.
+fn build_layers(
+    unique: &[(&LayerPlan, Vec<String>)],
+    store: &BlobStore,
+    opts: &LayerOptions,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<LayerInfo>, Error> {
+    let next = Mutex::new(0usize);
+    let results: Mutex<Vec<Option<Result<LayerInfo, layer::LayerError>>>> =
+        Mutex::new((0..unique.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(unique.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = {
+                        let mut n = next.lock().unwrap_or_else(|e| e.into_inner());
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    let Some((lp, platforms)) = unique.get(i) else { break };
+                    let r = layer::write_layer(lp, store, opts);
+                    if let Ok(info) = &r {
+                        let what = format!("{} for {}", info.created_by, platforms.join(", "));
+                        progress.event(Event::LayerBuilt {
+                            digest: &info.descriptor.digest,
+                            size: info.descriptor.size,
+                            what: &what,
+                        });
+                    }
+                    let failed = r.is_err();
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                    if failed {
+                        // Stop taking new work; the first error is reported.
+                        *next.lock().unwrap_or_else(|e| e.into_inner()) = usize::MAX / 2;
+                    }
+                }
+            });
+        }
+    });
+    let mut out = Vec::new();
+    for r in results.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        match r {
+            Some(Ok(info)) => out.push(info),
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,480 @@
+//! The HTTP side of a registry: building the reqwest client (TLS roots, timeouts, redirect
+//! policy), choosing https or http, the `/v2/` ping (distribution-spec spec.md "Determining
+//! support"), and sending one request with the `Authorization` header attached and one
+//! re-authentication on 401 (token spec: "a 401 response ... the client should request a
+//! token and retry").
+
+use super::auth::{self, Auth};
+use super::{PushOptions, RegistryError};
+use crate::progress::{Event, Progress};
+use crate::reference::{Repository, host_of};
+use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{RequestBuilder, Response, StatusCode, Url};
+use std::time::Duration;
+
+/// A registry reached over a known scheme, for one repository.
+#[derive(Debug)]
+pub(crate) struct Client {
+    http: reqwest::Client,
+    /// `https://host[:port]/` or `http://host[:port]/`.
+    base: Url,
+    registry: String,
+    repo_path: String,
+    auth: Auth,
+    timeout: Duration,
+}
+
+/// Build the reqwest client shared by every request of a push.
+///
+/// - TLS: rustls with the `ring` provider, system roots (rustls-platform-verifier) plus the
+///   `--ca-cert` files; verification is never turned off.
+/// - Timeouts: `connect_timeout` for the connect phase; each small request sets its own total
+///   timeout, and blob uploads have a stall watchdog (upload.rs). Not reqwest's `read_timeout`:
+///   in reqwest 0.13 it counts from the start of the request to the response headers, so it
+///   would cut off any upload slower than the timeout.
+/// - Redirects: at most 10; never from https to http. reqwest itself drops `Authorization`
+///   when a redirect leaves the origin (blob GETs are redirected to object storage).
+pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, RegistryError> {
+    // Another part of the process may have installed a provider already; either is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = Vec::new();
+    for path in &opts.ca_certs {
+        let pem = std::fs::read(path).map_err(|source| RegistryError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RegistryError::CaCert {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if certs.is_empty() {
+            return Err(RegistryError::CaCert {
+                path: path.clone(),
+                reason: "it holds no PEM certificate".into(),
+            });
+        }
+        roots.extend(certs);
+    }
+    let policy = reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt.previous().last().is_some_and(|p| p.scheme() == "https")
+            && attempt.url().scheme() != "https";
+        if downgrade {
+            attempt.error("refusing a redirect from https to plain http")
+        } else if attempt.previous().len() >= 10 {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    });
+    reqwest::Client::builder()
+        .user_agent(opts.user_agent.clone())
+        .connect_timeout(opts.timeout)
+        .redirect(policy)
+        .tls_certs_merge(roots)
+        .build()
+        .map_err(|e| RegistryError::Client {
+            reason: error_chain(&e),
+        })
+}
+
+/// Whether plain http may be used for `registry` (`host[:port]`): loopback hosts (127.0.0.0/8,
+/// ::1, `localhost`), and hosts listed in `--insecure-registry` as `HOST:PORT` (that port only)
+/// or `HOST` (any port).
+pub(crate) fn plain_http_allowed(registry: &str, insecure: &[String]) -> bool {
+    let host = host_of(registry);
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    loopback
+        || insecure.iter().any(|entry| {
+            let entry = entry.trim().trim_end_matches('/');
+            let entry = entry
+                .strip_prefix("http://")
+                .or_else(|| entry.strip_prefix("https://"))
+                .unwrap_or(entry);
+            entry.eq_ignore_ascii_case(registry)
+                || entry.eq_ignore_ascii_case(host)
+                || entry.eq_ignore_ascii_case(&format!("[{host}]"))
+        })
+}
+
+/// The host that serves the registry API for `registry`: Docker Hub's names map to
+/// `registry-1.docker.io` (what docker does); everything else is itself.
+fn api_host(registry: &str) -> &str {
+    match registry {
+        "docker.io" | "index.docker.io" => "registry-1.docker.io",
+        other => other,
+    }
+}
+
+impl Client {
+    /// Reach the registry of `repo`: ping `/v2/` and learn what authentication it wants.
+    ///
+    /// Scheme: https, always verified. For loopback and `--insecure-registry` hosts we try
+    /// https first and fall back to plain http when https fails below HTTP (refused, TLS
+    /// handshake error) — the rule crane/go-containerregistry use for insecure registries. A
+    /// TLS registry on 127.0.0.1 (with `--ca-cert`) is thus reached over https, a plain one
+    /// over http. When http does not work either, the https error is reported (it is the one
+    /// that says what to fix, e.g. an unknown CA), unless http reached the registry and failed
+    /// for another reason (e.g. wrong credentials).
+    pub(crate) async fn connect(
+        repo: &Repository,
+        opts: &PushOptions,
+        progress: &dyn Progress,
+    ) -> Result<Client, RegistryError> {
+        let http = build_http(opts)?;
+        let plain_ok = plain_http_allowed(&repo.registry, &opts.insecure_registries);
+        let make = |scheme: &str| -> Result<Client, RegistryError> {
+            let base = format!("{scheme}://{}/", api_host(&repo.registry));
+            Ok(Client {
+                http: http.clone(),
+                base: Url::parse(&base).map_err(|e| RegistryError::Protocol {
+                    url: base.clone(),
+                    status: 0,
+                    body_snippet: format!("not a valid registry address: {e}"),
+                    retry_after: None,
+                })?,
+                registry: repo.registry.clone(),
+                repo_path: repo.path.clone(),
+                auth: Auth::new(&repo.registry, &repo.path, opts),
+                timeout: opts.timeout,
+            })
+        };
+        super::retry::with_retries("connecting to the registry", progress, || async {
+            let https = make("https")?;
+            let err = match https.ping().await {
+                Ok(()) => return Ok(https),
+                Err(e) if plain_ok && e.is_transport() => e,
+                Err(e) => return Err(e),
+            };
+            progress.event(Event::Debug(&format!(
+                "https to {} failed ({err}); trying plain http",
+                repo.registry
+            )));
+            let http = make("http")?;
+            match http.ping().await {
+                Ok(()) => Ok(http),
+                Err(e) if e.is_transport() || matches!(e, RegistryError::Protocol { .. }) => Err(err),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// `GET /v2/`: 200 means we may go on (anonymously or with the header `send` settled on).
+    async fn ping(&self) -> Result<(), RegistryError> {
+        let url = self.url("/v2/");
+        let response = self.send(|http| Ok(http.get(url.clone()).timeout(self.timeout))).await?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(unexpected(&url, response).await)
+        }
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// An absolute path on the registry, e.g. `/v2/`.
+    pub(crate) fn url(&self, path: &str) -> Url {
+        let mut url = self.base.clone();
+        url.set_path(path);
+        url
+    }
+
+    /// `/v2/<name>/<suffix>` for our repository (spec.md endpoints table).
+    pub(crate) fn repo_url(&self, suffix: &str) -> Url {
+        self.url(&format!("/v2/{}/{suffix}", self.repo_path))
+    }
+
+    /// Send a request made by `make` with our `Authorization` header (only to the registry's
+    /// own origin: an upload `Location` on another host gets no credentials). On 401, update
+    /// the authentication from the response's challenge and, if that changed anything, send a
+    /// fresh request from `make` once more. `make` is called again for the retry, so streamed
+    /// bodies are rebuilt. Returns the response for any status but 401 and 403, which become
+    /// [`RegistryError::Unauthorized`] and [`RegistryError::Denied`].
+    pub(crate) async fn send<F>(&self, mut make: F) -> Result<Response, RegistryError>
+    where
+        F: FnMut(&reqwest::Client) -> Result<RequestBuilder, RegistryError>,
+    {
+        let mut reauthenticated = false;
+        loop {
+            let (client, request) = make(&self.http)?.build_split();
+            let mut request = request.map_err(|e| RegistryError::Client {
+                reason: error_chain(&e),
+            })?;
+            let url = request.url().clone();
+            let (header, generation) = self.auth.header();
+            if let Some(value) = header.filter(|_| same_origin(&url, &self.base)) {
+                request.headers_mut().insert(AUTHORIZATION, value);
+            }
+            let response = client
+                .execute(request)
+                .await
+                .map_err(|e| transport_error(&url, e, self.timeout))?;
+            match response.status() {
+                StatusCode::UNAUTHORIZED if !reauthenticated => {
+                    reauthenticated = true;
+                    let challenges = challenges(response.headers());
+                    if self.auth.on_unauthorized(&self.http, &challenges, generation).await? {
+                        continue;
+                    }
+                    return Err(self.unauthorized(401).await);
+                }
+                StatusCode::UNAUTHORIZED => return Err(self.unauthorized(401).await),
+                StatusCode::FORBIDDEN => {
+                    return Err(RegistryError::Denied {
+                        url: display_url(&url),
+                        tried: self.auth.tried().await,
+                    });
+                }
+                _ => return Ok(response),
+            }
+        }
+    }
+
+    async fn unauthorized(&self, status: u16) -> RegistryError {
+        RegistryError::Unauthorized {
+            registry: self.registry.clone(),
+            tried: self.auth.tried().await,
+            status,
+        }
+    }
+}
+
+fn challenges(headers: &HeaderMap) -> Vec<auth::Challenge> {
+    auth::parse_challenges(headers.get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()))
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme() && a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// A URL fit for messages: no credentials, no query (upload URLs can carry signatures).
+pub(crate) fn display_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    shown.to_string()
+}
+
+/// Every message in an error's source chain, joined; repeated messages dropped.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let msg = err.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
+/// The innermost cause of an error (e.g. `Connection refused (os error 111)`).
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}
+
+/// A rustls error anywhere in the chain (io::Error hides its inner error from `source()`).
+fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(tls) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// Sort a reqwest failure (no HTTP response) into our errors.
+pub(crate) fn transport_error(url: &Url, e: reqwest::Error, timeout: Duration) -> RegistryError {
+    let shown = display_url(url);
+    if e.is_timeout() {
+        RegistryError::Timeout {
+            url: shown,
+            secs: timeout.as_secs(),
+        }
+    } else if e.is_redirect() {
+        RegistryError::Insecure {
+            url: shown,
+            reason: root_cause(&e),
+        }
+    } else if let Some(reason) = tls_error(&e) {
+        RegistryError::Tls { url: shown, reason }
+    } else {
+        RegistryError::Unreachable {
+            url: shown,
+            reason: root_cause(&e),
+            source: e,
+        }
+    }
+}
+
+/// Turn a response we did not expect into [`RegistryError::Protocol`], with the first 200
+/// characters of its body (sanitized) and any `Retry-After` seconds.
+pub(crate) async fn unexpected(url: &Url, response: Response) -> RegistryError {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let html = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("html"));
+    // Read at most a few KiB: an error page can be large, and we show 200 characters.
+    let mut response = response;
+    let mut body = Vec::new();
+    while body.len() < 4096 {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    RegistryError::Protocol {
+        url: display_url(url),
+        status,
+        body_snippet: snippet(&body, html),
+        retry_after,
+    }
+}
+
+/// A one-line summary of an error body: the distribution-spec error codes (spec.md "Error
+/// Codes") when it is that JSON, else the first 200 characters with control characters and
+/// runs of whitespace collapsed.
+pub(crate) fn snippet(body: &[u8], html: bool) -> String {
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<ErrorItem>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorItem {
+        code: Option<String>,
+        message: Option<String>,
+    }
+    if let Ok(parsed) = serde_json::from_slice::<Errors>(body) {
+        let items: Vec<String> = parsed
+            .errors
+            .iter()
+            .map(|e| {
+                let code = e.code.as_deref().unwrap_or("ERROR");
+                match e.message.as_deref() {
+                    Some(m) => format!("{code}: {m}"),
+                    None => code.to_string(),
+                }
+            })
+            .collect();
+        if !items.is_empty() {
+            return clip(&items.join("; "));
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = clip(&text);
+    let html = html || text.trim_start().starts_with('<');
+    match (text.is_empty(), html) {
+        (true, _) => "(empty body)".into(),
+        (false, true) => format!("an HTML page, not a registry API answer: {text}"),
+        (false, false) => text,
+    }
+}
+
+fn clip(text: &str) -> String {
+    let mut out = String::new();
+    let mut count = 0;
+    for word in text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()) {
+        if !out.is_empty() {
+            out.push(' ');
+            count += 1;
+        }
+        for c in word.chars() {
+            if count >= 200 {
+                out.push('…');
+                return out;
+            }
+            out.push(c);
+            count += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_decisions() {
+        let cases: &[(&str, &[&str], bool)] = &[
+            ("127.0.0.1:5000", &[], true),
+            ("127.1.2.3", &[], true),
+            ("localhost:5000", &[], true),
+            ("LOCALHOST", &[], true),
+            ("[::1]:5000", &[], true),
+            ("localhost.example.com", &[], false),
+            ("10.0.0.1:5000", &[], false),
+            ("ghcr.io", &[], false),
+            ("reg.lan:5000", &["reg.lan:5000"], true),
+            ("reg.lan:5000", &["reg.lan"], true),
+            ("reg.lan", &["reg.lan"], true),
+            ("reg.lan:5001", &["reg.lan:5000"], false),
+            ("reg.lan", &["reg.lan:5000"], false),
+            ("reg.lan.example.com", &["reg.lan"], false),
+            ("REG.lan:5000", &["http://reg.LAN:5000/"], true),
+            ("[fd00::1]:5000", &["[fd00::1]:5000"], true),
+            ("[fd00::1]:5000", &["fd00::1"], true),
+        ];
+        for (registry, insecure, want) in cases {
+            let insecure: Vec<String> = insecure.iter().map(|s| s.to_string()).collect();
+            assert_eq!(plain_http_allowed(registry, &insecure), *want, "{registry} {insecure:?}");
+        }
+    }
+
+    #[test]
+    fn snippets() {
+        let long = "x".repeat(300);
+        let cases: Vec<(&[u8], bool, String)> = vec![
+            (b"", false, "(empty body)".into()),
+            (
+                br#"{"errors":[{"code":"DIGEST_INVALID","message":"provided digest did not match uploaded content"}]}"#,
+                false,
+                "DIGEST_INVALID: provided digest did not match uploaded content".into(),
+            ),
+            (
+                b"<html>\n<body>\r\n  Bad\tGateway</body></html>",
+                false,
+                "an HTML page, not a registry API answer: <html> <body> Bad Gateway</body></html>".into(),
+            ),
+            (b"plain\x1b[31m text", false, "plain [31m text".into()),
+            (long.as_bytes(), false, format!("{}…", "x".repeat(200))),
+        ];
+        for (body, html, want) in cases {
+            assert_eq!(snippet(body, html), want);
+        }
+    }
+
+    #[test]
+    fn display_url_hides_query_and_userinfo() {
+        let url = Url::parse("https://u:p@reg.example.com/v2/x/blobs/uploads/abc?_state=s&X-Amz-Signature=z")
+            .expect("valid URL");
+        assert_eq!(display_url(&url), "https://reg.example.com/v2/x/blobs/uploads/abc");
+    }
+}

@@ -1,0 +1,189 @@
+//! The registry sink: push a [`BuiltImage`] to an OCI distribution registry
+//! (distribution-spec v1.1 spec.md, "Push" workflow).
+//!
+//! - [`client`]: the reqwest client, https-or-http choice, `/v2/` ping, requests with auth
+//!   attached and one re-authentication on 401.
+//! - [`auth`]: `WWW-Authenticate` parsing, credential sources, Bearer token cache, [`Secret`].
+//! - [`upload`]: blobs (HEAD, POST, one streamed PUT), manifests, index, tags, in that order.
+//! - [`retry`]: which failures are retried and how long to wait.
+//!
+//! Entry point: [`push`].
+
+mod auth;
+mod client;
+mod retry;
+mod upload;
+
+pub use auth::{Credentials, Secret};
+
+use crate::digest::Digest;
+use crate::error::ExitCode;
+use crate::image::BuiltImage;
+use crate::progress::Progress;
+use crate::reference::Repository;
+use crate::store::BlobStore;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How to reach and authenticate to the registry.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Blob uploads at once (at least 1).
+    pub jobs: usize,
+    /// Hosts (`HOST` = any port, or `HOST:PORT`) that may be reached over plain http when https
+    /// fails. Loopback hosts always may.
+    pub insecure_registries: Vec<String>,
+    /// From `--username` and `--password-stdin`; tried before the docker config.
+    pub credentials: Option<Credentials>,
+    /// Extra trust roots (PEM files), added to the system's.
+    pub ca_certs: Vec<PathBuf>,
+    /// Where `config.json` is; default `$DOCKER_CONFIG`, else `~/.docker`.
+    pub docker_config_dir: Option<PathBuf>,
+    /// Connect timeout, total timeout of small requests, and stall timeout of uploads (no byte
+    /// sent and no answer for this long).
+    pub timeout: Duration,
+    pub user_agent: String,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            jobs: 4,
+            insecure_registries: Vec::new(),
+            credentials: None,
+            ca_certs: Vec::new(),
+            docker_config_dir: None,
+            timeout: Duration::from_secs(60),
+            user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushReport {
+    /// The digest of the pushed index: `REPO@DIGEST` names the image.
+    pub index_digest: Digest,
+    /// Tags now pointing at the index.
+    pub tags: Vec<String>,
+    /// Blobs sent, in image order.
+    pub uploaded: Vec<Digest>,
+    /// Blobs the registry already had.
+    pub skipped: Vec<Digest>,
+    /// Bytes of the uploaded blobs.
+    pub uploaded_bytes: u64,
+}
+
+/// Push every blob, manifest and the index of `image` to `repo`, then point each of `tags` at
+/// the index. Layers are streamed from `store`; configs, manifests and the index are sent as
+/// their exact bytes. Nothing is tagged unless everything before succeeded.
+pub async fn push(
+    image: &BuiltImage,
+    store: &BlobStore,
+    repo: &Repository,
+    tags: &[String],
+    opts: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<PushReport, RegistryError> {
+    let client = client::Client::connect(repo, opts, progress).await?;
+    upload::push_image(&client, image, store, tags, opts.jobs, progress).await
+}
+
+/// Why a push failed. Each message is one line, names the URL, registry or file, says what to
+/// do, and never holds a secret (URLs are shown without query strings).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "cannot connect to {url}: {reason}; check the registry address and that it is running (plain http is tried only for loopback and --insecure-registry hosts)"
+    )]
+    Unreachable {
+        url: String,
+        /// The innermost cause, e.g. `Connection refused (os error 111)`.
+        reason: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error(
+        "TLS connection to {url} failed: {reason}; if the registry uses a private CA, pass it with --ca-cert FILE (or allow plain http with --insecure-registry HOST:PORT)"
+    )]
+    Tls { url: String, reason: String },
+    #[error(
+        "no progress talking to {url} for {secs} s; the registry or the network stalled (try again, or raise the timeout)"
+    )]
+    Timeout { url: String, secs: u64 },
+    #[error(
+        "authentication to {registry} failed (HTTP {status}) using {tried}; log in with `docker login {registry}` or pass --username and --password-stdin"
+    )]
+    Unauthorized {
+        registry: String,
+        /// Which credential source was used (never the secret itself).
+        tried: String,
+        status: u16,
+    },
+    #[error("access to {url} denied (HTTP 403) using {tried}; check that this account may push to the repository")]
+    Denied { url: String, tried: String },
+    #[error(
+        "unexpected answer from {url}: HTTP {status}: {body_snippet}; check the registry address, or the registry's logs"
+    )]
+    Protocol {
+        url: String,
+        status: u16,
+        /// First 200 characters of the body, one line (or the registry's error codes).
+        body_snippet: String,
+        /// `Retry-After` in seconds, for the retry policy.
+        retry_after: Option<Duration>,
+    },
+    #[error(
+        "{url} answered Docker-Content-Digest {got} for content we sent as {expected}; something between us and the registry changed it"
+    )]
+    DigestMismatch {
+        url: String,
+        expected: Digest,
+        got: String,
+    },
+    #[error("refusing {reason} ({url}); this would expose credentials or content to tampering")]
+    Insecure { url: String, reason: String },
+    #[error("blob {path} is corrupt: expected {expected}, found {found}; delete it and build again")]
+    CorruptBlob {
+        path: PathBuf,
+        expected: Digest,
+        found: String,
+    },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid CA certificate file {path}: {reason}; --ca-cert takes PEM-encoded CA certificates")]
+    CaCert { path: PathBuf, reason: String },
+    #[error("cannot set up the HTTP client: {reason}")]
+    Client { reason: String },
+}
+
+impl RegistryError {
+    /// The process exit code for this failure (README "Exit codes").
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            RegistryError::Unauthorized { .. } | RegistryError::Denied { .. } => ExitCode::Auth,
+            RegistryError::Unreachable { .. }
+            | RegistryError::Tls { .. }
+            | RegistryError::Timeout { .. }
+            | RegistryError::Protocol { .. }
+            | RegistryError::DigestMismatch { .. }
+            | RegistryError::Insecure { .. } => ExitCode::Registry,
+            RegistryError::CaCert { .. } => ExitCode::Usage,
+            RegistryError::CorruptBlob { .. } | RegistryError::Io { .. } | RegistryError::Client { .. } => {
+                ExitCode::Internal
+            }
+        }
+    }
+
+    /// A failure below HTTP: no answer at all (refused, TLS, stalled).
+    pub(crate) fn is_transport(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Unreachable { .. } | RegistryError::Tls { .. } | RegistryError::Timeout { .. }
+        )
+    }
+}

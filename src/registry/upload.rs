@@ -1,0 +1,402 @@
+//! Pushing an image: blobs first, then manifests, then the index, then tags.
+//!
+//! Order (distribution-spec spec.md "Pushing manifests": a registry may refuse a manifest whose
+//! blobs it does not have): every layer and config of every platform is confirmed present,
+//! then each platform manifest is stored by digest, then the index by digest, and only then are
+//! tags pointed at the index, so a failure never leaves a tag on a partial image.
+//!
+//! One blob (spec.md "Pushing blobs"): `HEAD /v2/<name>/blobs/<digest>`; 200 means the registry
+//! has it. Otherwise `POST /v2/<name>/blobs/uploads/` opens a session (202 + `Location`), and
+//! one `PUT <location>&digest=<digest>` sends the whole blob with `Content-Length`, streamed
+//! from the file and hashed on the way ("monolithic upload" after POST). Not the one-request
+//! POST with a body (docker-registry 2.8 answers 202 and drops the body, TESTBED.md), and not
+//! chunked PATCH (ECR has answered PATCHes wrongly, aws/containers-roadmap#2831).
+
+use super::client::{Client, display_url, unexpected};
+use super::retry::with_retries;
+use super::{PushReport, RegistryError};
+use crate::digest::{Digest, StreamHasher};
+use crate::image::{BuiltImage, JsonBlob};
+use crate::progress::{Event, Progress};
+use crate::store::BlobStore;
+use bytes::Bytes;
+use futures::{StreamExt as _, TryStreamExt as _};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::{Response, StatusCode, Url};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::mpsc;
+
+/// Read size for streaming a layer file into a request body.
+const CHUNK: usize = 256 * 1024;
+
+/// Where a blob's bytes are.
+#[derive(Debug)]
+enum Source {
+    /// A layer in the blob store.
+    File(PathBuf),
+    /// A config, already in memory.
+    Bytes(Bytes),
+}
+
+#[derive(Debug)]
+struct Blob {
+    digest: Digest,
+    size: u64,
+    source: Source,
+}
+
+/// Push `image` and tag it; see the module docs for the order.
+pub(crate) async fn push_image(
+    client: &Client,
+    image: &BuiltImage,
+    store: &BlobStore,
+    tags: &[String],
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<PushReport, RegistryError> {
+    // Layers first (they are the big ones, start them early), then configs; each digest once.
+    let mut seen = HashSet::new();
+    let mut blobs = Vec::new();
+    for layer in image.unique_layers() {
+        if seen.insert(layer.digest.clone()) {
+            blobs.push(Blob {
+                source: Source::File(store.path(&layer.digest)),
+                digest: layer.digest,
+                size: layer.size,
+            });
+        }
+    }
+    for config in image.images.iter().map(|i| &i.config) {
+        if seen.insert(config.digest.clone()) {
+            blobs.push(Blob {
+                digest: config.digest.clone(),
+                size: config.bytes.len() as u64,
+                source: Source::Bytes(config.bytes.clone()),
+            });
+        }
+    }
+
+    let mut outcomes: Vec<(usize, bool)> = futures::stream::iter(blobs.iter().enumerate())
+        .map(|(i, blob)| async move { push_blob(client, blob, progress).await.map(|uploaded| (i, uploaded)) })
+        .buffer_unordered(jobs.max(1))
+        .try_collect()
+        .await?;
+    outcomes.sort_unstable();
+
+    let mut report = PushReport {
+        index_digest: image.index.digest.clone(),
+        tags: Vec::new(),
+        uploaded: Vec::new(),
+        skipped: Vec::new(),
+        uploaded_bytes: 0,
+    };
+    for (i, uploaded) in outcomes {
+        let blob = &blobs[i];
+        if uploaded {
+            report.uploaded.push(blob.digest.clone());
+            report.uploaded_bytes += blob.size;
+        } else {
+            report.skipped.push(blob.digest.clone());
+        }
+    }
+
+    let mut pushed = HashSet::new();
+    for manifest in image.images.iter().map(|i| &i.manifest) {
+        if pushed.insert(&manifest.digest) {
+            put_manifest(client, manifest, &manifest.digest.to_string(), progress).await?;
+        }
+    }
+    put_manifest(client, &image.index, &image.index.digest.to_string(), progress).await?;
+    for tag in tags {
+        put_manifest(client, &image.index, tag, progress).await?;
+        report.tags.push(tag.clone());
+    }
+    Ok(report)
+}
+
+/// Make sure the registry has `blob`; `Ok(true)` if we uploaded it, `Ok(false)` if it was there.
+async fn push_blob(client: &Client, blob: &Blob, progress: &dyn Progress) -> Result<bool, RegistryError> {
+    let what = format!("blob {}", blob.digest);
+    with_retries(&what, progress, || async {
+        if blob_exists(client, &blob.digest).await? {
+            progress.event(Event::BlobSkipped {
+                digest: &blob.digest,
+                size: blob.size,
+                reason: "already in the registry",
+            });
+            return Ok(false);
+        }
+        upload_blob(client, blob, progress).await?;
+        Ok(true)
+    })
+    .await
+}
+
+/// `HEAD /v2/<name>/blobs/<digest>` (spec.md "Checking if content exists in the registry").
+async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryError> {
+    let url = client.repo_url(&format!("blobs/{digest}"));
+    let response = client
+        .send(|http| Ok(http.head(url.clone()).timeout(client.timeout())))
+        .await?;
+    match response.status() {
+        StatusCode::OK => Ok(true),
+        StatusCode::NOT_FOUND => Ok(false),
+        _ => Err(unexpected(&url, response).await),
+    }
+}
+
+/// POST a session, then one PUT with the whole blob.
+async fn upload_blob(client: &Client, blob: &Blob, progress: &dyn Progress) -> Result<(), RegistryError> {
+    let digest = &blob.digest;
+    // A wrong-sized file cannot have the right digest, and Content-Length must be true.
+    if let Source::File(path) = &blob.source {
+        let len = tokio::fs::metadata(path)
+            .await
+            .map_err(|source| RegistryError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        if len != blob.size {
+            return Err(RegistryError::CorruptBlob {
+                path: path.clone(),
+                expected: digest.clone(),
+                found: format!("{len} bytes instead of {}", blob.size),
+            });
+        }
+    }
+
+    let start = client.repo_url("blobs/uploads/");
+    let response = client
+        .send(|http| {
+            Ok(http
+                .post(start.clone())
+                .header(CONTENT_LENGTH, 0)
+                .timeout(client.timeout()))
+        })
+        .await?;
+    if response.status() != StatusCode::ACCEPTED {
+        return Err(unexpected(&start, response).await);
+    }
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| RegistryError::Protocol {
+            url: display_url(&start),
+            status: 202,
+            body_snippet: "the answer has no (readable) Location header".into(),
+            retry_after: None,
+        })?;
+    let url = upload_url(&start, location, digest)?;
+
+    progress.event(Event::BlobStart {
+        digest,
+        size: blob.size,
+    });
+    let response = match &blob.source {
+        Source::Bytes(bytes) => {
+            let response = client
+                .send(|http| {
+                    Ok(http
+                        .put(url.clone())
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .body(bytes.clone())
+                        .timeout(client.timeout()))
+                })
+                .await?;
+            progress.event(Event::BlobProgress {
+                digest,
+                n: blob.size,
+            });
+            response
+        }
+        Source::File(path) => put_file(client, &url, path, blob, progress).await?,
+    };
+    if !response.status().is_success() {
+        return Err(unexpected(&url, response).await);
+    }
+    check_digest(&url, &response, digest)?;
+    progress.event(Event::BlobDone { digest });
+    Ok(())
+}
+
+/// Stream the file at `path` as the body of `PUT url`, hashing it on the way, with a stall
+/// watchdog: if no chunk is taken for `timeout` and no answer came, give up.
+async fn put_file(
+    client: &Client,
+    url: &Url,
+    path: &Path,
+    blob: &Blob,
+    progress: &dyn Progress,
+) -> Result<Response, RegistryError> {
+    let digest = &blob.digest;
+    let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
+    let mut hasher = Arc::new(Mutex::new(StreamHasher::default()));
+    let result = {
+        let send = client.send(|http| {
+            let file = std::fs::File::open(path).map_err(|source| RegistryError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            // A fresh hasher per attempt (send() rebuilds the request after a 401).
+            hasher = Arc::new(Mutex::new(StreamHasher::default()));
+            let body = file_body(tokio::fs::File::from_std(file), Arc::clone(&hasher), tx.clone());
+            Ok(http
+                .put(url.clone())
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, blob.size)
+                .body(body))
+        });
+        tokio::pin!(send);
+        let timeout = client.timeout();
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                result = &mut send => break result,
+                Some(n) = rx.recv() => {
+                    progress.event(Event::BlobProgress { digest, n });
+                    deadline = tokio::time::Instant::now() + timeout;
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    break Err(RegistryError::Timeout { url: display_url(url), secs: timeout.as_secs() });
+                }
+            }
+        }
+    };
+    while let Ok(n) = rx.try_recv() {
+        progress.event(Event::BlobProgress { digest, n });
+    }
+    // If every byte went out, they must have been the right ones: otherwise the store is
+    // corrupt, whatever the registry answered (it would say DIGEST_INVALID).
+    let (got, sent) = hasher.lock().unwrap_or_else(PoisonError::into_inner).clone().finish();
+    if sent == blob.size && got != *digest {
+        return Err(RegistryError::CorruptBlob {
+            path: path.to_path_buf(),
+            expected: digest.clone(),
+            found: format!("content hashing to {got}"),
+        });
+    }
+    result
+}
+
+fn file_body(file: tokio::fs::File, hasher: Arc<Mutex<StreamHasher>>, tx: mpsc::UnboundedSender<u64>) -> reqwest::Body {
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, CHUNK).inspect_ok(move |chunk| {
+        hasher.lock().unwrap_or_else(PoisonError::into_inner).update(chunk);
+        let _ = tx.send(chunk.len() as u64);
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+/// `PUT /v2/<name>/manifests/<reference>` with the exact bytes we hashed (spec.md "Pushing
+/// manifests"); `reference` is the digest or a tag.
+async fn put_manifest(
+    client: &Client,
+    manifest: &JsonBlob,
+    reference: &str,
+    progress: &dyn Progress,
+) -> Result<(), RegistryError> {
+    let url = client.repo_url(&format!("manifests/{reference}"));
+    let what = format!("manifest {reference}");
+    with_retries(&what, progress, || async {
+        let response = client
+            .send(|http| {
+                Ok(http
+                    .put(url.clone())
+                    .header(CONTENT_TYPE, &manifest.media_type)
+                    .body(manifest.bytes.clone())
+                    .timeout(client.timeout()))
+            })
+            .await?;
+        if !response.status().is_success() {
+            return Err(unexpected(&url, response).await);
+        }
+        check_digest(&url, &response, &manifest.digest)
+    })
+    .await?;
+    progress.event(Event::ManifestPushed {
+        reference,
+        digest: &manifest.digest,
+    });
+    Ok(())
+}
+
+/// The registry's `Docker-Content-Digest`, when it sends one, must be what we sent.
+fn check_digest(url: &Url, response: &Response, expected: &Digest) -> Result<(), RegistryError> {
+    let got = response
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    match got {
+        Some(got) if got != expected.to_string() => Err(RegistryError::DigestMismatch {
+            url: display_url(url),
+            expected: expected.clone(),
+            got: got.chars().take(100).collect(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The URL to PUT a blob to: the session's `Location` (absolute, or relative to the POST URL
+/// `request` as HTTP says; any query such as `_state` kept) with `digest=` appended (spec.md
+/// "Pushing a blob monolithically": `PUT <location>?digest=<digest>`). A Location that would
+/// move us from https to http is refused.
+pub(crate) fn upload_url(request: &Url, location: &str, digest: &Digest) -> Result<Url, RegistryError> {
+    let mut url = request.join(location.trim()).map_err(|e| RegistryError::Protocol {
+        url: display_url(request),
+        status: 202,
+        body_snippet: format!("the upload Location is not a URL ({e})"),
+        retry_after: None,
+    })?;
+    if request.scheme() == "https" && url.scheme() != "https" {
+        return Err(RegistryError::Insecure {
+            url: display_url(&url),
+            reason: "an upload location that moves from https to plain http".into(),
+        });
+    }
+    url.query_pairs_mut().append_pair("digest", &digest.to_string());
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_locations() {
+        let digest = Digest::of(b"abc");
+        let d = format!("digest=sha256%3A{}", digest.hex());
+        let post = Url::parse("https://reg.example.com:5000/v2/team/app/blobs/uploads/").expect("valid URL");
+        let cases: Vec<(&str, Option<String>)> = vec![
+            (
+                "/v2/team/app/blobs/uploads/123?_state=a%2Bb",
+                Some(format!("https://reg.example.com:5000/v2/team/app/blobs/uploads/123?_state=a%2Bb&{d}")),
+            ),
+            (
+                "https://uploads.example.net/put/123?sig=x",
+                Some(format!("https://uploads.example.net/put/123?sig=x&{d}")),
+            ),
+            (
+                "123",
+                Some(format!("https://reg.example.com:5000/v2/team/app/blobs/uploads/123?{d}")),
+            ),
+            (
+                " /v2/team/app/blobs/uploads/9 ",
+                Some(format!("https://reg.example.com:5000/v2/team/app/blobs/uploads/9?{d}")),
+            ),
+            ("http://reg.example.com:5000/v2/team/app/blobs/uploads/1", None),
+            ("http://[broken", None),
+        ];
+        for (location, want) in cases {
+            let got = upload_url(&post, location, &digest).ok().map(|u| u.to_string());
+            assert_eq!(got, want, "{location}");
+        }
+        // Over plain http, http locations are fine.
+        let post = Url::parse("http://127.0.0.1:5000/v2/a/blobs/uploads/").expect("valid URL");
+        let got = upload_url(&post, "http://127.0.0.1:5000/v2/a/blobs/uploads/x", &digest).map(|u| u.to_string());
+        assert_eq!(got.ok(), Some(format!("http://127.0.0.1:5000/v2/a/blobs/uploads/x?{d}")));
+    }
+}

@@ -1,0 +1,561 @@
+//! The build spec: a TOML file (conventionally in `build-specs/`) saying what goes into the
+//! image. Parsing is pure (text in, validated [`Spec`] out); reading the file is the only I/O.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`): a typo must not silently build a
+//! different image. Every error names the file, line and column and says what to do.
+
+use crate::image::RuntimeConfig;
+use crate::platform::{PLACEHOLDERS, Platform};
+use crate::reference::{Repository, validate_tag};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The default image user: distroless's `nonroot` (65532), so images run as non-root unless
+/// the spec says otherwise.
+pub const DEFAULT_USER: &str = "65532:65532";
+
+/// A label or annotation value larger than this is refused: registries cap manifest size
+/// (4 MiB in distribution) and huge values are nearly always a mistake.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+
+/// A place in the spec file, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// Why a spec was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read build spec {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{at}: {message}")]
+    Invalid { at: Location, message: String },
+}
+
+/// What `base` names. Only `scratch` for now; registry and layout bases come later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Base {
+    Scratch,
+}
+
+/// One file or directory to put into a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpec {
+    /// Source path template, relative to the context directory; may hold placeholders.
+    pub src: String,
+    /// Absolute destination path in the image, normalised (no trailing `/`, no `.` parts).
+    pub dest: String,
+    pub mode: Option<u32>,
+    pub uid: u32,
+    pub gid: u32,
+    /// Where this entry is in the spec (the `src` key).
+    pub at: Location,
+}
+
+/// One `[[layer]]`: becomes one layer tar per platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSpec {
+    pub files: Vec<FileSpec>,
+}
+
+/// A validated build spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    /// The spec file.
+    pub path: PathBuf,
+    /// Directory that relative `src` paths are resolved against (the spec file's own).
+    pub context: PathBuf,
+    pub repository: Option<Repository>,
+    pub tags: Vec<String>,
+    pub platforms: Vec<Platform>,
+    pub base: Base,
+    pub config: RuntimeConfig,
+    pub annotations: BTreeMap<String, String>,
+    pub layers: Vec<LayerSpec>,
+}
+
+impl Spec {
+    /// The name used for the default output directory: the spec file's stem.
+    pub fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    repository: Option<Spanned<String>>,
+    tags: Option<Vec<Spanned<String>>>,
+    platforms: Option<Spanned<Vec<Spanned<String>>>>,
+    base: Option<Spanned<String>>,
+    config: Option<RawConfig>,
+    #[serde(default)]
+    layer: Vec<Spanned<RawLayer>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    user: Option<Spanned<String>>,
+    workdir: Option<Spanned<String>>,
+    #[serde(default)]
+    labels: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    exposed_ports: Vec<Spanned<PortValue>>,
+    #[serde(default)]
+    annotations: BTreeMap<String, Spanned<String>>,
+    stop_signal: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortValue {
+    Number(i64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLayer {
+    files: Vec<RawFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    src: Spanned<String>,
+    dest: Spanned<String>,
+    mode: Option<Spanned<ModeValue>>,
+    uid: Option<Spanned<i64>>,
+    gid: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ModeValue {
+    Number(i64),
+    Text(String),
+}
+
+/// Read and parse the spec at `path`.
+pub fn load(path: &Path) -> Result<Spec, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Turns byte offsets into line/column locations in one file.
+struct Locator<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Locator<'_> {
+    fn at(&self, span: Range<usize>) -> Location {
+        let offset = span.start.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Location {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+        }
+    }
+
+    fn err(&self, span: Range<usize>, message: impl Into<String>) -> SpecError {
+        SpecError::Invalid {
+            at: self.at(span),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parse spec text; `file` is used for locations and as the context directory's anchor.
+pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
+    let loc = Locator { text, file };
+    let raw: RawSpec = toml::from_str(text).map_err(|e| {
+        // toml's own Display is several lines with a caret; we want one line.
+        let message = e.message().trim().replace('\n', " ");
+        loc.err(e.span().unwrap_or(0..0), message)
+    })?;
+
+    let repository = raw
+        .repository
+        .map(|r| {
+            Repository::parse(r.get_ref()).map_err(|e| loc.err(r.span(), format!("repository: {e}")))
+        })
+        .transpose()?;
+
+    let tags = match raw.tags {
+        None => vec!["latest".to_string()],
+        Some(tags) => {
+            if tags.is_empty() {
+                return Err(loc.err(0..0, "tags: the list is empty; remove the key to get [\"latest\"]"));
+            }
+            let mut out = Vec::new();
+            for t in tags {
+                validate_tag(t.get_ref()).map_err(|e| loc.err(t.span(), format!("tags: {e}")))?;
+                out.push(t.into_inner());
+            }
+            out
+        }
+    };
+
+    let platforms = match raw.platforms {
+        None => Platform::defaults(),
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                return Err(loc.err(
+                    list.span(),
+                    "platforms: the list is empty; name at least one, e.g. [\"linux/amd64\", \"linux/arm64\"]",
+                ));
+            }
+            let mut out: Vec<Platform> = Vec::new();
+            for p in list.into_inner() {
+                let parsed: Platform =
+                    p.get_ref().parse().map_err(|e| loc.err(p.span(), format!("platforms: {e}")))?;
+                if out.contains(&parsed) {
+                    return Err(loc.err(p.span(), format!("platforms: {parsed} is listed twice")));
+                }
+                out.push(parsed);
+            }
+            out
+        }
+    };
+
+    let base = match raw.base {
+        None => Base::Scratch,
+        Some(b) if b.get_ref() == "scratch" => Base::Scratch,
+        Some(b) => {
+            return Err(loc.err(
+                b.span(),
+                format!(
+                    "base: {:?} is not supported yet; only \"scratch\" is (base images from registries are planned)",
+                    b.get_ref()
+                ),
+            ));
+        }
+    };
+
+    let raw_config = raw.config.unwrap_or_default();
+    let mut config = RuntimeConfig {
+        entrypoint: raw_config.entrypoint,
+        cmd: raw_config.cmd,
+        user: DEFAULT_USER.to_string(),
+        stop_signal: raw_config.stop_signal,
+        ..Default::default()
+    };
+    if let Some(user) = raw_config.user {
+        if user.get_ref().is_empty() {
+            return Err(loc.err(user.span(), "config.user: empty; use e.g. \"65532:65532\" or \"0:0\" for root"));
+        }
+        config.user = user.into_inner();
+    }
+    if let Some(w) = raw_config.workdir {
+        if !w.get_ref().starts_with('/') {
+            return Err(loc.err(w.span(), "config.workdir: must be an absolute path"));
+        }
+        config.workdir = Some(w.into_inner());
+    }
+    for (k, v) in raw_config.env {
+        if k.is_empty() || k.contains('=') {
+            return Err(loc.err(v.span(), format!("config.env: invalid variable name {k:?}")));
+        }
+        config.env.insert(k, v.into_inner());
+    }
+    config.labels = checked_map(&loc, "config.labels", raw_config.labels)?;
+    let annotations = checked_map(&loc, "config.annotations", raw_config.annotations)?;
+    for port in raw_config.exposed_ports {
+        let span = port.span();
+        config.exposed_ports.push(normalize_port(port.into_inner()).map_err(|m| loc.err(span, m))?);
+    }
+    config.exposed_ports.sort();
+    config.exposed_ports.dedup();
+
+    let mut layers = Vec::new();
+    for layer in raw.layer {
+        let span = layer.span();
+        let layer = layer.into_inner();
+        if layer.files.is_empty() {
+            return Err(loc.err(span, "layer.files: a layer needs at least one file"));
+        }
+        let mut files = Vec::new();
+        for f in layer.files {
+            files.push(file_spec(&loc, f)?);
+        }
+        layers.push(LayerSpec { files });
+    }
+    if layers.is_empty() {
+        return Err(loc.err(0..0, "no [[layer]] tables: add at least one with [[layer.files]] src/dest entries"));
+    }
+
+    let context = file
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    Ok(Spec {
+        path: file.to_path_buf(),
+        context,
+        repository,
+        tags,
+        platforms,
+        base,
+        config,
+        annotations,
+        layers,
+    })
+}
+
+fn checked_map(
+    loc: &Locator<'_>,
+    field: &str,
+    map: BTreeMap<String, Spanned<String>>,
+) -> Result<BTreeMap<String, String>, SpecError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in map {
+        if v.get_ref().len() > MAX_VALUE_BYTES {
+            return Err(loc.err(
+                v.span(),
+                format!("{field}.{k}: value is {} bytes, over the 64 KiB limit", v.get_ref().len()),
+            ));
+        }
+        out.insert(k, v.into_inner());
+    }
+    Ok(out)
+}
+
+/// `8080` or `"8080"` -> `8080/tcp`; `"53/udp"` stays (image-spec config.md ExposedPorts).
+fn normalize_port(p: PortValue) -> Result<String, String> {
+    let text = match p {
+        PortValue::Number(n) => n.to_string(),
+        PortValue::Text(t) => t,
+    };
+    let (num, proto) = text.split_once('/').unwrap_or((&text, "tcp"));
+    let ok = num.parse::<u16>().is_ok_and(|n| n > 0) && matches!(proto, "tcp" | "udp" | "sctp");
+    if ok {
+        Ok(format!("{num}/{proto}"))
+    } else {
+        Err(format!(
+            "config.exposed_ports: {text:?} is not a port; use 8080, \"8080/tcp\" or \"53/udp\""
+        ))
+    }
+}
+
+fn file_spec(loc: &Locator<'_>, f: RawFile) -> Result<FileSpec, SpecError> {
+    let src_span = f.src.span();
+    let src = f.src.into_inner();
+    if src.is_empty() {
+        return Err(loc.err(src_span, "layer.files.src: empty path"));
+    }
+    // Reject unknown `{name}` placeholders now rather than looking for a file literally
+    // named `{arhc}` later.
+    let mut rest = src.as_str();
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..].find('}').map(|c| open + c + 1);
+        let Some(close) = close else { break };
+        let ph = &rest[open..close];
+        if !PLACEHOLDERS.contains(&ph) {
+            return Err(loc.err(
+                src_span,
+                format!("layer.files.src: unknown placeholder {ph}; known: {}", PLACEHOLDERS.join(" ")),
+            ));
+        }
+        rest = &rest[close..];
+    }
+
+    let dest_span = f.dest.span();
+    let dest = normalize_dest(f.dest.get_ref()).map_err(|m| loc.err(dest_span, m))?;
+
+    let mode = f
+        .mode
+        .map(|m| {
+            let span = m.span();
+            parse_mode(m.into_inner()).map_err(|msg| loc.err(span, msg))
+        })
+        .transpose()?;
+    let id = |v: Option<Spanned<i64>>, field: &str| -> Result<u32, SpecError> {
+        match v {
+            None => Ok(0),
+            Some(v) => u32::try_from(*v.get_ref())
+                .map_err(|_| loc.err(v.span(), format!("layer.files.{field}: must be 0 to 4294967295"))),
+        }
+    };
+    Ok(FileSpec {
+        src,
+        dest,
+        mode,
+        uid: id(f.uid, "uid")?,
+        gid: id(f.gid, "gid")?,
+        at: loc.at(src_span),
+    })
+}
+
+/// Check and normalise an image path: absolute, no `..`, no empty or `.` components.
+pub fn normalize_dest(dest: &str) -> Result<String, String> {
+    if !dest.starts_with('/') {
+        return Err(format!("layer.files.dest: {dest:?} is not absolute; write it as \"/{dest}\""));
+    }
+    let mut parts = Vec::new();
+    for part in dest.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                return Err(format!("layer.files.dest: {dest:?} contains \"..\"; write the path without it"));
+            }
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return Err(format!("layer.files.dest: {dest:?} is the root; name a path below /"));
+    }
+    if dest.contains('\0') {
+        return Err("layer.files.dest: contains a NUL byte".into());
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+fn parse_mode(m: ModeValue) -> Result<u32, String> {
+    let v = match m {
+        ModeValue::Number(n) => u32::try_from(n).ok(),
+        // "0755" or "755": octal, as chmod reads it.
+        ModeValue::Text(t) => u32::from_str_radix(t.trim_start_matches("0o"), 8).ok(),
+    };
+    v.filter(|v| *v <= 0o7777)
+        .ok_or_else(|| "layer.files.mode: use an octal mode like 0o755 or \"0755\"".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+repository = "127.0.0.1:5000/hello"
+tags = ["v1", "latest"]
+platforms = ["linux/amd64", "linux/arm64", "linux/arm/v7"]
+base = "scratch"
+
+[config]
+entrypoint = ["/hello"]
+env = { RUST_LOG = "info" }
+workdir = "/"
+labels = { "org.example.team" = "infra" }
+exposed_ports = [8080, "53/udp"]
+
+[[layer]]
+files = [
+  { src = "dist/{arch}/hello", dest = "/usr/local/bin/hello", mode = 0o755 },
+]
+
+[[layer]]
+[[layer.files]]
+src = "share"
+dest = "/etc/hello/"
+uid = 1000
+gid = 1000
+mode = "0644"
+"#;
+
+    #[test]
+    fn parses_full_example() {
+        let spec = parse(GOOD, Path::new("specs/x.toml")).unwrap();
+        assert_eq!(spec.tags, ["v1", "latest"]);
+        assert_eq!(spec.platforms.len(), 3);
+        assert_eq!(spec.platforms[2].to_string(), "linux/arm/v7");
+        assert_eq!(spec.config.user, DEFAULT_USER);
+        assert_eq!(spec.config.exposed_ports, ["53/udp", "8080/tcp"]);
+        assert_eq!(spec.layers.len(), 2);
+        assert_eq!(spec.layers[0].files[0].mode, Some(0o755));
+        assert_eq!(spec.layers[1].files[0].dest, "/etc/hello");
+        assert_eq!(spec.layers[1].files[0].mode, Some(0o644));
+        assert_eq!((spec.layers[1].files[0].uid, spec.layers[1].files[0].gid), (1000, 1000));
+        assert_eq!(spec.layers[0].files[0].at.line, 16);
+        assert_eq!(spec.context, Path::new("specs"));
+        assert_eq!(spec.name(), "x");
+    }
+
+    #[test]
+    fn defaults() {
+        let spec = parse("[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n", Path::new("s.toml")).unwrap();
+        assert_eq!(spec.tags, ["latest"]);
+        assert_eq!(spec.platforms, Platform::defaults());
+        assert_eq!(spec.repository, None);
+        assert_eq!(spec.base, Base::Scratch);
+        assert_eq!(spec.context, Path::new("."));
+    }
+
+    /// Each bad spec, and the `line:col: message` fragment its error must contain.
+    #[test]
+    fn rejects_bad_specs() {
+        let layer = "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n";
+        let cases: Vec<(String, &str)> = vec![
+            ("tags = [\"v1\"\n".into(), "s.toml:1:"),
+            (format!("platfroms = [\"linux/amd64\"]\n{layer}"), "s.toml:1:1: unknown field `platfroms`"),
+            (format!("tags = \"v1\"\n{layer}"), "s.toml:1:8: invalid type"),
+            (format!("platforms = []\n{layer}"), "s.toml:1:13: platforms: the list is empty"),
+            (format!("platforms = [\"linux/sparc\"]\n{layer}"), "s.toml:1:14: platforms: invalid platform"),
+            (format!("repository = \"127.0.0.1:5000/Hello\"\n{layer}"), "repository: invalid repository"),
+            (format!("tags = [\"{}\"]\n{layer}", "x".repeat(129)), "s.toml:1:9: tags: invalid tag"),
+            (format!("tags = [\"a b\"]\n{layer}"), "tags: invalid tag"),
+            (format!("base = \"alpine\"\n{layer}"), "s.toml:1:8: base: \"alpine\" is not supported"),
+            ("[[layer]]\nfiles = [{src = \"a\", dest = \"a\"}]\n".into(), "s.toml:2:29: layer.files.dest: \"a\" is not absolute"),
+            ("[[layer]]\nfiles = [{src = \"a\", dest = \"/x/../a\"}]\n".into(), "contains \"..\""),
+            ("[[layer]]\nfiles = [{src = \"{arhc}/a\", dest = \"/a\"}]\n".into(), "unknown placeholder {arhc}"),
+            ("[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", mode = 0o17777}]\n".into(), "layer.files.mode"),
+            ("[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", uid = -1}]\n".into(), "layer.files.uid"),
+            ("[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", sorce = \"b\"}]\n".into(), "unknown field `sorce`"),
+            ("[[layer]]\nfiles = []\n".into(), "a layer needs at least one file"),
+            ("tags = [\"v1\"]\n".into(), "no [[layer]] tables"),
+            (format!("[config]\nexposed_ports = [\"http\"]\n{layer}"), "config.exposed_ports"),
+            (format!("[config]\nlabels = {{ big = \"{}\" }}\n{layer}", "x".repeat(70_000)), "over the 64 KiB limit"),
+            (format!("[config]\nworkdir = \"app\"\n{layer}"), "config.workdir: must be an absolute path"),
+        ];
+        for (text, want) in cases {
+            let err = parse(&text, Path::new("s.toml")).expect_err(want).to_string();
+            assert!(err.contains(want), "error {err:?} does not contain {want:?}");
+            assert!(!err.contains('\n'), "error is not one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn dest_normalisation() {
+        let cases = [
+            ("/a", Some("/a")),
+            ("/a/", Some("/a")),
+            ("//a/./b", Some("/a/b")),
+            ("a", None),
+            ("/", None),
+            ("/a/../b", None),
+        ];
+        for (input, want) in cases {
+            assert_eq!(normalize_dest(input).ok().as_deref(), want, "{input}");
+        }
+    }
+}

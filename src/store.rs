@@ -1,0 +1,137 @@
+//! A content-addressed blob directory (`blobs/sha256/<hex>`), the same shape as an OCI image
+//! layout's (image-spec image-layout.md), so a build can write its layers straight into the
+//! output layout and a push can stream them from there.
+//!
+//! Blobs are written to a temporary file in the same directory, hashed on the way, and renamed
+//! to their digest only when complete: a reader never sees a partial blob under a digest name.
+
+use crate::digest::{Digest, HashingWriter};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// A directory holding `blobs/sha256/<hex>` files.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    /// Open (creating if needed) the store rooted at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(root.join("blobs").join("sha256"))?;
+        Ok(BlobStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob with this digest lives (whether or not it exists yet).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs").join(digest.algorithm()).join(digest.hex())
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// Start writing a blob whose digest is not known yet.
+    pub fn writer(&self) -> io::Result<BlobWriter> {
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(self.root.join("blobs").join("sha256"))?;
+        Ok(BlobWriter {
+            inner: HashingWriter::new(BufWriter::with_capacity(256 * 1024, tmp)),
+            store: self.clone(),
+        })
+    }
+
+    /// Store `bytes` (a config, manifest or index: small, already in memory) and return its digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> io::Result<Digest> {
+        let mut w = self.writer()?;
+        w.write_all(bytes)?;
+        Ok(w.commit()?.0)
+    }
+
+    /// Open a stored blob for reading.
+    pub fn open_blob(&self, digest: &Digest) -> io::Result<File> {
+        File::open(self.path(digest))
+    }
+}
+
+/// A blob being written: hashed as it goes, named by its digest on [`BlobWriter::commit`].
+#[derive(Debug)]
+pub struct BlobWriter {
+    inner: HashingWriter<BufWriter<tempfile::NamedTempFile>>,
+    store: BlobStore,
+}
+
+impl BlobWriter {
+    /// Finish the blob: flush, rename to its digest, return (digest, size).
+    /// A blob that already exists is left as it is (same digest, same bytes).
+    pub fn commit(self) -> io::Result<(Digest, u64)> {
+        let (buf, digest, size) = self.inner.finish();
+        let tmp = buf.into_inner().map_err(|e| e.into_error())?;
+        let dest = self.store.path(&digest);
+        if dest.is_file() {
+            drop(tmp);
+        } else {
+            tmp.persist(&dest).map_err(|e| e.error)?;
+            // tempfile creates 0600; a blob is not a secret, give it the umask's default
+            // like any other file we write (issue 5: never world-writable, never narrower).
+            set_default_file_mode(&dest)?;
+        }
+        Ok((digest, size))
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Give `path` the mode a plain `File::create` would have given it (0666 minus the umask),
+/// read from a probe file, since the umask can only be read by changing it.
+fn set_default_file_mode(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    static MODE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let mode = *MODE.get_or_init(|| {
+        let dir = std::env::temp_dir();
+        let probe = dir.join(format!(".imgbuild-umask-{}", std::process::id()));
+        let mode = File::create(&probe)
+            .and_then(|f| f.metadata())
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0o644);
+        let _ = fs::remove_file(&probe);
+        mode & !0o002
+    });
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let d = store.put_bytes(b"abc").unwrap();
+        assert_eq!(d, Digest::of(b"abc"));
+        assert_eq!(fs::read(store.path(&d)).unwrap(), b"abc");
+        // Writing the same bytes again is a no-op that yields the same digest.
+        assert_eq!(store.put_bytes(b"abc").unwrap(), d);
+        let leftovers: Vec<_> = fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+    }
+}
