@@ -6,6 +6,7 @@ mod cli;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cli::{Cli, Command, CommonArgs};
+use imgbuild::layer::LayerOptions;
 use imgbuild::output::{self, Outputs, Summary};
 use imgbuild::pipeline::{self, BuildOptions};
 use imgbuild::progress::{self, Progress, Verbosity};
@@ -147,7 +148,7 @@ fn make_progress(c: &CommonArgs) -> Box<dyn Progress> {
 
 /// Load the spec and turn flags and environment into build options.
 fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
-    let spec = spec::load(&c.file)?;
+    let spec = spec::load(&c.file).map_err(Error::from)?;
     let platforms = if c.platforms.is_empty() {
         None
     } else {
@@ -187,11 +188,13 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
     let opts = BuildOptions {
         context: c.context.clone(),
         platforms,
-        epoch,
+        layer: LayerOptions {
+            epoch,
+            ..LayerOptions::default()
+        },
         arch_check: !c.no_arch_check,
         annotations,
         jobs: usize::from(c.jobs),
-        ..BuildOptions::default()
     };
     Ok((spec, opts))
 }

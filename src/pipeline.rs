@@ -21,11 +21,10 @@ pub struct BuildOptions {
     pub context: Option<PathBuf>,
     /// `--platform`: overrides the spec's `platforms`.
     pub platforms: Option<Vec<Platform>>,
-    /// `SOURCE_DATE_EPOCH`: entry mtimes, config `created`, the created annotation.
-    pub epoch: u64,
     pub arch_check: bool,
     /// Extra annotations (`--annotation`, GitHub Actions source/revision), over the spec's.
     pub annotations: BTreeMap<String, String>,
+    /// Includes `SOURCE_DATE_EPOCH` (`layer.epoch`), which also dates the config and index.
     pub layer: LayerOptions,
     /// How many layers to compress at once.
     pub jobs: usize,
@@ -36,7 +35,6 @@ impl Default for BuildOptions {
         BuildOptions {
             context: None,
             platforms: None,
-            epoch: 0,
             arch_check: true,
             annotations: BTreeMap::new(),
             layer: LayerOptions::default(),
@@ -79,14 +77,14 @@ pub fn build(spec: &Spec, opts: &BuildOptions, store: &BlobStore, progress: &dyn
     let built = build_layers(&unique, store, &opts.layer, opts.jobs.max(1), progress)?;
 
     let mut annotations = BTreeMap::new();
-    annotations.insert(image::ANNOTATION_CREATED.to_string(), image::rfc3339(opts.epoch));
+    annotations.insert(image::ANNOTATION_CREATED.to_string(), image::rfc3339(opts.layer.epoch));
     annotations.extend(spec.annotations.clone());
     annotations.extend(opts.annotations.clone());
 
     let mut images = Vec::new();
     for pp in &plan.platforms {
         let layers: Vec<LayerInfo> = pp.layers.iter().map(|lp| built[slot[lp]].clone()).collect();
-        let config = image::config(&pp.platform, &spec.config, &layers, opts.epoch)?;
+        let config = image::config(&pp.platform, &spec.config, &layers, opts.layer.epoch)?;
         let descriptors: Vec<_> = layers.iter().map(|l| l.descriptor.clone()).collect();
         let manifest = image::manifest(&config, &descriptors, &annotations)?;
         for blob in [&config, &manifest] {

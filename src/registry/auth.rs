@@ -354,9 +354,11 @@ impl Auth {
 
     /// Which credential source was used, for error messages.
     pub(crate) async fn tried(&self) -> String {
-        match self.state().scheme {
-            Scheme::Anonymous => "no credentials (the registry did not ask for any)".into(),
-            _ => self.resolved().await.tried.clone(),
+        let anonymous = self.state().scheme == Scheme::Anonymous;
+        if anonymous {
+            "no credentials (the registry did not ask for any)".into()
+        } else {
+            self.resolved().await.tried.clone()
         }
     }
 

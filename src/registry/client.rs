@@ -147,8 +147,9 @@ impl Client {
                 Err(e) => return Err(e),
             };
             progress.event(Event::Debug(&format!(
-                "https to {} failed ({err}); trying plain http",
-                repo.registry
+                "https to {} failed ({}); trying plain http",
+                repo.registry,
+                err.short_reason()
             )));
             let http = make("http")?;
             match http.ping().await {
@@ -283,19 +284,20 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     last.to_string()
 }
 
-/// A rustls error anywhere in the chain (io::Error hides its inner error from `source()`).
+/// A rustls error anywhere in the chain. io::Error hides its inner error from `source()`
+/// (and hyper-util nests io errors two deep), so look inside each io::Error too.
 fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut next = Some(e);
     while let Some(err) = next {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls.to_string());
-        }
-        if let Some(tls) = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        {
-            return Some(tls.to_string());
+        let mut inner = err;
+        loop {
+            if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                return Some(tls.to_string());
+            }
+            match inner.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+                Some(wrapped) => inner = wrapped,
+                None => break,
+            }
         }
         next = err.source();
     }

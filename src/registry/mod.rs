@@ -179,6 +179,14 @@ impl RegistryError {
         }
     }
 
+    /// The cause without the advice, for debug lines.
+    pub(crate) fn short_reason(&self) -> String {
+        match self {
+            RegistryError::Unreachable { reason, .. } | RegistryError::Tls { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        }
+    }
+
     /// A failure below HTTP: no answer at all (refused, TLS, stalled).
     pub(crate) fn is_transport(&self) -> bool {
         matches!(

@@ -2,4 +2,6 @@
 //! here as a `mod xyz;` line; `harness` is the shared toolkit (registries, skopeo, fixtures).
 
 mod harness;
+mod build;
+mod push;
 mod smoke;

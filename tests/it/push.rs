@@ -1,0 +1,214 @@
+//! `imgbuild push` against Debian's real docker-registry, checked with skopeo (an independent
+//! client that verifies every digest), tar, qemu and, where one answers, the Docker Engine.
+
+use crate::build::workspace;
+use crate::harness::*;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// `imgbuild push -f build-specs/hello.toml --repo <reg>/<repo> <extra>` in `ws`.
+fn push(ws: &Path, reg: &Registry, repo: &str, extra: &[&str]) -> Output {
+    imgbuild()
+        .current_dir(ws)
+        .args(["push", "-f", "build-specs/hello.toml", "--repo", &format!("{}/{repo}", reg.addr)])
+        .args(extra)
+        .output()
+        .expect("run imgbuild")
+}
+
+fn push_ok(ws: &Path, reg: &Registry, repo: &str, extra: &[&str]) -> String {
+    let out = push(ws, reg, repo, extra);
+    assert!(out.status.success(), "push failed: {}\n{}", text(&out.stderr), reg.log());
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "stdout must be exactly one line: {stdout:?}");
+    stdout.trim().to_string()
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
+    let reg = Registry::start();
+    let ws = workspace(1_000_000_000);
+    let built = run_ok(imgbuild().current_dir(ws.path()).args(["build", "-q", "-f", "build-specs/hello.toml", "-o", "out"]));
+    let built_digest = text(&built.stdout).trim().to_string();
+
+    let line = push_ok(ws.path(), &reg, "hello", &["--tag", "v1", "--tag", "latest"]);
+    let (repo, digest) = line.split_once('@').expect("REPO@DIGEST");
+    assert_eq!(repo, format!("{}/hello", reg.addr));
+    assert_eq!(digest, built_digest, "push and build give the same digest");
+
+    // Both tags and the digest serve the exact index bytes we built.
+    let index_bytes = read_blob(&ws.path().join("out"), digest);
+    for r in ["hello:v1", "hello:latest", &format!("hello@{digest}")] {
+        assert_eq!(inspect_raw(&reg, r), index_bytes, "{r}");
+    }
+    let index: serde_json::Value = serde_json::from_slice(&index_bytes).unwrap();
+    for m in index["manifests"].as_array().unwrap() {
+        let d = m["digest"].as_str().unwrap();
+        assert_eq!(inspect_raw(&reg, &format!("hello@{d}")), read_blob(&ws.path().join("out"), d));
+    }
+
+    // Each unique blob was uploaded once: 3 per-arch layers + 1 shared layer + 3 configs.
+    let log = reg.log();
+    assert_eq!(count(&log, "\"POST /v2/hello/blobs/uploads/"), 7, "{log}");
+    assert_eq!(count(&log, "\"PUT /v2/hello/manifests/"), 3 + 1 + 2, "{log}");
+
+    // skopeo pulls everything and verifies every digest on the way.
+    let pulled = ws.path().join("pulled");
+    pull_oci(&reg, "hello:v1", &pulled, "v1");
+    for (m, arch) in index["manifests"].as_array().unwrap().iter().zip(["amd64", "arm64", "arm"]) {
+        let root = ws.path().join(format!("root-{arch}"));
+        unpack_layers(&pulled, m["digest"].as_str().unwrap(), &root);
+        let meta = fs::metadata(root.join("usr/local/bin/hello")).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!((meta.permissions().mode() & 0o7777, meta.uid(), meta.gid()), (0o755, 0, 0));
+        assert_eq!(fs::read_to_string(root.join("etc/hello/greeting.txt")).unwrap(), fs::read_to_string(fixtures().join("dist/share/greeting.txt")).unwrap());
+    }
+    let ran = run_ok(&mut Command::new(ws.path().join("root-amd64/usr/local/bin/hello")));
+    assert_eq!(text(&ran.stdout), "hello from imgbuild (x86_64)\n");
+    match find_program("qemu-aarch64-static") {
+        Some(q) => {
+            let ran = run_ok(Command::new(q).arg(ws.path().join("root-arm64/usr/local/bin/hello")));
+            assert_eq!(text(&ran.stdout), "hello from imgbuild (aarch64)\n");
+        }
+        None => skip("qemu-aarch64-static not installed"),
+    }
+
+    // A second push of the same thing uploads nothing and gives the same digest.
+    let again = push_ok(ws.path(), &reg, "hello", &["--tag", "v1"]);
+    assert_eq!(again, line);
+    assert_eq!(count(&reg.log(), "\"POST /v2/hello/blobs/uploads/"), 7, "re-push uploaded blobs");
+
+    // The Docker Engine pulls it and runs it.
+    if !docker_available() {
+        skip("no Docker Engine answers: docker pull/run not tested");
+        return;
+    }
+    let image = format!("{}/hello:v1", reg.addr);
+    let pulled = Command::new("docker").args(["pull", &image]).stdin(Stdio::null()).output().unwrap();
+    if !pulled.status.success() {
+        let err = text(&pulled.stderr);
+        // A daemon in another network namespace cannot see our loopback registry.
+        if err.contains("connection refused") || err.contains("dial tcp") {
+            skip(&format!("the Docker Engine cannot reach {}: {err}", reg.addr));
+            return;
+        }
+        panic!("docker pull failed: {err}");
+    }
+    let ran = Command::new("docker").args(["run", "--rm", &image]).stdin(Stdio::null()).output().unwrap();
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+    assert!(ran.status.success(), "docker run: {}", text(&ran.stderr));
+    assert_eq!(text(&ran.stdout), "hello from imgbuild (x86_64)\n");
+}
+
+#[test]
+fn push_with_basic_auth_from_flags_and_docker_config() {
+    let reg = Registry::start_htpasswd("ci-user", "s3cret-pass-123");
+    let ws = workspace(1_000_000_000);
+
+    // --username + --password-stdin.
+    let mut child = imgbuild()
+        .current_dir(ws.path())
+        .args(["push", "-v", "-f", "build-specs/hello.toml", "--repo", &format!("{}/auth", reg.addr)])
+        .args(["--username", "ci-user", "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret-pass-123\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!all.contains("s3cret-pass-123"), "password leaked: {all}");
+    assert!(!all.contains("Y2ktdXNlcjpzM2NyZXQtcGFzcy0xMjM"), "basic auth header leaked: {all}");
+
+    // ~/.docker/config.json `auths`.
+    let home = tempfile::tempdir().unwrap();
+    fs::create_dir_all(home.path().join(".docker")).unwrap();
+    fs::write(
+        home.path().join(".docker/config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"Y2ktdXNlcjpzM2NyZXQtcGFzcy0xMjM="}}}}}}"#, reg.addr),
+    )
+    .unwrap();
+    let out = imgbuild()
+        .current_dir(ws.path())
+        .env("HOME", home.path())
+        .args(["push", "-f", "build-specs/hello.toml", "--repo", &format!("{}/auth2", reg.addr)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Wrong password: exit 4, one line naming the registry and what was tried, no secret.
+    let mut child = imgbuild()
+        .current_dir(ws.path())
+        .args(["push", "-vv", "-f", "build-specs/hello.toml", "--repo", &format!("{}/auth3", reg.addr)])
+        .args(["--username", "ci-user", "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"wrong-password-987\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(out.stdout.is_empty());
+    let line = err.lines().find(|l| l.starts_with("error:")).expect("an error line");
+    assert!(line.contains(&reg.addr), "{line}");
+    assert!(line.contains("--username"), "says which credentials were tried: {line}");
+    assert!(!err.contains("wrong-password-987"), "password leaked: {err}");
+
+    // No credentials at all: also exit 4.
+    let out = push(ws.path(), &reg, "auth4", &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert_eq!(count(&reg.log(), "\"PUT /v2/auth3/manifests/"), 0, "nothing tagged after auth failure");
+}
+
+#[test]
+fn push_over_tls_with_a_private_ca() {
+    let reg = Registry::start_tls(&["registry.test"]);
+    let ws = workspace(1_000_000_000);
+    let ca = reg.ca_cert().unwrap();
+    let line = push_ok(ws.path(), &reg, "tls", &["--ca-cert", ca.to_str().unwrap()]);
+    let digest = line.split_once('@').unwrap().1;
+    let raw = inspect_raw(&reg, "tls:latest");
+    assert_eq!(format!("sha256:{}", sha256_hex(&raw)), digest);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    imgbuild::digest::Digest::of(bytes).hex().to_string()
+}
+
+#[test]
+fn unreachable_registry_is_exit_5_naming_the_url() {
+    let ws = workspace(1_000_000_000);
+    let port = free_port();
+    let out = imgbuild()
+        .current_dir(ws.path())
+        .args(["push", "-f", "build-specs/hello.toml", "--repo", &format!("127.0.0.1:{port}/x"), "--timeout", "5"])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    let line = err.lines().find(|l| l.starts_with("error:")).expect("error line");
+    assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
+    assert!(line.to_lowercase().contains("connection refused") || line.contains("cannot connect"), "{line}");
+}
+
+#[test]
+fn push_without_repository_is_a_usage_error() {
+    let ws = workspace(1_000_000_000);
+    let out = imgbuild().current_dir(ws.path()).args(["push", "-f", "build-specs/hello.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no repository: give --repo"), "{}", text(&out.stderr));
+}
