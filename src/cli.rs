@@ -29,7 +29,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// The build spec (TOML).
-    #[arg(short = 'f', long = "file", value_name = "SPEC", default_value = "imgbuild.toml")]
+    #[arg(
+        short = 'f',
+        long = "file",
+        value_name = "SPEC",
+        default_value = "imgbuild.toml"
+    )]
     pub file: PathBuf,
 
     /// Directory that relative `src` paths are resolved against [default: the spec's directory].
@@ -37,7 +42,11 @@ pub struct CommonArgs {
     pub context: Option<PathBuf>,
 
     /// Platforms to build, comma-separated or repeated (overrides `platforms`).
-    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]", value_delimiter = ',')]
+    #[arg(
+        long = "platform",
+        value_name = "OS/ARCH[/VARIANT]",
+        value_delimiter = ','
+    )]
     pub platforms: Vec<String>,
 
     /// Repository, e.g. 127.0.0.1:5000/hello (overrides `repository`).
@@ -100,7 +109,7 @@ pub struct PushArgs {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    /// Allow plain HTTP (and unverified fallback) for this registry; repeatable.
+    /// Allow plain HTTP for this registry (after HTTPS fails to connect); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     pub insecure_registries: Vec<String>,
 

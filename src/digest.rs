@@ -61,9 +61,15 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let hex = s
             .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .filter(|h| {
+                h.len() == 64
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            })
             .ok_or_else(|| DigestParseError(s.to_string()))?;
-        Ok(Digest { hex: hex.to_string() })
+        Ok(Digest {
+            hex: hex.to_string(),
+        })
     }
 }
 
@@ -147,15 +153,24 @@ mod tests {
     fn known_digests() {
         // sha256 of the empty string and of "abc" (FIPS 180-2 test vectors).
         let cases: &[(&[u8], &str)] = &[
-            (b"", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
-            (b"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            (
+                b"",
+                "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+            ),
+            (
+                b"abc",
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            ),
         ];
         for (input, hex) in cases {
             assert_eq!(Digest::of(input).hex(), *hex);
             let mut w = HashingWriter::new(Vec::new());
             w.write_all(input).unwrap();
             let (out, d, n) = w.finish();
-            assert_eq!((out.as_slice(), d.hex(), n), (*input, *hex, input.len() as u64));
+            assert_eq!(
+                (out.as_slice(), d.hex(), n),
+                (*input, *hex, input.len() as u64)
+            );
         }
     }
 
@@ -163,7 +178,12 @@ mod tests {
     fn parse() {
         let ok = format!("sha256:{}", "a".repeat(64));
         assert_eq!(ok.parse::<Digest>().unwrap().to_string(), ok);
-        for bad in ["sha256:abc", "sha512:aa", &format!("sha256:{}", "A".repeat(64)), ""] {
+        for bad in [
+            "sha256:abc",
+            "sha512:aa",
+            &format!("sha256:{}", "A".repeat(64)),
+            "",
+        ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
     }

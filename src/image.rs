@@ -196,7 +196,11 @@ pub fn config(
     epoch: u64,
 ) -> Result<JsonBlob, ImageError> {
     let created = rfc3339(epoch);
-    let env: Vec<String> = runtime.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let env: Vec<String> = runtime
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     let mut cfg = oci::ConfigBuilder::default();
     cfg = cfg.user(runtime.user.clone());
     if !env.is_empty() {
@@ -224,7 +228,12 @@ pub fn config(
 
     let rootfs = oci::RootFsBuilder::default()
         .typ("layers")
-        .diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>())
+        .diff_ids(
+            layers
+                .iter()
+                .map(|l| l.diff_id.to_string())
+                .collect::<Vec<_>>(),
+        )
         .build()
         .map_err(oci_err("image config rootfs"))?;
     let history = layers
@@ -262,7 +271,12 @@ pub fn manifest(
         .schema_version(2u32)
         .media_type(oci::MediaType::ImageManifest)
         .config(oci_descriptor(&config.descriptor())?)
-        .layers(layers.iter().map(oci_descriptor).collect::<Result<Vec<_>, _>>()?);
+        .layers(
+            layers
+                .iter()
+                .map(oci_descriptor)
+                .collect::<Result<Vec<_>, _>>()?,
+        );
     if let Some(a) = hashmap(annotations) {
         m = m.annotations(a);
     }
@@ -336,7 +350,10 @@ mod tests {
             assert_eq!(config(&p, &runtime, &[], 0).unwrap(), first);
         }
         let text = std::str::from_utf8(&first.bytes).unwrap();
-        assert!(text.contains(r#""Labels":{"a":"line1\nline2 a","b":"#), "{text}");
+        assert!(
+            text.contains(r#""Labels":{"a":"line1\nline2 a","b":"#),
+            "{text}"
+        );
         assert!(!text.contains(": "), "no insignificant whitespace: {text}");
         assert!(!text.contains('\n'));
         let v: serde_json::Value = serde_json::from_slice(&first.bytes).unwrap();

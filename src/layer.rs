@@ -60,7 +60,11 @@ pub enum LayerError {
 }
 
 /// Write one layer into `store`; return its descriptor and diff_id.
-pub fn write_layer(layer: &LayerPlan, store: &BlobStore, opts: &LayerOptions) -> Result<LayerInfo, LayerError> {
+pub fn write_layer(
+    layer: &LayerPlan,
+    store: &BlobStore,
+    opts: &LayerOptions,
+) -> Result<LayerInfo, LayerError> {
     let write_err = |source| LayerError::Write {
         dir: store.root().to_path_buf(),
         source,
@@ -81,12 +85,14 @@ pub fn write_layer(layer: &LayerPlan, store: &BlobStore, opts: &LayerOptions) ->
             EntryKind::Dir => {
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_size(0);
-                tar.append_data(&mut h, &entry.path, io::empty()).map_err(write_err)?;
+                tar.append_data(&mut h, &entry.path, io::empty())
+                    .map_err(write_err)?;
             }
             EntryKind::Symlink { target } => {
                 h.set_entry_type(tar::EntryType::Symlink);
                 h.set_size(0);
-                tar.append_link(&mut h, &entry.path, target).map_err(write_err)?;
+                tar.append_link(&mut h, &entry.path, target)
+                    .map_err(write_err)?;
             }
             EntryKind::File { src, size } => {
                 h.set_entry_type(tar::EntryType::Regular);
@@ -151,7 +157,9 @@ impl Read for ExactReader {
         if self.remaining == 0 {
             return Ok(0);
         }
-        let max = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let max = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         let n = self
             .inner
             .read(&mut buf[..max])
@@ -217,7 +225,8 @@ mod tests {
         let opts = LayerOptions::default();
         let la = write_layer(&plan, &a, &opts).unwrap();
         // Different mtime on the source: same layer.
-        let later = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000_000);
+        let later =
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(2_000_000_000);
         File::options()
             .write(true)
             .open(src.path().join("f"))
@@ -261,6 +270,9 @@ mod tests {
         }
         let store = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
         let err = write_layer(&plan, &store, &LayerOptions::default()).unwrap_err();
-        assert!(matches!(err, LayerError::Changed { planned: 100, .. }), "{err}");
+        assert!(
+            matches!(err, LayerError::Changed { planned: 100, .. }),
+            "{err}"
+        );
     }
 }

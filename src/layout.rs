@@ -18,7 +18,10 @@ use std::path::Path;
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 /// The layout's `index.json`, canonical like every other JSON we write.
-pub fn layout_index(image: &BuiltImage, tag: Option<&str>) -> Result<JsonBlob, crate::image::ImageError> {
+pub fn layout_index(
+    image: &BuiltImage,
+    tag: Option<&str>,
+) -> Result<JsonBlob, crate::image::ImageError> {
     let mut desc = json!({
         "mediaType": image.index.media_type,
         "digest": image.index.digest,
@@ -62,7 +65,12 @@ pub fn referenced_blobs(image: &BuiltImage) -> BTreeSet<Digest> {
 
 /// Write the layout as a tar file: the same `oci-layout`, `index.json` and referenced blobs
 /// (nothing else that may sit in the directory), deterministic like the layers.
-pub fn write_tarball(image: &BuiltImage, store: &BlobStore, tag: Option<&str>, out: &Path) -> io::Result<()> {
+pub fn write_tarball(
+    image: &BuiltImage,
+    store: &BlobStore,
+    tag: Option<&str>,
+    out: &Path,
+) -> io::Result<()> {
     let index = layout_index(image, tag).map_err(io::Error::other)?;
     let tmp = out.with_extension("partial");
     let mut tar = tar::Builder::new(BufWriter::new(File::create(&tmp)?));
@@ -73,17 +81,33 @@ pub fn write_tarball(image: &BuiltImage, store: &BlobStore, tag: Option<&str>, o
         h.set_uid(0);
         h.set_gid(0);
         h.set_size(size);
-        h.set_entry_type(if dir { tar::EntryType::Directory } else { tar::EntryType::Regular });
+        h.set_entry_type(if dir {
+            tar::EntryType::Directory
+        } else {
+            tar::EntryType::Regular
+        });
         h
     };
-    tar.append_data(&mut header(OCI_LAYOUT.len() as u64, false), "oci-layout", OCI_LAYOUT)?;
-    tar.append_data(&mut header(index.bytes.len() as u64, false), "index.json", &index.bytes[..])?;
+    tar.append_data(
+        &mut header(OCI_LAYOUT.len() as u64, false),
+        "oci-layout",
+        OCI_LAYOUT,
+    )?;
+    tar.append_data(
+        &mut header(index.bytes.len() as u64, false),
+        "index.json",
+        &index.bytes[..],
+    )?;
     tar.append_data(&mut header(0, true), "blobs", io::empty())?;
     tar.append_data(&mut header(0, true), "blobs/sha256", io::empty())?;
     for d in referenced_blobs(image) {
         let f = store.open_blob(&d)?;
         let size = f.metadata()?.len();
-        tar.append_data(&mut header(size, false), format!("blobs/sha256/{}", d.hex()), f)?;
+        tar.append_data(
+            &mut header(size, false),
+            format!("blobs/sha256/{}", d.hex()),
+            f,
+        )?;
     }
     let mut w = tar.into_inner()?;
     w.flush()?;

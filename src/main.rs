@@ -47,7 +47,8 @@ fn run(cli: Cli) -> Result<()> {
                 .output
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
-            let store = BlobStore::open(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let store = BlobStore::open(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
             let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
             let tag = tags.first().map(String::as_str);
             imgbuild::layout::write_layout(&image, &store, tag)
@@ -64,7 +65,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             output::write(&outputs(c), &summary).map_err(|e| Error::io("writing outputs", e))?;
             if !c.quiet {
-                eprintln!("wrote OCI layout {} (oci:{}:{})", dir.display(), dir.display(), tag.unwrap_or(""));
+                eprintln!(
+                    "wrote OCI layout {} (oci:{}:{})",
+                    dir.display(),
+                    dir.display(),
+                    tag.unwrap_or("")
+                );
             }
             println!("{}", image.index.digest);
             Ok(())
@@ -87,7 +93,9 @@ fn run(cli: Cli) -> Result<()> {
                     .context("reading the password from standard input")?;
                 let password = password.trim_end_matches(['\n', '\r']).to_string();
                 if password.is_empty() {
-                    bail!(Error::Usage("--password-stdin: standard input was empty".into()));
+                    bail!(Error::Usage(
+                        "--password-stdin: standard input was empty".into()
+                    ));
                 }
                 Some(Credentials {
                     username: args.username.clone().unwrap_or_default(),
@@ -101,7 +109,8 @@ fn run(cli: Cli) -> Result<()> {
                 .prefix("imgbuild-")
                 .tempdir()
                 .context("creating a temporary directory")?;
-            let store = BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?;
+            let store =
+                BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?;
             let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
             let push_opts = PushOptions {
                 jobs: usize::from(c.jobs),
@@ -116,7 +125,14 @@ fn run(cli: Cli) -> Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             let report = runtime
-                .block_on(registry::push(&image, &store, &repo, &tags, &push_opts, progress.as_ref()))
+                .block_on(registry::push(
+                    &image,
+                    &store,
+                    &repo,
+                    &tags,
+                    &push_opts,
+                    progress.as_ref(),
+                ))
                 .map_err(Error::from)?;
             let summary = Summary {
                 image: &image,
@@ -154,10 +170,16 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
     } else {
         let mut out = Vec::new();
         for p in c.platforms.iter().filter(|p| !p.trim().is_empty()) {
-            out.push(p.trim().parse().map_err(|e| Error::Usage(format!("--platform: {e}")))?);
+            out.push(
+                p.trim()
+                    .parse()
+                    .map_err(|e| Error::Usage(format!("--platform: {e}")))?,
+            );
         }
         if out.is_empty() {
-            bail!(Error::Usage("--platform: empty list; name at least one, e.g. linux/amd64".into()));
+            bail!(Error::Usage(
+                "--platform: empty list; name at least one, e.g. linux/amd64".into()
+            ));
         }
         Some(out)
     };
@@ -172,8 +194,14 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
     };
     let mut annotations = BTreeMap::new();
     // GitHub Actions: where the image came from (the variables every workflow run sets).
-    if let (Ok(server), Ok(repo)) = (std::env::var("GITHUB_SERVER_URL"), std::env::var("GITHUB_REPOSITORY")) {
-        annotations.insert(imgbuild::image::ANNOTATION_SOURCE.to_string(), format!("{server}/{repo}"));
+    if let (Ok(server), Ok(repo)) = (
+        std::env::var("GITHUB_SERVER_URL"),
+        std::env::var("GITHUB_REPOSITORY"),
+    ) {
+        annotations.insert(
+            imgbuild::image::ANNOTATION_SOURCE.to_string(),
+            format!("{server}/{repo}"),
+        );
     }
     if let Ok(sha) = std::env::var("GITHUB_SHA") {
         annotations.insert(imgbuild::image::ANNOTATION_REVISION.to_string(), sha);
@@ -201,7 +229,11 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
 
 fn repository(c: &CommonArgs, spec: &Spec) -> Result<Option<Repository>> {
     Ok(match &c.repo {
-        Some(r) => Some(Repository::parse(r).map_err(Error::from).context("--repo")?),
+        Some(r) => Some(
+            Repository::parse(r)
+                .map_err(Error::from)
+                .context("--repo")?,
+        ),
         None => spec.repository.clone(),
     })
 }
@@ -223,6 +255,8 @@ fn outputs(c: &CommonArgs) -> Outputs {
         digest_file: c.digest_file.clone(),
         image_refs: c.image_refs.clone(),
         metadata_file: c.metadata_file.clone(),
-        github_output: std::env::var_os("GITHUB_OUTPUT").map(PathBuf::from).filter(|p| !p.as_os_str().is_empty()),
+        github_output: std::env::var_os("GITHUB_OUTPUT")
+            .map(PathBuf::from)
+            .filter(|p| !p.as_os_str().is_empty()),
     }
 }

@@ -44,10 +44,20 @@ impl Default for BuildOptions {
 }
 
 /// Build the image for every platform into `store`.
-pub fn build(spec: &Spec, opts: &BuildOptions, store: &BlobStore, progress: &dyn Progress) -> Result<BuiltImage, Error> {
-    let platforms = opts.platforms.clone().unwrap_or_else(|| spec.platforms.clone());
+pub fn build(
+    spec: &Spec,
+    opts: &BuildOptions,
+    store: &BlobStore,
+    progress: &dyn Progress,
+) -> Result<BuiltImage, Error> {
+    let platforms = opts
+        .platforms
+        .clone()
+        .unwrap_or_else(|| spec.platforms.clone());
     if platforms.is_empty() {
-        return Err(Error::Usage("no platforms to build: name at least one with --platform".into()));
+        return Err(Error::Usage(
+            "no platforms to build: name at least one with --platform".into(),
+        ));
     }
     let plan = plan::plan(
         spec,
@@ -77,7 +87,10 @@ pub fn build(spec: &Spec, opts: &BuildOptions, store: &BlobStore, progress: &dyn
     let built = build_layers(&unique, store, &opts.layer, opts.jobs.max(1), progress)?;
 
     let mut annotations = BTreeMap::new();
-    annotations.insert(image::ANNOTATION_CREATED.to_string(), image::rfc3339(opts.layer.epoch));
+    annotations.insert(
+        image::ANNOTATION_CREATED.to_string(),
+        image::rfc3339(opts.layer.epoch),
+    );
     annotations.extend(spec.annotations.clone());
     annotations.extend(opts.annotations.clone());
 
@@ -99,7 +112,10 @@ pub fn build(spec: &Spec, opts: &BuildOptions, store: &BlobStore, progress: &dyn
             manifest,
         });
     }
-    let entries: Vec<_> = images.iter().map(|i| (i.platform.clone(), i.manifest.descriptor())).collect();
+    let entries: Vec<_> = images
+        .iter()
+        .map(|i| (i.platform.clone(), i.manifest.descriptor()))
+        .collect();
     let index = image::index(&entries, &annotations)?;
     store
         .put_bytes(&index.bytes)
@@ -128,7 +144,9 @@ fn build_layers(
                         *n += 1;
                         i
                     };
-                    let Some((lp, platforms)) = unique.get(i) else { break };
+                    let Some((lp, platforms)) = unique.get(i) else {
+                        break;
+                    };
                     let r = layer::write_layer(lp, store, opts);
                     if let Ok(info) = &r {
                         let what = format!("{} for {}", info.created_by, platforms.join(", "));

@@ -26,8 +26,13 @@ use std::path::{Path, PathBuf};
 pub enum EntryKind {
     Dir,
     /// A regular file, read from `src` when the layer is written; `size` as planned.
-    File { src: PathBuf, size: u64 },
-    Symlink { target: PathBuf },
+    File {
+        src: PathBuf,
+        size: u64,
+    },
+    Symlink {
+        target: PathBuf,
+    },
 }
 
 /// One tar entry.
@@ -74,7 +79,11 @@ pub enum PlanError {
         platform: Option<Platform>,
     },
     #[error("{at}: src {} is a symlink to {}, which does not exist; fix the link or point src at the real file", path.display(), target.display())]
-    DanglingSymlink { at: Location, path: PathBuf, target: PathBuf },
+    DanglingSymlink {
+        at: Location,
+        path: PathBuf,
+        target: PathBuf,
+    },
     #[error("{at}: cannot read {}: {source}; check its permissions", path.display())]
     Unreadable {
         at: Location,
@@ -83,9 +92,17 @@ pub enum PlanError {
         source: io::Error,
     },
     #[error("{at}: {} is a {what}, which cannot go into an image; only files, directories and symlinks can", path.display())]
-    Unsupported { at: Location, path: PathBuf, what: &'static str },
+    Unsupported {
+        at: Location,
+        path: PathBuf,
+        what: &'static str,
+    },
     #[error("{second}: dest {dest} is already written by {first}; give each file its own dest")]
-    DuplicateDest { dest: String, first: Location, second: Location },
+    DuplicateDest {
+        dest: String,
+        first: Location,
+        second: Location,
+    },
     #[error("{}: is an {found} ELF file but the image is for {platform} (which needs {expected}); build it for {platform} or use --no-arch-check", path.display())]
     ArchMismatch {
         path: PathBuf,
@@ -98,7 +115,9 @@ pub enum PlanError {
 }
 
 fn for_platform(p: &Option<Platform>) -> String {
-    p.as_ref().map(|p| format!(" (for {p})")).unwrap_or_default()
+    p.as_ref()
+        .map(|p| format!(" (for {p})"))
+        .unwrap_or_default()
 }
 
 impl PlanError {
@@ -133,7 +152,14 @@ pub fn plan(spec: &Spec, platforms: &[Platform], opts: &PlanOptions) -> Result<P
         for (i, layer) in spec.layers.iter().enumerate() {
             let mut entries: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
             for file in &layer.files {
-                add_file(file, platform, opts, &mut entries, &mut written, &mut interpreters)?;
+                add_file(
+                    file,
+                    platform,
+                    opts,
+                    &mut entries,
+                    &mut written,
+                    &mut interpreters,
+                )?;
             }
             add_parents(&mut entries);
             let dests: Vec<&str> = layer.files.iter().map(|f| f.dest.as_str()).collect();
@@ -243,7 +269,9 @@ fn add_file(
                     src: src.clone(),
                     size: meta.len(),
                 },
-                mode: file.mode.unwrap_or_else(|| normal_mode(meta.permissions().mode())),
+                mode: file
+                    .mode
+                    .unwrap_or_else(|| normal_mode(meta.permissions().mode())),
                 uid: file.uid,
                 gid: file.gid,
             },
@@ -266,11 +294,20 @@ fn add_file(
     for item in walk {
         let item = item.map_err(|e| PlanError::Unreadable {
             at: at.clone(),
-            path: e.path().map(Path::to_path_buf).unwrap_or_else(|| src.clone()),
-            source: e.into_io_error().unwrap_or_else(|| io::Error::other("directory walk failed")),
+            path: e
+                .path()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| src.clone()),
+            source: e
+                .into_io_error()
+                .unwrap_or_else(|| io::Error::other("directory walk failed")),
         })?;
         let rel = item.path().strip_prefix(&src).unwrap_or(Path::new(""));
-        let path = if rel.as_os_str().is_empty() { dest.clone() } else { dest.join(rel) };
+        let path = if rel.as_os_str().is_empty() {
+            dest.clone()
+        } else {
+            dest.join(rel)
+        };
         let ft = item.file_type();
         let entry = if ft.is_dir() {
             Entry {
@@ -297,7 +334,9 @@ fn add_file(
             let m = item.metadata().map_err(|e| PlanError::Unreadable {
                 at: at.clone(),
                 path: item.path().to_path_buf(),
-                source: e.into_io_error().unwrap_or_else(|| io::Error::other("stat failed")),
+                source: e
+                    .into_io_error()
+                    .unwrap_or_else(|| io::Error::other("stat failed")),
             })?;
             Entry {
                 path,
@@ -305,7 +344,9 @@ fn add_file(
                     src: item.path().to_path_buf(),
                     size: m.len(),
                 },
-                mode: file.mode.unwrap_or_else(|| normal_mode(m.permissions().mode())),
+                mode: file
+                    .mode
+                    .unwrap_or_else(|| normal_mode(m.permissions().mode())),
                 uid: file.uid,
                 gid: file.gid,
             }
@@ -353,13 +394,15 @@ fn add_parents(entries: &mut BTreeMap<Vec<u8>, Entry>) {
         }
     }
     for dir in parents {
-        entries.entry(dir.as_os_str().as_bytes().to_vec()).or_insert(Entry {
-            path: dir,
-            kind: EntryKind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-        });
+        entries
+            .entry(dir.as_os_str().as_bytes().to_vec())
+            .or_insert(Entry {
+                path: dir,
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+            });
     }
 }
 
@@ -442,7 +485,13 @@ mod tests {
 
     #[test]
     fn modes_are_normalised() {
-        for (host, want) in [(0o700, 0o755), (0o600, 0o644), (0o4755, 0o755), (0o664, 0o644), (0o744, 0o755)] {
+        for (host, want) in [
+            (0o700, 0o755),
+            (0o600, 0o644),
+            (0o4755, 0o755),
+            (0o664, 0o644),
+            (0o744, 0o755),
+        ] {
             assert_eq!(normal_mode(host), want, "{host:o}");
         }
     }
@@ -463,7 +512,21 @@ mod tests {
             );
         }
         add_parents(&mut entries);
-        let paths: Vec<String> = entries.values().map(|e| e.path.display().to_string()).collect();
-        assert_eq!(paths, ["etc", "etc/a", "usr", "usr/local", "usr/local-x", "usr/local/bin", "usr/local/bin/x"]);
+        let paths: Vec<String> = entries
+            .values()
+            .map(|e| e.path.display().to_string())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "etc",
+                "etc/a",
+                "usr",
+                "usr/local",
+                "usr/local-x",
+                "usr/local/bin",
+                "usr/local/bin/x"
+            ]
+        );
     }
 }

@@ -44,7 +44,10 @@ impl Platform {
 
     /// The default target list: what EKS nodes run (x86-64 and Graviton).
     pub fn defaults() -> Vec<Platform> {
-        vec![Platform::new("linux", "amd64", None), Platform::new("linux", "arm64", None)]
+        vec![
+            Platform::new("linux", "amd64", None),
+            Platform::new("linux", "arm64", None),
+        ]
     }
 
     /// `uname -m` for this platform: `x86_64`, `aarch64`, `armv7l`, `armv6l`.
@@ -137,7 +140,9 @@ impl FromStr for Platform {
             ("arm64" | "aarch64", None | Some("v8")) => ("arm64", None),
             ("arm" | "armhf", None | Some("v7")) => ("arm", Some("v7")),
             ("arm" | "armel", Some("v6")) => ("arm", Some("v6")),
-            ("amd64" | "arm64", Some(_)) => return Err(err("this architecture takes no variant here")),
+            ("amd64" | "arm64", Some(_)) => {
+                return Err(err("this architecture takes no variant here"));
+            }
             ("arm", Some(_)) => return Err(err("arm variants are v6 and v7")),
             _ => return Err(err("unknown architecture")),
         };

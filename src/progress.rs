@@ -12,7 +12,11 @@ use std::sync::Mutex;
 #[derive(Debug, Clone)]
 pub enum Event<'a> {
     /// A layer was built (or taken as is) for the platforms named.
-    LayerBuilt { digest: &'a Digest, size: u64, what: &'a str },
+    LayerBuilt {
+        digest: &'a Digest,
+        size: u64,
+        what: &'a str,
+    },
     /// A warning the user should read (e.g. a dynamically linked ELF on scratch).
     Warning(&'a str),
     /// An upload of `size` bytes starts.
@@ -20,13 +24,24 @@ pub enum Event<'a> {
     /// `n` more bytes of that blob were sent.
     BlobProgress { digest: &'a Digest, n: u64 },
     /// The registry already had the blob (HEAD answered 200), or it was mounted.
-    BlobSkipped { digest: &'a Digest, size: u64, reason: &'a str },
+    BlobSkipped {
+        digest: &'a Digest,
+        size: u64,
+        reason: &'a str,
+    },
     /// The blob is uploaded and confirmed.
     BlobDone { digest: &'a Digest },
     /// A manifest or index was stored under `reference` (a digest or a tag).
-    ManifestPushed { reference: &'a str, digest: &'a Digest },
+    ManifestPushed {
+        reference: &'a str,
+        digest: &'a Digest,
+    },
     /// A request is being retried after a transient failure.
-    Retry { what: &'a str, attempt: u32, reason: &'a str },
+    Retry {
+        what: &'a str,
+        attempt: u32,
+        reason: &'a str,
+    },
     /// Free-form detail for `-v`.
     Debug(&'a str),
 }
@@ -81,12 +96,22 @@ impl Progress for Lines {
                 format!("layer {} {} ({})", short(digest), human(size), what)
             }
             Event::Warning(w) => format!("warning: {w}"),
-            Event::BlobStart { digest, size } => format!("uploading {} ({})", short(digest), human(size)),
+            Event::BlobStart { digest, size } => {
+                format!("uploading {} ({})", short(digest), human(size))
+            }
             Event::BlobProgress { .. } => return,
-            Event::BlobSkipped { digest, reason, .. } => format!("skipped {} ({reason})", short(digest)),
+            Event::BlobSkipped { digest, reason, .. } => {
+                format!("skipped {} ({reason})", short(digest))
+            }
             Event::BlobDone { digest } => format!("uploaded {}", short(digest)),
-            Event::ManifestPushed { reference, digest } => format!("pushed {reference} -> {digest}"),
-            Event::Retry { what, attempt, reason } => format!("retry {attempt} of {what}: {reason}"),
+            Event::ManifestPushed { reference, digest } => {
+                format!("pushed {reference} -> {digest}")
+            }
+            Event::Retry {
+                what,
+                attempt,
+                reason,
+            } => format!("retry {attempt} of {what}: {reason}"),
             Event::Debug(d) if verbose => d.to_string(),
             Event::Debug(_) => return,
         };
@@ -119,9 +144,11 @@ impl Progress for Bars {
             Event::BlobStart { digest, size } => {
                 let bar = self.multi.add(ProgressBar::new(size));
                 bar.set_style(
-                    ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
+                    ProgressStyle::with_template(
+                        "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
                 );
                 bar.set_prefix(short(digest).to_string());
                 bars.insert(digest.clone(), bar);
@@ -137,7 +164,7 @@ impl Progress for Bars {
                 }
             }
             other => {
-                let _ = self.multi.suspend(|| self.lines.event(other));
+                self.multi.suspend(|| self.lines.event(other));
             }
         }
     }
@@ -152,5 +179,9 @@ pub fn human(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }

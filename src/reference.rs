@@ -42,9 +42,13 @@ impl Repository {
         }
         let last = input.rsplit('/').next().unwrap_or(input);
         if last.contains(':') {
-            return Err(err("a repository takes no tag; use --tag or `tags` in the spec"));
+            return Err(err(
+                "a repository takes no tag; use --tag or `tags` in the spec",
+            ));
         }
-        let (first, rest) = input.split_once('/').ok_or_else(|| err("no registry host"))?;
+        let (first, rest) = input
+            .split_once('/')
+            .ok_or_else(|| err("no registry host"))?;
         // Docker's rule (reference/normalize.go splitDockerDomain): the first component is a host
         // if it has a '.' or ':' or is `localhost`.
         if !(first.contains('.') || first.contains(':') || first == "localhost") {
@@ -53,7 +57,9 @@ impl Repository {
         if rest.chars().any(|c| c.is_ascii_uppercase()) {
             return Err(err("repository paths must be lowercase"));
         }
-        let parsed: Reference = input.parse().map_err(|e: oci_spec::distribution::ParseError| err(&e.to_string()))?;
+        let parsed: Reference = input
+            .parse()
+            .map_err(|e: oci_spec::distribution::ParseError| err(&e.to_string()))?;
         if parsed.registry() != first {
             return Err(err("the registry host is not valid"));
         }
@@ -72,7 +78,10 @@ impl Repository {
 /// `host` part of `host[:port]` (IPv6 literals in brackets kept whole).
 pub fn host_of(registry: &str) -> &str {
     if registry.starts_with('[') {
-        return registry.split_once(']').map(|(h, _)| &h[1..]).unwrap_or(registry);
+        return registry
+            .split_once(']')
+            .map(|(h, _)| &h[1..])
+            .unwrap_or(registry);
     }
     registry.split(':').next().unwrap_or(registry)
 }
@@ -87,12 +96,16 @@ impl fmt::Display for Repository {
 pub fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
     let mut chars = tag.chars();
     let ok = tag.len() <= 128
-        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if ok {
         Ok(())
     } else {
-        Err(ReferenceError::Tag { input: tag.to_string() })
+        Err(ReferenceError::Tag {
+            input: tag.to_string(),
+        })
     }
 }
 

@@ -209,7 +209,8 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
     let repository = raw
         .repository
         .map(|r| {
-            Repository::parse(r.get_ref()).map_err(|e| loc.err(r.span(), format!("repository: {e}")))
+            Repository::parse(r.get_ref())
+                .map_err(|e| loc.err(r.span(), format!("repository: {e}")))
         })
         .transpose()?;
 
@@ -217,7 +218,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         None => vec!["latest".to_string()],
         Some(tags) => {
             if tags.is_empty() {
-                return Err(loc.err(0..0, "tags: the list is empty; remove the key to get [\"latest\"]"));
+                return Err(loc.err(
+                    0..0,
+                    "tags: the list is empty; remove the key to get [\"latest\"]",
+                ));
             }
             let mut out = Vec::new();
             for t in tags {
@@ -239,8 +243,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
             }
             let mut out: Vec<Platform> = Vec::new();
             for p in list.into_inner() {
-                let parsed: Platform =
-                    p.get_ref().parse().map_err(|e| loc.err(p.span(), format!("platforms: {e}")))?;
+                let parsed: Platform = p
+                    .get_ref()
+                    .parse()
+                    .map_err(|e| loc.err(p.span(), format!("platforms: {e}")))?;
                 if out.contains(&parsed) {
                     return Err(loc.err(p.span(), format!("platforms: {parsed} is listed twice")));
                 }
@@ -274,7 +280,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
     };
     if let Some(user) = raw_config.user {
         if user.get_ref().is_empty() {
-            return Err(loc.err(user.span(), "config.user: empty; use e.g. \"65532:65532\" or \"0:0\" for root"));
+            return Err(loc.err(
+                user.span(),
+                "config.user: empty; use e.g. \"65532:65532\" or \"0:0\" for root",
+            ));
         }
         config.user = user.into_inner();
     }
@@ -294,7 +303,9 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
     let annotations = checked_map(&loc, "config.annotations", raw_config.annotations)?;
     for port in raw_config.exposed_ports {
         let span = port.span();
-        config.exposed_ports.push(normalize_port(port.into_inner()).map_err(|m| loc.err(span, m))?);
+        config
+            .exposed_ports
+            .push(normalize_port(port.into_inner()).map_err(|m| loc.err(span, m))?);
     }
     config.exposed_ports.sort();
     config.exposed_ports.dedup();
@@ -313,12 +324,21 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         layers.push(LayerSpec { files });
     }
     if layers.is_empty() {
-        return Err(loc.err(0..0, "no [[layer]] tables: add at least one with [[layer.files]] src/dest entries"));
+        return Err(loc.err(
+            0..0,
+            "no [[layer]] tables: add at least one with [[layer.files]] src/dest entries",
+        ));
     }
 
     let context = file
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .unwrap_or(Path::new("."))
         .to_path_buf();
     Ok(Spec {
@@ -344,7 +364,10 @@ fn checked_map(
         if v.get_ref().len() > MAX_VALUE_BYTES {
             return Err(loc.err(
                 v.span(),
-                format!("{field}.{k}: value is {} bytes, over the 64 KiB limit", v.get_ref().len()),
+                format!(
+                    "{field}.{k}: value is {} bytes, over the 64 KiB limit",
+                    v.get_ref().len()
+                ),
             ));
         }
         out.insert(k, v.into_inner());
@@ -385,7 +408,10 @@ fn file_spec(loc: &Locator<'_>, f: RawFile) -> Result<FileSpec, SpecError> {
         if !PLACEHOLDERS.contains(&ph) {
             return Err(loc.err(
                 src_span,
-                format!("layer.files.src: unknown placeholder {ph}; known: {}", PLACEHOLDERS.join(" ")),
+                format!(
+                    "layer.files.src: unknown placeholder {ph}; known: {}",
+                    PLACEHOLDERS.join(" ")
+                ),
             ));
         }
         rest = &rest[close..];
@@ -404,8 +430,12 @@ fn file_spec(loc: &Locator<'_>, f: RawFile) -> Result<FileSpec, SpecError> {
     let id = |v: Option<Spanned<i64>>, field: &str| -> Result<u32, SpecError> {
         match v {
             None => Ok(0),
-            Some(v) => u32::try_from(*v.get_ref())
-                .map_err(|_| loc.err(v.span(), format!("layer.files.{field}: must be 0 to 4294967295"))),
+            Some(v) => u32::try_from(*v.get_ref()).map_err(|_| {
+                loc.err(
+                    v.span(),
+                    format!("layer.files.{field}: must be 0 to 4294967295"),
+                )
+            }),
         }
     };
     Ok(FileSpec {
@@ -421,20 +451,26 @@ fn file_spec(loc: &Locator<'_>, f: RawFile) -> Result<FileSpec, SpecError> {
 /// Check and normalise an image path: absolute, no `..`, no empty or `.` components.
 pub fn normalize_dest(dest: &str) -> Result<String, String> {
     if !dest.starts_with('/') {
-        return Err(format!("layer.files.dest: {dest:?} is not absolute; write it as \"/{dest}\""));
+        return Err(format!(
+            "layer.files.dest: {dest:?} is not absolute; write it as \"/{dest}\""
+        ));
     }
     let mut parts = Vec::new();
     for part in dest.split('/') {
         match part {
             "" | "." => {}
             ".." => {
-                return Err(format!("layer.files.dest: {dest:?} contains \"..\"; write the path without it"));
+                return Err(format!(
+                    "layer.files.dest: {dest:?} contains \"..\"; write the path without it"
+                ));
             }
             p => parts.push(p),
         }
     }
     if parts.is_empty() {
-        return Err(format!("layer.files.dest: {dest:?} is the root; name a path below /"));
+        return Err(format!(
+            "layer.files.dest: {dest:?} is the root; name a path below /"
+        ));
     }
     if dest.contains('\0') {
         return Err("layer.files.dest: contains a NUL byte".into());
@@ -495,7 +531,10 @@ mode = "0644"
         assert_eq!(spec.layers[0].files[0].mode, Some(0o755));
         assert_eq!(spec.layers[1].files[0].dest, "/etc/hello");
         assert_eq!(spec.layers[1].files[0].mode, Some(0o644));
-        assert_eq!((spec.layers[1].files[0].uid, spec.layers[1].files[0].gid), (1000, 1000));
+        assert_eq!(
+            (spec.layers[1].files[0].uid, spec.layers[1].files[0].gid),
+            (1000, 1000)
+        );
         assert_eq!(spec.layers[0].files[0].at.line, 16);
         assert_eq!(spec.context, Path::new("specs"));
         assert_eq!(spec.name(), "x");
@@ -503,7 +542,11 @@ mode = "0644"
 
     #[test]
     fn defaults() {
-        let spec = parse("[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n", Path::new("s.toml")).unwrap();
+        let spec = parse(
+            "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n",
+            Path::new("s.toml"),
+        )
+        .unwrap();
         assert_eq!(spec.tags, ["latest"]);
         assert_eq!(spec.platforms, Platform::defaults());
         assert_eq!(spec.repository, None);
@@ -517,29 +560,88 @@ mode = "0644"
         let layer = "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n";
         let cases: Vec<(String, &str)> = vec![
             ("tags = [\"v1\"\n".into(), "s.toml:1:"),
-            (format!("platfroms = [\"linux/amd64\"]\n{layer}"), "s.toml:1:1: unknown field `platfroms`"),
-            (format!("tags = \"v1\"\n{layer}"), "s.toml:1:8: invalid type"),
-            (format!("platforms = []\n{layer}"), "s.toml:1:13: platforms: the list is empty"),
-            (format!("platforms = [\"linux/sparc\"]\n{layer}"), "s.toml:1:14: platforms: invalid platform"),
-            (format!("repository = \"127.0.0.1:5000/Hello\"\n{layer}"), "repository: invalid repository"),
-            (format!("tags = [\"{}\"]\n{layer}", "x".repeat(129)), "s.toml:1:9: tags: invalid tag"),
+            (
+                format!("platfroms = [\"linux/amd64\"]\n{layer}"),
+                "s.toml:1:1: unknown field `platfroms`",
+            ),
+            (
+                format!("tags = \"v1\"\n{layer}"),
+                "s.toml:1:8: invalid type",
+            ),
+            (
+                format!("platforms = []\n{layer}"),
+                "s.toml:1:13: platforms: the list is empty",
+            ),
+            (
+                format!("platforms = [\"linux/sparc\"]\n{layer}"),
+                "s.toml:1:14: platforms: invalid platform",
+            ),
+            (
+                format!("repository = \"127.0.0.1:5000/Hello\"\n{layer}"),
+                "repository: invalid repository",
+            ),
+            (
+                format!("tags = [\"{}\"]\n{layer}", "x".repeat(129)),
+                "s.toml:1:9: tags: invalid tag",
+            ),
             (format!("tags = [\"a b\"]\n{layer}"), "tags: invalid tag"),
-            (format!("base = \"alpine\"\n{layer}"), "s.toml:1:8: base: \"alpine\" is not supported"),
-            ("[[layer]]\nfiles = [{src = \"a\", dest = \"a\"}]\n".into(), "s.toml:2:29: layer.files.dest: \"a\" is not absolute"),
-            ("[[layer]]\nfiles = [{src = \"a\", dest = \"/x/../a\"}]\n".into(), "contains \"..\""),
-            ("[[layer]]\nfiles = [{src = \"{arhc}/a\", dest = \"/a\"}]\n".into(), "unknown placeholder {arhc}"),
-            ("[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", mode = 0o17777}]\n".into(), "layer.files.mode"),
-            ("[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", uid = -1}]\n".into(), "layer.files.uid"),
-            ("[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", sorce = \"b\"}]\n".into(), "unknown field `sorce`"),
-            ("[[layer]]\nfiles = []\n".into(), "a layer needs at least one file"),
+            (
+                format!("base = \"alpine\"\n{layer}"),
+                "s.toml:1:8: base: \"alpine\" is not supported",
+            ),
+            (
+                "[[layer]]\nfiles = [{src = \"a\", dest = \"a\"}]\n".into(),
+                "s.toml:2:29: layer.files.dest: \"a\" is not absolute",
+            ),
+            (
+                "[[layer]]\nfiles = [{src = \"a\", dest = \"/x/../a\"}]\n".into(),
+                "contains \"..\"",
+            ),
+            (
+                "[[layer]]\nfiles = [{src = \"{arhc}/a\", dest = \"/a\"}]\n".into(),
+                "unknown placeholder {arhc}",
+            ),
+            (
+                "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", mode = 0o17777}]\n".into(),
+                "layer.files.mode",
+            ),
+            (
+                "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", uid = -1}]\n".into(),
+                "layer.files.uid",
+            ),
+            (
+                "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", sorce = \"b\"}]\n".into(),
+                "unknown field `sorce`",
+            ),
+            (
+                "[[layer]]\nfiles = []\n".into(),
+                "a layer needs at least one file",
+            ),
             ("tags = [\"v1\"]\n".into(), "no [[layer]] tables"),
-            (format!("[config]\nexposed_ports = [\"http\"]\n{layer}"), "config.exposed_ports"),
-            (format!("[config]\nlabels = {{ big = \"{}\" }}\n{layer}", "x".repeat(70_000)), "over the 64 KiB limit"),
-            (format!("[config]\nworkdir = \"app\"\n{layer}"), "config.workdir: must be an absolute path"),
+            (
+                format!("[config]\nexposed_ports = [\"http\"]\n{layer}"),
+                "config.exposed_ports",
+            ),
+            (
+                format!(
+                    "[config]\nlabels = {{ big = \"{}\" }}\n{layer}",
+                    "x".repeat(70_000)
+                ),
+                "over the 64 KiB limit",
+            ),
+            (
+                format!("[config]\nworkdir = \"app\"\n{layer}"),
+                "config.workdir: must be an absolute path",
+            ),
         ];
         for (text, want) in cases {
-            let err = parse(&text, Path::new("s.toml")).expect_err(want).to_string();
-            assert!(err.contains(want), "error {err:?} does not contain {want:?}");
+            let err = parse(&text, Path::new("s.toml"))
+                .expect_err(want)
+                .to_string();
+            assert!(
+                err.contains(want),
+                "error {err:?} does not contain {want:?}"
+            );
             assert!(!err.contains('\n'), "error is not one line: {err:?}");
         }
     }

@@ -30,7 +30,10 @@ impl BlobStore {
 
     /// Where the blob with this digest lives (whether or not it exists yet).
     pub fn path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs").join(digest.algorithm()).join(digest.hex())
+        self.root
+            .join("blobs")
+            .join(digest.algorithm())
+            .join(digest.hex())
     }
 
     pub fn contains(&self, digest: &Digest) -> bool {

@@ -94,7 +94,11 @@ pub(crate) fn docker_config_dir(over: Option<&Path>) -> Option<PathBuf> {
 
 /// Find the credential for `registry` (`host[:port]`): the explicit one first, then the docker
 /// config. Blocking: a credential helper may run as a child process.
-pub(crate) fn resolve(registry: &str, explicit: Option<&Credentials>, config_dir: Option<&Path>) -> Resolved {
+pub(crate) fn resolve(
+    registry: &str,
+    explicit: Option<&Credentials>,
+    config_dir: Option<&Path>,
+) -> Resolved {
     if let Some(c) = explicit {
         return Resolved {
             credential: Some(Credential::Basic(c.clone())),
@@ -122,7 +126,10 @@ pub(crate) fn resolve(registry: &str, explicit: Option<&Credentials>, config_dir
         }
         Ok(None) => Resolved {
             credential: None,
-            tried: format!("no credentials (no --username, and none for {registry} in {})", path.display()),
+            tried: format!(
+                "no credentials (no --username, and none for {registry} in {})",
+                path.display()
+            ),
         },
         Err(why) => Resolved {
             credential: None,
@@ -134,7 +141,10 @@ pub(crate) fn resolve(registry: &str, explicit: Option<&Credentials>, config_dir
 /// Look `registry` up in a docker `config.json`: `credHelpers`, then `auths` (base64 `auth`, or
 /// `username`/`password`, or `identitytoken`), then `credsStore`. `Ok(None)` when the file or
 /// the entry does not exist; `Err` (a message without secrets) when it is unusable.
-pub(crate) fn docker_config_credential(path: &Path, registry: &str) -> Result<Option<Credential>, String> {
+pub(crate) fn docker_config_credential(
+    path: &Path,
+    registry: &str,
+) -> Result<Option<Credential>, String> {
     use docker_credential::{CredentialRetrievalError as E, DockerCredential};
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -142,17 +152,25 @@ pub(crate) fn docker_config_credential(path: &Path, registry: &str) -> Result<Op
         Err(e) => return Err(format!("cannot read it: {e}")),
     };
     match docker_credential::get_credential_from_reader(std::io::BufReader::new(file), registry) {
-        Ok(DockerCredential::UsernamePassword(username, password)) => Ok(Some(Credential::Basic(Credentials {
-            username,
-            password: Secret(password),
-        }))),
-        Ok(DockerCredential::IdentityToken(token)) => Ok(Some(Credential::IdentityToken(Secret(token)))),
+        Ok(DockerCredential::UsernamePassword(username, password)) => {
+            Ok(Some(Credential::Basic(Credentials {
+                username,
+                password: Secret(password),
+            })))
+        }
+        Ok(DockerCredential::IdentityToken(token)) => {
+            Ok(Some(Credential::IdentityToken(Secret(token))))
+        }
         Err(E::NoCredentialConfigured) => Ok(None),
         // A helper that has nothing for this host says so on stdout and exits 1.
-        Err(E::HelperFailure { stdout, .. }) if stdout.contains("credentials not found") => Ok(None),
+        Err(E::HelperFailure { stdout, .. }) if stdout.contains("credentials not found") => {
+            Ok(None)
+        }
         // The helper's output is not shown: it may hold a secret.
         Err(E::HelperFailure { helper, .. }) => Err(format!("credential helper {helper} failed")),
-        Err(E::HelperCommunicationError) => Err("its credential helper could not be run (is it installed?)".into()),
+        Err(E::HelperCommunicationError) => {
+            Err("its credential helper could not be run (is it installed?)".into())
+        }
         Err(E::ConfigReadError) => Err("it is not valid JSON".into()),
         Err(other) => Err(other.to_string()),
     }
@@ -212,7 +230,11 @@ fn parse_one_header(s: &str, out: &mut Vec<Challenge>) {
                 let padding = p.i - eq;
                 p.skip(char::is_whitespace);
                 if padding == 1 && !matches!(p.peek(), None | Some(',')) {
-                    let value = if p.peek() == Some('"') { p.quoted() } else { p.bare_value() };
+                    let value = if p.peek() == Some('"') {
+                        p.quoted()
+                    } else {
+                        p.bare_value()
+                    };
                     challenge.params.insert(name.to_ascii_lowercase(), value);
                 }
             } else if !(first && !after_comma && matches!(p.peek(), None | Some(','))) {
@@ -287,7 +309,10 @@ enum Scheme {
     /// No challenge seen yet (or the registry answered without one): send nothing.
     Anonymous,
     Basic,
-    Bearer { realm: String, service: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -342,12 +367,14 @@ impl Auth {
                 let registry = self.registry.clone();
                 let explicit = self.explicit.clone();
                 let dir = self.config_dir.clone();
-                tokio::task::spawn_blocking(move || resolve(&registry, explicit.as_ref(), dir.as_deref()))
-                    .await
-                    .unwrap_or_else(|e| Resolved {
-                        credential: None,
-                        tried: format!("no credentials (looking them up failed: {e})"),
-                    })
+                tokio::task::spawn_blocking(move || {
+                    resolve(&registry, explicit.as_ref(), dir.as_deref())
+                })
+                .await
+                .unwrap_or_else(|e| Resolved {
+                    credential: None,
+                    tried: format!("no credentials (looking them up failed: {e})"),
+                })
             })
             .await
     }
@@ -375,12 +402,17 @@ impl Auth {
                 Some(Credential::Basic(c)) => Some(basic_header(c)),
                 _ => None,
             },
-            Scheme::Bearer { .. } => state.tokens.get(&self.scope).map(|t| format!("Bearer {}", t.expose())),
+            Scheme::Bearer { .. } => state
+                .tokens
+                .get(&self.scope)
+                .map(|t| format!("Bearer {}", t.expose())),
         };
-        let value = value.and_then(|v| HeaderValue::from_str(&v).ok()).map(|mut v| {
-            v.set_sensitive(true);
-            v
-        });
+        let value = value
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
         (value, state.generation)
     }
 
@@ -481,7 +513,10 @@ impl Auth {
                     pairs.append_pair("refresh_token", refresh.expose());
                 }
                 http.post(url.clone())
-                    .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
                     .body(form.query().unwrap_or_default().to_string())
             }
             other => {
@@ -494,7 +529,9 @@ impl Auth {
                 }
                 let request = http.get(url.clone());
                 match other {
-                    Some(Credential::Basic(c)) => request.basic_auth(&c.username, Some(c.password.expose())),
+                    Some(Credential::Basic(c)) => {
+                        request.basic_auth(&c.username, Some(c.password.expose()))
+                    }
                     _ => request,
                 }
             }
@@ -541,7 +578,10 @@ impl Auth {
 
 fn basic_header(c: &Credentials) -> String {
     let raw = format!("{}:{}", c.username, c.password.expose());
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
 }
 
 /// `host[:port]` of a URL, the form `--insecure-registry` uses.
@@ -561,14 +601,20 @@ mod tests {
     fn ch(scheme: &str, params: &[(&str, &str)]) -> Challenge {
         Challenge {
             scheme: scheme.into(),
-            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
     #[test]
     fn challenges() {
         let cases: Vec<(Vec<&str>, Vec<Challenge>)> = vec![
-            (vec![r#"Basic realm="Registry Realm""#], vec![ch("basic", &[("realm", "Registry Realm")])]),
+            (
+                vec![r#"Basic realm="Registry Realm""#],
+                vec![ch("basic", &[("realm", "Registry Realm")])],
+            ),
             (
                 vec![
                     r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:samalba/my-app:pull,push""#,
@@ -585,25 +631,48 @@ mod tests {
             // Case-insensitive names, spaces around '=' and ',', token (unquoted) values.
             (
                 vec![r#"BEARER  Realm = https://t.example/token , Service=reg"#],
-                vec![ch("bearer", &[("realm", "https://t.example/token"), ("service", "reg")])],
+                vec![ch(
+                    "bearer",
+                    &[("realm", "https://t.example/token"), ("service", "reg")],
+                )],
             ),
             // Two challenges in one header; the second starts after a comma.
             (
                 vec![r#"Basic realm="a, b", Bearer realm="https://t/x",scope="s""#],
-                vec![ch("basic", &[("realm", "a, b")]), ch("bearer", &[("realm", "https://t/x"), ("scope", "s")])],
+                vec![
+                    ch("basic", &[("realm", "a, b")]),
+                    ch("bearer", &[("realm", "https://t/x"), ("scope", "s")]),
+                ],
             ),
             // Several headers; escaped quotes; a token68 challenge in between.
             (
                 vec![r#"Negotiate abc=="#, r#"Basic realm="say \"hi\"""#],
-                vec![ch("negotiate", &[]), ch("basic", &[("realm", r#"say "hi""#)])],
+                vec![
+                    ch("negotiate", &[]),
+                    ch("basic", &[("realm", r#"say "hi""#)]),
+                ],
             ),
-            (vec!["Negotiate", "Basic"], vec![ch("negotiate", &[]), ch("basic", &[])]),
-            (vec![r#"Basic realm="unterminated"#], vec![ch("basic", &[("realm", "unterminated")])]),
+            (
+                vec!["Negotiate", "Basic"],
+                vec![ch("negotiate", &[]), ch("basic", &[])],
+            ),
+            (
+                vec![r#"Basic realm="unterminated"#],
+                vec![ch("basic", &[("realm", "unterminated")])],
+            ),
             (vec!["", "  ,  "], vec![]),
             (vec!["=oops"], vec![]),
         ];
         for (input, want) in cases {
             assert_eq!(parse_challenges(input.iter().copied()), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn challenge_parsing_never_panics_or_hangs() {
+        let header = r#"Basic realm="a, \"b\"", Bearer realm=https://t/x ,scope="é,ü" , Negotiate abc==, x=="#;
+        for end in (0..=header.len()).filter(|&i| header.is_char_boundary(i)) {
+            let _ = parse_challenges([&header[..end], &header[end..]]);
         }
     }
 
@@ -658,7 +727,10 @@ mod tests {
             ("127.0.0.1:5000", basic("alice", "pw1")),
             ("reg.example.com", basic("bob", "pw:with:colons")),
             ("fields.example.com", basic("carol", "pw3")),
-            ("token.example.com", Ok(Some(Credential::IdentityToken(Secret::new("tok"))))),
+            (
+                "token.example.com",
+                Ok(Some(Credential::IdentityToken(Secret::new("tok")))),
+            ),
             ("127.0.0.1:5001", Ok(None)),
             ("127.0.0.1", Ok(None)),
             ("broken.example.com", Err(())),
@@ -668,7 +740,10 @@ mod tests {
             assert_eq!(got, want, "{registry}");
         }
         // A missing file is "no credentials", not an error.
-        assert_eq!(docker_config_credential(&dir.path().join("nope.json"), "x"), Ok(None));
+        assert_eq!(
+            docker_config_credential(&dir.path().join("nope.json"), "x"),
+            Ok(None)
+        );
 
         // resolve(): explicit credentials win; `tried` names the source and no secret.
         let explicit = Credentials {
@@ -679,8 +754,16 @@ mod tests {
         assert_eq!(r.credential, Some(Credential::Basic(explicit)));
         assert!(r.tried.contains("--username"), "{}", r.tried);
         let r = resolve("127.0.0.1:5000", None, Some(dir.path()));
-        assert!(r.tried.contains("config.json") && !r.tried.contains("pw1"), "{}", r.tried);
+        assert!(
+            r.tried.contains("config.json") && !r.tried.contains("pw1"),
+            "{}",
+            r.tried
+        );
         let r = resolve("other:1", None, Some(dir.path()));
-        assert!(r.credential.is_none() && r.tried.starts_with("no credentials"), "{}", r.tried);
+        assert!(
+            r.credential.is_none() && r.tried.starts_with("no credentials"),
+            "{}",
+            r.tried
+        );
     }
 }

@@ -43,10 +43,11 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
             path: path.clone(),
             source,
         })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RegistryError::CaCert {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RegistryError::CaCert {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         if certs.is_empty() {
             return Err(RegistryError::CaCert {
                 path: path.clone(),
@@ -56,7 +57,10 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
         roots.extend(certs);
     }
     let policy = reqwest::redirect::Policy::custom(|attempt| {
-        let downgrade = attempt.previous().last().is_some_and(|p| p.scheme() == "https")
+        let downgrade = attempt
+            .previous()
+            .last()
+            .is_some_and(|p| p.scheme() == "https")
             && attempt.url().scheme() != "https";
         if downgrade {
             attempt.error("refusing a redirect from https to plain http")
@@ -83,7 +87,9 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
 pub(crate) fn plain_http_allowed(registry: &str, insecure: &[String]) -> bool {
     let host = host_of(registry);
     let loopback = host.eq_ignore_ascii_case("localhost")
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     loopback
         || insecure.iter().any(|entry| {
             let entry = entry.trim().trim_end_matches('/');
@@ -114,8 +120,8 @@ impl Client {
     /// handshake error) — the rule crane/go-containerregistry use for insecure registries. A
     /// TLS registry on 127.0.0.1 (with `--ca-cert`) is thus reached over https, a plain one
     /// over http. When http does not work either, the https error is reported (it is the one
-    /// that says what to fix, e.g. an unknown CA), unless http reached the registry and failed
-    /// for another reason (e.g. wrong credentials).
+    /// that says what to fix, e.g. an unknown CA), unless http reached a server that answered
+    /// otherwise (e.g. wrong credentials, or a web page that is not a registry).
     pub(crate) async fn connect(
         repo: &Repository,
         opts: &PushOptions,
@@ -154,7 +160,14 @@ impl Client {
             let http = make("http")?;
             match http.ping().await {
                 Ok(()) => Ok(http),
-                Err(e) if e.is_transport() || matches!(e, RegistryError::Protocol { .. }) => Err(err),
+                // A TLS server answers plain http with 400 ("Client sent an HTTP request to an
+                // HTTPS server"): the https error is the one that says what to fix.
+                Err(e)
+                    if e.is_transport()
+                        || matches!(e, RegistryError::Protocol { status: 400, .. }) =>
+                {
+                    Err(err)
+                }
                 Err(e) => Err(e),
             }
         })
@@ -164,7 +177,9 @@ impl Client {
     /// `GET /v2/`: 200 means we may go on (anonymously or with the header `send` settled on).
     async fn ping(&self) -> Result<(), RegistryError> {
         let url = self.url("/v2/");
-        let response = self.send(|http| Ok(http.get(url.clone()).timeout(self.timeout))).await?;
+        let response = self
+            .send(|http| Ok(http.get(url.clone()).timeout(self.timeout)))
+            .await?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -217,7 +232,11 @@ impl Client {
                 StatusCode::UNAUTHORIZED if !reauthenticated => {
                     reauthenticated = true;
                     let challenges = challenges(response.headers());
-                    if self.auth.on_unauthorized(&self.http, &challenges, generation).await? {
+                    if self
+                        .auth
+                        .on_unauthorized(&self.http, &challenges, generation)
+                        .await?
+                    {
                         continue;
                     }
                     return Err(self.unauthorized(401).await);
@@ -244,11 +263,18 @@ impl Client {
 }
 
 fn challenges(headers: &HeaderMap) -> Vec<auth::Challenge> {
-    auth::parse_challenges(headers.get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()))
+    auth::parse_challenges(
+        headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    )
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
-    a.scheme() == b.scheme() && a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
 }
 
 /// A URL fit for messages: no credentials, no query (upload URLs can carry signatures).
@@ -294,7 +320,10 @@ fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
             if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
                 return Some(tls.to_string());
             }
-            match inner.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            match inner
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+            {
                 Some(wrapped) => inner = wrapped,
                 None => break,
             }
@@ -402,7 +431,10 @@ pub(crate) fn snippet(body: &[u8], html: bool) -> String {
 fn clip(text: &str) -> String {
     let mut out = String::new();
     let mut count = 0;
-    for word in text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()) {
+    for word in text
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+    {
         if !out.is_empty() {
             out.push(' ');
             count += 1;
@@ -446,7 +478,11 @@ mod tests {
         ];
         for (registry, insecure, want) in cases {
             let insecure: Vec<String> = insecure.iter().map(|s| s.to_string()).collect();
-            assert_eq!(plain_http_allowed(registry, &insecure), *want, "{registry} {insecure:?}");
+            assert_eq!(
+                plain_http_allowed(registry, &insecure),
+                *want,
+                "{registry} {insecure:?}"
+            );
         }
     }
 
@@ -475,8 +511,13 @@ mod tests {
 
     #[test]
     fn display_url_hides_query_and_userinfo() {
-        let url = Url::parse("https://u:p@reg.example.com/v2/x/blobs/uploads/abc?_state=s&X-Amz-Signature=z")
-            .expect("valid URL");
-        assert_eq!(display_url(&url), "https://reg.example.com/v2/x/blobs/uploads/abc");
+        let url = Url::parse(
+            "https://u:p@reg.example.com/v2/x/blobs/uploads/abc?_state=s&X-Amz-Signature=z",
+        )
+        .expect("valid URL");
+        assert_eq!(
+            display_url(&url),
+            "https://reg.example.com/v2/x/blobs/uploads/abc"
+        );
     }
 }

@@ -120,7 +120,9 @@ pub enum RegistryError {
         tried: String,
         status: u16,
     },
-    #[error("access to {url} denied (HTTP 403) using {tried}; check that this account may push to the repository")]
+    #[error(
+        "access to {url} denied (HTTP 403) using {tried}; check that this account may push to the repository"
+    )]
     Denied { url: String, tried: String },
     #[error(
         "unexpected answer from {url}: HTTP {status}: {body_snippet}; check the registry address, or the registry's logs"
@@ -143,7 +145,9 @@ pub enum RegistryError {
     },
     #[error("refusing {reason} ({url}); this would expose credentials or content to tampering")]
     Insecure { url: String, reason: String },
-    #[error("blob {path} is corrupt: expected {expected}, found {found}; delete it and build again")]
+    #[error(
+        "blob {path} is corrupt: expected {expected}, found {found}; delete it and build again"
+    )]
     CorruptBlob {
         path: PathBuf,
         expected: Digest,
@@ -155,7 +159,9 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid CA certificate file {path}: {reason}; --ca-cert takes PEM-encoded CA certificates")]
+    #[error(
+        "invalid CA certificate file {path}: {reason}; --ca-cert takes PEM-encoded CA certificates"
+    )]
     CaCert { path: PathBuf, reason: String },
     #[error("cannot set up the HTTP client: {reason}")]
     Client { reason: String },
@@ -173,16 +179,18 @@ impl RegistryError {
             | RegistryError::DigestMismatch { .. }
             | RegistryError::Insecure { .. } => ExitCode::Registry,
             RegistryError::CaCert { .. } => ExitCode::Usage,
-            RegistryError::CorruptBlob { .. } | RegistryError::Io { .. } | RegistryError::Client { .. } => {
-                ExitCode::Internal
-            }
+            RegistryError::CorruptBlob { .. }
+            | RegistryError::Io { .. }
+            | RegistryError::Client { .. } => ExitCode::Internal,
         }
     }
 
     /// The cause without the advice, for debug lines.
     pub(crate) fn short_reason(&self) -> String {
         match self {
-            RegistryError::Unreachable { reason, .. } | RegistryError::Tls { reason, .. } => reason.clone(),
+            RegistryError::Unreachable { reason, .. } | RegistryError::Tls { reason, .. } => {
+                reason.clone()
+            }
             other => other.to_string(),
         }
     }
@@ -191,7 +199,73 @@ impl RegistryError {
     pub(crate) fn is_transport(&self) -> bool {
         matches!(
             self,
-            RegistryError::Unreachable { .. } | RegistryError::Tls { .. } | RegistryError::Timeout { .. }
+            RegistryError::Unreachable { .. }
+                | RegistryError::Tls { .. }
+                | RegistryError::Timeout { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `push` can run on a multi-threaded runtime's spawned task (its future is `Send`).
+    #[allow(dead_code)]
+    fn push_future_is_send(
+        image: &BuiltImage,
+        store: &BlobStore,
+        repo: &Repository,
+        opts: &PushOptions,
+        progress: &dyn Progress,
+    ) {
+        fn assert_send<T: Send>(_: &T) {}
+        assert_send(&push(image, store, repo, &[], opts, progress));
+    }
+
+    #[test]
+    fn exit_codes() {
+        let cases = [
+            (
+                RegistryError::Unauthorized {
+                    registry: "r".into(),
+                    tried: "t".into(),
+                    status: 401,
+                },
+                ExitCode::Auth,
+            ),
+            (
+                RegistryError::Denied {
+                    url: "u".into(),
+                    tried: "t".into(),
+                },
+                ExitCode::Auth,
+            ),
+            (
+                RegistryError::Timeout {
+                    url: "u".into(),
+                    secs: 1,
+                },
+                ExitCode::Registry,
+            ),
+            (
+                RegistryError::Tls {
+                    url: "u".into(),
+                    reason: "r".into(),
+                },
+                ExitCode::Registry,
+            ),
+            (
+                RegistryError::Io {
+                    path: "p".into(),
+                    source: std::io::Error::other("x"),
+                },
+                ExitCode::Internal,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.exit_code(), want, "{e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
     }
 }

@@ -15,7 +15,11 @@ pub(crate) const ATTEMPTS: u32 = 3;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Run `op` until it succeeds, fails for good, or has been tried [`ATTEMPTS`] times.
-pub(crate) async fn with_retries<T, F, Fut>(what: &str, progress: &dyn Progress, mut op: F) -> Result<T, RegistryError>
+pub(crate) async fn with_retries<T, F, Fut>(
+    what: &str,
+    progress: &dyn Progress,
+    mut op: F,
+) -> Result<T, RegistryError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, RegistryError>>,
@@ -48,8 +52,12 @@ impl RegistryError {
         match self {
             RegistryError::Unreachable { .. } | RegistryError::Timeout { .. } => Some(backoff),
             RegistryError::Protocol {
-                status, retry_after, ..
-            } if *status == 408 || *status == 429 || (500..600).contains(status) => Some(retry_after.unwrap_or(backoff)),
+                status,
+                retry_after,
+                ..
+            } if *status == 408 || *status == 429 || (500..600).contains(status) => {
+                Some(retry_after.unwrap_or(backoff))
+            }
             _ => None,
         }
     }
@@ -97,7 +105,10 @@ mod tests {
         for (e, want) in cases {
             assert_eq!(e.retry_delay(1), want, "{e}");
         }
-        assert_eq!(protocol(502, None).retry_delay(2), Some(Duration::from_secs(1)));
+        assert_eq!(
+            protocol(502, None).retry_delay(2),
+            Some(Duration::from_secs(1))
+        );
     }
 
     #[tokio::test]

@@ -78,8 +78,15 @@ pub(crate) async fn push_image(
         }
     }
 
-    let mut outcomes: Vec<(usize, bool)> = futures::stream::iter(blobs.iter().enumerate())
-        .map(|(i, blob)| async move { push_blob(client, blob, progress).await.map(|uploaded| (i, uploaded)) })
+    // The stream maps plain indices: a closure taking `&Blob` would make the future not
+    // provably `Send` (rustc's higher-ranked lifetime limitation).
+    let blobs = &blobs;
+    let mut outcomes: Vec<(usize, bool)> = futures::stream::iter(0..blobs.len())
+        .map(|i| async move {
+            push_blob(client, &blobs[i], progress)
+                .await
+                .map(|uploaded| (i, uploaded))
+        })
         .buffer_unordered(jobs.max(1))
         .try_collect()
         .await?;
@@ -108,7 +115,13 @@ pub(crate) async fn push_image(
             put_manifest(client, manifest, &manifest.digest.to_string(), progress).await?;
         }
     }
-    put_manifest(client, &image.index, &image.index.digest.to_string(), progress).await?;
+    put_manifest(
+        client,
+        &image.index,
+        &image.index.digest.to_string(),
+        progress,
+    )
+    .await?;
     for tag in tags {
         put_manifest(client, &image.index, tag, progress).await?;
         report.tags.push(tag.clone());
@@ -117,7 +130,11 @@ pub(crate) async fn push_image(
 }
 
 /// Make sure the registry has `blob`; `Ok(true)` if we uploaded it, `Ok(false)` if it was there.
-async fn push_blob(client: &Client, blob: &Blob, progress: &dyn Progress) -> Result<bool, RegistryError> {
+async fn push_blob(
+    client: &Client,
+    blob: &Blob,
+    progress: &dyn Progress,
+) -> Result<bool, RegistryError> {
     let what = format!("blob {}", blob.digest);
     with_retries(&what, progress, || async {
         if blob_exists(client, &blob.digest).await? {
@@ -148,7 +165,11 @@ async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryE
 }
 
 /// POST a session, then one PUT with the whole blob.
-async fn upload_blob(client: &Client, blob: &Blob, progress: &dyn Progress) -> Result<(), RegistryError> {
+async fn upload_blob(
+    client: &Client,
+    blob: &Blob,
+    progress: &dyn Progress,
+) -> Result<(), RegistryError> {
     let digest = &blob.digest;
     // A wrong-sized file cannot have the right digest, and Content-Length must be true.
     if let Source::File(path) = &blob.source {
@@ -243,7 +264,11 @@ async fn put_file(
             })?;
             // A fresh hasher per attempt (send() rebuilds the request after a 401).
             hasher = Arc::new(Mutex::new(StreamHasher::default()));
-            let body = file_body(tokio::fs::File::from_std(file), Arc::clone(&hasher), tx.clone());
+            let body = file_body(
+                tokio::fs::File::from_std(file),
+                Arc::clone(&hasher),
+                tx.clone(),
+            );
             Ok(http
                 .put(url.clone())
                 .header(CONTENT_TYPE, "application/octet-stream")
@@ -271,7 +296,11 @@ async fn put_file(
     }
     // If every byte went out, they must have been the right ones: otherwise the store is
     // corrupt, whatever the registry answered (it would say DIGEST_INVALID).
-    let (got, sent) = hasher.lock().unwrap_or_else(PoisonError::into_inner).clone().finish();
+    let (got, sent) = hasher
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .finish();
     if sent == blob.size && got != *digest {
         return Err(RegistryError::CorruptBlob {
             path: path.to_path_buf(),
@@ -282,11 +311,19 @@ async fn put_file(
     result
 }
 
-fn file_body(file: tokio::fs::File, hasher: Arc<Mutex<StreamHasher>>, tx: mpsc::UnboundedSender<u64>) -> reqwest::Body {
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, CHUNK).inspect_ok(move |chunk| {
-        hasher.lock().unwrap_or_else(PoisonError::into_inner).update(chunk);
-        let _ = tx.send(chunk.len() as u64);
-    });
+fn file_body(
+    file: tokio::fs::File,
+    hasher: Arc<Mutex<StreamHasher>>,
+    tx: mpsc::UnboundedSender<u64>,
+) -> reqwest::Body {
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(file, CHUNK).inspect_ok(move |chunk| {
+            hasher
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .update(chunk);
+            let _ = tx.send(chunk.len() as u64);
+        });
     reqwest::Body::wrap_stream(stream)
 }
 
@@ -344,20 +381,27 @@ fn check_digest(url: &Url, response: &Response, expected: &Digest) -> Result<(),
 /// `request` as HTTP says; any query such as `_state` kept) with `digest=` appended (spec.md
 /// "Pushing a blob monolithically": `PUT <location>?digest=<digest>`). A Location that would
 /// move us from https to http is refused.
-pub(crate) fn upload_url(request: &Url, location: &str, digest: &Digest) -> Result<Url, RegistryError> {
-    let mut url = request.join(location.trim()).map_err(|e| RegistryError::Protocol {
-        url: display_url(request),
-        status: 202,
-        body_snippet: format!("the upload Location is not a URL ({e})"),
-        retry_after: None,
-    })?;
+pub(crate) fn upload_url(
+    request: &Url,
+    location: &str,
+    digest: &Digest,
+) -> Result<Url, RegistryError> {
+    let mut url = request
+        .join(location.trim())
+        .map_err(|e| RegistryError::Protocol {
+            url: display_url(request),
+            status: 202,
+            body_snippet: format!("the upload Location is not a URL ({e})"),
+            retry_after: None,
+        })?;
     if request.scheme() == "https" && url.scheme() != "https" {
         return Err(RegistryError::Insecure {
             url: display_url(&url),
             reason: "an upload location that moves from https to plain http".into(),
         });
     }
-    url.query_pairs_mut().append_pair("digest", &digest.to_string());
+    url.query_pairs_mut()
+        .append_pair("digest", &digest.to_string());
     Ok(url)
 }
 
@@ -369,11 +413,14 @@ mod tests {
     fn upload_locations() {
         let digest = Digest::of(b"abc");
         let d = format!("digest=sha256%3A{}", digest.hex());
-        let post = Url::parse("https://reg.example.com:5000/v2/team/app/blobs/uploads/").expect("valid URL");
+        let post = Url::parse("https://reg.example.com:5000/v2/team/app/blobs/uploads/")
+            .expect("valid URL");
         let cases: Vec<(&str, Option<String>)> = vec![
             (
                 "/v2/team/app/blobs/uploads/123?_state=a%2Bb",
-                Some(format!("https://reg.example.com:5000/v2/team/app/blobs/uploads/123?_state=a%2Bb&{d}")),
+                Some(format!(
+                    "https://reg.example.com:5000/v2/team/app/blobs/uploads/123?_state=a%2Bb&{d}"
+                )),
             ),
             (
                 "https://uploads.example.net/put/123?sig=x",
@@ -381,22 +428,35 @@ mod tests {
             ),
             (
                 "123",
-                Some(format!("https://reg.example.com:5000/v2/team/app/blobs/uploads/123?{d}")),
+                Some(format!(
+                    "https://reg.example.com:5000/v2/team/app/blobs/uploads/123?{d}"
+                )),
             ),
             (
                 " /v2/team/app/blobs/uploads/9 ",
-                Some(format!("https://reg.example.com:5000/v2/team/app/blobs/uploads/9?{d}")),
+                Some(format!(
+                    "https://reg.example.com:5000/v2/team/app/blobs/uploads/9?{d}"
+                )),
             ),
-            ("http://reg.example.com:5000/v2/team/app/blobs/uploads/1", None),
+            (
+                "http://reg.example.com:5000/v2/team/app/blobs/uploads/1",
+                None,
+            ),
             ("http://[broken", None),
         ];
         for (location, want) in cases {
-            let got = upload_url(&post, location, &digest).ok().map(|u| u.to_string());
+            let got = upload_url(&post, location, &digest)
+                .ok()
+                .map(|u| u.to_string());
             assert_eq!(got, want, "{location}");
         }
         // Over plain http, http locations are fine.
         let post = Url::parse("http://127.0.0.1:5000/v2/a/blobs/uploads/").expect("valid URL");
-        let got = upload_url(&post, "http://127.0.0.1:5000/v2/a/blobs/uploads/x", &digest).map(|u| u.to_string());
-        assert_eq!(got.ok(), Some(format!("http://127.0.0.1:5000/v2/a/blobs/uploads/x?{d}")));
+        let got = upload_url(&post, "http://127.0.0.1:5000/v2/a/blobs/uploads/x", &digest)
+            .map(|u| u.to_string());
+        assert_eq!(
+            got.ok(),
+            Some(format!("http://127.0.0.1:5000/v2/a/blobs/uploads/x?{d}"))
+        );
     }
 }

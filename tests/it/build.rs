@@ -9,13 +9,17 @@ use std::process::Output;
 /// The index digest of `build-specs/hello.toml` over the committed fixtures with
 /// SOURCE_DATE_EPOCH unset. If this changes, every user's image digest changes: only update
 /// it for a deliberate format change, and say so in the commit.
-const GOLDEN_HELLO: &str = "sha256:0eeed77837e35f3b9c2ed7f8dfb4e785c0ec4f4c95e08eae31890b7ecc3937cf";
+const GOLDEN_HELLO: &str =
+    "sha256:0eeed77837e35f3b9c2ed7f8dfb4e785c0ec4f4c95e08eae31890b7ecc3937cf";
 
 /// A copy of `build-specs/` and `fixtures/dist/` in a fresh directory, every mtime set to
 /// `mtime`, so builds can be compared across places and times.
 pub fn workspace(mtime: i64) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    copy_dir(repo_root().join("build-specs"), dir.path().join("build-specs"));
+    copy_dir(
+        repo_root().join("build-specs"),
+        dir.path().join("build-specs"),
+    );
     copy_dir(fixtures().join("dist"), dir.path().join("fixtures/dist"));
     set_mtime_recursive(dir.path(), mtime);
     dir
@@ -48,20 +52,28 @@ fn golden_digest_is_independent_of_place_time_and_order() {
     let b = workspace(2_000_000_000);
     // Change directory order too: recreate one directory's entries in reverse order.
     let conf = b.path().join("fixtures/dist/share/conf");
-    let mut names: Vec<_> = fs::read_dir(&conf).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut names: Vec<_> = fs::read_dir(&conf)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     names.sort();
     let tmp = b.path().join("conf-tmp");
     fs::rename(&conf, &tmp).unwrap();
     fs::create_dir(&conf).unwrap();
     for n in names.iter().rev() {
-        fs::rename(tmp.join(n.file_name().unwrap()), conf.join(n.file_name().unwrap())).unwrap();
+        fs::rename(
+            tmp.join(n.file_name().unwrap()),
+            conf.join(n.file_name().unwrap()),
+        )
+        .unwrap();
     }
     let (da, out_a) = build(a.path(), "build-specs/hello.toml", &[]);
     let (db, _) = build(b.path(), "build-specs/hello.toml", &[]);
     assert_eq!(da, db, "same inputs, different digests");
     assert_eq!(da, GOLDEN_HELLO, "golden digest changed");
     // And the layout's own index.json points at it.
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(out_a.join("index.json")).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(out_a.join("index.json")).unwrap()).unwrap();
     assert_eq!(index["manifests"][0]["digest"], GOLDEN_HELLO);
 }
 
@@ -79,13 +91,25 @@ fn source_date_epoch_sets_times_and_changes_the_digest() {
     let digest = stdout(&out).trim().to_string();
     assert_ne!(digest, GOLDEN_HELLO);
     let index: serde_json::Value = serde_json::from_slice(&read_blob(&out_dir, &digest)).unwrap();
-    assert_eq!(index["annotations"]["org.opencontainers.image.created"], "2023-11-14T22:13:20Z");
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&read_blob(&out_dir, index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
-    let config: serde_json::Value =
-        serde_json::from_slice(&read_blob(&out_dir, manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.created"],
+        "2023-11-14T22:13:20Z"
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&read_blob(
+        &out_dir,
+        index["manifests"][0]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&read_blob(
+        &out_dir,
+        manifest["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
     assert_eq!(config["created"], "2023-11-14T22:13:20Z");
-    let listing = tar_listing(&blob_path(&out_dir, manifest["layers"][0]["digest"].as_str().unwrap()));
+    let listing = tar_listing(&blob_path(
+        &out_dir,
+        manifest["layers"][0]["digest"].as_str().unwrap(),
+    ));
     assert!(listing.contains("2023-11-14 22:13"), "{listing}");
 }
 
@@ -93,26 +117,42 @@ fn source_date_epoch_sets_times_and_changes_the_digest() {
 fn layout_is_accepted_by_skopeo_and_has_the_expected_image() {
     let ws = workspace(1_000_000_000);
     let tarball = ws.path().join("hello.tar");
-    let (digest, out_dir) = build(ws.path(), "build-specs/hello.toml", &["--tarball", tarball.to_str().unwrap()]);
+    let (digest, out_dir) = build(
+        ws.path(),
+        "build-specs/hello.toml",
+        &["--tarball", tarball.to_str().unwrap()],
+    );
     let layout = format!("oci:{}", out_dir.display());
 
     // skopeo reads the index and picks the host's platform from it.
-    let inspect: serde_json::Value = serde_json::from_str(&skopeo_ok(&["inspect", &layout])).unwrap();
+    let inspect: serde_json::Value =
+        serde_json::from_str(&skopeo_ok(&["inspect", &layout])).unwrap();
     assert_eq!(inspect["Architecture"], "amd64");
     assert_eq!(inspect["Os"], "linux");
     assert_eq!(inspect["Layers"].as_array().unwrap().len(), 2);
     let raw = skopeo_ok(&["inspect", "--raw", &format!("{layout}:latest")]);
-    assert_eq!(raw.as_bytes(), read_blob(&out_dir, &digest), "raw index bytes differ");
+    assert_eq!(
+        raw.as_bytes(),
+        read_blob(&out_dir, &digest),
+        "raw index bytes differ"
+    );
 
     let index: serde_json::Value = serde_json::from_str(&raw).unwrap();
-    assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
     let platforms: Vec<String> = index["manifests"]
         .as_array()
         .unwrap()
         .iter()
         .map(|m| {
             let p = &m["platform"];
-            let mut s = format!("{}/{}", p["os"].as_str().unwrap(), p["architecture"].as_str().unwrap());
+            let mut s = format!(
+                "{}/{}",
+                p["os"].as_str().unwrap(),
+                p["architecture"].as_str().unwrap()
+            );
             if let Some(v) = p["variant"].as_str() {
                 s = format!("{s}/{v}");
             }
@@ -123,36 +163,62 @@ fn layout_is_accepted_by_skopeo_and_has_the_expected_image() {
 
     // Per platform: config fields, diff_ids match the layers, the shared layer is one blob.
     let mut second_layers = Vec::new();
-    for (m, (arch, machine)) in index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip([("amd64", "X86-64"), ("arm64", "AArch64"), ("arm", "ARM")])
-    {
+    for (m, (arch, machine)) in index["manifests"].as_array().unwrap().iter().zip([
+        ("amd64", "X86-64"),
+        ("arm64", "AArch64"),
+        ("arm", "ARM"),
+    ]) {
         let mdigest = m["digest"].as_str().unwrap();
-        let manifest: serde_json::Value = serde_json::from_slice(&read_blob(&out_dir, mdigest)).unwrap();
-        assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
-        let config: serde_json::Value =
-            serde_json::from_slice(&read_blob(&out_dir, manifest["config"]["digest"].as_str().unwrap())).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&read_blob(&out_dir, mdigest)).unwrap();
+        assert_eq!(
+            manifest["mediaType"],
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+        let config: serde_json::Value = serde_json::from_slice(&read_blob(
+            &out_dir,
+            manifest["config"]["digest"].as_str().unwrap(),
+        ))
+        .unwrap();
         assert_eq!(config["architecture"], arch);
         assert_eq!(config["config"]["User"], "65532:65532");
         assert_eq!(config["config"]["Entrypoint"][0], "/usr/local/bin/hello");
         assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
         for l in manifest["layers"].as_array().unwrap() {
-            assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip");
+            assert_eq!(
+                l["mediaType"],
+                "application/vnd.oci.image.layer.v1.tar+gzip"
+            );
         }
-        second_layers.push(manifest["layers"][1]["digest"].as_str().unwrap().to_string());
+        second_layers.push(
+            manifest["layers"][1]["digest"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
 
         let root = ws.path().join(format!("rootfs-{arch}"));
         unpack_layers(&out_dir, mdigest, &root);
         let bin = root.join("usr/local/bin/hello");
         let readelf = run_ok(std::process::Command::new("readelf").arg("-h").arg(&bin));
-        assert!(stdout(&readelf).contains(machine), "{arch}: {}", stdout(&readelf));
-        let listing = tar_listing(&blob_path(&out_dir, manifest["layers"][0]["digest"].as_str().unwrap()));
+        assert!(
+            stdout(&readelf).contains(machine),
+            "{arch}: {}",
+            stdout(&readelf)
+        );
+        let listing = tar_listing(&blob_path(
+            &out_dir,
+            manifest["layers"][0]["digest"].as_str().unwrap(),
+        ));
         assert_eq!(
             listing
                 .lines()
-                .map(|l| format!("{} {} {}", &l[..10], l.split_whitespace().nth(1).unwrap(), l.split_whitespace().last().unwrap()))
+                .map(|l| format!(
+                    "{} {} {}",
+                    &l[..10],
+                    l.split_whitespace().nth(1).unwrap(),
+                    l.split_whitespace().last().unwrap()
+                ))
                 .collect::<Vec<_>>(),
             [
                 "drwxr-xr-x 0/0 usr",
@@ -163,28 +229,49 @@ fn layout_is_accepted_by_skopeo_and_has_the_expected_image() {
             "{listing}"
         );
     }
-    assert!(second_layers.iter().all(|d| d == &second_layers[0]), "shared layer differs: {second_layers:?}");
+    assert!(
+        second_layers.iter().all(|d| d == &second_layers[0]),
+        "shared layer differs: {second_layers:?}"
+    );
 
     // The amd64 program runs from the unpacked image.
-    let ran = run_ok(&mut std::process::Command::new(ws.path().join("rootfs-amd64/usr/local/bin/hello")));
+    let ran = run_ok(&mut std::process::Command::new(
+        ws.path().join("rootfs-amd64/usr/local/bin/hello"),
+    ));
     assert_eq!(stdout(&ran), "hello from imgbuild (x86_64)\n");
     // The arm64 one under qemu, where installed.
     match find_program("qemu-aarch64-static") {
         Some(q) => {
-            let ran = run_ok(std::process::Command::new(q).arg(ws.path().join("rootfs-arm64/usr/local/bin/hello")));
+            let ran = run_ok(
+                std::process::Command::new(q)
+                    .arg(ws.path().join("rootfs-arm64/usr/local/bin/hello")),
+            );
             assert_eq!(stdout(&ran), "hello from imgbuild (aarch64)\n");
         }
         None => skip("qemu-aarch64-static not installed: arm64 binary not run"),
     }
 
     // The tarball is the same layout, as skopeo's oci-archive transport reads it.
-    let from_tar = skopeo_ok(&["inspect", "--raw", &format!("oci-archive:{}", tarball.display())]);
+    let from_tar = skopeo_ok(&[
+        "inspect",
+        "--raw",
+        &format!("oci-archive:{}", tarball.display()),
+    ]);
     assert_eq!(from_tar, raw);
     let list = run_ok(std::process::Command::new("tar").arg("-tf").arg(&tarball));
     let names = stdout(&list);
-    assert!(names.starts_with("oci-layout\nindex.json\nblobs\nblobs/sha256\n"), "{names}");
+    assert!(
+        names.starts_with("oci-layout\nindex.json\nblobs\nblobs/sha256\n"),
+        "{names}"
+    );
     // index + 3 manifests + 3 configs + 3 arch layers + 1 shared layer
-    assert_eq!(names.lines().filter(|l| l.starts_with("blobs/sha256/") && l.len() > 20).count(), 11);
+    assert_eq!(
+        names
+            .lines()
+            .filter(|l| l.starts_with("blobs/sha256/") && l.len() > 20)
+            .count(),
+        11
+    );
 }
 
 #[test]
@@ -215,8 +302,14 @@ fn digest_outputs_are_written() {
             ]),
     );
     let digest = stdout(&out).trim().to_string();
-    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
-    assert_eq!(fs::read_to_string(ws.path().join("d/digest")).unwrap(), format!("{digest}\n"));
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    assert_eq!(
+        fs::read_to_string(ws.path().join("d/digest")).unwrap(),
+        format!("{digest}\n")
+    );
     assert_eq!(
         fs::read_to_string(ws.path().join("refs")).unwrap(),
         format!("127.0.0.1:5000/hello@{digest}\n")
@@ -225,13 +318,17 @@ fn digest_outputs_are_written() {
         fs::read_to_string(&gh).unwrap(),
         format!("earlier=step\ndigest={digest}\nimage=127.0.0.1:5000/hello@{digest}\n")
     );
-    let meta: serde_json::Value = serde_json::from_slice(&fs::read(ws.path().join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(ws.path().join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["digest"], digest.as_str());
     let manifests = meta["manifests"].as_array().unwrap();
     assert_eq!(manifests.len(), 2, "--platform overrides the spec's three");
     for m in manifests {
         let d = m["digest"].as_str().unwrap();
-        assert_eq!(m["size"].as_u64().unwrap(), read_blob(&ws.path().join("out"), d).len() as u64);
+        assert_eq!(
+            m["size"].as_u64().unwrap(),
+            read_blob(&ws.path().join("out"), d).len() as u64
+        );
     }
 }
 
@@ -244,12 +341,24 @@ fn github_annotations_and_flags_are_recorded() {
             .env("GITHUB_SERVER_URL", "https://github.com")
             .env("GITHUB_REPOSITORY", "acme/hello")
             .env("GITHUB_SHA", "0123456789abcdef")
-            .args(["build", "-f", "build-specs/hello.toml", "-o", "out", "--annotation", "team=infra"]),
+            .args([
+                "build",
+                "-f",
+                "build-specs/hello.toml",
+                "-o",
+                "out",
+                "--annotation",
+                "team=infra",
+            ]),
     );
     let digest = stdout(&out).trim().to_string();
-    let index: serde_json::Value = serde_json::from_slice(&read_blob(&ws.path().join("out"), &digest)).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&read_blob(&ws.path().join("out"), &digest)).unwrap();
     let a = &index["annotations"];
-    assert_eq!(a["org.opencontainers.image.source"], "https://github.com/acme/hello");
+    assert_eq!(
+        a["org.opencontainers.image.source"],
+        "https://github.com/acme/hello"
+    );
     assert_eq!(a["org.opencontainers.image.revision"], "0123456789abcdef");
     assert_eq!(a["team"], "infra");
 }
@@ -261,13 +370,20 @@ fn build_spec(ws: &Path, spec: &str, extra: &[&str]) -> Output {
     fs::write(&path, spec).unwrap();
     imgbuild()
         .current_dir(ws)
-        .args(["build", "-f", "build-specs/case.toml", "--output", "out-case"])
+        .args([
+            "build",
+            "-f",
+            "build-specs/case.toml",
+            "--output",
+            "out-case",
+        ])
         .args(extra)
         .output()
         .unwrap()
 }
 
-const HELLO_LAYER: &str = "[[layer]]\nfiles = [{ src = \"../fixtures/dist/{arch}/hello\", dest = \"/hello\" }]\n";
+const HELLO_LAYER: &str =
+    "[[layer]]\nfiles = [{ src = \"../fixtures/dist/{arch}/hello\", dest = \"/hello\" }]\n";
 
 #[test]
 fn architecture_check() {
@@ -281,13 +397,20 @@ fn architecture_check() {
         err.contains("fixtures/dist/amd64/hello: is an 64-bit x86-64 ELF file but the image is for linux/arm64 (which needs AArch64)"),
         "{err}"
     );
-    assert!(!ws.path().join("out-case/index.json").exists(), "nothing written on error");
+    assert!(
+        !ws.path().join("out-case/index.json").exists(),
+        "nothing written on error"
+    );
     // --no-arch-check lets it through.
     let out = build_spec(ws.path(), wrong, &["--no-arch-check"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
     // arm/v7 gets the 32-bit ARM program.
-    let out = build_spec(ws.path(), &format!("platforms = [\"linux/arm/v7\"]\n{HELLO_LAYER}"), &[]);
+    let out = build_spec(
+        ws.path(),
+        &format!("platforms = [\"linux/arm/v7\"]\n{HELLO_LAYER}"),
+        &[],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
 
     // A dynamically linked program on scratch: a warning, not an error.
@@ -304,7 +427,11 @@ fn architecture_check() {
     let trunc = "platforms = [\"linux/amd64\"]\n[[layer]]\nfiles = [{ src = \"../fixtures/dist/trunc\", dest = \"/t\" }]\n";
     let out = build_spec(ws.path(), trunc, &[]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("trunc: starts like an ELF file but is not a valid one"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("trunc: starts like an ELF file but is not a valid one"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Every bad input: (what, spec text, extra flags, env, exit code, fragment of the error).
@@ -366,7 +493,13 @@ fn bad_inputs_fail_with_one_line_and_the_right_exit_code() {
         fs::write(&path, &spec).unwrap();
         let mut cmd = imgbuild();
         cmd.current_dir(ws.path())
-            .args(["build", "-f", "build-specs/case.toml", "--output", "out-bad"])
+            .args([
+                "build",
+                "-f",
+                "build-specs/case.toml",
+                "--output",
+                "out-bad",
+            ])
             .args(&flags);
         for (k, v) in env {
             cmd.env(k, v);
@@ -381,7 +514,10 @@ fn bad_inputs_fail_with_one_line_and_the_right_exit_code() {
             && out.stdout.is_empty()
             && !ws.path().join("out-bad/index.json").exists();
         if !ok {
-            failures.push(format!("{what}: exit {:?}, stderr {err:?}, want exit {code} and {want:?}", out.status.code()));
+            failures.push(format!(
+                "{what}: exit {:?}, stderr {err:?}, want exit {code} and {want:?}",
+                out.status.code()
+            ));
         }
     }
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
@@ -408,9 +544,15 @@ fn directories_symlinks_and_owners_in_layers() {
     let digest = stdout(&out).trim().to_string();
     let dir = ws.path().join("out-case");
     let index: serde_json::Value = serde_json::from_slice(&read_blob(&dir, &digest)).unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&read_blob(&dir, index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
-    let listing = tar_listing(&blob_path(&dir, manifest["layers"][0]["digest"].as_str().unwrap()));
+    let manifest: serde_json::Value = serde_json::from_slice(&read_blob(
+        &dir,
+        index["manifests"][0]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
+    let listing = tar_listing(&blob_path(
+        &dir,
+        manifest["layers"][0]["digest"].as_str().unwrap(),
+    ));
     let rows: Vec<String> = listing
         .lines()
         .map(|l| {
@@ -437,11 +579,13 @@ fn directories_symlinks_and_owners_in_layers() {
 #[test]
 fn cli_output_snapshot() {
     let ws = workspace(1_000_000_000);
-    let out = run_ok(
-        imgbuild()
-            .current_dir(ws.path())
-            .args(["build", "-f", "build-specs/hello.toml", "--output", "out"]),
-    );
+    let out = run_ok(imgbuild().current_dir(ws.path()).args([
+        "build",
+        "-f",
+        "build-specs/hello.toml",
+        "--output",
+        "out",
+    ]));
     // Layers are built in parallel: their lines come in any order.
     let mut lines: Vec<String> = stderr(&out).lines().map(String::from).collect();
     lines.sort();

@@ -16,7 +16,13 @@ fn text(b: &[u8]) -> String {
 fn push(ws: &Path, reg: &Registry, repo: &str, extra: &[&str]) -> Output {
     imgbuild()
         .current_dir(ws)
-        .args(["push", "-f", "build-specs/hello.toml", "--repo", &format!("{}/{repo}", reg.addr)])
+        .args([
+            "push",
+            "-f",
+            "build-specs/hello.toml",
+            "--repo",
+            &format!("{}/{repo}", reg.addr),
+        ])
         .args(extra)
         .output()
         .expect("run imgbuild")
@@ -24,9 +30,18 @@ fn push(ws: &Path, reg: &Registry, repo: &str, extra: &[&str]) -> Output {
 
 fn push_ok(ws: &Path, reg: &Registry, repo: &str, extra: &[&str]) -> String {
     let out = push(ws, reg, repo, extra);
-    assert!(out.status.success(), "push failed: {}\n{}", text(&out.stderr), reg.log());
+    assert!(
+        out.status.success(),
+        "push failed: {}\n{}",
+        text(&out.stderr),
+        reg.log()
+    );
     let stdout = text(&out.stdout);
-    assert_eq!(stdout.lines().count(), 1, "stdout must be exactly one line: {stdout:?}");
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "stdout must be exactly one line: {stdout:?}"
+    );
     stdout.trim().to_string()
 }
 
@@ -38,10 +53,22 @@ fn count(log: &str, needle: &str) -> usize {
 fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
     let reg = Registry::start();
     let ws = workspace(1_000_000_000);
-    let built = run_ok(imgbuild().current_dir(ws.path()).args(["build", "-q", "-f", "build-specs/hello.toml", "-o", "out"]));
+    let built = run_ok(imgbuild().current_dir(ws.path()).args([
+        "build",
+        "-q",
+        "-f",
+        "build-specs/hello.toml",
+        "-o",
+        "out",
+    ]));
     let built_digest = text(&built.stdout).trim().to_string();
 
-    let line = push_ok(ws.path(), &reg, "hello", &["--tag", "v1", "--tag", "latest"]);
+    let line = push_ok(
+        ws.path(),
+        &reg,
+        "hello",
+        &["--tag", "v1", "--tag", "latest"],
+    );
     let (repo, digest) = line.split_once('@').expect("REPO@DIGEST");
     assert_eq!(repo, format!("{}/hello", reg.addr));
     assert_eq!(digest, built_digest, "push and build give the same digest");
@@ -54,26 +81,46 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
     let index: serde_json::Value = serde_json::from_slice(&index_bytes).unwrap();
     for m in index["manifests"].as_array().unwrap() {
         let d = m["digest"].as_str().unwrap();
-        assert_eq!(inspect_raw(&reg, &format!("hello@{d}")), read_blob(&ws.path().join("out"), d));
+        assert_eq!(
+            inspect_raw(&reg, &format!("hello@{d}")),
+            read_blob(&ws.path().join("out"), d)
+        );
     }
 
     // Each unique blob was uploaded once: 3 per-arch layers + 1 shared layer + 3 configs.
     let log = reg.log();
     assert_eq!(count(&log, "\"POST /v2/hello/blobs/uploads/"), 7, "{log}");
-    assert_eq!(count(&log, "\"PUT /v2/hello/manifests/"), 3 + 1 + 2, "{log}");
+    assert_eq!(
+        count(&log, "\"PUT /v2/hello/manifests/"),
+        3 + 1 + 2,
+        "{log}"
+    );
 
     // skopeo pulls everything and verifies every digest on the way.
     let pulled = ws.path().join("pulled");
     pull_oci(&reg, "hello:v1", &pulled, "v1");
-    for (m, arch) in index["manifests"].as_array().unwrap().iter().zip(["amd64", "arm64", "arm"]) {
+    for (m, arch) in index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(["amd64", "arm64", "arm"])
+    {
         let root = ws.path().join(format!("root-{arch}"));
         unpack_layers(&pulled, m["digest"].as_str().unwrap(), &root);
         let meta = fs::metadata(root.join("usr/local/bin/hello")).unwrap();
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        assert_eq!((meta.permissions().mode() & 0o7777, meta.uid(), meta.gid()), (0o755, 0, 0));
-        assert_eq!(fs::read_to_string(root.join("etc/hello/greeting.txt")).unwrap(), fs::read_to_string(fixtures().join("dist/share/greeting.txt")).unwrap());
+        assert_eq!(
+            (meta.permissions().mode() & 0o7777, meta.uid(), meta.gid()),
+            (0o755, 0, 0)
+        );
+        assert_eq!(
+            fs::read_to_string(root.join("etc/hello/greeting.txt")).unwrap(),
+            fs::read_to_string(fixtures().join("dist/share/greeting.txt")).unwrap()
+        );
     }
-    let ran = run_ok(&mut Command::new(ws.path().join("root-amd64/usr/local/bin/hello")));
+    let ran = run_ok(&mut Command::new(
+        ws.path().join("root-amd64/usr/local/bin/hello"),
+    ));
     assert_eq!(text(&ran.stdout), "hello from imgbuild (x86_64)\n");
     match find_program("qemu-aarch64-static") {
         Some(q) => {
@@ -86,7 +133,11 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
     // A second push of the same thing uploads nothing and gives the same digest.
     let again = push_ok(ws.path(), &reg, "hello", &["--tag", "v1"]);
     assert_eq!(again, line);
-    assert_eq!(count(&reg.log(), "\"POST /v2/hello/blobs/uploads/"), 7, "re-push uploaded blobs");
+    assert_eq!(
+        count(&reg.log(), "\"POST /v2/hello/blobs/uploads/"),
+        7,
+        "re-push uploaded blobs"
+    );
 
     // The Docker Engine pulls it and runs it.
     if !docker_available() {
@@ -94,17 +145,28 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
         return;
     }
     let image = format!("{}/hello:v1", reg.addr);
-    let pulled = Command::new("docker").args(["pull", &image]).stdin(Stdio::null()).output().unwrap();
+    let pulled = Command::new("docker")
+        .args(["pull", &image])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     if !pulled.status.success() {
         let err = text(&pulled.stderr);
         // A daemon in another network namespace cannot see our loopback registry.
         if err.contains("connection refused") || err.contains("dial tcp") {
-            skip(&format!("the Docker Engine cannot reach {}: {err}", reg.addr));
+            skip(&format!(
+                "the Docker Engine cannot reach {}: {err}",
+                reg.addr
+            ));
             return;
         }
         panic!("docker pull failed: {err}");
     }
-    let ran = Command::new("docker").args(["run", "--rm", &image]).stdin(Stdio::null()).output().unwrap();
+    let ran = Command::new("docker")
+        .args(["run", "--rm", &image])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
     assert!(ran.status.success(), "docker run: {}", text(&ran.stderr));
     assert_eq!(text(&ran.stdout), "hello from imgbuild (x86_64)\n");
@@ -118,32 +180,56 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
     // --username + --password-stdin.
     let mut child = imgbuild()
         .current_dir(ws.path())
-        .args(["push", "-v", "-f", "build-specs/hello.toml", "--repo", &format!("{}/auth", reg.addr)])
+        .args([
+            "push",
+            "-v",
+            "-f",
+            "build-specs/hello.toml",
+            "--repo",
+            &format!("{}/auth", reg.addr),
+        ])
         .args(["--username", "ci-user", "--password-stdin"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"s3cret-pass-123\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cret-pass-123\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!all.contains("s3cret-pass-123"), "password leaked: {all}");
-    assert!(!all.contains("Y2ktdXNlcjpzM2NyZXQtcGFzcy0xMjM"), "basic auth header leaked: {all}");
+    assert!(
+        !all.contains("Y2ktdXNlcjpzM2NyZXQtcGFzcy0xMjM"),
+        "basic auth header leaked: {all}"
+    );
 
     // ~/.docker/config.json `auths`.
     let home = tempfile::tempdir().unwrap();
     fs::create_dir_all(home.path().join(".docker")).unwrap();
     fs::write(
         home.path().join(".docker/config.json"),
-        format!(r#"{{"auths":{{"{}":{{"auth":"Y2ktdXNlcjpzM2NyZXQtcGFzcy0xMjM="}}}}}}"#, reg.addr),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"Y2ktdXNlcjpzM2NyZXQtcGFzcy0xMjM="}}}}}}"#,
+            reg.addr
+        ),
     )
     .unwrap();
     let out = imgbuild()
         .current_dir(ws.path())
         .env("HOME", home.path())
-        .args(["push", "-f", "build-specs/hello.toml", "--repo", &format!("{}/auth2", reg.addr)])
+        .args([
+            "push",
+            "-f",
+            "build-specs/hello.toml",
+            "--repo",
+            &format!("{}/auth2", reg.addr),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -151,27 +237,52 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
     // Wrong password: exit 4, one line naming the registry and what was tried, no secret.
     let mut child = imgbuild()
         .current_dir(ws.path())
-        .args(["push", "-vv", "-f", "build-specs/hello.toml", "--repo", &format!("{}/auth3", reg.addr)])
+        .args([
+            "push",
+            "-vv",
+            "-f",
+            "build-specs/hello.toml",
+            "--repo",
+            &format!("{}/auth3", reg.addr),
+        ])
         .args(["--username", "ci-user", "--password-stdin"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"wrong-password-987\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"wrong-password-987\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(out.stdout.is_empty());
-    let line = err.lines().find(|l| l.starts_with("error:")).expect("an error line");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .expect("an error line");
     assert!(line.contains(&reg.addr), "{line}");
-    assert!(line.contains("--username"), "says which credentials were tried: {line}");
-    assert!(!err.contains("wrong-password-987"), "password leaked: {err}");
+    assert!(
+        line.contains("--username"),
+        "says which credentials were tried: {line}"
+    );
+    assert!(
+        !err.contains("wrong-password-987"),
+        "password leaked: {err}"
+    );
 
     // No credentials at all: also exit 4.
     let out = push(ws.path(), &reg, "auth4", &[]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-    assert_eq!(count(&reg.log(), "\"PUT /v2/auth3/manifests/"), 0, "nothing tagged after auth failure");
+    assert_eq!(
+        count(&reg.log(), "\"PUT /v2/auth3/manifests/"),
+        0,
+        "nothing tagged after auth failure"
+    );
 }
 
 #[test]
@@ -195,20 +306,42 @@ fn unreachable_registry_is_exit_5_naming_the_url() {
     let port = free_port();
     let out = imgbuild()
         .current_dir(ws.path())
-        .args(["push", "-f", "build-specs/hello.toml", "--repo", &format!("127.0.0.1:{port}/x"), "--timeout", "5"])
+        .args([
+            "push",
+            "-f",
+            "build-specs/hello.toml",
+            "--repo",
+            &format!("127.0.0.1:{port}/x"),
+            "--timeout",
+            "5",
+        ])
         .output()
         .unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
-    let line = err.lines().find(|l| l.starts_with("error:")).expect("error line");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .expect("error line");
     assert!(line.contains(&format!("127.0.0.1:{port}")), "{line}");
-    assert!(line.to_lowercase().contains("connection refused") || line.contains("cannot connect"), "{line}");
+    assert!(
+        line.to_lowercase().contains("connection refused") || line.contains("cannot connect"),
+        "{line}"
+    );
 }
 
 #[test]
 fn push_without_repository_is_a_usage_error() {
     let ws = workspace(1_000_000_000);
-    let out = imgbuild().current_dir(ws.path()).args(["push", "-f", "build-specs/hello.toml"]).output().unwrap();
+    let out = imgbuild()
+        .current_dir(ws.path())
+        .args(["push", "-f", "build-specs/hello.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("no repository: give --repo"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no repository: give --repo"),
+        "{}",
+        text(&out.stderr)
+    );
 }
