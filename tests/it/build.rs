@@ -434,7 +434,16 @@ fn architecture_check() {
     );
 }
 
-/// Every bad input: (what, spec text, extra flags, env, exit code, fragment of the error).
+/// One bad input: (what, spec text, extra flags, env, exit code, fragment of the error).
+type BadCase<'a> = (
+    &'a str,
+    String,
+    Vec<&'a str>,
+    Vec<(&'a str, &'a str)>,
+    i32,
+    &'a str,
+);
+
 #[test]
 fn bad_inputs_fail_with_one_line_and_the_right_exit_code() {
     let ws = workspace(1_000_000_000);
@@ -447,7 +456,7 @@ fn bad_inputs_fail_with_one_line_and_the_right_exit_code() {
     std::os::unix::fs::symlink("nowhere", ws.path().join("fixtures/dist/dangling")).unwrap();
     let long_tag = "a".repeat(129);
     let two_files = "[[layer]]\nfiles = [\n  { src = \"../fixtures/dist/share/greeting.txt\", dest = \"/a\" },\n  { src = \"../fixtures/dist/share/conf/app.toml\", dest = \"/a\" },\n]\n";
-    let cases: Vec<(&str, String, Vec<&str>, Vec<(&str, &str)>, i32, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         ("malformed TOML", "platforms = [\"linux/amd64\"\n".into(), vec![], vec![], 2, "case.toml:1:27: unclosed array"),
         ("unknown key", format!("platfroms = []\n{HELLO_LAYER}"), vec![], vec![], 2, "case.toml:1:1: unknown field `platfroms`"),
         ("wrong type", format!("tags = \"v1\"\n{HELLO_LAYER}"), vec![], vec![], 2, "case.toml:1:8: invalid type"),

@@ -1,6 +1,9 @@
 //! The single integration-test binary (`cargo test --test it`). Each area adds its module
 //! here as a `mod xyz;` line; `harness` is the shared toolkit (registries, skopeo, fixtures).
 
+// Test code panics on purpose when something is off.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod build;
 mod harness;
 mod push;
