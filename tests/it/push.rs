@@ -172,21 +172,23 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
     assert_eq!(text(&ran.stdout), "hello from imgbuild (x86_64)\n");
 }
 
-#[test]
-fn push_with_basic_auth_from_flags_and_docker_config() {
-    let reg = Registry::start_htpasswd("ci-user", "s3cret-pass-123");
-    let ws = workspace(1_000_000_000);
-
-    // --username + --password-stdin.
+/// Push the hello spec as user `ci-user` with `password` on standard input.
+fn push_with_password(
+    ws: &Path,
+    reg: &Registry,
+    repo: &str,
+    password: &str,
+    verbosity: &str,
+) -> Output {
     let mut child = imgbuild()
-        .current_dir(ws.path())
+        .current_dir(ws)
         .args([
             "push",
-            "-v",
+            verbosity,
             "-f",
             "build-specs/hello.toml",
             "--repo",
-            &format!("{}/auth", reg.addr),
+            &format!("{}/{repo}", reg.addr),
         ])
         .args(["--username", "ci-user", "--password-stdin"])
         .stdin(Stdio::piped())
@@ -194,13 +196,19 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"s3cret-pass-123\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn push_with_basic_auth_from_flags_and_docker_config() {
+    let reg = Registry::start_htpasswd("ci-user", "s3cret-pass-123");
+    let ws = workspace(1_000_000_000);
+
+    // --username + --password-stdin.
+    let out = push_with_password(ws.path(), &reg, "auth", "s3cret-pass-123", "-v");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!all.contains("s3cret-pass-123"), "password leaked: {all}");
@@ -235,29 +243,7 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // Wrong password: exit 4, one line naming the registry and what was tried, no secret.
-    let mut child = imgbuild()
-        .current_dir(ws.path())
-        .args([
-            "push",
-            "-vv",
-            "-f",
-            "build-specs/hello.toml",
-            "--repo",
-            &format!("{}/auth3", reg.addr),
-        ])
-        .args(["--username", "ci-user", "--password-stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"wrong-password-987\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = push_with_password(ws.path(), &reg, "auth3", "wrong-password-987", "-vv");
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(out.stdout.is_empty());
