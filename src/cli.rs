@@ -81,6 +81,23 @@ pub struct CommonArgs {
     #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
 
+    /// Layer compression: gzip (parallel, deterministic) or zstd.
+    #[arg(
+        long,
+        value_name = "gzip|zstd",
+        default_value = "gzip",
+        env = "IMGBUILD_COMPRESSION"
+    )]
+    pub compression: String,
+
+    /// Compression level [default: gzip 6, zstd 3]; gzip 0-9, zstd 1-19.
+    #[arg(long, value_name = "N")]
+    pub compression_level: Option<u32>,
+
+    /// Do not read or write the layer cache (IMGBUILD_CACHE, default ~/.cache/imgbuild).
+    #[arg(long)]
+    pub no_cache: bool,
+
     /// Print only errors and warnings.
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,

@@ -1,41 +1,44 @@
-//! Layers: a planned entry list becomes a tar stream, gzip-compressed, written into the blob
-//! store, with both digests computed in the same single pass:
+//! Layers: a planned entry list becomes a tar stream, compressed (gzip or zstd, see
+//! [`crate::compress`]), written into the blob store, with both digests computed in the same
+//! single pass:
 //!
 //! ```text
 //! files --read once--> tar::Builder --> HashingWriter (diff_id: sha256 of the tar)
-//!                                  --> GzEncoder --> BlobWriter (digest: sha256 of the gzip) --> blobs/sha256/<digest>
+//!                                  --> Encoder --> BlobWriter (digest: sha256 of the blob) --> blobs/sha256/<digest>
 //! ```
 //!
-//! Nothing is held whole in memory: each file is streamed through fixed-size buffers.
+//! Nothing is held whole in memory: each file is streamed through fixed-size buffers, and the
+//! parallel encoder keeps a bounded number of blocks in flight.
 //! Headers are fully determined by the plan and `SOURCE_DATE_EPOCH`: mtime fixed, numeric
 //! owners only (no user/group names), no xattrs, no device numbers, GNU long names for paths
 //! over 100 bytes (image-spec layer.md permits any tar the runtimes read; GNU and PAX both are).
 
+use crate::compress::{Compression, Encoder};
 use crate::digest::{Digest, HashingWriter};
-use crate::image::{Descriptor, LayerInfo, MEDIA_TYPE_LAYER_GZIP};
+use crate::image::{Descriptor, LayerInfo};
 use crate::plan::{EntryKind, LayerPlan};
 use crate::store::BlobStore;
-use flate2::{Compression, GzBuilder};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
-
-/// Default gzip level: 6 is what gzip, pigz and Docker use.
-pub const DEFAULT_GZIP_LEVEL: u32 = 6;
 
 /// How to write layers.
 #[derive(Debug, Clone)]
 pub struct LayerOptions {
     /// `SOURCE_DATE_EPOCH`: the mtime of every entry.
     pub epoch: u64,
-    pub gzip_level: u32,
+    /// Codec and level (`--compression`, `--compression-level`): part of the layer's identity.
+    pub compression: Compression,
+    /// Compression threads per layer. Does not change the bytes (see [`crate::compress`]).
+    pub threads: usize,
 }
 
 impl Default for LayerOptions {
     fn default() -> Self {
         LayerOptions {
             epoch: 0,
-            gzip_level: DEFAULT_GZIP_LEVEL,
+            compression: Compression::default(),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -70,11 +73,8 @@ pub fn write_layer(
         source,
     };
     let blob = store.writer().map_err(write_err)?;
-    let gz = GzBuilder::new()
-        .mtime(0)
-        .operating_system(255)
-        .write(blob, Compression::new(opts.gzip_level));
-    let mut tar = tar::Builder::new(HashingWriter::new(gz));
+    let encoder = Encoder::new(blob, opts.compression, opts.threads).map_err(write_err)?;
+    let mut tar = tar::Builder::new(HashingWriter::new(encoder));
     for entry in &layer.entries {
         let mut h = tar::Header::new_gnu();
         h.set_mode(entry.mode);
@@ -131,7 +131,7 @@ pub fn write_layer(
     let (digest, size) = blob.commit().map_err(write_err)?;
     Ok(LayerInfo {
         descriptor: Descriptor {
-            media_type: MEDIA_TYPE_LAYER_GZIP.to_string(),
+            media_type: opts.compression.codec.media_type().to_string(),
             digest,
             size,
         },
@@ -173,9 +173,14 @@ impl Read for ExactReader {
 }
 
 /// The diff_id (sha256 of the uncompressed tar) of a gzip layer blob, for checks and tests.
-pub fn diff_id_of_gzip(mut blob: impl Read) -> io::Result<Digest> {
+pub fn diff_id_of_gzip(blob: impl Read) -> io::Result<Digest> {
+    diff_id_of(crate::compress::Codec::Gzip, blob)
+}
+
+/// The diff_id (sha256 of the uncompressed tar) of a layer blob, for checks and tests.
+pub fn diff_id_of(codec: crate::compress::Codec, blob: impl Read) -> io::Result<Digest> {
     let mut w = HashingWriter::new(io::sink());
-    io::copy(&mut flate2::read::GzDecoder::new(&mut blob), &mut w)?;
+    io::copy(&mut crate::compress::decoder(codec, blob)?, &mut w)?;
     w.flush()?;
     Ok(w.finish().1)
 }

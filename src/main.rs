@@ -6,6 +6,8 @@ mod cli;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cli::{Cli, Command, CommonArgs};
+use imgbuild::cache::LayerCache;
+use imgbuild::compress::{Codec, Compression};
 use imgbuild::layer::LayerOptions;
 use imgbuild::output::{self, Outputs, Summary};
 use imgbuild::pipeline::{self, BuildOptions};
@@ -104,13 +106,17 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 None
             };
-            // A scratch store for this run's blobs; removed when the push ends.
+            // Blobs go into the layer cache's store (kept for the next push), or without a
+            // cache into a scratch store removed when the push ends.
             let tmp = tempfile::Builder::new()
                 .prefix("imgbuild-")
                 .tempdir()
                 .context("creating a temporary directory")?;
-            let store =
-                BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?;
+            let store = match &opts.cache {
+                Some(cache) => cache.store().clone(),
+                None => BlobStore::open(tmp.path())
+                    .map_err(|e| Error::io("creating the blob store", e))?,
+            };
             let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
             let push_opts = PushOptions {
                 jobs: usize::from(c.jobs),
@@ -213,18 +219,47 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
             .ok_or_else(|| Error::Usage(format!("--annotation {a:?}: expected KEY=VALUE")))?;
         annotations.insert(k.to_string(), v.to_string());
     }
+    let codec: Codec = c
+        .compression
+        .parse()
+        .map_err(|e| Error::Usage(format!("--compression: {e}")))?;
+    let compression = Compression::new(codec, c.compression_level).map_err(Error::Usage)?;
     let opts = BuildOptions {
         context: c.context.clone(),
         platforms,
         layer: LayerOptions {
             epoch,
+            compression,
             ..LayerOptions::default()
         },
         arch_check: !c.no_arch_check,
         annotations,
         jobs: usize::from(c.jobs),
+        cache: open_cache(c),
     };
     Ok((spec, opts))
+}
+
+/// The layer cache: `IMGBUILD_CACHE`, else the user's cache directory; none with `--no-cache`.
+/// A cache that cannot be created is a warning, not an error: the build works without it.
+fn open_cache(c: &CommonArgs) -> Option<LayerCache> {
+    if c.no_cache {
+        return None;
+    }
+    let dir = std::env::var_os("IMGBUILD_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(imgbuild::cache::default_dir)?;
+    match LayerCache::open(&dir) {
+        Ok(cache) => Some(cache),
+        Err(e) => {
+            eprintln!(
+                "warning: layer cache {} unusable ({e}); building without it (--no-cache silences this)",
+                dir.display()
+            );
+            None
+        }
+    }
 }
 
 fn repository(c: &CommonArgs, spec: &Spec) -> Result<Option<Repository>> {

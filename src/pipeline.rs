@@ -2,6 +2,7 @@
 //! [`BuiltImage`] whose blobs are all in the given [`BlobStore`]; the caller hands it to a sink
 //! (an OCI layout on disk, or a registry).
 
+use crate::cache::{self, LayerCache, Outcome};
 use crate::error::Error;
 use crate::image::{self, BuiltImage, LayerInfo, PlatformImage};
 use crate::layer::{self, LayerOptions};
@@ -28,6 +29,8 @@ pub struct BuildOptions {
     pub layer: LayerOptions,
     /// How many layers to compress at once.
     pub jobs: usize,
+    /// The layer cache (issue 4); None with `--no-cache`.
+    pub cache: Option<LayerCache>,
 }
 
 impl Default for BuildOptions {
@@ -39,6 +42,7 @@ impl Default for BuildOptions {
             annotations: BTreeMap::new(),
             layer: LayerOptions::default(),
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            cache: None,
         }
     }
 }
@@ -84,7 +88,7 @@ pub fn build(
             unique[i].1.push(pp.platform.to_string());
         }
     }
-    let built = build_layers(&unique, store, &opts.layer, opts.jobs.max(1), progress)?;
+    let built = build_layers(&unique, store, opts, progress)?;
 
     let mut annotations = BTreeMap::new();
     annotations.insert(
@@ -127,10 +131,10 @@ pub fn build(
 fn build_layers(
     unique: &[(&LayerPlan, Vec<String>)],
     store: &BlobStore,
-    opts: &LayerOptions,
-    jobs: usize,
+    opts: &BuildOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<LayerInfo>, Error> {
+    let jobs = opts.jobs.max(1);
     let next = Mutex::new(0usize);
     let results: Mutex<Vec<Option<Result<LayerInfo, layer::LayerError>>>> =
         Mutex::new((0..unique.len()).map(|_| None).collect());
@@ -147,15 +151,25 @@ fn build_layers(
                     let Some((lp, platforms)) = unique.get(i) else {
                         break;
                     };
-                    let r = layer::write_layer(lp, store, opts);
-                    if let Ok(info) = &r {
-                        let what = format!("{} for {}", info.created_by, platforms.join(", "));
+                    let r = cache::write_layer_cached(opts.cache.as_ref(), lp, store, &opts.layer);
+                    let r = r.map(|(info, outcome, warning)| {
+                        if let Some(w) = warning {
+                            progress.event(Event::Warning(&w));
+                        }
+                        let cached = if outcome == Outcome::Hit {
+                            ", cached"
+                        } else {
+                            ""
+                        };
+                        let what =
+                            format!("{} for {}{cached}", info.created_by, platforms.join(", "));
                         progress.event(Event::LayerBuilt {
                             digest: &info.descriptor.digest,
                             size: info.descriptor.size,
                             what: &what,
                         });
-                    }
+                        info
+                    });
                     let failed = r.is_err();
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
                     if failed {

@@ -120,8 +120,25 @@ pub fn imgbuild() -> Command {
     make_hermetic(&mut cmd);
     cmd.env("AWS_EC2_METADATA_DISABLED", "true")
         .env("NO_COLOR", "1")
+        .env("IMGBUILD_CACHE", shared_cache())
         .stdin(Stdio::null());
     cmd
+}
+
+/// The layer cache every `imgbuild()` command of this process shares (as CI runs share one):
+/// never the machine's ~/.cache. Tests about the cache itself give their own IMGBUILD_CACHE.
+pub fn shared_cache() -> &'static Path {
+    static CACHE: OnceLock<TempDir> = OnceLock::new();
+    CACHE
+        .get_or_init(|| {
+            let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            fs::create_dir_all(&base).expect("create CARGO_TARGET_TMPDIR");
+            tempfile::Builder::new()
+                .prefix("cache-")
+                .tempdir_in(base)
+                .expect("create the shared layer cache")
+        })
+        .path()
 }
 
 /// Run `cmd`, panic (with its stdout and stderr) unless it exits 0, return its output.

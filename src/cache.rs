@@ -1,0 +1,326 @@
+//! The layer cache (issue 4): a layer whose inputs are unchanged is neither re-tarred nor
+//! recompressed; its blob is taken from the cache.
+//!
+//! ```text
+//! $IMGBUILD_CACHE (default $XDG_CACHE_HOME/imgbuild or ~/.cache/imgbuild)
+//!   blobs/sha256/<hex>   a BlobStore: cached layers (and, for `push`, the run's config/manifests)
+//!   layers/<key hex>     record of a built layer: descriptor, diff_id, the blob's stat identity
+//!   files/<id hex>       content digest of a source file, keyed by its stat identity
+//! ```
+//!
+//! **Key** of a layer: sha256 over a versioned text of everything that decides its bytes:
+//! the codec and level, `SOURCE_DATE_EPOCH`, and per entry its path, kind, mode, owner, symlink
+//! target, and for regular files the size and content digest. `created_by` is not in the key
+//! (it is config history, not layer bytes).
+//!
+//! **File contents** are hashed once: the content digest is remembered under the file's stat
+//! identity (path, device, inode, size, mtime and ctime in nanoseconds) and reused while that
+//! identity is unchanged. A file modified within the last two seconds is hashed but not
+//! remembered ("racily clean", as git calls it: a second write in the same timestamp tick
+//! would go unseen).
+//!
+//! **Verification** before reuse: the record holds the blob's (inode, size, mtime) from when it
+//! was written or last verified. If the blob is missing or those differ, the blob is re-hashed;
+//! a digest mismatch drops the blob and the record, and the layer is rebuilt — a corrupted entry
+//! is never reused. ctime is not compared because hard-linking the blob into an output layout
+//! changes it; any write through the filesystem changes mtime. (A registry also re-checks the
+//! digest of every uploaded blob.)
+//!
+//! Every file here is written to a temporary name and renamed, so concurrent runs sharing one
+//! cache see whole entries or none. There is no eviction yet: delete the directory to reclaim it.
+
+use crate::compress::Compression;
+use crate::digest::{Digest, HashingWriter};
+use crate::image::{Descriptor, LayerInfo};
+use crate::layer::{LayerError, LayerOptions};
+use crate::plan::{EntryKind, LayerPlan};
+use crate::store::BlobStore;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Bumped whenever the tar or compressed bytes for the same inputs change (a new block size,
+/// a different deflate backend, tar header changes): old entries are then simply not found.
+const KEY_VERSION: &str = "imgbuild-layer-cache v1";
+
+/// The default cache directory: `$XDG_CACHE_HOME/imgbuild`, else `$HOME/.cache/imgbuild`
+/// (the XDG base directory spec), None when neither is set.
+pub fn default_dir() -> Option<PathBuf> {
+    let non_empty = |v: std::ffi::OsString| (!v.is_empty()).then(|| PathBuf::from(v));
+    std::env::var_os("XDG_CACHE_HOME")
+        .and_then(non_empty)
+        .map(|d| d.join("imgbuild"))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(non_empty)
+                .map(|h| h.join(".cache").join("imgbuild"))
+        })
+}
+
+/// A layer cache directory.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    root: PathBuf,
+    store: BlobStore,
+}
+
+/// What a cached layer's record holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Record {
+    media_type: String,
+    digest: Digest,
+    size: u64,
+    diff_id: Digest,
+    /// (inode, mtime ns) of the blob when it was last known good; its size is `size`.
+    blob_ino: u64,
+    blob_mtime_ns: i128,
+}
+
+impl LayerCache {
+    /// Open (creating if needed) the cache at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        let store = BlobStore::open(&root)?;
+        fs::create_dir_all(root.join("layers"))?;
+        fs::create_dir_all(root.join("files"))?;
+        Ok(LayerCache { root, store })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The cache's blob store: `push` builds straight into it.
+    pub fn store(&self) -> &BlobStore {
+        &self.store
+    }
+
+    /// The key of `layer` built with `opts`. Reads (and hashes) only files whose stat identity
+    /// is not known yet.
+    pub fn key(&self, layer: &LayerPlan, opts: &LayerOptions) -> Result<Digest, LayerError> {
+        let Compression { codec, level } = opts.compression;
+        let mut text = format!(
+            "{KEY_VERSION}\ncompression {codec} {level}\nepoch {}\n",
+            opts.epoch
+        );
+        for e in &layer.entries {
+            let path = hex::encode(e.path.as_os_str().as_bytes());
+            let what = match &e.kind {
+                EntryKind::Dir => "dir".to_string(),
+                EntryKind::Symlink { target } => {
+                    format!("symlink {}", hex::encode(target.as_os_str().as_bytes()))
+                }
+                EntryKind::File { src, size } => {
+                    format!("file {size} {}", self.content_digest(src, *size)?)
+                }
+            };
+            text.push_str(&format!("{path} {:o} {} {} {what}\n", e.mode, e.uid, e.gid));
+        }
+        Ok(Digest::of(text.as_bytes()))
+    }
+
+    /// The sha256 of `src`'s first `size` bytes (the planned size), from the file index when
+    /// its stat identity is unchanged.
+    fn content_digest(&self, src: &Path, size: u64) -> Result<Digest, LayerError> {
+        let read_err = |source| LayerError::Read {
+            path: src.to_path_buf(),
+            source,
+        };
+        let meta = fs::metadata(src).map_err(read_err)?;
+        if meta.len() != size {
+            return Err(LayerError::Changed {
+                path: src.to_path_buf(),
+                planned: size,
+            });
+        }
+        let id = Digest::of(
+            format!(
+                "{} {} {} {} {}.{} {}.{}",
+                hex::encode(src.as_os_str().as_bytes()),
+                meta.dev(),
+                meta.ino(),
+                meta.len(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ctime(),
+                meta.ctime_nsec()
+            )
+            .as_bytes(),
+        );
+        let index = self.root.join("files").join(id.hex());
+        if let Some(d) = fs::read_to_string(&index)
+            .ok()
+            .and_then(|s| s.trim().parse::<Digest>().ok())
+        {
+            return Ok(d);
+        }
+        let mut w = HashingWriter::new(io::sink());
+        let copied = io::copy(&mut File::open(src).map_err(read_err)?.take(size), &mut w)
+            .map_err(read_err)?;
+        if copied != size {
+            return Err(LayerError::Changed {
+                path: src.to_path_buf(),
+                planned: size,
+            });
+        }
+        let digest = w.finish().1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if meta.mtime() < now - 2 && meta.ctime() < now - 2 {
+            // Best effort: a failed write only means hashing again next time.
+            let _ = write_atomic(&index, digest.to_string().as_bytes());
+        }
+        Ok(digest)
+    }
+
+    /// The cached layer for `key`, verified, with its blob present in `store` (linked or
+    /// copied there when `store` is not the cache's own). None: build it.
+    pub fn lookup(
+        &self,
+        key: &Digest,
+        layer: &LayerPlan,
+        store: &BlobStore,
+    ) -> io::Result<Option<LayerInfo>> {
+        let record_path = self.root.join("layers").join(key.hex());
+        let Some(mut record) = fs::read(&record_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+        else {
+            return Ok(None);
+        };
+        let blob = self.store.path(&record.digest);
+        let good = match fs::metadata(&blob) {
+            Err(_) => false,
+            Ok(m) if m.len() != record.size => false,
+            Ok(m) if m.ino() == record.blob_ino && mtime_ns(&m) == record.blob_mtime_ns => true,
+            Ok(m) => {
+                // Changed since it was last known good: re-hash before trusting it.
+                let mut w = HashingWriter::new(io::sink());
+                io::copy(&mut File::open(&blob)?, &mut w)?;
+                let ok = w.finish().1 == record.digest;
+                if ok {
+                    record.blob_ino = m.ino();
+                    record.blob_mtime_ns = mtime_ns(&m);
+                    let _ = write_atomic(&record_path, &serde_json::to_vec(&record)?);
+                }
+                ok
+            }
+        };
+        if !good {
+            // Corrupted or gone: drop both, so the rebuild writes a fresh blob.
+            let _ = fs::remove_file(&blob);
+            let _ = fs::remove_file(&record_path);
+            return Ok(None);
+        }
+        if store.root() != self.store.root() && !store.contains(&record.digest) {
+            link_or_copy(&blob, &store.path(&record.digest))?;
+        }
+        Ok(Some(LayerInfo {
+            descriptor: Descriptor {
+                media_type: record.media_type,
+                digest: record.digest,
+                size: record.size,
+            },
+            diff_id: record.diff_id,
+            created_by: layer.created_by.clone(),
+        }))
+    }
+
+    /// Remember a freshly built layer (whose blob is in `store`) under `key`.
+    pub fn insert(&self, key: &Digest, info: &LayerInfo, store: &BlobStore) -> io::Result<()> {
+        let d = &info.descriptor.digest;
+        let blob = self.store.path(d);
+        if store.root() != self.store.root() && !blob.is_file() {
+            link_or_copy(&store.path(d), &blob)?;
+        }
+        let m = fs::metadata(&blob)?;
+        let record = Record {
+            media_type: info.descriptor.media_type.clone(),
+            digest: d.clone(),
+            size: info.descriptor.size,
+            diff_id: info.diff_id.clone(),
+            blob_ino: m.ino(),
+            blob_mtime_ns: mtime_ns(&m),
+        };
+        write_atomic(
+            &self.root.join("layers").join(key.hex()),
+            &serde_json::to_vec(&record)?,
+        )
+    }
+}
+
+/// How a layer was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Taken from the cache: nothing read, tarred or compressed.
+    Hit,
+    /// Built (and remembered, unless `warning` says why not).
+    Built,
+}
+
+/// Write `layer` into `store`, through `cache` when there is one. A cache that cannot be
+/// read or written is not an error (the layer is built as without a cache); the reason is
+/// returned as a warning.
+pub fn write_layer_cached(
+    cache: Option<&LayerCache>,
+    layer: &LayerPlan,
+    store: &BlobStore,
+    opts: &LayerOptions,
+) -> Result<(LayerInfo, Outcome, Option<String>), LayerError> {
+    let Some(cache) = cache else {
+        return Ok((
+            crate::layer::write_layer(layer, store, opts)?,
+            Outcome::Built,
+            None,
+        ));
+    };
+    let key = cache.key(layer, opts)?;
+    let mut warning = None;
+    match cache.lookup(&key, layer, store) {
+        Ok(Some(info)) => return Ok((info, Outcome::Hit, None)),
+        Ok(None) => {}
+        Err(e) => {
+            warning = Some(format!("layer cache {}: {e}", cache.root().display()));
+        }
+    }
+    let info = crate::layer::write_layer(layer, store, opts)?;
+    if let Err(e) = cache.insert(&key, &info, store) {
+        warning = Some(format!(
+            "layer cache {}: {e}; continuing without caching this layer",
+            cache.root().display()
+        ));
+    }
+    Ok((info, Outcome::Built, warning))
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i128 {
+    i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
+}
+
+/// A hard link (no copy, same file system), else a copy via a temporary name.
+fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(_) => {
+            let dir = to.parent().unwrap_or(Path::new("."));
+            let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+            io::copy(&mut File::open(from)?, tmp.as_file_mut())?;
+            tmp.persist(to).map_err(|e| e.error)?;
+            // tempfile creates 0600; blobs are not secrets.
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(to, fs::Permissions::from_mode(0o644))
+        }
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
