@@ -8,3 +8,4 @@ mod build;
 mod harness;
 mod push;
 mod smoke;
+mod speed;
