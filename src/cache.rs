@@ -6,7 +6,14 @@
 //!   blobs/sha256/<hex>   a BlobStore: cached layers (and, for `push`, the run's config/manifests)
 //!   layers/<key hex>     record of a built layer: descriptor, diff_id, the blob's stat identity
 //!   files/<id hex>       content digest of a source file, keyed by its stat identity
+//!   pushed/<registry hex>/<digest hex>   repositories of that registry a push put the blob in
 //! ```
+//!
+//! **Push records** feed cross-repo mounts: after a push, each of its blobs is recorded as
+//! present in the repository; a later push of the same blob to another repository of the
+//! same registry asks the registry to mount it from there (see `registry::upload`). A record
+//! may be stale (the blob deleted since): the registry then answers 202 and the blob is
+//! uploaded, so a wrong record costs one request, never correctness.
 //!
 //! **Key** of a layer: sha256 over a versioned text of everything that decides its bytes:
 //! the codec and level, `SOURCE_DATE_EPOCH`, and per entry its path, kind, mode, owner, symlink
@@ -34,7 +41,9 @@ use crate::digest::{Digest, HashingWriter};
 use crate::image::{Descriptor, LayerInfo};
 use crate::layer::{LayerError, LayerOptions};
 use crate::plan::{EntryKind, LayerPlan};
+use crate::reference::Repository;
 use crate::store::BlobStore;
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -294,6 +303,63 @@ pub fn write_layer_cached(
         ));
     }
     Ok((info, Outcome::Built, warning))
+}
+
+/// How many repositories a push record keeps per blob (the most recent ones).
+const MAX_RECORDED_REPOS: usize = 8;
+
+impl LayerCache {
+    fn pushed_path(&self, repo: &Repository, digest: &Digest) -> PathBuf {
+        self.root
+            .join("pushed")
+            .join(hex::encode(repo.registry.as_bytes()))
+            .join(digest.hex())
+    }
+
+    fn pushed_repos(&self, repo: &Repository, digest: &Digest) -> Vec<String> {
+        fs::read_to_string(self.pushed_path(repo, digest))
+            .map(|s| s.lines().map(String::from).collect())
+            .unwrap_or_default()
+    }
+
+    /// Remember that `repo` now holds `digests` (best effort: a lost record costs a mount).
+    pub fn record_pushed(&self, repo: &Repository, digests: &[Digest]) -> io::Result<()> {
+        for d in digests {
+            let path = self.pushed_path(repo, d);
+            let mut repos = self.pushed_repos(repo, d);
+            if repos.first() == Some(&repo.path) {
+                continue;
+            }
+            repos.retain(|r| r != &repo.path);
+            repos.insert(0, repo.path.clone());
+            repos.truncate(MAX_RECORDED_REPOS);
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir)?;
+            }
+            write_atomic(&path, format!("{}\n", repos.join("\n")).as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// For each of `digests`, the other repositories of `repo`'s registry that pushes put it
+    /// in, most recent first; digests with none are left out.
+    pub fn mount_sources(
+        &self,
+        repo: &Repository,
+        digests: &[Digest],
+    ) -> HashMap<Digest, Vec<String>> {
+        digests
+            .iter()
+            .filter_map(|d| {
+                let others: Vec<String> = self
+                    .pushed_repos(repo, d)
+                    .into_iter()
+                    .filter(|r| r != &repo.path)
+                    .collect();
+                (!others.is_empty()).then(|| (d.clone(), others))
+            })
+            .collect()
+    }
 }
 
 fn mtime_ns(m: &fs::Metadata) -> i128 {

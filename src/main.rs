@@ -118,12 +118,24 @@ fn run(cli: Cli) -> Result<()> {
                     .map_err(|e| Error::io("creating the blob store", e))?,
             };
             let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
+            // Every blob of the image (layers, configs): mount candidates before, records after.
+            let blobs: Vec<_> = image
+                .unique_layers()
+                .into_iter()
+                .map(|d| d.digest)
+                .chain(image.images.iter().map(|i| i.config.digest.clone()))
+                .collect();
             let push_opts = PushOptions {
                 jobs: usize::from(c.jobs),
                 insecure_registries: args.insecure_registries.clone(),
                 ca_certs: args.ca_certs.clone(),
                 credentials,
                 timeout: std::time::Duration::from_secs(args.timeout.max(1)),
+                mount_sources: opts
+                    .cache
+                    .as_ref()
+                    .map(|c| c.mount_sources(&repo, &blobs))
+                    .unwrap_or_default(),
                 ..PushOptions::default()
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -140,6 +152,11 @@ fn run(cli: Cli) -> Result<()> {
                     progress.as_ref(),
                 ))
                 .map_err(Error::from)?;
+            if let Some(cache) = &opts.cache
+                && let Err(e) = cache.record_pushed(&repo, &blobs)
+            {
+                eprintln!("warning: layer cache {}: {e}", cache.root().display());
+            }
             let summary = Summary {
                 image: &image,
                 repository: Some(repo.to_string()),

@@ -22,6 +22,7 @@ use crate::image::BuiltImage;
 use crate::progress::Progress;
 use crate::reference::Repository;
 use crate::store::BlobStore;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct PushOptions {
     /// sent and no answer for this long).
     pub timeout: Duration,
     pub user_agent: String,
+    /// Other repositories of the same registry known to hold a blob (from the layer cache's
+    /// push records): tried as cross-repo mounts before uploading (issue 4).
+    pub mount_sources: HashMap<Digest, Vec<String>>,
 }
 
 impl Default for PushOptions {
@@ -55,6 +59,7 @@ impl Default for PushOptions {
             docker_config_dir: None,
             timeout: Duration::from_secs(60),
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
+            mount_sources: HashMap::new(),
         }
     }
 }
@@ -86,7 +91,16 @@ pub async fn push(
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
     let client = client::Client::connect(repo, opts, progress).await?;
-    upload::push_image(&client, image, store, tags, opts.jobs, progress).await
+    upload::push_image(
+        &client,
+        image,
+        store,
+        tags,
+        opts.jobs,
+        &opts.mount_sources,
+        progress,
+    )
+    .await
 }
 
 /// Why a push failed. Each message is one line, names the URL, registry or file, says what to

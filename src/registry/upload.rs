@@ -11,6 +11,13 @@
 //! from the file and hashed on the way ("monolithic upload" after POST). Not the one-request
 //! POST with a body (docker-registry 2.8 answers 202 and drops the body, TESTBED.md), and not
 //! chunked PATCH (ECR has answered PATCHes wrongly, aws/containers-roadmap#2831).
+//!
+//! Cross-repo mount (spec.md "Mounting a blob from another repository", issue 4): when the
+//! caller knows another repository of the same registry that has the blob (the layer cache's
+//! push records), the POST carries `?mount=<digest>&from=<repo>`. 201 means mounted, nothing
+//! sent; 202 means "not mounted" (ECR answers so unless a manifest in `from` references the
+//! blob) and opens an ordinary session, which the blob is then uploaded to. A mount the
+//! credentials may not do (401/403 for the `from` repository) falls back to a plain upload.
 
 use super::client::{Client, display_url, unexpected};
 use super::retry::with_retries;
@@ -23,7 +30,7 @@ use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Response, StatusCode, Url};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::mpsc;
@@ -54,6 +61,7 @@ pub(crate) async fn push_image(
     store: &BlobStore,
     tags: &[String],
     jobs: usize,
+    mount_sources: &HashMap<Digest, Vec<String>>,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
     // Layers first (they are the big ones, start them early), then configs; each digest once.
@@ -83,7 +91,11 @@ pub(crate) async fn push_image(
     let blobs = &blobs;
     let mut outcomes: Vec<(usize, bool)> = futures::stream::iter(0..blobs.len())
         .map(|i| async move {
-            push_blob(client, &blobs[i], progress)
+            let from = mount_sources
+                .get(&blobs[i].digest)
+                .and_then(|repos| repos.first())
+                .map(String::as_str);
+            push_blob(client, &blobs[i], from, progress)
                 .await
                 .map(|uploaded| (i, uploaded))
         })
@@ -133,6 +145,7 @@ pub(crate) async fn push_image(
 async fn push_blob(
     client: &Client,
     blob: &Blob,
+    mount_from: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<bool, RegistryError> {
     let what = format!("blob {}", blob.digest);
@@ -145,8 +158,14 @@ async fn push_blob(
             });
             return Ok(false);
         }
-        upload_blob(client, blob, progress).await?;
-        Ok(true)
+        match upload_blob(client, blob, mount_from, progress).await {
+            Err(RegistryError::Unauthorized { .. } | RegistryError::Denied { .. })
+                if mount_from.is_some() =>
+            {
+                upload_blob(client, blob, None, progress).await
+            }
+            other => other,
+        }
     })
     .await
 }
@@ -164,12 +183,14 @@ async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryE
     }
 }
 
-/// POST a session, then one PUT with the whole blob.
+/// POST a session (asking to mount from `mount_from` when given), then one PUT with the whole
+/// blob. `Ok(false)` when the registry mounted it instead.
 async fn upload_blob(
     client: &Client,
     blob: &Blob,
+    mount_from: Option<&str>,
     progress: &dyn Progress,
-) -> Result<(), RegistryError> {
+) -> Result<bool, RegistryError> {
     let digest = &blob.digest;
     // A wrong-sized file cannot have the right digest, and Content-Length must be true.
     if let Source::File(path) = &blob.source {
@@ -189,7 +210,13 @@ async fn upload_blob(
         }
     }
 
-    let start = client.repo_url("blobs/uploads/");
+    let mut start = client.repo_url("blobs/uploads/");
+    if let Some(from) = mount_from {
+        start
+            .query_pairs_mut()
+            .append_pair("mount", &digest.to_string())
+            .append_pair("from", from);
+    }
     let response = client
         .send(|http| {
             Ok(http
@@ -198,6 +225,15 @@ async fn upload_blob(
                 .timeout(client.timeout()))
         })
         .await?;
+    if let (Some(from), StatusCode::CREATED) = (mount_from, response.status()) {
+        check_digest(&start, &response, digest)?;
+        progress.event(Event::BlobSkipped {
+            digest,
+            size: blob.size,
+            reason: &format!("mounted from {from}"),
+        });
+        return Ok(false);
+    }
     if response.status() != StatusCode::ACCEPTED {
         return Err(unexpected(&start, response).await);
     }
@@ -241,7 +277,7 @@ async fn upload_blob(
     }
     check_digest(&url, &response, digest)?;
     progress.event(Event::BlobDone { digest });
-    Ok(())
+    Ok(true)
 }
 
 /// Stream the file at `path` as the body of `PUT url`, hashing it on the way, with a stall

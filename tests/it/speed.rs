@@ -483,3 +483,79 @@ fn memory_stays_bounded_for_a_layer_far_larger_than_any_buffer() {
         "peak RSS {peak_kib} KiB for a {SIZE}-byte layer"
     );
 }
+
+/// Push `ws/spec.toml` to `reg`/`repo` with the cache at `cache`.
+fn push_to(ws: &Path, cache: &Path, reg: &Registry, repo: &str) -> Output {
+    run_ok(
+        imgbuild()
+            .current_dir(ws)
+            .env("IMGBUILD_CACHE", cache)
+            .args(["push", "-f", "spec.toml", "--repo"])
+            .arg(format!("{}/{repo}", reg.addr)),
+    )
+}
+
+/// The access-log lines written since `from` (a byte offset of the log).
+fn log_since(reg: &Registry, from: usize) -> Vec<String> {
+    reg.log()[from..]
+        .lines()
+        .filter(|l| l.contains("HTTP/1.1\""))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn blobs_pushed_before_are_mounted_not_uploaded_and_202_falls_back_to_upload() {
+    let reg = Registry::start();
+    let ws = data_workspace();
+    let cache = tempfile::tempdir().unwrap();
+    push_to(ws.path(), cache.path(), &reg, "speed/a");
+
+    // Mounted: the cache recorded that speed/a has every blob.
+    let mark = reg.log().len();
+    let out = push_to(ws.path(), cache.path(), &reg, "speed/b");
+    let lines = log_since(&reg, mark);
+    let mounts: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("POST /v2/speed/b/blobs/uploads/?") && l.contains("mount=sha256"))
+        .collect();
+    // Two blobs: the layer and the config.
+    assert_eq!(mounts.len(), 2, "{lines:#?}");
+    assert!(
+        mounts
+            .iter()
+            .all(|l| l.contains("from=speed%2Fa") && l.contains("\" 201 ")),
+        "{mounts:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("PUT /v2/speed/b/blobs/")),
+        "a mounted blob was uploaded: {lines:#?}"
+    );
+    assert!(
+        text(&out.stderr).contains("mounted from speed/a"),
+        "{}",
+        text(&out.stderr)
+    );
+    let dest = tempfile::tempdir().unwrap();
+    pull_oci(&reg, "speed/b:latest", dest.path(), "latest");
+
+    // 202: the records say speed/a and speed/b have the blobs, but the registry forgot both
+    // repositories; the mount is refused and the blobs are uploaded instead.
+    let repos = reg.storage().join("docker/registry/v2/repositories/speed");
+    fs::remove_dir_all(repos.join("a")).unwrap();
+    fs::remove_dir_all(repos.join("b")).unwrap();
+    let mark = reg.log().len();
+    push_to(ws.path(), cache.path(), &reg, "speed/c");
+    let lines = log_since(&reg, mark);
+    let refused = lines
+        .iter()
+        .filter(|l| l.contains("POST /v2/speed/c/blobs/uploads/?") && l.contains("\" 202 "))
+        .count();
+    let puts = lines
+        .iter()
+        .filter(|l| l.contains("PUT /v2/speed/c/blobs/uploads/") && l.contains("\" 201 "))
+        .count();
+    assert_eq!((refused, puts), (2, 2), "{lines:#?}");
+    let dest = tempfile::tempdir().unwrap();
+    pull_oci(&reg, "speed/c:latest", dest.path(), "latest");
+}
