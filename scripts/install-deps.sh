@@ -6,6 +6,7 @@
 #   scripts/install-deps.sh test      build + docker-registry, skopeo, qemu-user-static,
 #                                     htpasswd, openssl, tar, zstd, ca-certificates, moto
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
+#   scripts/install-deps.sh bench     test tools + buildah, pigz, zstd, GNU time, curl (bench/run.sh)
 #
 # Idempotent and fast when everything is present: apt-get update runs only when
 # a package has to be installed.
@@ -107,6 +108,11 @@ install_fixture_tools() {
     apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
 }
 
+install_bench_tools() {
+    # The peers and the measuring tool of bench/run.sh (issue 4); not needed by the tests.
+    apt_install buildah pigz zstd time curl python3
+}
+
 case "$MODE" in
 build)
     install_build
@@ -121,8 +127,13 @@ fixtures)
     install_test_tools
     install_fixture_tools
     ;;
+bench)
+    install_build
+    install_test_tools
+    install_bench_tools
+    ;;
 *)
-    echo "usage: $0 build|test|fixtures" >&2
+    echo "usage: $0 build|test|fixtures|bench" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# imgbuild speed benchmark (issue 4): imgbuild against buildah, docker, skopeo and the
+# compression bound (pigz / zstd CLIs), same inputs, same machine, same run.
+#
+#   bash scripts/install-deps.sh bench    # buildah, pigz, zstd, GNU time, docker-registry, skopeo
+#   bash bench/run.sh                     # BENCH_RUNS=3 BENCH_DIR=/tmp/imgbuild-bench by default
+#
+# Inputs (made here, fixed seed, realistic compressibility): per platform (linux/amd64,
+# linux/arm64) one 100 MiB artifact built from seeded slices of the machine's shared libraries
+# and documentation (not zeros, not random), plus a small config layer. Every measured command
+# runs against a fresh local docker-registry (127.0.0.1 only), wall time and peak RSS from
+# /usr/bin/time; the table shows medians of BENCH_RUNS runs and the ratios imgbuild/peer.
+# The machine is shared and has 2 cores: figures are noisy, compare ratios from one run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUNS="${BENCH_RUNS:-3}"
+WORK="${BENCH_DIR:-/tmp/imgbuild-bench}"
+SIZE_MIB="${BENCH_SIZE_MIB:-100}"
+BIG_MIB="${BENCH_BIG_MIB:-1024}"
+IMGBUILD="$ROOT/target/release/imgbuild"
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+for tool in docker-registry skopeo buildah pigz zstd python3 /usr/bin/time; do
+    command -v "$tool" >/dev/null 2>&1 || {
+        log "missing $tool: run bash scripts/install-deps.sh bench"
+        exit 1
+    }
+done
+log "building imgbuild (release)"
+(cd "$ROOT" && cargo build --release --quiet)
+
+rm -rf "$WORK"
+mkdir -p "$WORK"/{in,res}
+export WORK
+cd "$WORK"
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+# make_artifact OUT SEED MIB: seeded 64 KiB..1 MiB slices of real binaries and text.
+make_artifact() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import os, random, sys
+out, seed, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+pool = []
+for top in ("/usr/lib/x86_64-linux-gnu", "/usr/share/doc", "/usr/bin"):
+    for d, _, files in os.walk(top):
+        for f in files:
+            p = os.path.join(d, f)
+            try:
+                if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) > 65536:
+                    pool.append(p)
+            except OSError:
+                pass
+pool.sort()
+want = mib << 20
+with open(out, "wb") as w:
+    done = 0
+    while done < want:
+        p = rng.choice(pool)
+        size = os.path.getsize(p)
+        n = min(rng.randint(64 << 10, 1 << 20), size, want - done)
+        off = rng.randint(0, size - n)
+        with open(p, "rb") as r:
+            r.seek(off)
+            chunk = r.read(n)
+        w.write(chunk)
+        done += len(chunk)
+PY
+}
+
+log "making inputs (${SIZE_MIB} MiB per platform, seeded)"
+mkdir -p in/amd64 in/arm64 in/conf
+make_artifact in/amd64/app.bin 1 "$SIZE_MIB"
+make_artifact in/arm64/app.bin 2 "$SIZE_MIB"
+for i in 1 2 3 4; do head -c 16384 /usr/share/common-licenses/GPL-3 | sed "s/GNU/GNU$i/" >"in/conf/conf$i.txt"; done
+touch -d @1000000000 in/*/*
+
+cat >in/spec.toml <<'EOF'
+platforms = ["linux/amd64", "linux/arm64"]
+[config]
+entrypoint = ["/app/app.bin"]
+[[layer]]
+files = [{ src = "{arch}/app.bin", dest = "/app/app.bin", mode = 0o755 }]
+[[layer]]
+files = [{ src = "conf", dest = "/etc/app" }]
+EOF
+
+# One-of-N: several independent layers; one of them changes between pushes.
+mkdir -p in/multi
+for i in 1 2 3 4 5; do make_artifact "in/multi/part$i.bin" "$((10 + i))" 20; done
+touch -d @1000000000 in/multi/*
+{
+    echo 'platforms = ["linux/amd64", "linux/arm64"]'
+    for i in 1 2 3 4 5; do
+        echo '[[layer]]'
+        echo "files = [{ src = \"multi/part$i.bin\", dest = \"/data/part$i.bin\" }]"
+    done
+} >in/multi.toml
+
+# --------------------------------------------------------------------------------------------
+# Registry and measurement helpers
+# --------------------------------------------------------------------------------------------
+REG_PID=""
+PORT=""
+stop_registry() {
+    if [[ -n "$REG_PID" ]]; then
+        kill "$REG_PID" 2>/dev/null || true
+        wait "$REG_PID" 2>/dev/null || true
+        REG_PID=""
+    fi
+}
+trap stop_registry EXIT
+
+# fresh_registry: a new docker-registry with empty storage on a free port ($PORT).
+fresh_registry() {
+    stop_registry
+    rm -rf reg && mkdir -p reg/storage
+    PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    cat >reg/config.yml <<EOF
+version: 0.1
+log:
+  level: warn
+storage:
+  filesystem:
+    rootdirectory: $WORK/reg/storage
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$PORT
+EOF
+    export PORT
+    docker-registry serve reg/config.yml >reg/log 2>&1 &
+    REG_PID=$!
+    for _ in $(seq 100); do
+        curl -fsS "http://127.0.0.1:$PORT/v2/" >/dev/null 2>&1 && return 0
+        sleep 0.05
+    done
+    log "registry did not start"; cat reg/log >&2; exit 1
+}
+
+# measure NAME SETUP CMD: run SETUP (untimed) then CMD (timed) RUNS times; record medians.
+measure() {
+    local name="$1" setup="$2" cmd="$3" runs="${4:-$RUNS}" i
+    : >"res/$name.raw"
+    for ((i = 1; i <= runs; i++)); do
+        eval "$setup"
+        if ! /usr/bin/time -f '%e %M' -o res/time.txt bash -c "$cmd" >res/out.txt 2>res/err.txt; then
+            log "$name failed:"; tail -5 res/err.txt >&2; return 1
+        fi
+        tail -1 res/time.txt >>"res/$name.raw"
+    done
+    python3 - "$name" <<'PY'
+import statistics, sys
+name = sys.argv[1]
+rows = [l.split() for l in open(f"res/{name}.raw") if l.strip()]
+wall = statistics.median(float(r[0]) for r in rows)
+rss = statistics.median(int(r[1]) for r in rows) / 1024
+open(f"res/{name}.med", "w").write(f"{wall:.2f} {rss:.0f}\n")
+PY
+    log "$name: $(cat "res/$name.med") (wall s, peak RSS MiB; median of $runs)"
+}
+
+export IMGBUILD_CACHE="$WORK/cache"
+export NO_COLOR=1
+
+# --------------------------------------------------------------------------------------------
+# The rows
+# --------------------------------------------------------------------------------------------
+log "1. imgbuild push, cold (fresh registry, empty cache)"
+measure imgbuild_cold 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/imgbuild"
+
+log "1b. imgbuild push --compression zstd, cold"
+measure imgbuild_cold_zstd 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check --compression zstd -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/zstd"
+
+log "2. buildah from scratch, add, commit, manifest push --all (vfs, chroot)"
+cat >res/buildah.sh <<'EOF'
+set -euo pipefail
+B=(buildah --root "$WORK/bh/root" --runroot "$WORK/bh/run" --storage-driver vfs)
+export BUILDAH_ISOLATION=chroot
+"${B[@]}" manifest create bench >/dev/null
+for arch in amd64 arm64; do
+    c=$("${B[@]}" from --arch "$arch" scratch)
+    "${B[@]}" add "$c" "in/$arch/app.bin" /app/app.bin >/dev/null
+    "${B[@]}" add "$c" in/conf /etc/app >/dev/null
+    "${B[@]}" config --arch "$arch" --os linux --entrypoint '["/app/app.bin"]' "$c"
+    "${B[@]}" commit --format oci "$c" "bench-$arch" >/dev/null 2>&1
+    "${B[@]}" manifest add --arch "$arch" bench "containers-storage:bench-$arch" >/dev/null
+done
+"${B[@]}" manifest push --all --tls-verify=false bench "docker://127.0.0.1:$PORT/bench/buildah:latest" >/dev/null 2>&1
+EOF
+measure buildah 'fresh_registry; rm -rf bh' "bash res/buildah.sh"
+rm -rf bh
+
+log "3. docker build + docker push, per platform"
+if docker info >/dev/null 2>&1; then
+    cat >res/docker.sh <<'EOF'
+set -euo pipefail
+for arch in amd64 arm64; do
+    ctx="$WORK/dctx-$arch"
+    rm -rf "$ctx" && mkdir -p "$ctx"
+    cp -l "in/$arch/app.bin" "$ctx/app.bin"
+    cp -rl in/conf "$ctx/conf"
+    printf 'FROM scratch\nCOPY app.bin /app/app.bin\nCOPY conf /etc/app\nENTRYPOINT ["/app/app.bin"]\n' >"$ctx/Dockerfile"
+    DOCKER_BUILDKIT=0 docker build -q --platform "linux/$arch" -t "127.0.0.1:$PORT/bench/docker:$arch" "$ctx" >/dev/null
+    docker push -q "127.0.0.1:$PORT/bench/docker:$arch" >/dev/null
+done
+EOF
+    measure docker 'fresh_registry; docker images --format "{{.Repository}}:{{.Tag}}" | grep "/bench/docker:" | xargs -r docker rmi -f >/dev/null 2>&1 || true' \
+        "bash res/docker.sh" || log "docker row failed (see above); left out"
+else
+    log "no Docker Engine answers: docker row skipped"
+fi
+
+log "4. skopeo copy of imgbuild's OCI layout (pure push)"
+"$IMGBUILD" build -q --no-arch-check --no-cache -f in/spec.toml -o layout >/dev/null
+measure skopeo 'fresh_registry' \
+    "skopeo copy -q --dest-tls-verify=false oci:layout:latest docker://127.0.0.1:\$PORT/bench/skopeo:latest"
+log "4b. imgbuild push with a warm cache to a fresh registry (pure push)"
+measure imgbuild_warm 'fresh_registry' \
+    "$IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/warm"
+
+log "5. compression bound over the same bytes"
+measure pigz true "cat in/amd64/app.bin in/arm64/app.bin | pigz -p2 -6 >/dev/null"
+measure zstd_cli true "cat in/amd64/app.bin in/arm64/app.bin | zstd -q -T2 -3 >/dev/null"
+
+log "6. no-op re-push, and re-push after changing one of 5 layers"
+fresh_registry
+"$IMGBUILD" push -q --no-arch-check -f in/spec.toml --repo "127.0.0.1:$PORT/bench/noop" >/dev/null
+mark=$(wc -c <reg/log)
+measure noop true "$IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/noop"
+noop_blob_requests=$(tail -c +"$((mark + 1))" reg/log | grep -c 'blobs/uploads' || true)
+"$IMGBUILD" push -q --no-arch-check -f in/multi.toml --repo "127.0.0.1:$PORT/bench/multi" >/dev/null
+: >res/onechange.layers
+measure onechange 'printf "change %s\n" "$RANDOM" >>in/multi/part3.bin' \
+    "$IMGBUILD push --no-arch-check -f in/multi.toml --repo 127.0.0.1:\$PORT/bench/multi 2>&1 >/dev/null | grep '^layer ' | grep -vc ', cached)' >>res/onechange.layers || true"
+rebuilt="$(sort -u res/onechange.layers | tr '\n' ' ')"
+
+log "7. imgbuild push of one ${BIG_MIB} MiB artifact (peak RSS)"
+mkdir -p in/big
+for i in $(seq 1 $((BIG_MIB / SIZE_MIB + 1))); do cat in/amd64/app.bin; done | head -c "$((BIG_MIB << 20))" >in/big/app.bin
+printf 'platforms = ["linux/amd64"]\n[[layer]]\nfiles = [{ src = "big/app.bin", dest = "/app/app.bin" }]\n' >in/big.toml
+measure big 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check -f in/big.toml --repo 127.0.0.1:\$PORT/bench/big" 1
+rm -rf in/big
+
+# --------------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------------
+python3 - "$RUNS" "$noop_blob_requests" "$rebuilt" <<'PY'
+import os, sys
+runs, noop_reqs, rebuilt = sys.argv[1], sys.argv[2], sys.argv[3].strip()
+def get(n):
+    p = f"res/{n}.med"
+    if not os.path.exists(p):
+        return None
+    w, r = open(p).read().split()
+    return float(w), float(r)
+rows = [
+    ("imgbuild push, cold, gzip (2 platforms)", "imgbuild_cold"),
+    ("imgbuild push, cold, zstd", "imgbuild_cold_zstd"),
+    ("buildah build + manifest push --all", "buildah"),
+    ("docker build + push (per platform)", "docker"),
+    ("skopeo copy of imgbuild's layout", "skopeo"),
+    ("imgbuild push, warm cache, fresh registry", "imgbuild_warm"),
+    ("pigz -p2 -6 over the same bytes", "pigz"),
+    ("zstd -T2 -3 over the same bytes", "zstd_cli"),
+    ("imgbuild no-op re-push", "noop"),
+    ("imgbuild re-push, 1 of 5 layers changed", "onechange"),
+    ("imgbuild push, 1 GiB artifact (1 run)", "big"),
+]
+print(f"\n| row (median of {runs}) | wall s | peak RSS MiB |")
+print("|---|---:|---:|")
+for label, key in rows:
+    v = get(key)
+    print(f"| {label} | {v[0]:.2f} | {v[1]:.0f} |" if v else f"| {label} | skipped | |")
+def ratio(a, b, label, target):
+    va, vb = get(a), get(b)
+    if va and vb:
+        print(f"| {label} | {va[0] / vb[0]:.2f} | {target} |")
+print("\n| ratio | value | target |")
+print("|---|---:|---|")
+ratio("imgbuild_cold", "buildah", "imgbuild cold / buildah build+push", "<= 0.33")
+ratio("imgbuild_cold", "docker", "imgbuild cold / docker build+push", "")
+ratio("imgbuild_cold", "pigz", "imgbuild cold (gzip) / pigz bound", "<= 1.2")
+ratio("imgbuild_cold_zstd", "zstd_cli", "imgbuild cold (zstd) / zstd bound", "<= 1.2")
+ratio("imgbuild_warm", "skopeo", "imgbuild pure push / skopeo copy", "<= 1.0")
+noop = get("noop")
+if noop:
+    print(f"| no-op re-push wall s | {noop[0]:.2f} | <= 0.3 |")
+print(f"| blob upload requests during no-op re-pushes | {noop_reqs} | 0 |")
+print(f"| layers rebuilt per one-of-5 change (each run) | {rebuilt} | 1 |")
+big = get("big")
+if big:
+    print(f"| peak RSS, 1 GiB artifact, MiB | {big[1]:.0f} | <= 64 |")
+PY
