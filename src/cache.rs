@@ -341,22 +341,27 @@ impl LayerCache {
         Ok(())
     }
 
-    /// For each of `digests`, the other repositories of `repo`'s registry that pushes put it
-    /// in, most recent first; digests with none are left out.
-    pub fn mount_sources(
-        &self,
-        repo: &Repository,
-        digests: &[Digest],
-    ) -> HashMap<Digest, Vec<String>> {
-        digests
-            .iter()
-            .filter_map(|d| {
+    /// For every blob recorded for `repo`'s registry, the other repositories pushes put it
+    /// in, most recent first; blobs with none are left out. Read before the build, since
+    /// layers are pushed while it runs (one small file per blob ever pushed there).
+    pub fn all_mount_sources(&self, repo: &Repository) -> HashMap<Digest, Vec<String>> {
+        let dir = self
+            .root
+            .join("pushed")
+            .join(hex::encode(repo.registry.as_bytes()));
+        let Ok(entries) = fs::read_dir(dir) else {
+            return HashMap::new();
+        };
+        entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name();
+                let d: Digest = format!("sha256:{}", name.to_str()?).parse().ok()?;
                 let others: Vec<String> = self
-                    .pushed_repos(repo, d)
+                    .pushed_repos(repo, &d)
                     .into_iter()
                     .filter(|r| r != &repo.path)
                     .collect();
-                (!others.is_empty()).then(|| (d.clone(), others))
+                (!others.is_empty()).then_some((d, others))
             })
             .collect()
     }

@@ -15,6 +15,7 @@ pub mod image;
 pub mod layer;
 pub mod layout;
 pub mod output;
+pub mod overlap;
 pub mod pipeline;
 pub mod plan;
 pub mod platform;

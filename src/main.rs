@@ -10,6 +10,7 @@ use imgbuild::cache::LayerCache;
 use imgbuild::compress::{Codec, Compression};
 use imgbuild::layer::LayerOptions;
 use imgbuild::output::{self, Outputs, Summary};
+use imgbuild::overlap::{self, LayerFeed};
 use imgbuild::pipeline::{self, BuildOptions};
 use imgbuild::progress::{self, Progress, Verbosity};
 use imgbuild::reference::{Repository, validate_tag};
@@ -117,41 +118,57 @@ fn run(cli: Cli) -> Result<()> {
                 None => BlobStore::open(tmp.path())
                     .map_err(|e| Error::io("creating the blob store", e))?,
             };
-            let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
-            // Every blob of the image (layers, configs): mount candidates before, records after.
-            let blobs: Vec<_> = image
-                .unique_layers()
-                .into_iter()
-                .map(|d| d.digest)
-                .chain(image.images.iter().map(|i| i.config.digest.clone()))
-                .collect();
+            // Mount candidates: what the cache recorded for this registry (any of our blobs).
+            let mount_sources = opts
+                .cache
+                .as_ref()
+                .map(|c| c.all_mount_sources(&repo))
+                .unwrap_or_default();
             let push_opts = PushOptions {
                 jobs: usize::from(c.jobs),
                 insecure_registries: args.insecure_registries.clone(),
                 ca_certs: args.ca_certs.clone(),
                 credentials,
                 timeout: std::time::Duration::from_secs(args.timeout.max(1)),
-                mount_sources: opts
-                    .cache
-                    .as_ref()
-                    .map(|c| c.mount_sources(&repo, &blobs))
-                    .unwrap_or_default(),
+                mount_sources,
                 ..PushOptions::default()
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let report = runtime
-                .block_on(registry::push(
-                    &image,
-                    &store,
-                    &repo,
-                    &tags,
-                    &push_opts,
-                    progress.as_ref(),
-                ))
+            // Build on this thread; upload each layer as it is finished on another (issue 4).
+            let (feed, queue) = LayerFeed::new(progress.as_ref());
+            let (image, session) = std::thread::scope(|s| {
+                let uploader = s.spawn(|| {
+                    runtime.block_on(overlap::upload_as_built(
+                        registry::Session::connect(&repo, &push_opts, progress.as_ref()),
+                        queue,
+                        &store,
+                        push_opts.jobs,
+                        progress.as_ref(),
+                    ))
+                });
+                let image = pipeline::build(&spec, &opts, &store, &feed);
+                feed.close();
+                let session = uploader.join();
+                (image, session)
+            });
+            // A build error comes first (it is the user's to fix before any registry one).
+            let image = image?;
+            let session = session
+                .map_err(|_| anyhow::anyhow!("the upload thread panicked"))?
                 .map_err(Error::from)?;
+            let report = runtime
+                .block_on(session.push_image(&image, &store, &tags, progress.as_ref()))
+                .map_err(Error::from)?;
+            // Every blob of the image (layers, configs) is now in `repo`: record it for mounts.
+            let blobs: Vec<_> = image
+                .unique_layers()
+                .into_iter()
+                .map(|d| d.digest)
+                .chain(image.images.iter().map(|i| i.config.digest.clone()))
+                .collect();
             if let Some(cache) = &opts.cache
                 && let Err(e) = cache.record_pushed(&repo, &blobs)
             {

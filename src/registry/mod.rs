@@ -90,17 +90,95 @@ pub async fn push(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
-    let client = client::Client::connect(repo, opts, progress).await?;
-    upload::push_image(
-        &client,
-        image,
-        store,
-        tags,
-        opts.jobs,
-        &opts.mount_sources,
-        progress,
-    )
-    .await
+    Session::connect(repo, opts, progress)
+        .await?
+        .push_image(image, store, tags, progress)
+        .await
+}
+
+/// A connection to one repository that can take layer blobs as soon as they are built, while
+/// other layers still compress (issue 4 "overlap"), and then the image. The image push does
+/// not ask again about blobs this session already confirmed; manifests still go only after
+/// every blob of the image is confirmed.
+#[derive(Debug)]
+pub struct Session {
+    client: client::Client,
+    jobs: usize,
+    mount_sources: HashMap<Digest, Vec<String>>,
+    /// Blobs confirmed in the repository by this session, and whether they were uploaded.
+    done: std::sync::Mutex<HashMap<Digest, bool>>,
+}
+
+impl Session {
+    /// Reach the registry and authenticate (the `/v2/` ping and challenge).
+    pub async fn connect(
+        repo: &Repository,
+        opts: &PushOptions,
+        progress: &dyn Progress,
+    ) -> Result<Self, RegistryError> {
+        Ok(Session {
+            client: client::Client::connect(repo, opts, progress).await?,
+            jobs: opts.jobs,
+            mount_sources: opts.mount_sources.clone(),
+            done: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Make sure the registry has the layer blob `digest` (`size` bytes, in `store`): HEAD,
+    /// mount or upload, with retries, as for the image's own blobs.
+    pub async fn push_layer(
+        &self,
+        digest: &Digest,
+        size: u64,
+        store: &BlobStore,
+        progress: &dyn Progress,
+    ) -> Result<(), RegistryError> {
+        let from = self
+            .mount_sources
+            .get(digest)
+            .and_then(|r| r.first())
+            .map(String::as_str);
+        let uploaded = upload::push_layer(
+            &self.client,
+            digest,
+            size,
+            store.path(digest),
+            from,
+            progress,
+        )
+        .await?;
+        self.done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(digest.clone(), uploaded);
+        Ok(())
+    }
+
+    /// Push what of `image` is not confirmed yet, then manifests, the index and `tags`.
+    pub async fn push_image(
+        &self,
+        image: &BuiltImage,
+        store: &BlobStore,
+        tags: &[String],
+        progress: &dyn Progress,
+    ) -> Result<PushReport, RegistryError> {
+        let done = self
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        upload::push_image(
+            &self.client,
+            image,
+            store,
+            tags,
+            self.jobs,
+            &self.mount_sources,
+            &done,
+            progress,
+        )
+        .await
+    }
 }
 
 /// Why a push failed. Each message is one line, names the URL, registry or file, says what to

@@ -54,7 +54,10 @@ struct Blob {
     source: Source,
 }
 
-/// Push `image` and tag it; see the module docs for the order.
+/// Push `image` and tag it; see the module docs for the order. `done` holds blobs already
+/// confirmed in the repository by this session (pushed while the build ran), with whether
+/// they were uploaded: they are not asked about again.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn push_image(
     client: &Client,
     image: &BuiltImage,
@@ -62,6 +65,7 @@ pub(crate) async fn push_image(
     tags: &[String],
     jobs: usize,
     mount_sources: &HashMap<Digest, Vec<String>>,
+    done: &HashMap<Digest, bool>,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
     // Layers first (they are the big ones, start them early), then configs; each digest once.
@@ -91,6 +95,9 @@ pub(crate) async fn push_image(
     let blobs = &blobs;
     let mut outcomes: Vec<(usize, bool)> = futures::stream::iter(0..blobs.len())
         .map(|i| async move {
+            if let Some(uploaded) = done.get(&blobs[i].digest) {
+                return Ok((i, *uploaded));
+            }
             let from = mount_sources
                 .get(&blobs[i].digest)
                 .and_then(|repos| repos.first())
@@ -139,6 +146,24 @@ pub(crate) async fn push_image(
         report.tags.push(tag.clone());
     }
     Ok(report)
+}
+
+/// Make sure the registry has the layer `digest` (`size` bytes at `path`): the same as for a
+/// blob of a built image, for layers pushed while the rest of the build runs.
+pub(crate) async fn push_layer(
+    client: &Client,
+    digest: &Digest,
+    size: u64,
+    path: PathBuf,
+    mount_from: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<bool, RegistryError> {
+    let blob = Blob {
+        digest: digest.clone(),
+        size,
+        source: Source::File(path),
+    };
+    push_blob(client, &blob, mount_from, progress).await
 }
 
 /// Make sure the registry has `blob`; `Ok(true)` if we uploaded it, `Ok(false)` if it was there.

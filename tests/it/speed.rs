@@ -559,3 +559,52 @@ fn blobs_pushed_before_are_mounted_not_uploaded_and_202_falls_back_to_upload() {
     let dest = tempfile::tempdir().unwrap();
     pull_oci(&reg, "speed/c:latest", dest.path(), "latest");
 }
+
+#[test]
+fn small_layer_is_uploaded_while_a_big_one_still_compresses() {
+    // Overlap: the notes layer is finished at once and its upload starts while the 512 MiB
+    // layer (sparse, but every byte still goes through tar, sha256 and deflate) is compressed.
+    let reg = Registry::start();
+    let ws = tempfile::tempdir().unwrap();
+    fs::create_dir_all(ws.path().join("data")).unwrap();
+    fs::File::create(ws.path().join("data/blob.bin"))
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    fs::write(ws.path().join("data/notes.txt"), "notes\n").unwrap();
+    fs::write(
+        ws.path().join("spec.toml"),
+        "platforms = [\"linux/amd64\"]\n\
+         [[layer]]\nfiles = [{ src = \"data/blob.bin\", dest = \"/big.bin\" }]\n\
+         [[layer]]\nfiles = [{ src = \"data/notes.txt\", dest = \"/notes.txt\" }]\n",
+    )
+    .unwrap();
+    let out = run_ok(
+        imgbuild()
+            .current_dir(ws.path())
+            .args([
+                "push",
+                "-f",
+                "spec.toml",
+                "--no-cache",
+                "--jobs",
+                "2",
+                "--repo",
+            ])
+            .arg(format!("{}/speed/overlap", reg.addr)),
+    );
+    let stderr = text(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let pos = |pred: &dyn Fn(&str) -> bool| lines.iter().position(|l| pred(l));
+    let small_built = pos(&|l| l.starts_with("layer ") && l.contains("/notes.txt")).unwrap();
+    let big_built = pos(&|l| l.starts_with("layer ") && l.contains("/big.bin")).unwrap();
+    let small_digest = lines[small_built].split_whitespace().nth(1).unwrap();
+    let small_upload = pos(&|l| l.starts_with("uploading ") && l.contains(small_digest))
+        .unwrap_or_else(|| panic!("no upload of {small_digest}:\n{stderr}"));
+    assert!(
+        small_built < small_upload && small_upload < big_built,
+        "the small layer's upload did not start before the big layer was built:\n{stderr}"
+    );
+    let dest = tempfile::tempdir().unwrap();
+    pull_oci(&reg, "speed/overlap:latest", dest.path(), "latest");
+}

@@ -1,0 +1,99 @@
+//! Build and push at the same time (issue 4 "overlap"): each layer blob is uploaded as soon as
+//! it is in the store, while other layers are still being compressed.
+//!
+//! The pipeline already announces every finished layer ([`Event::LayerBuilt`], built or taken
+//! from the cache); [`LayerFeed`] is a progress observer that passes every event on and also
+//! hands those layers to [`upload_as_built`], which pushes them over one
+//! [`Session`] at most `jobs` at a time (streamed from the file: memory stays bounded). The
+//! build itself does not know about registries.
+//!
+//! Correctness does not depend on this: the image push that follows confirms every blob not
+//! yet confirmed (an early upload that failed is tried again there, with its retries, and its
+//! error is the one reported), and manifests, index and tags still go only after all blobs.
+
+use crate::digest::Digest;
+use crate::progress::{Event, Progress};
+use crate::registry::{RegistryError, Session};
+use crate::store::BlobStore;
+use futures::StreamExt as _;
+use std::sync::{Mutex, PoisonError};
+use tokio::sync::mpsc;
+
+type Layer = (Digest, u64);
+
+/// A progress observer that also sends each finished layer to the uploader.
+pub struct LayerFeed<'a> {
+    inner: &'a dyn Progress,
+    tx: Mutex<Option<mpsc::UnboundedSender<Layer>>>,
+}
+
+impl std::fmt::Debug for LayerFeed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerFeed").finish_non_exhaustive()
+    }
+}
+
+/// The receiving end of a [`LayerFeed`].
+#[derive(Debug)]
+pub struct LayerQueue(mpsc::UnboundedReceiver<Layer>);
+
+impl<'a> LayerFeed<'a> {
+    pub fn new(inner: &'a dyn Progress) -> (Self, LayerQueue) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let feed = LayerFeed {
+            inner,
+            tx: Mutex::new(Some(tx)),
+        };
+        (feed, LayerQueue(rx))
+    }
+
+    /// No more layers: the uploader finishes what it has and returns.
+    pub fn close(&self) {
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+}
+
+impl Progress for LayerFeed<'_> {
+    fn event(&self, event: Event<'_>) {
+        if let Event::LayerBuilt { digest, size, .. } = &event
+            && let Some(tx) = &*self.tx.lock().unwrap_or_else(PoisonError::into_inner)
+        {
+            // The uploader may have stopped (no connection): then the image push does it all.
+            let _ = tx.send(((*digest).clone(), *size));
+        }
+        self.inner.event(event);
+    }
+}
+
+/// Connect (`connect`), then push each layer from `queue` as it arrives, `jobs` at a time,
+/// until the feed is closed. Returns the session for the image push, or why it could not
+/// connect. Upload failures are left for the image push to retry and report.
+pub async fn upload_as_built<F>(
+    connect: F,
+    queue: LayerQueue,
+    store: &BlobStore,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Session, RegistryError>
+where
+    F: Future<Output = Result<Session, RegistryError>>,
+{
+    let session = connect.await?;
+    let layers = futures::stream::unfold(queue.0, |mut rx| async move {
+        rx.recv().await.map(|layer| (layer, rx))
+    });
+    let session_ref = &session;
+    layers
+        .for_each_concurrent(jobs.max(1), |(digest, size)| async move {
+            if let Err(e) = session_ref.push_layer(&digest, size, store, progress).await {
+                progress.event(Event::Debug(&format!(
+                    "early upload of {digest} failed ({e}); the image push tries again"
+                )));
+            }
+        })
+        .await;
+    Ok(session)
+}
