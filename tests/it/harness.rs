@@ -46,15 +46,17 @@ pub fn fixtures() -> PathBuf {
 /// `.env(..)` on a `tempfile::tempdir()`.
 pub fn hermetic_home() -> &'static Path {
     static HOME: OnceLock<TempDir> = OnceLock::new();
-    HOME.get_or_init(|| {
-        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        fs::create_dir_all(&base).expect("create CARGO_TARGET_TMPDIR");
-        tempfile::Builder::new()
-            .prefix("home-")
-            .tempdir_in(base)
-            .expect("create hermetic HOME")
-    })
-    .path()
+    HOME.get_or_init(|| process_tempdir("home-")).path()
+}
+
+/// A fresh directory under cargo's target tmp dir, for a per-process `OnceLock`.
+fn process_tempdir(prefix: &str) -> TempDir {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    fs::create_dir_all(&base).expect("create CARGO_TARGET_TMPDIR");
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(base)
+        .unwrap_or_else(|e| panic!("create {prefix}* under CARGO_TARGET_TMPDIR: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -129,16 +131,7 @@ pub fn imgbuild() -> Command {
 /// never the machine's ~/.cache. Tests about the cache itself give their own IMGBUILD_CACHE.
 pub fn shared_cache() -> &'static Path {
     static CACHE: OnceLock<TempDir> = OnceLock::new();
-    CACHE
-        .get_or_init(|| {
-            let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-            fs::create_dir_all(&base).expect("create CARGO_TARGET_TMPDIR");
-            tempfile::Builder::new()
-                .prefix("cache-")
-                .tempdir_in(base)
-                .expect("create the shared layer cache")
-        })
-        .path()
+    CACHE.get_or_init(|| process_tempdir("cache-")).path()
 }
 
 /// Run `cmd`, panic (with its stdout and stderr) unless it exits 0, return its output.
