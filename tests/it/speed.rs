@@ -608,3 +608,34 @@ fn small_layer_is_uploaded_while_a_big_one_still_compresses() {
     let dest = tempfile::tempdir().unwrap();
     pull_oci(&reg, "speed/overlap:latest", dest.path(), "latest");
 }
+
+#[test]
+fn bad_compression_flags_are_usage_errors() {
+    let ws = data_workspace();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--compression", "xz"],
+            "--compression: unknown compression \"xz\": use gzip or zstd",
+        ),
+        (
+            &["--compression-level", "10"],
+            "--compression-level 10: gzip levels are 0-9",
+        ),
+        (
+            &["--compression", "zstd", "--compression-level", "0"],
+            "--compression-level 0: zstd levels are 1-19",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = imgbuild()
+            .current_dir(ws.path())
+            .args(["build", "-f", "spec.toml", "--output", "out"])
+            .args(*args)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}
