@@ -173,6 +173,11 @@ log "1. imgbuild push, cold (fresh registry, empty cache)"
 measure imgbuild_cold 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
     "$IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/imgbuild"
 
+log "1a. imgbuild build (no registry), cold: the compression part of row 1"
+measure imgbuild_build 'rm -rf "$IMGBUILD_CACHE" out-build' \
+    "$IMGBUILD build -q --no-arch-check -f in/spec.toml -o out-build"
+rm -rf out-build
+
 log "1b. imgbuild push --compression zstd, cold"
 measure imgbuild_cold_zstd 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
     "$IMGBUILD push -q --no-arch-check --compression zstd -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/zstd"
@@ -263,6 +268,7 @@ def get(n):
     return float(w), float(r)
 rows = [
     ("imgbuild push, cold, gzip (2 platforms)", "imgbuild_cold"),
+    ("imgbuild build only (no registry), cold, gzip", "imgbuild_build"),
     ("imgbuild push, cold, zstd", "imgbuild_cold_zstd"),
     ("buildah build + manifest push --all", "buildah"),
     ("docker build + push (per platform)", "docker"),
