@@ -639,3 +639,32 @@ fn bad_compression_flags_are_usage_errors() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn changing_one_of_several_layers_rebuilds_exactly_that_layer() {
+    let ws = tempfile::tempdir().unwrap();
+    fs::create_dir_all(ws.path().join("data")).unwrap();
+    let mut spec = String::from("platforms = [\"linux/amd64\", \"linux/arm64\"]\n");
+    for i in 0..4 {
+        fs::write(
+            ws.path().join(format!("data/part{i}.bin")),
+            generated(200_000, i + 1),
+        )
+        .unwrap();
+        spec.push_str(&format!(
+            "[[layer]]\nfiles = [{{ src = \"data/part{i}.bin\", dest = \"/data/part{i}.bin\" }}]\n"
+        ));
+    }
+    fs::write(ws.path().join("spec.toml"), spec).unwrap();
+    set_mtime_recursive(ws.path(), 1_000_000_000);
+    let cache = tempfile::tempdir().unwrap();
+    build(ws.path(), cache.path(), &[], &[]);
+    fs::write(ws.path().join("data/part2.bin"), generated(200_000, 99)).unwrap();
+    let out = build(ws.path(), cache.path(), &[], &[]);
+    let rebuilt: Vec<String> = layer_lines(&out)
+        .into_iter()
+        .filter(|l| !l.ends_with(", cached)"))
+        .collect();
+    assert_eq!(rebuilt.len(), 1, "{:?}", layer_lines(&out));
+    assert!(rebuilt[0].contains("/data/part2.bin"), "{rebuilt:?}");
+}
