@@ -88,6 +88,11 @@ pub struct CommonArgs {
     /// More detail on stderr (-v, -vv).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Base image: REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:..., oci:DIR[:TAG] or scratch
+    /// (overrides `base`; `[base_overrides]` still apply).
+    #[arg(long, value_name = "IMAGE")]
+    pub base: Option<String>,
 }
 
 #[derive(Debug, Args)]

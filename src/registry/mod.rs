@@ -11,6 +11,7 @@
 
 mod auth;
 mod client;
+pub mod pull;
 mod retry;
 mod upload;
 
@@ -43,6 +44,9 @@ pub struct PushOptions {
     /// sent and no answer for this long).
     pub timeout: Duration,
     pub user_agent: String,
+    /// Other repositories on the target registry that blobs are mounted from (base images,
+    /// issue 6): the token asks for pull access to them too. Set by [`push`] itself.
+    pub mount_from: Vec<String>,
 }
 
 impl Default for PushOptions {
@@ -55,6 +59,7 @@ impl Default for PushOptions {
             docker_config_dir: None,
             timeout: Duration::from_secs(60),
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
+            mount_from: Vec::new(),
         }
     }
 }
@@ -85,7 +90,15 @@ pub async fn push(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
-    let client = client::Client::connect(repo, opts, progress).await?;
+    let mut opts = opts.clone();
+    opts.mount_from = image
+        .remote_layers
+        .iter()
+        .filter(|(from, _)| from.registry == repo.registry)
+        .map(|(from, _)| from.path.clone())
+        .collect();
+    let client = client::Client::connect(repo, &opts, progress).await?;
+    pull::transfer_base_layers(&client, repo, image, &opts, progress).await?;
     upload::push_image(&client, image, store, tags, opts.jobs, progress).await
 }
 

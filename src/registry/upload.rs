@@ -152,7 +152,7 @@ async fn push_blob(
 }
 
 /// `HEAD /v2/<name>/blobs/<digest>` (spec.md "Checking if content exists in the registry").
-async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryError> {
+pub(crate) async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryError> {
     let url = client.repo_url(&format!("blobs/{digest}"));
     let response = client
         .send(|http| Ok(http.head(url.clone()).timeout(client.timeout())))
