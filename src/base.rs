@@ -88,24 +88,20 @@ pub enum BaseError {
     },
     #[error("base {base}: {reason}")]
     Invalid { base: String, reason: String },
-    #[error("base {base}: {source}")]
-    Registry {
-        base: String,
-        #[source]
-        source: RegistryError,
-    },
-    #[error("base {base}: cannot read {}: {source}; check the oci: path", path.display())]
+    // The causes are part of the one-line message, not a `source()` chain: main prints the
+    // chain too, and the line must not say everything twice.
+    #[error("base {base}: {cause}")]
+    Registry { base: String, cause: RegistryError },
+    #[error("base {base}: cannot read {}: {cause}; check the oci: path", path.display())]
     Layout {
         base: String,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("base image cache {}: {source}", path.display())]
+    #[error("base image cache {}: {cause}", path.display())]
     Cache {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -117,7 +113,7 @@ impl BaseError {
             BaseError::MissingPlatform { .. }
             | BaseError::Invalid { .. }
             | BaseError::Layout { .. } => ExitCode::Input,
-            BaseError::Registry { source, .. } => source.exit_code(),
+            BaseError::Registry { cause, .. } => cause.exit_code(),
             BaseError::Cache { .. } => ExitCode::Internal,
         }
     }
@@ -233,7 +229,7 @@ impl<'a> Source<'a> {
                 };
                 let (top, top_digest) = match &r.target {
                     RefTarget::Digest(d) => {
-                        let top = kind.json(&name, d, opts, progress).await?;
+                        let top = kind.json(&name, d, true, opts, progress).await?;
                         (top, d.clone())
                     }
                     RefTarget::Tag(t) => {
@@ -241,7 +237,7 @@ impl<'a> Source<'a> {
                         let (top, d) = puller.manifest(t, progress).await.map_err(|source| {
                             BaseError::Registry {
                                 base: name.clone(),
-                                source,
+                                cause: source,
                             }
                         })?;
                         kind.remember(&top)?;
@@ -261,7 +257,7 @@ impl<'a> Source<'a> {
                     BaseError::Layout {
                         base: name.clone(),
                         path: path.clone(),
-                        source,
+                        cause: source,
                     }
                 })?);
                 let top = kind_json_layout(&kind, &name, &top_digest, top)?;
@@ -323,7 +319,10 @@ impl<'a> Source<'a> {
                 .unwrap_or_default()
                 .parse()
                 .map_err(|e| invalid(format!("index entry: {e}")))?;
-            let bytes = self.kind.json(&self.name, &digest, opts, progress).await?;
+            let bytes = self
+                .kind
+                .json(&self.name, &digest, true, opts, progress)
+                .await?;
             (bytes, digest)
         } else if MANIFEST_TYPES.contains(&top_type.as_str()) {
             (self.top.clone(), self.top_digest.clone())
@@ -362,7 +361,7 @@ impl<'a> Source<'a> {
             .unwrap_or_default();
         let config_bytes = self
             .kind
-            .json(&self.name, &config_desc.digest, opts, progress)
+            .json(&self.name, &config_desc.digest, false, opts, progress)
             .await?;
         let config: Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| invalid(format!("config {} is not JSON ({e})", config_desc.digest)))?;
@@ -412,7 +411,7 @@ impl SourceKind<'_> {
                     .await
                     .map_err(|source| BaseError::Registry {
                         base: name.to_string(),
-                        source,
+                        cause: source,
                     })?,
             );
         }
@@ -427,17 +426,19 @@ impl SourceKind<'_> {
         {
             cache.put_bytes(bytes).map_err(|source| BaseError::Cache {
                 path: cache.root().to_path_buf(),
-                source,
+                cause: source,
             })?;
         }
         Ok(())
     }
 
-    /// A manifest or config by digest: from the cache or layout (verified), else the registry.
+    /// A manifest (`manifest`) or config by digest: from the cache or layout (verified), else
+    /// the registry.
     async fn json(
         &mut self,
         name: &str,
         digest: &Digest,
+        manifest: bool,
         opts: &PushOptions,
         progress: &dyn Progress,
     ) -> Result<Bytes, BaseError> {
@@ -458,16 +459,19 @@ impl SourceKind<'_> {
         let puller = self.puller(name, opts, progress).await?;
         let registry = |source| BaseError::Registry {
             base: name.to_string(),
-            source,
+            cause: source,
         };
-        // An index or manifest is asked for as a manifest; a config is a blob.
-        let bytes = match puller.manifest(&digest.to_string(), progress).await {
-            Ok((bytes, _)) => bytes,
-            Err(RegistryError::Protocol { status: 404, .. }) => puller
+        let bytes = if manifest {
+            puller
+                .manifest(&digest.to_string(), progress)
+                .await
+                .map_err(registry)?
+                .0
+        } else {
+            puller
                 .small_blob(digest, progress)
                 .await
-                .map_err(registry)?,
-            Err(e) => return Err(registry(e)),
+                .map_err(registry)?
         };
         self.remember(&bytes)?;
         Ok(bytes)
@@ -489,7 +493,7 @@ fn kind_json_layout(
         Bytes::from(std::fs::read(&path).map_err(|source| BaseError::Layout {
             base: name.to_string(),
             path,
-            source,
+            cause: source,
         })?)
     } else {
         top
@@ -509,7 +513,7 @@ fn layout_top(name: &str, dir: &Path, tag: Option<&str>) -> Result<(Bytes, Diges
     let text = std::fs::read(&path).map_err(|source| BaseError::Layout {
         base: name.to_string(),
         path: path.clone(),
-        source,
+        cause: source,
     })?;
     let invalid = |reason: String| BaseError::Invalid {
         base: name.to_string(),
@@ -556,7 +560,7 @@ fn layout_top(name: &str, dir: &Path, tag: Option<&str>) -> Result<(Bytes, Diges
     let bytes = std::fs::read(&blob).map_err(|source| BaseError::Layout {
         base: name.to_string(),
         path: blob,
-        source,
+        cause: source,
     })?;
     Ok((Bytes::from(bytes), digest))
 }
@@ -614,7 +618,7 @@ pub fn collect_layers(
                     let from = BlobStore::open(dir).map_err(|source| BaseError::Layout {
                         base: base.name.clone(),
                         path: dir.clone(),
-                        source,
+                        cause: source,
                     })?;
                     copy_verified(&base.name, &from, store, layer)?;
                 }
@@ -643,11 +647,11 @@ fn copy_verified(
     let layout_err = |source| BaseError::Layout {
         base: name.to_string(),
         path: src.clone(),
-        source,
+        cause: source,
     };
     let cache_err = |source| BaseError::Cache {
         path: to.root().to_path_buf(),
-        source,
+        cause: source,
     };
     let mut file = std::fs::File::open(&src).map_err(layout_err)?;
     let mut writer = to.writer().map_err(cache_err)?;
@@ -690,7 +694,7 @@ pub async fn fetch_layers(
                         .await
                         .map_err(|source| BaseError::Registry {
                             base: name.clone(),
-                            source,
+                            cause: source,
                         })?;
                     pullers.push((repo.clone(), p));
                     pullers.len() - 1
@@ -702,7 +706,7 @@ pub async fn fetch_layers(
                 .await
                 .map_err(|source| BaseError::Registry {
                     base: name.clone(),
-                    source,
+                    cause: source,
                 })?;
         } else {
             progress.event(Event::BlobSkipped {
