@@ -202,8 +202,8 @@ enum SourceKind<'a> {
     Registry {
         repo: Repository,
         cache: Option<&'a BlobStore>,
-        /// Connected on first need.
-        puller: Option<Puller>,
+        /// Connected on first need (boxed: a client is large).
+        puller: Option<Box<Puller>>,
     },
     Layout(BlobStore),
 }
@@ -251,7 +251,7 @@ impl<'a> Source<'a> {
                     top_digest,
                 })
             }
-            Base::Layout { path, tag } => {
+            Base::Layout { path, tag, .. } => {
                 let (top, top_digest) = layout_top(&name, path, tag.as_deref())?;
                 let kind = SourceKind::Layout(BlobStore::open(path).map_err(|source| {
                     BaseError::Layout {
@@ -406,14 +406,14 @@ impl SourceKind<'_> {
             unreachable!("puller() is only asked of registry sources")
         };
         if puller.is_none() {
-            *puller = Some(
+            *puller = Some(Box::new(
                 Puller::connect(repo, opts, progress)
                     .await
                     .map_err(|source| BaseError::Registry {
                         base: name.to_string(),
                         cause: source,
                     })?,
-            );
+            ));
         }
         Ok(puller.as_ref().expect("set just above"))
     }
@@ -787,7 +787,8 @@ mod tests {
         let mut overrides = BTreeMap::new();
         overrides.insert(arm.clone(), b.clone());
         let both = [amd.clone(), arm.clone()];
-        let cases: Vec<(&Base, Option<&Base>, Vec<(Platform, &Base)>)> = vec![
+        type Case<'a> = (&'a Base, Option<&'a Base>, Vec<(Platform, &'a Base)>);
+        let cases: Vec<Case> = vec![
             (&a, None, vec![(amd.clone(), &a), (arm.clone(), &b)]),
             (&a, Some(&c), vec![(amd.clone(), &c), (arm.clone(), &b)]),
             (&Base::Scratch, None, vec![(arm.clone(), &b)]),

@@ -210,7 +210,11 @@ fn with_bases(
     if wanted.is_empty() {
         return Ok(None);
     }
-    let cache = match base::default_cache_dir() {
+    // Only registry bases are cached (a layout is local already).
+    let remote = wanted
+        .iter()
+        .any(|(_, b)| matches!(b, spec::Base::Registry(_)));
+    let cache = match base::default_cache_dir().filter(|_| remote) {
         Some(dir) => Some(BlobStore::open(&dir).map_err(|e| {
             Error::io(
                 format!("creating the base image cache {}", dir.display()),

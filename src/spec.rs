@@ -57,8 +57,14 @@ pub enum Base {
     /// An image in a registry, by tag or digest.
     Registry(ImageRef),
     /// An OCI image layout directory (`oci:PATH[:TAG]`); `path` is already resolved against
-    /// the spec's directory (or the working directory for `--base`).
-    Layout { path: PathBuf, tag: Option<String> },
+    /// the spec's directory (or the working directory for `--base`). `text` is what the user
+    /// wrote: it names the base in annotations, so the digest does not depend on where the
+    /// checkout is.
+    Layout {
+        path: PathBuf,
+        tag: Option<String>,
+        text: String,
+    },
 }
 
 impl Base {
@@ -83,6 +89,7 @@ impl Base {
             return Ok(Base::Layout {
                 path: dir.join(path),
                 tag: tag.map(str::to_string),
+                text: text.to_string(),
             });
         }
         ImageRef::parse(text).map(Base::Registry).map_err(|e| {
@@ -96,8 +103,7 @@ impl fmt::Display for Base {
         match self {
             Base::Scratch => f.write_str("scratch"),
             Base::Registry(r) => write!(f, "{r}"),
-            Base::Layout { path, tag: None } => write!(f, "oci:{}", path.display()),
-            Base::Layout { path, tag: Some(t) } => write!(f, "oci:{}:{t}", path.display()),
+            Base::Layout { text, .. } => f.write_str(text),
         }
     }
 }
@@ -724,6 +730,7 @@ mode = "0644"
                 Base::Layout {
                     path: "specs/../layouts/base".into(),
                     tag: None,
+                    text: "oci:../layouts/base".into(),
                 },
             ),
             (
@@ -731,6 +738,7 @@ mode = "0644"
                 Base::Layout {
                     path: "specs/./l".into(),
                     tag: Some("v1".into()),
+                    text: "oci:./l:v1".into(),
                 },
             ),
             (
@@ -738,6 +746,7 @@ mode = "0644"
                 Base::Layout {
                     path: "/abs/l".into(),
                     tag: None,
+                    text: "oci:/abs/l".into(),
                 },
             ),
             (
@@ -758,7 +767,8 @@ mode = "0644"
             spec.base_overrides[&Platform::new("linux", "arm64", None)],
             Base::Layout {
                 path: "specs/l".into(),
-                tag: None
+                tag: None,
+                text: "oci:l".into(),
             }
         );
         assert_eq!(spec.config.user.as_deref(), Some("0"));

@@ -162,8 +162,16 @@ fn assert_inherited(config: &Value) {
     );
 }
 
+/// Exit code and stderr of a run that must fail with one `error:` line.
 fn failure(out: &Output) -> (Option<i32>, String) {
-    (out.status.code(), text(&out.stderr))
+    let err = text(&out.stderr);
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    (out.status.code(), err)
 }
 
 #[test]
@@ -260,5 +268,226 @@ fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
     assert_eq!(
         text(&out.stdout),
         "hello from imgbuild (x86_64)\nfrom-app base /srv\n"
+    );
+}
+
+#[test]
+fn docker_media_type_base_from_another_registry_is_streamed_and_kept_as_is() {
+    let ws = base_workspace();
+    let source = Registry::start();
+    let target = Registry::start();
+    push(
+        ws.path(),
+        "specs/base.toml",
+        &source,
+        "base/busybox",
+        "1",
+        &[],
+    );
+    // The amd64 image of the base, re-pushed with Docker media types.
+    let mut args = vec!["copy", "--format", "v2s2", "--override-arch", "amd64"];
+    let (src_flags, dst_flags) = (source.skopeo_args("src-"), source.skopeo_args("dest-"));
+    args.extend(src_flags.iter().map(String::as_str));
+    args.extend(dst_flags.iter().map(String::as_str));
+    let (from, to) = (
+        source.docker_ref("base/busybox:1"),
+        source.docker_ref("base/v2s2:1"),
+    );
+    args.extend([from.as_str(), to.as_str()]);
+    skopeo_ok(&args);
+    let base_manifest = json_of(&inspect_raw(&source, "base/v2s2:1"));
+    assert_eq!(
+        base_manifest["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    let base_layer = base_manifest["layers"][0].clone();
+    assert_eq!(
+        base_layer["mediaType"],
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+
+    let base_ref = format!("{}/base/v2s2:1", source.addr);
+    let hex = base_layer["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    let gets_before = count_get(&source.log(), hex);
+    let digest = push(
+        ws.path(),
+        "specs/app.toml",
+        &target,
+        "app",
+        "v1",
+        &["--base", &base_ref, "--platform", "linux/amd64"],
+    );
+    // skopeo pulls everything from the target and verifies every digest.
+    let pulled = ws.path().join("pulled");
+    pull_oci(&target, &format!("app@{digest}"), &pulled, "v1");
+    let index = json_of(&read_blob(&pulled, &digest));
+    let manifest = json_of(&read_blob(&pulled, &child(&index, "amd64")));
+    assert_eq!(
+        manifest["layers"][0], base_layer,
+        "the Docker layer stays as it is"
+    );
+    assert_inherited(&json_of(&read_blob(
+        &pulled,
+        manifest["config"]["digest"].as_str().unwrap(),
+    )));
+    let root = ws.path().join("root");
+    unpack_layers(&pulled, &child(&index, "amd64"), &root);
+    let ran = run_ok(Command::new(root.join("bin/sh")).args(["-c", "echo ok"]));
+    assert_eq!(text(&ran.stdout), "ok\n");
+
+    // Copied with one streamed PUT into the target; no mount across registries.
+    let log = target.log();
+    assert!(!log.contains("mount="), "{log}");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("\"PUT /v2/app/blobs/uploads/")
+                && l.contains(hex)
+                && l.contains("\" 201 "))
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        count_get(&source.log(), hex),
+        gets_before + 1,
+        "one GET of the base layer"
+    );
+
+    // Pushing again: the registry has the base layer, nothing is copied.
+    push(
+        ws.path(),
+        "specs/app.toml",
+        &target,
+        "app",
+        "v2",
+        &["--base", &base_ref, "--platform", "linux/amd64"],
+    );
+    assert_eq!(
+        count_get(&source.log(), hex),
+        gets_before + 1,
+        "HEAD-skip on the second push"
+    );
+
+    // The base has no arm64 image: a clear error listing what it offers, exit 3.
+    let out = cmd(ws.path())
+        .args(["build", "-f", "specs/app.toml", "-o", "out-arm"])
+        .args(["--base", &base_ref, "--platform", "linux/arm64"])
+        .output()
+        .unwrap();
+    let (code, err) = failure(&out);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains(&format!(
+            "base {base_ref} has no linux/arm64 image; it offers linux/amd64;"
+        )),
+        "{err}"
+    );
+}
+
+fn count_get(log: &str, hex: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:") && l.contains(hex))
+        .count()
+}
+
+#[test]
+fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline() {
+    let ws = base_workspace();
+    run_ok(cmd(ws.path()).args([
+        "build",
+        "-q",
+        "-f",
+        "specs/base.toml",
+        "-o",
+        "base-layout",
+        "--tag",
+        "1",
+    ]));
+    // `oci:` in a spec is relative to the spec's directory.
+    let spec = format!("base = \"oci:../base-layout:1\"\n{APP_SPEC}");
+    fs::write(ws.path().join("specs/app-layout.toml"), spec).unwrap();
+    let out =
+        run_ok(cmd(ws.path()).args(["build", "-q", "-f", "specs/app-layout.toml", "-o", "out"]));
+    let digest = text(&out.stdout).trim().to_string();
+    let out_dir = ws.path().join("out");
+    // The layout is complete: skopeo copies all of it, verifying every blob.
+    skopeo_ok(&[
+        "copy",
+        "--all",
+        &format!("oci:{}", out_dir.display()),
+        &format!("oci:{}:copy", ws.path().join("copied").display()),
+    ]);
+    let index = json_of(&read_blob(&out_dir, &digest));
+    assert_eq!(
+        index["annotations"]["org.opencontainers.image.base.name"], "oci:../base-layout:1",
+        "as written in the spec: the digest must not depend on the checkout's place"
+    );
+    for arch in ["amd64", "arm64"] {
+        let root = ws.path().join(format!("root-{arch}"));
+        unpack_layers(&out_dir, &child(&index, arch), &root);
+        let manifest = json_of(&read_blob(&out_dir, &child(&index, arch)));
+        assert_inherited(&json_of(&read_blob(
+            &out_dir,
+            manifest["config"]["digest"].as_str().unwrap(),
+        )));
+    }
+    let ran = run_ok(Command::new(ws.path().join("root-amd64/bin/sh")).args([
+        "-c",
+        &format!("{}/root-amd64/usr/local/bin/hello", ws.path().display()),
+    ]));
+    assert_eq!(text(&ran.stdout), "hello from imgbuild (x86_64)\n");
+    let qemu = find_program("qemu-aarch64-static")
+        .expect("qemu-user-static: run scripts/install-deps.sh test");
+    let root = ws.path().join("root-arm64");
+    let ran = run_ok(
+        Command::new(&qemu)
+            .arg(root.join("bin/sh"))
+            .args(["-c", "echo busybox $((6 * 7))"]),
+    );
+    assert_eq!(text(&ran.stdout), "busybox 42\n");
+    let ran = run_ok(Command::new(&qemu).arg(root.join("usr/local/bin/hello")));
+    assert_eq!(text(&ran.stdout), "hello from imgbuild (aarch64)\n");
+
+    // A registry base pinned by digest: built once online, then again with the registry gone.
+    let reg = Registry::start();
+    let base_digest = push(ws.path(), "specs/base.toml", &reg, "base/busybox", "1", &[]);
+    let pinned = format!("{}/base/busybox@{base_digest}", reg.addr);
+    let tagged = format!("{}/base/busybox:1", reg.addr);
+    let build = |out: &str, base: &str| {
+        cmd(ws.path())
+            .args([
+                "build",
+                "-q",
+                "-f",
+                "specs/app.toml",
+                "-o",
+                out,
+                "--base",
+                base,
+            ])
+            .output()
+            .unwrap()
+    };
+    let online = build("out-online", &pinned);
+    assert!(online.status.success(), "{}", text(&online.stderr));
+    drop(reg);
+    let offline = build("out-offline", &pinned);
+    assert!(offline.status.success(), "{}", text(&offline.stderr));
+    assert_eq!(text(&offline.stdout), text(&online.stdout));
+    skopeo_ok(&[
+        "copy",
+        "--all",
+        &format!("oci:{}", ws.path().join("out-offline").display()),
+        &format!("oci:{}:copy", ws.path().join("copied-offline").display()),
+    ]);
+    // A tag must be asked of the registry: offline, that is a registry error (5).
+    let (code, err) = failure(&build("out-tag", &tagged));
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains(&format!("base {tagged}: cannot connect")),
+        "{err}"
     );
 }
