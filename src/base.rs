@@ -715,7 +715,12 @@ pub async fn fetch_layers(
                 reason: "in the base image cache",
             });
         }
-        if let Some(cache) = cache {
+        // A hard link: the cached file was verified when written, and reading it again to
+        // copy it would double the I/O of a big base. Across file systems, a verified copy.
+        if let Some(cache) = cache
+            && !store.contains(&layer.digest)
+            && std::fs::hard_link(cache.path(&layer.digest), store.path(&layer.digest)).is_err()
+        {
             copy_verified(&name, cache, store, layer)?;
         }
     }

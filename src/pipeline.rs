@@ -69,6 +69,7 @@ pub fn build(
         &PlanOptions {
             context: opts.context.clone().unwrap_or_else(|| spec.context.clone()),
             arch_check: opts.arch_check,
+            based: opts.bases.keys().cloned().collect(),
         },
     )?;
     for w in &plan.warnings {

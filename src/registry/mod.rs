@@ -156,6 +156,15 @@ pub enum RegistryError {
         expected: Digest,
         got: String,
     },
+    #[error(
+        "{url} served content hashing to {got}, not the {expected} asked for; the registry (or something between) serves corrupt content"
+    )]
+    ContentMismatch {
+        url: String,
+        /// What was asked for (a digest, or the registry's `Docker-Content-Digest` for a tag).
+        expected: String,
+        got: String,
+    },
     #[error("refusing {reason} ({url}); this would expose credentials or content to tampering")]
     Insecure { url: String, reason: String },
     #[error(
@@ -190,6 +199,7 @@ impl RegistryError {
             | RegistryError::Timeout { .. }
             | RegistryError::Protocol { .. }
             | RegistryError::DigestMismatch { .. }
+            | RegistryError::ContentMismatch { .. }
             | RegistryError::Insecure { .. } => ExitCode::Registry,
             RegistryError::CaCert { .. } => ExitCode::Usage,
             RegistryError::CorruptBlob { .. }

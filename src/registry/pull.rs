@@ -88,10 +88,10 @@ impl Puller {
                 .map(|d| d.to_string())
                 .or(header);
             match expected {
-                Some(e) if e != digest.to_string() => Err(RegistryError::DigestMismatch {
+                Some(e) if e != digest.to_string() => Err(RegistryError::ContentMismatch {
                     url: display_url(&url),
-                    expected: digest,
-                    got: e.chars().take(100).collect(),
+                    expected: e.chars().take(100).collect(),
+                    got: digest.to_string(),
                 }),
                 _ => Ok((bytes, digest)),
             }
@@ -133,10 +133,10 @@ impl Puller {
         };
         with_retries(&format!("blob {}", desc.digest), progress, || async {
             let response = self.get_blob(&desc.digest).await?;
-            progress.event(Event::BlobStart {
-                digest: &desc.digest,
-                size: desc.size,
-            });
+            progress.event(Event::Debug(&format!(
+                "downloading base layer {} ({} bytes)",
+                desc.digest, desc.size
+            )));
             let mut writer = store.writer().map_err(io)?;
             let mut stream = response.bytes_stream();
             while let Some(chunk) = stream
@@ -145,10 +145,6 @@ impl Puller {
                 .map_err(|e| super::client::transport_error(&url, e, self.client.timeout()))?
             {
                 writer.write_all(&chunk).map_err(io)?;
-                progress.event(Event::BlobProgress {
-                    digest: &desc.digest,
-                    n: chunk.len() as u64,
-                });
             }
             let (got, size) = writer.commit().map_err(io)?;
             if got != desc.digest || size != desc.size {
@@ -157,8 +153,10 @@ impl Puller {
                 }
                 return Err(mismatch(&url, &desc.digest, &got));
             }
-            progress.event(Event::BlobDone {
+            progress.event(Event::LayerBuilt {
                 digest: &desc.digest,
+                size: desc.size,
+                what: "base layer, downloaded",
             });
             Ok(())
         })
@@ -269,9 +267,9 @@ impl Puller {
 }
 
 fn mismatch(url: &reqwest::Url, expected: &Digest, got: &Digest) -> RegistryError {
-    RegistryError::DigestMismatch {
+    RegistryError::ContentMismatch {
         url: display_url(url),
-        expected: expected.clone(),
+        expected: expected.to_string(),
         got: got.to_string(),
     }
 }

@@ -250,6 +250,41 @@ fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
         );
     }
 
+    // A registry serving other bytes for a base layer: the download is refused (exit 5) and
+    // nothing lands in the cache or the layout under that digest.
+    let base_manifest = json_of(&inspect_raw(
+        &reg,
+        &format!("base/busybox@{}", child(&base_index, "amd64")),
+    ));
+    let layer = base_manifest["layers"][0]["digest"].as_str().unwrap();
+    let hex = layer.trim_start_matches("sha256:");
+    let data = reg
+        .storage()
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let mut bytes = fs::read(&data).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&data, &bytes).unwrap();
+    let out = cmd(ws.path())
+        .args(["build", "-f", "specs/app.toml", "-o", "out-corrupt"])
+        .args(["--base", &base_ref, "--platform", "linux/amd64"])
+        .output()
+        .unwrap();
+    let (code, err) = failure(&out);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("served content hashing to") && err.contains(&format!("not the {layer}")),
+        "{err}"
+    );
+    assert!(!blob_path(&ws.path().join("cache/bases"), layer).exists());
+    assert!(!blob_path(&ws.path().join("out-corrupt"), layer).exists());
+    assert!(!ws.path().join("out-corrupt/index.json").exists());
+    bytes[last] ^= 0xff;
+    fs::write(&data, &bytes).unwrap();
+
     if !docker_available() {
         return skip("docker not available: the amd64 image was not run");
     }
