@@ -306,8 +306,19 @@ fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
     );
 }
 
+/// `skopeo copy --format v2s2 <flags> <reg>/<from> <reg>/<to>`: Docker media types.
+fn copy_as_docker(reg: &Registry, flags: &[&str], from: &str, to: &str) {
+    let mut args = vec!["copy", "--format", "v2s2"];
+    args.extend_from_slice(flags);
+    let (src, dst) = (reg.skopeo_args("src-"), reg.skopeo_args("dest-"));
+    args.extend(src.iter().chain(&dst).map(String::as_str));
+    let (from, to) = (reg.docker_ref(from), reg.docker_ref(to));
+    args.extend([from.as_str(), to.as_str()]);
+    skopeo_ok(&args);
+}
+
 #[test]
-fn docker_media_type_base_from_another_registry_is_streamed_and_kept_as_is() {
+fn docker_media_type_bases_from_another_registry_are_streamed_and_kept_as_is() {
     let ws = base_workspace();
     let source = Registry::start();
     let target = Registry::start();
@@ -319,107 +330,135 @@ fn docker_media_type_base_from_another_registry_is_streamed_and_kept_as_is() {
         "1",
         &[],
     );
-    // The amd64 image of the base, re-pushed with Docker media types.
-    let mut args = vec!["copy", "--format", "v2s2", "--override-arch", "amd64"];
-    let (src_flags, dst_flags) = (source.skopeo_args("src-"), source.skopeo_args("dest-"));
-    args.extend(src_flags.iter().map(String::as_str));
-    args.extend(dst_flags.iter().map(String::as_str));
-    let (from, to) = (
-        source.docker_ref("base/busybox:1"),
-        source.docker_ref("base/v2s2:1"),
+    // The base with Docker media types: as a manifest list, and its amd64 image alone.
+    copy_as_docker(&source, &["--all"], "base/busybox:1", "base/list:1");
+    copy_as_docker(
+        &source,
+        &["--override-arch", "amd64"],
+        "base/busybox:1",
+        "base/v2:1",
     );
-    args.extend([from.as_str(), to.as_str()]);
-    skopeo_ok(&args);
-    let base_manifest = json_of(&inspect_raw(&source, "base/v2s2:1"));
+    let list = json_of(&inspect_raw(&source, "base/list:1"));
     assert_eq!(
-        base_manifest["mediaType"],
-        "application/vnd.docker.distribution.manifest.v2+json"
+        list["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
     );
-    let base_layer = base_manifest["layers"][0].clone();
-    assert_eq!(
-        base_layer["mediaType"],
-        "application/vnd.docker.image.rootfs.diff.tar.gzip"
-    );
+    let base_layer = |arch: &str| -> Value {
+        let m = json_of(&inspect_raw(
+            &source,
+            &format!("base/list@{}", child(&list, arch)),
+        ));
+        assert_eq!(
+            m["mediaType"],
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        m["layers"][0].clone()
+    };
+    let hex = |layer: &Value| {
+        layer["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string()
+    };
 
-    let base_ref = format!("{}/base/v2s2:1", source.addr);
-    let hex = base_layer["digest"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:");
-    let gets_before = count_get(&source.log(), hex);
+    let base_ref = format!("{}/base/list:1", source.addr);
+    let gets_before: Vec<usize> = ["amd64", "arm64"]
+        .iter()
+        .map(|a| count_get(&source.log(), &hex(&base_layer(a))))
+        .collect();
     let digest = push(
         ws.path(),
         "specs/app.toml",
         &target,
         "app",
         "v1",
-        &["--base", &base_ref, "--platform", "linux/amd64"],
+        &["--base", &base_ref],
     );
     // skopeo pulls everything from the target and verifies every digest.
     let pulled = ws.path().join("pulled");
     pull_oci(&target, &format!("app@{digest}"), &pulled, "v1");
     let index = json_of(&read_blob(&pulled, &digest));
-    let manifest = json_of(&read_blob(&pulled, &child(&index, "amd64")));
-    assert_eq!(
-        manifest["layers"][0], base_layer,
-        "the Docker layer stays as it is"
-    );
-    assert_inherited(&json_of(&read_blob(
-        &pulled,
-        manifest["config"]["digest"].as_str().unwrap(),
-    )));
+    let log = target.log();
+    assert!(!log.contains("mount="), "no mount across registries: {log}");
+    for (arch, before) in ["amd64", "arm64"].into_iter().zip(&gets_before) {
+        let layer = base_layer(arch);
+        assert_eq!(
+            layer["mediaType"],
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        );
+        let manifest = json_of(&read_blob(&pulled, &child(&index, arch)));
+        assert_eq!(
+            manifest["layers"][0], layer,
+            "{arch}: the Docker layer stays as it is"
+        );
+        assert_inherited(&json_of(&read_blob(
+            &pulled,
+            manifest["config"]["digest"].as_str().unwrap(),
+        )));
+        // One GET from the source, one streamed PUT into the target.
+        let h = hex(&layer);
+        assert_eq!(count_get(&source.log(), &h), before + 1, "{arch}");
+        let puts = log
+            .lines()
+            .filter(|l| l.contains("\"PUT /v2/app/blobs/uploads/") && l.contains(&h))
+            .collect::<Vec<_>>();
+        assert_eq!(puts.len(), 1, "{arch}: {log}");
+        assert!(puts[0].contains("\" 201 "), "{}", puts[0]);
+    }
     let root = ws.path().join("root");
     unpack_layers(&pulled, &child(&index, "amd64"), &root);
     let ran = run_ok(Command::new(root.join("bin/sh")).args(["-c", "echo ok"]));
     assert_eq!(text(&ran.stdout), "ok\n");
 
-    // Copied with one streamed PUT into the target; no mount across registries.
-    let log = target.log();
-    assert!(!log.contains("mount="), "{log}");
-    assert_eq!(
-        log.lines()
-            .filter(|l| l.contains("\"PUT /v2/app/blobs/uploads/")
-                && l.contains(hex)
-                && l.contains("\" 201 "))
-            .count(),
-        1,
-        "{log}"
-    );
-    assert_eq!(
-        count_get(&source.log(), hex),
-        gets_before + 1,
-        "one GET of the base layer"
-    );
-
-    // Pushing again: the registry has the base layer, nothing is copied.
+    // Pushing again: the target has the base layers (HEAD), nothing is fetched.
     push(
         ws.path(),
         "specs/app.toml",
         &target,
         "app",
         "v2",
-        &["--base", &base_ref, "--platform", "linux/amd64"],
+        &["--base", &base_ref],
     );
-    assert_eq!(
-        count_get(&source.log(), hex),
-        gets_before + 1,
-        "HEAD-skip on the second push"
-    );
+    for (arch, before) in ["amd64", "arm64"].into_iter().zip(&gets_before) {
+        assert_eq!(
+            count_get(&source.log(), &hex(&base_layer(arch))),
+            before + 1
+        );
+    }
 
-    // The base has no arm64 image: a clear error listing what it offers, exit 3.
-    let out = cmd(ws.path())
-        .args(["build", "-f", "specs/app.toml", "-o", "out-arm"])
-        .args(["--base", &base_ref, "--platform", "linux/arm64"])
-        .output()
-        .unwrap();
-    let (code, err) = failure(&out);
-    assert_eq!(code, Some(3), "{err}");
-    assert!(
-        err.contains(&format!(
-            "base {base_ref} has no linux/arm64 image; it offers linux/amd64;"
-        )),
-        "{err}"
-    );
+    // A single Docker v2 manifest serves its own platform, and only that one.
+    let single = format!("{}/base/v2:1", source.addr);
+    let build = |out: &str, base: &str, platform: &str| {
+        cmd(ws.path())
+            .args(["build", "-q", "-f", "specs/app.toml", "-o", out])
+            .args(["--base", base, "--platform", platform])
+            .output()
+            .unwrap()
+    };
+    let out = build("out-v2", &single, "linux/amd64");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let built = ws.path().join("out-v2");
+    let index = json_of(&read_blob(&built, text(&out.stdout).trim()));
+    let manifest = json_of(&read_blob(&built, &child(&index, "amd64")));
+    assert_eq!(manifest["layers"][0], base_layer("amd64"));
+    assert!(blob_path(&built, manifest["layers"][0]["digest"].as_str().unwrap()).is_file());
+
+    // Platforms the base lacks: a clear error listing what it offers, exit 3.
+    let cases = [
+        (&single, "linux/arm64", "linux/amd64"),
+        (&base_ref, "linux/arm/v7", "linux/amd64, linux/arm64"),
+    ];
+    for (base, platform, offered) in cases {
+        let (code, err) = failure(&build("out-missing", base, platform));
+        assert_eq!(code, Some(3), "{err}");
+        assert!(
+            err.contains(&format!(
+                "base {base} has no {platform} image; it offers {offered}; pick another base"
+            )),
+            "{err}"
+        );
+    }
 }
 
 fn count_get(log: &str, hex: &str) -> usize {
