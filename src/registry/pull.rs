@@ -9,7 +9,7 @@
 
 use super::client::{Client, display_url, unexpected};
 use super::retry::with_retries;
-use super::upload::upload_url;
+use super::upload::start_upload;
 use super::{PushOptions, RegistryError};
 use crate::digest::{Digest, StreamHasher};
 use crate::image::Descriptor;
@@ -19,7 +19,7 @@ use crate::store::BlobStore;
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use std::io::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -189,29 +189,7 @@ impl Puller {
             || async {
                 let source = self.get_blob(&desc.digest).await?;
                 let src_url = source.url().clone();
-                let start = target.repo_url("blobs/uploads/");
-                let response = target
-                    .send(|http| {
-                        Ok(http
-                            .post(start.clone())
-                            .header(CONTENT_LENGTH, 0)
-                            .timeout(target.timeout()))
-                    })
-                    .await?;
-                if response.status() != StatusCode::ACCEPTED {
-                    return Err(unexpected(&start, response).await);
-                }
-                let location = response
-                    .headers()
-                    .get(LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| RegistryError::Protocol {
-                        url: display_url(&start),
-                        status: 202,
-                        body_snippet: "the answer has no (readable) Location header".into(),
-                        retry_after: None,
-                    })?;
-                let url = upload_url(&start, location, &desc.digest)?;
+                let url = start_upload(target, &desc.digest).await?;
                 progress.event(Event::BlobStart {
                     digest: &desc.digest,
                     size: desc.size,

@@ -162,6 +162,19 @@ fn assert_inherited(config: &Value) {
     );
 }
 
+/// `org.opencontainers.image.base.{name,digest}` of a manifest or index.
+fn assert_base_annotations(doc: &Value, name: &str, digest: &str) {
+    let a = &doc["annotations"];
+    assert_eq!(
+        (
+            &a["org.opencontainers.image.base.name"],
+            &a["org.opencontainers.image.base.digest"]
+        ),
+        (&json!(name), &json!(digest)),
+        "{doc}"
+    );
+}
+
 /// Exit code and stderr of a run that must fail with one `error:` line.
 fn failure(out: &Output) -> (Option<i32>, String) {
     let err = text(&out.stderr);
@@ -191,14 +204,7 @@ fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
         &["--base", &base_ref],
     );
     let index = json_of(&inspect_raw(&reg, &format!("app@{digest}")));
-    assert_eq!(
-        index["annotations"]["org.opencontainers.image.base.name"],
-        base_ref
-    );
-    assert_eq!(
-        index["annotations"]["org.opencontainers.image.base.digest"],
-        base_digest
-    );
+    assert_base_annotations(&index, &base_ref, &base_digest);
 
     let log = reg.log();
     let pulled = ws.path().join("pulled");
@@ -213,14 +219,7 @@ fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
         // The base layer descriptor, exactly; then ours.
         assert_eq!(manifest["layers"][0], base_manifest["layers"][0], "{arch}");
         assert_eq!(manifest["layers"].as_array().unwrap().len(), 2);
-        assert_eq!(
-            manifest["annotations"]["org.opencontainers.image.base.name"],
-            base_ref
-        );
-        assert_eq!(
-            manifest["annotations"]["org.opencontainers.image.base.digest"],
-            base_manifest_digest
-        );
+        assert_base_annotations(&manifest, &base_ref, &base_manifest_digest);
         let config = json_of(&read_blob(
             &pulled,
             manifest["config"]["digest"].as_str().unwrap(),
