@@ -17,7 +17,7 @@ use crate::progress::{Event, Progress};
 use crate::reference::Repository;
 use crate::store::BlobStore;
 use bytes::Bytes;
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use std::io::Write as _;
@@ -307,7 +307,8 @@ pub(crate) async fn mount(
 /// Make sure `target` has every base layer of `image` that is not in the local store
 /// ([`crate::image::BuiltImage::remote_layers`]), before the image's own blobs are pushed:
 /// already there -> skipped (HEAD); same registry -> mounted from the base's repository;
-/// otherwise (or when the mount answers 202) streamed from the base's registry.
+/// otherwise (or when the mount answers 202) streamed from the base's registry. Up to
+/// `opts.jobs` layers at once; each source registry is connected to once, on first need.
 pub(crate) async fn transfer_base_layers(
     target: &Client,
     target_repo: &Repository,
@@ -315,55 +316,89 @@ pub(crate) async fn transfer_base_layers(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<(), RegistryError> {
-    let mut sources: Vec<(Repository, Puller)> = Vec::new();
-    let mut done = std::collections::HashSet::new();
-    for (from, desc) in &image.remote_layers {
-        if !done.insert(&desc.digest) {
-            continue;
+    let mut seen = std::collections::HashSet::new();
+    let layers: Vec<&(Repository, Descriptor)> = image
+        .remote_layers
+        .iter()
+        .filter(|(_, d)| seen.insert(&d.digest))
+        .collect();
+    let mut sources: Vec<Source> = Vec::new();
+    for (from, _) in &layers {
+        if !sources.iter().any(|s| s.repo == *from) {
+            let mut opts = opts.clone();
+            opts.mount_from.clear();
+            // --username/--password-stdin are for the target registry only.
+            if from.registry != target_repo.registry {
+                opts.credentials = None;
+            }
+            sources.push(Source {
+                repo: from.clone(),
+                opts,
+                puller: tokio::sync::OnceCell::new(),
+            });
         }
-        let exists = with_retries(&format!("blob {}", desc.digest), progress, || {
-            super::upload::blob_exists(target, &desc.digest)
+    }
+    // Plain indices, as in upload.rs: keeps the future provably `Send`.
+    let (layers, sources) = (&layers, &sources);
+    futures::stream::iter(0..layers.len())
+        .map(|i| async move {
+            let (from, desc) = layers[i];
+            let source = sources
+                .iter()
+                .find(|s| s.repo == *from)
+                .expect("every layer's source was added above");
+            transfer_one(target, target_repo, source, desc, progress).await
+        })
+        .buffer_unordered(opts.jobs.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// A base repository that layers may be copied from.
+#[derive(Debug)]
+struct Source {
+    repo: Repository,
+    opts: PushOptions,
+    puller: tokio::sync::OnceCell<Puller>,
+}
+
+async fn transfer_one(
+    target: &Client,
+    target_repo: &Repository,
+    source: &Source,
+    desc: &Descriptor,
+    progress: &dyn Progress,
+) -> Result<(), RegistryError> {
+    let exists = with_retries(&format!("blob {}", desc.digest), progress, || {
+        super::upload::blob_exists(target, &desc.digest)
+    })
+    .await?;
+    if exists {
+        progress.event(Event::BlobSkipped {
+            digest: &desc.digest,
+            size: desc.size,
+            reason: "already in the registry",
+        });
+        return Ok(());
+    }
+    if source.repo.registry == target_repo.registry {
+        let mounted = with_retries(&format!("mounting {}", desc.digest), progress, || {
+            mount(target, &desc.digest, &source.repo.path)
         })
         .await?;
-        if exists {
+        if mounted {
             progress.event(Event::BlobSkipped {
                 digest: &desc.digest,
                 size: desc.size,
-                reason: "already in the registry",
+                reason: &format!("mounted from {}", source.repo.path),
             });
-            continue;
+            return Ok(());
         }
-        if from.registry == target_repo.registry {
-            let mounted = with_retries(&format!("mounting {}", desc.digest), progress, || {
-                mount(target, &desc.digest, &from.path)
-            })
-            .await?;
-            if mounted {
-                progress.event(Event::BlobSkipped {
-                    digest: &desc.digest,
-                    size: desc.size,
-                    reason: &format!("mounted from {}", from.path),
-                });
-                continue;
-            }
-        }
-        let i = match sources.iter().position(|(r, _)| r == from) {
-            Some(i) => i,
-            None => {
-                let mut source_opts = opts.clone();
-                source_opts.mount_from.clear();
-                // --username/--password-stdin are for the target registry only.
-                if from.registry != target_repo.registry {
-                    source_opts.credentials = None;
-                }
-                sources.push((
-                    from.clone(),
-                    Puller::connect(from, &source_opts, progress).await?,
-                ));
-                sources.len() - 1
-            }
-        };
-        sources[i].1.copy_to(target, desc, progress).await?;
     }
-    Ok(())
+    let puller = source
+        .puller
+        .get_or_try_init(|| Puller::connect(&source.repo, &source.opts, progress))
+        .await?;
+    puller.copy_to(target, desc, progress).await
 }
