@@ -524,6 +524,22 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
     let ran = run_ok(Command::new(&qemu).arg(root.join("usr/local/bin/hello")));
     assert_eq!(text(&ran.stdout), "hello from imgbuild (aarch64)\n");
 
+    // A dynamic program: on scratch its loader is surely missing (warning); on a base it may
+    // be there (no warning).
+    for (base, warns) in [("oci:../base-layout:1", false), ("scratch", true)] {
+        let spec = format!(
+            "base = \"{base}\"\nplatforms = [\"linux/amd64\"]\n[[layer]]\nfiles = [{{ src = \"../fixtures/dist/amd64/hello-dynamic\", dest = \"/hello\" }}]\n"
+        );
+        fs::write(ws.path().join("specs/dyn.toml"), spec).unwrap();
+        let out = run_ok(cmd(ws.path()).args(["build", "-f", "specs/dyn.toml", "-o", "out-dyn"]));
+        let err = text(&out.stderr);
+        assert_eq!(
+            err.contains("warning: ") && err.contains("is dynamically linked"),
+            warns,
+            "{base}: {err}"
+        );
+    }
+
     // A registry base pinned by digest: built once online, then again with the registry gone.
     let reg = Registry::start();
     let base_digest = push(ws.path(), "specs/base.toml", &reg, "base/busybox", "1", &[]);
@@ -561,6 +577,110 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
     assert_eq!(code, Some(5), "{err}");
     assert!(
         err.contains(&format!("base {tagged}: cannot connect")),
+        "{err}"
+    );
+}
+
+/// `push` with `--username u --password-stdin` and `-v`; returns (index digest, stderr).
+fn push_with_password(
+    ws: &Path,
+    spec: &str,
+    reg: &Registry,
+    repo: &str,
+    extra: &[&str],
+) -> (String, String) {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let (user, pass) = reg.creds.clone().expect("an htpasswd registry");
+    let mut child = cmd(ws)
+        .args([
+            "push",
+            "-v",
+            "-f",
+            spec,
+            "--repo",
+            &format!("{}/{repo}", reg.addr),
+        ])
+        .args(["--username", &user, "--password-stdin"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{pass}\n").as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", reg.log());
+    assert!(!err.contains(&pass), "password leaked: {err}");
+    let line = text(&out.stdout);
+    (
+        line.trim()
+            .split_once('@')
+            .expect("REPO@DIGEST")
+            .1
+            .to_string(),
+        err,
+    )
+}
+
+#[test]
+fn base_on_an_authenticated_registry_uses_the_push_credentials_and_mounts() {
+    let ws = base_workspace();
+    let reg = Registry::start_htpasswd("ci-user", "base-s3cret-42");
+    push_with_password(
+        ws.path(),
+        "specs/base.toml",
+        &reg,
+        "base/busybox",
+        &["--tag", "1"],
+    );
+    let base_ref = format!("{}/base/busybox:1", reg.addr);
+    let (digest, err) = push_with_password(
+        ws.path(),
+        "specs/app.toml",
+        &reg,
+        "app",
+        &["--base", &base_ref, "--platform", "linux/arm64"],
+    );
+    assert!(err.contains("(mounted from base/busybox)"), "{err}");
+    let log = reg.log();
+    let mounted = log
+        .lines()
+        .filter(|l| l.contains("\"POST /v2/app/blobs/uploads/?mount=") && l.contains("\" 201 "))
+        .count();
+    assert_eq!(mounted, 1, "{log}");
+    let pulled = ws.path().join("pulled");
+    pull_oci(&reg, &format!("app@{digest}"), &pulled, "v1");
+    let index = json_of(&read_blob(&pulled, &digest));
+    let manifest = json_of(&read_blob(&pulled, &child(&index, "arm64")));
+    assert_inherited(&json_of(&read_blob(
+        &pulled,
+        manifest["config"]["digest"].as_str().unwrap(),
+    )));
+
+    // Without credentials the base cannot be read: an authentication error (4) naming the base.
+    let out = cmd(ws.path())
+        .args([
+            "build",
+            "-f",
+            "specs/app.toml",
+            "-o",
+            "out-noauth",
+            "--base",
+            &base_ref,
+        ])
+        .output()
+        .unwrap();
+    let (code, err) = failure(&out);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(
+        err.contains(&format!(
+            "error: base {base_ref}: authentication to {} failed (HTTP 401)",
+            reg.addr
+        )),
         "{err}"
     );
 }
