@@ -107,6 +107,14 @@ pub struct BuildArgs {
     /// Also write the layout as a tar file.
     #[arg(long, value_name = "FILE")]
     pub tarball: Option<PathBuf>,
+
+    /// Allow plain HTTP for this base image registry (after HTTPS fails); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust this PEM CA certificate for base image registries; repeatable.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    pub ca_certs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

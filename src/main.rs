@@ -50,7 +50,14 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
             let store = BlobStore::open(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-            let (mut opts, pull) = (opts, PushOptions::default());
+            // Reaching base image registries: like push, without --username.
+            let pull = PushOptions {
+                insecure_registries: args.insecure_registries.clone(),
+                ca_certs: args.ca_certs.clone(),
+                jobs: usize::from(c.jobs),
+                ..PushOptions::default()
+            };
+            let mut opts = opts;
             let runtime = runtime()?;
             let cache = with_bases(
                 c,

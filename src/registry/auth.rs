@@ -711,6 +711,25 @@ mod tests {
         assert_eq!(creds.password.expose(), "hunter2");
     }
 
+    /// A push that mounts from other repositories asks one token for all of them (issue 6).
+    #[test]
+    fn scopes_include_mount_sources() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "repository:team/app:pull,push"),
+            (
+                &["base/busybox", "team/app", "other"],
+                "repository:team/app:pull,push repository:base/busybox:pull repository:other:pull",
+            ),
+        ];
+        for (from, want) in cases {
+            let opts = PushOptions {
+                mount_from: from.iter().map(|s| s.to_string()).collect(),
+                ..PushOptions::default()
+            };
+            assert_eq!(Auth::new("r.example.com", "team/app", &opts).scope, *want);
+        }
+    }
+
     #[test]
     fn docker_config_lookup() {
         let dir = tempfile::tempdir().expect("tempdir");

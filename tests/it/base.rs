@@ -684,3 +684,47 @@ fn base_on_an_authenticated_registry_uses_the_push_credentials_and_mounts() {
         "{err}"
     );
 }
+
+#[test]
+fn base_on_a_tls_registry_needs_its_ca_for_build_too() {
+    let ws = base_workspace();
+    let reg = Registry::start_tls(&[]);
+    let ca = reg.ca_cert().unwrap();
+    let ca = ca.to_str().unwrap();
+    push(
+        ws.path(),
+        "specs/base.toml",
+        &reg,
+        "base/busybox",
+        "1",
+        &["--ca-cert", ca],
+    );
+    let base_ref = format!("{}/base/busybox:1", reg.addr);
+    let build = |out: &str, extra: &[&str]| {
+        cmd(ws.path())
+            .args([
+                "build",
+                "-q",
+                "-f",
+                "specs/app.toml",
+                "-o",
+                out,
+                "--base",
+                &base_ref,
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = build("out-tls", &["--ca-cert", ca]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    skopeo_ok(&[
+        "copy",
+        "--all",
+        &format!("oci:{}", ws.path().join("out-tls").display()),
+        &format!("oci:{}:copy", ws.path().join("copied").display()),
+    ]);
+    let (code, err) = failure(&build("out-no-ca", &[]));
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("pass it with --ca-cert FILE"), "{err}");
+}
