@@ -673,7 +673,8 @@ fn copy_verified(
 }
 
 /// For a local build: put every remote base layer into `store`, from the cache when it has
-/// it (verified while copied), else downloaded from its registry into the cache first.
+/// it, else downloaded (verified while it streams) from its registry into the cache first.
+/// Up to `opts.jobs` downloads at once; each registry is connected to once, on first need.
 pub async fn fetch_layers(
     remote: &[(Repository, Descriptor)],
     store: &BlobStore,
@@ -681,49 +682,58 @@ pub async fn fetch_layers(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<(), BaseError> {
-    let mut pullers: Vec<(Repository, Puller)> = Vec::new();
-    for (repo, layer) in remote {
-        let name = repo.to_string();
-        let dest = cache.unwrap_or(store);
-        if !dest.contains(&layer.digest) {
-            let i = match pullers.iter().position(|(r, _)| r == repo) {
-                Some(i) => i,
-                None => {
-                    let opts = pull_options(opts, &repo.registry, None);
-                    let p = Puller::connect(repo, &opts, progress)
-                        .await
-                        .map_err(|source| BaseError::Registry {
-                            base: name.clone(),
-                            cause: source,
-                        })?;
-                    pullers.push((repo.clone(), p));
-                    pullers.len() - 1
-                }
-            };
-            pullers[i]
-                .1
-                .download(layer, dest, progress)
-                .await
-                .map_err(|source| BaseError::Registry {
-                    base: name.clone(),
-                    cause: source,
-                })?;
-        } else {
-            progress.event(Event::BlobSkipped {
-                digest: &layer.digest,
-                size: layer.size,
-                reason: "in the base image cache",
-            });
-        }
-        // A hard link: the cached file was verified when written, and reading it again to
-        // copy it would double the I/O of a big base. Across file systems, a verified copy.
-        if let Some(cache) = cache
-            && !store.contains(&layer.digest)
-            && std::fs::hard_link(cache.path(&layer.digest), store.path(&layer.digest)).is_err()
-        {
-            copy_verified(&name, cache, store, layer)?;
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let mut repos: Vec<(&Repository, tokio::sync::OnceCell<Puller>)> = Vec::new();
+    for (repo, _) in remote {
+        if !repos.iter().any(|(r, _)| *r == repo) {
+            repos.push((repo, tokio::sync::OnceCell::new()));
         }
     }
+    let repos = &repos;
+    futures::stream::iter(remote)
+        .map(|(repo, layer)| async move {
+            let name = repo.to_string();
+            let registry = |cause| BaseError::Registry {
+                base: name.clone(),
+                cause,
+            };
+            let dest = cache.unwrap_or(store);
+            if dest.contains(&layer.digest) {
+                progress.event(Event::BlobSkipped {
+                    digest: &layer.digest,
+                    size: layer.size,
+                    reason: "in the base image cache",
+                });
+            } else {
+                let cell = &repos
+                    .iter()
+                    .find(|(r, _)| *r == repo)
+                    .expect("every repository was added above")
+                    .1;
+                let opts = pull_options(opts, &repo.registry, None);
+                let puller = cell
+                    .get_or_try_init(|| Puller::connect(repo, &opts, progress))
+                    .await
+                    .map_err(registry)?;
+                puller
+                    .download(layer, dest, progress)
+                    .await
+                    .map_err(registry)?;
+            }
+            // A hard link: the cached file was verified when written, and reading it again
+            // to copy it would double the I/O of a big base. Across file systems, a verified
+            // copy.
+            if let Some(cache) = cache
+                && !store.contains(&layer.digest)
+                && std::fs::hard_link(cache.path(&layer.digest), store.path(&layer.digest)).is_err()
+            {
+                copy_verified(&name, cache, store, layer)?;
+            }
+            Ok::<(), BaseError>(())
+        })
+        .buffer_unordered(opts.jobs.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
     Ok(())
 }
 
