@@ -178,13 +178,11 @@ pub async fn resolve(
                     Base::Registry(r) => pull_options(opts, &r.repo.registry, target),
                     _ => opts.clone(),
                 };
-                let source = Source::open(base, &opts, cache, progress).await?;
-                sources.push((base, source));
+                sources.push((base, Source::open(base, opts, cache, progress).await?));
                 sources.len() - 1
             }
         };
-        let opts = pull_options(opts, &sources[i].1.registry(), target);
-        let resolved = sources[i].1.platform(platform, &opts, progress).await?;
+        let resolved = sources[i].1.platform(platform, progress).await?;
         out.insert(platform.clone(), resolved);
     }
     Ok(out)
@@ -196,6 +194,8 @@ struct Source<'a> {
     kind: SourceKind<'a>,
     top: Bytes,
     top_digest: Digest,
+    /// How to reach its registry (see [`pull_options`]).
+    opts: PushOptions,
 }
 
 enum SourceKind<'a> {
@@ -211,7 +211,7 @@ enum SourceKind<'a> {
 impl<'a> Source<'a> {
     async fn open(
         base: &Base,
-        opts: &PushOptions,
+        opts: PushOptions,
         cache: Option<&'a BlobStore>,
         progress: &dyn Progress,
     ) -> Result<Source<'a>, BaseError> {
@@ -229,11 +229,11 @@ impl<'a> Source<'a> {
                 };
                 let (top, top_digest) = match &r.target {
                     RefTarget::Digest(d) => {
-                        let top = kind.json(&name, d, true, opts, progress).await?;
+                        let top = kind.json(&name, d, true, &opts, progress).await?;
                         (top, d.clone())
                     }
                     RefTarget::Tag(t) => {
-                        let puller = kind.puller(&name, opts, progress).await?;
+                        let puller = kind.puller(&name, &opts, progress).await?;
                         let (top, d) = puller.manifest(t, progress).await.map_err(|source| {
                             BaseError::Registry {
                                 base: name.clone(),
@@ -249,10 +249,12 @@ impl<'a> Source<'a> {
                     kind,
                     top,
                     top_digest,
+                    opts,
                 })
             }
             Base::Layout { path, tag, .. } => {
                 let (top, top_digest) = layout_top(&name, path, tag.as_deref())?;
+                verify_layout_blob(&name, &top_digest, &top)?;
                 let kind = SourceKind::Layout(BlobStore::open(path).map_err(|source| {
                     BaseError::Layout {
                         base: name.clone(),
@@ -260,21 +262,14 @@ impl<'a> Source<'a> {
                         cause: source,
                     }
                 })?);
-                let top = kind_json_layout(&kind, &name, &top_digest, top)?;
                 Ok(Source {
                     name,
                     kind,
                     top,
                     top_digest,
+                    opts,
                 })
             }
-        }
-    }
-
-    fn registry(&self) -> String {
-        match &self.kind {
-            SourceKind::Registry { repo, .. } => repo.registry.clone(),
-            SourceKind::Layout(_) => String::new(),
         }
     }
 
@@ -282,7 +277,6 @@ impl<'a> Source<'a> {
     async fn platform(
         &mut self,
         platform: &Platform,
-        opts: &PushOptions,
         progress: &dyn Progress,
     ) -> Result<ResolvedBase, BaseError> {
         let invalid = |reason: String| BaseError::Invalid {
@@ -321,7 +315,7 @@ impl<'a> Source<'a> {
                 .map_err(|e| invalid(format!("index entry: {e}")))?;
             let bytes = self
                 .kind
-                .json(&self.name, &digest, true, opts, progress)
+                .json(&self.name, &digest, true, &self.opts, progress)
                 .await?;
             (bytes, digest)
         } else if MANIFEST_TYPES.contains(&top_type.as_str()) {
@@ -361,7 +355,7 @@ impl<'a> Source<'a> {
             .unwrap_or_default();
         let config_bytes = self
             .kind
-            .json(&self.name, &config_desc.digest, false, opts, progress)
+            .json(&self.name, &config_desc.digest, false, &self.opts, progress)
             .await?;
         let config: Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| invalid(format!("config {} is not JSON ({e})", config_desc.digest)))?;
@@ -442,8 +436,15 @@ impl SourceKind<'_> {
         opts: &PushOptions,
         progress: &dyn Progress,
     ) -> Result<Bytes, BaseError> {
-        if let SourceKind::Layout(_) = self {
-            return kind_json_layout(self, name, digest, Bytes::new());
+        if let SourceKind::Layout(store) = self {
+            let path = store.path(digest);
+            let bytes = std::fs::read(&path).map_err(|source| BaseError::Layout {
+                base: name.to_string(),
+                path,
+                cause: source,
+            })?;
+            verify_layout_blob(name, digest, &bytes)?;
+            return Ok(Bytes::from(bytes));
         }
         if let SourceKind::Registry {
             cache: Some(cache), ..
@@ -478,33 +479,16 @@ impl SourceKind<'_> {
     }
 }
 
-/// A JSON blob of a layout by digest (`top`, when not empty, is already read), verified.
-fn kind_json_layout(
-    kind: &SourceKind<'_>,
-    name: &str,
-    digest: &Digest,
-    top: Bytes,
-) -> Result<Bytes, BaseError> {
-    let SourceKind::Layout(store) = kind else {
-        unreachable!("layout sources only")
-    };
-    let bytes = if top.is_empty() {
-        let path = store.path(digest);
-        Bytes::from(std::fs::read(&path).map_err(|source| BaseError::Layout {
-            base: name.to_string(),
-            path,
-            cause: source,
-        })?)
+/// A layout blob must be what its name says.
+fn verify_layout_blob(name: &str, digest: &Digest, bytes: &[u8]) -> Result<(), BaseError> {
+    if Digest::of(bytes) == *digest {
+        Ok(())
     } else {
-        top
-    };
-    if Digest::of(&bytes) != *digest {
-        return Err(BaseError::Invalid {
+        Err(BaseError::Invalid {
             base: name.to_string(),
             reason: format!("blob {digest} in the layout has other content; the layout is corrupt"),
-        });
+        })
     }
-    Ok(bytes)
 }
 
 /// The layout's image for `tag` (`org.opencontainers.image.ref.name`), or its only image.

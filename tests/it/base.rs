@@ -524,6 +524,44 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
     let ran = run_ok(Command::new(&qemu).arg(root.join("usr/local/bin/hello")));
     assert_eq!(text(&ran.stdout), "hello from imgbuild (aarch64)\n");
 
+    // [base_overrides]: arm64 on the layout, amd64 on scratch; the index names no base then.
+    let spec =
+        format!("{APP_SPEC}\n[base_overrides]\n\"linux/arm64\" = \"oci:../base-layout:1\"\n");
+    fs::write(ws.path().join("specs/app-mixed.toml"), spec).unwrap();
+    let out = run_ok(cmd(ws.path()).args([
+        "build",
+        "-q",
+        "-f",
+        "specs/app-mixed.toml",
+        "-o",
+        "out-mixed",
+    ]));
+    let mixed = ws.path().join("out-mixed");
+    let index = json_of(&read_blob(&mixed, text(&out.stdout).trim()));
+    assert!(
+        index["annotations"]
+            .get("org.opencontainers.image.base.name")
+            .is_none(),
+        "{index}"
+    );
+    for (arch, layers, user) in [("amd64", 1, "65532:65532"), ("arm64", 2, "0:0")] {
+        let manifest = json_of(&read_blob(&mixed, &child(&index, arch)));
+        assert_eq!(
+            manifest["layers"].as_array().unwrap().len(),
+            layers,
+            "{arch}"
+        );
+        let based = manifest["annotations"]
+            .get("org.opencontainers.image.base.name")
+            .is_some();
+        assert_eq!(based, layers == 2, "{arch}");
+        let config = json_of(&read_blob(
+            &mixed,
+            manifest["config"]["digest"].as_str().unwrap(),
+        ));
+        assert_eq!(config["config"]["User"], user, "{arch}");
+    }
+
     // A dynamic program: on scratch its loader is surely missing (warning); on a base it may
     // be there (no warning).
     for (base, warns) in [("oci:../base-layout:1", false), ("scratch", true)] {
@@ -539,6 +577,40 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
             "{base}: {err}"
         );
     }
+
+    // A corrupt layout blob is refused (exit 3), and not copied.
+    let base_index =
+        json_of(
+            &read_blob(
+                &ws.path().join("base-layout"),
+                json_of(&fs::read(ws.path().join("base-layout/index.json")).unwrap())["manifests"]
+                    [0]["digest"]
+                    .as_str()
+                    .unwrap(),
+            ),
+        );
+    let base_manifest = json_of(&read_blob(
+        &ws.path().join("base-layout"),
+        &child(&base_index, "amd64"),
+    ));
+    let layer = base_manifest["layers"][0]["digest"].as_str().unwrap();
+    let blob = blob_path(&ws.path().join("base-layout"), layer);
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[0] ^= 0xff;
+    fs::write(&blob, &bytes).unwrap();
+    let out = cmd(ws.path())
+        .args(["build", "-f", "specs/app-layout.toml", "-o", "out-corrupt"])
+        .output()
+        .unwrap();
+    let (code, err) = failure(&out);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains(&format!(
+            "base oci:../base-layout:1: blob {layer} in the layout has other content"
+        )),
+        "{err}"
+    );
+    assert!(!blob_path(&ws.path().join("out-corrupt"), layer).exists());
 
     // A registry base pinned by digest: built once online, then again with the registry gone.
     let reg = Registry::start();
