@@ -293,8 +293,10 @@ impl<'a> Source<'a> {
             for e in &entries {
                 let p = &e["platform"];
                 let text = platform_text(p);
-                if text.is_empty() {
-                    continue; // attestations and other non-image entries have no platform
+                // Attestation manifests (buildx) say `unknown/unknown`; other non-image entries
+                // have no platform: neither is something to offer.
+                if text.is_empty() || text.starts_with("unknown/") {
+                    continue;
                 }
                 if found.is_none() && matches(p, platform) {
                     found = Some(e.clone());

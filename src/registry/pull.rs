@@ -139,10 +139,16 @@ impl Puller {
             )));
             let mut writer = store.writer().map_err(io)?;
             let mut stream = response.bytes_stream();
-            while let Some(chunk) = stream
-                .try_next()
+            let timeout = self.client.timeout();
+            let stalled = || RegistryError::Timeout {
+                url: display_url(&url),
+                secs: timeout.as_secs(),
+            };
+            // A chunk at least every `timeout`, or the source stalled.
+            while let Some(chunk) = tokio::time::timeout(timeout, stream.try_next())
                 .await
-                .map_err(|e| super::client::transport_error(&url, e, self.client.timeout()))?
+                .map_err(|_| stalled())?
+                .map_err(|e| super::client::transport_error(&url, e, timeout))?
             {
                 writer.write_all(&chunk).map_err(io)?;
             }
@@ -196,29 +202,36 @@ impl Puller {
                 });
                 let hasher = Arc::new(Mutex::new(StreamHasher::default()));
                 let seen = Arc::clone(&hasher);
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
                 let stream = source.bytes_stream().inspect_ok(move |chunk| {
                     seen.lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .update(chunk);
+                    let _ = tx.send(chunk.len() as u64);
                 });
                 // The source stream can be sent once: a 401 on this PUT is not retried in place
                 // (the POST before it has already settled authentication).
                 let mut body = Some(reqwest::Body::wrap_stream(stream));
-                let response = target
-                    .send(|http| {
-                        let body = body.take().ok_or_else(|| RegistryError::Protocol {
-                            url: display_url(&url),
-                            status: 401,
-                            body_snippet: "authentication changed during a streamed copy".into(),
-                            retry_after: None,
-                        })?;
-                        Ok(http
-                            .put(url.clone())
-                            .header(CONTENT_TYPE, "application/octet-stream")
-                            .header(CONTENT_LENGTH, desc.size)
-                            .body(body))
-                    })
-                    .await?;
+                let send = target.send(|http| {
+                    let body = body.take().ok_or_else(|| RegistryError::Protocol {
+                        url: display_url(&url),
+                        status: 401,
+                        body_snippet: "authentication changed during a streamed copy".into(),
+                        retry_after: None,
+                    })?;
+                    Ok(http
+                        .put(url.clone())
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header(CONTENT_LENGTH, desc.size)
+                        .body(body))
+                });
+                let response = stall_guard(send, &mut rx, target.timeout(), &url, |n| {
+                    progress.event(Event::BlobProgress {
+                        digest: &desc.digest,
+                        n,
+                    });
+                })
+                .await?;
                 let (got, size) = hasher
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -230,10 +243,6 @@ impl Puller {
                 if !response.status().is_success() {
                     return Err(unexpected(&url, response).await);
                 }
-                progress.event(Event::BlobProgress {
-                    digest: &desc.digest,
-                    n: desc.size,
-                });
                 progress.event(Event::BlobDone {
                     digest: &desc.digest,
                 });
@@ -241,6 +250,33 @@ impl Puller {
             },
         )
         .await
+    }
+}
+
+/// Await `fut` (a streamed request), giving up when `rx` reports no bytes moved for
+/// `timeout`: a stalled source or target. After the last byte, the answer must come within
+/// `timeout` too. (The same watchdog as upload.rs's file uploads; reqwest's own timeouts
+/// would cut off any transfer slower than the limit.)
+async fn stall_guard<T>(
+    fut: impl std::future::Future<Output = Result<T, RegistryError>>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<u64>,
+    timeout: std::time::Duration,
+    url: &reqwest::Url,
+    mut on_bytes: impl FnMut(u64),
+) -> Result<T, RegistryError> {
+    tokio::pin!(fut);
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        tokio::select! {
+            result = &mut fut => return result,
+            Some(n) = rx.recv() => {
+                on_bytes(n);
+                deadline = tokio::time::Instant::now() + timeout;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(RegistryError::Timeout { url: display_url(url), secs: timeout.as_secs() });
+            }
+        }
     }
 }
 
