@@ -522,12 +522,18 @@ fn layout_top(name: &str, dir: &Path, tag: Option<&str>) -> Result<(Bytes, Diges
     let entry = match chosen.as_slice() {
         [one] => *one,
         [] => {
-            return Err(invalid(format!(
-                "no image tagged {:?} in {}; it has: {}",
-                tag.unwrap_or_default(),
-                path.display(),
-                nonempty(tags.iter().map(|t| t.to_string()).collect()).join(", ")
-            )));
+            let have = if tags.is_empty() {
+                "no tagged image".to_string()
+            } else {
+                tags.join(", ")
+            };
+            return Err(invalid(match tag {
+                Some(t) => format!(
+                    "no image tagged {t:?} in {}; it has: {have}",
+                    path.display()
+                ),
+                None => format!("{} holds no image", path.display()),
+            }));
         }
         _ => {
             return Err(invalid(format!(
@@ -775,6 +781,60 @@ mod tests {
         ];
         for (p, want, ok) in cases {
             assert_eq!(matches(&p, &want.parse().unwrap()), ok, "{p} {want}");
+        }
+    }
+
+    /// `oci:DIR[:TAG]`: which image of the layout's `index.json` is taken, or the error.
+    #[test]
+    fn layout_image_choice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let a = store.put_bytes(br#"{"a":1}"#).unwrap();
+        let b = store.put_bytes(br#"{"b":2}"#).unwrap();
+        let entry = |d: &Digest, tag: Option<&str>| {
+            let mut e = json!({"mediaType": INDEX_TYPES[0], "digest": d, "size": 7});
+            if let Some(t) = tag {
+                e["annotations"] = json!({ ANNOTATION_REF_NAME: t });
+            }
+            e
+        };
+        /// index.json entries, the tag asked for, and the image chosen or the error.
+        type Case<'a> = (Vec<Value>, Option<&'a str>, Result<&'a Digest, &'a str>);
+        let cases: Vec<Case> = vec![
+            (vec![entry(&a, None)], None, Ok(&a)),
+            (
+                vec![entry(&a, Some("1")), entry(&b, Some("2"))],
+                Some("2"),
+                Ok(&b),
+            ),
+            (
+                vec![entry(&a, Some("1")), entry(&b, Some("2"))],
+                None,
+                Err("holds several images; name one with oci:PATH:TAG (tags: 1, 2)"),
+            ),
+            (
+                vec![entry(&a, Some("1"))],
+                Some("3"),
+                Err("no image tagged \"3\" in"),
+            ),
+            (vec![], None, Err("index.json holds no image")),
+            (
+                vec![entry(&a, None)],
+                Some("1"),
+                Err("it has: no tagged image"),
+            ),
+        ];
+        for (entries, tag, want) in cases {
+            let index = json!({"schemaVersion": 2, "manifests": entries});
+            std::fs::write(dir.path().join("index.json"), index.to_string()).unwrap();
+            let got = layout_top("x", dir.path(), tag);
+            match want {
+                Ok(d) => assert_eq!(&got.unwrap().1, d, "{tag:?}"),
+                Err(m) => {
+                    let e = got.unwrap_err().to_string();
+                    assert!(e.contains(m), "{e}");
+                }
+            }
         }
     }
 
