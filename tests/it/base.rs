@@ -611,6 +611,8 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
         "{err}"
     );
     assert!(!blob_path(&ws.path().join("out-corrupt"), layer).exists());
+    bytes[0] ^= 0xff;
+    fs::write(&blob, &bytes).unwrap();
 
     // A registry base pinned by digest: built once online, then again with the registry gone.
     let reg = Registry::start();
@@ -632,6 +634,16 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
             .output()
             .unwrap()
     };
+    // A push on a layout base uploads the base's layers like ours.
+    let pushed = push(ws.path(), "specs/app-layout.toml", &reg, "app", "v1", &[]);
+    assert_eq!(pushed, digest, "build and push give the same image");
+    pull_oci(
+        &reg,
+        &format!("app@{digest}"),
+        &ws.path().join("pulled"),
+        "v1",
+    );
+
     let online = build("out-online", &pinned);
     assert!(online.status.success(), "{}", text(&online.stderr));
     drop(reg);
