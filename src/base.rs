@@ -216,11 +216,13 @@ impl<'a> Source<'a> {
         progress: &dyn Progress,
     ) -> Result<Source<'a>, BaseError> {
         let name = base.to_string();
-        match base {
-            Base::Scratch => Err(BaseError::Invalid {
-                base: name,
-                reason: "scratch has nothing to resolve".into(),
-            }),
+        let (kind, top, top_digest) = match base {
+            Base::Scratch => {
+                return Err(BaseError::Invalid {
+                    base: name,
+                    reason: "scratch has nothing to resolve".into(),
+                });
+            }
             Base::Registry(r) => {
                 let mut kind = SourceKind::Registry {
                     repo: r.repo.clone(),
@@ -244,13 +246,7 @@ impl<'a> Source<'a> {
                         (top, d)
                     }
                 };
-                Ok(Source {
-                    name,
-                    kind,
-                    top,
-                    top_digest,
-                    opts,
-                })
+                (kind, top, top_digest)
             }
             Base::Layout { path, tag, .. } => {
                 let (top, top_digest) = layout_top(&name, path, tag.as_deref())?;
@@ -262,15 +258,16 @@ impl<'a> Source<'a> {
                         cause: source,
                     }
                 })?);
-                Ok(Source {
-                    name,
-                    kind,
-                    top,
-                    top_digest,
-                    opts,
-                })
+                (kind, top, top_digest)
             }
-        }
+        };
+        Ok(Source {
+            name,
+            kind,
+            top,
+            top_digest,
+            opts,
+        })
     }
 
     /// The base for `platform`: pick it from an index, or check a single manifest's config.
@@ -736,50 +733,25 @@ mod tests {
 
     #[test]
     fn platform_matching() {
+        // (os, architecture, variant) of the base's entry, the platform we want, match?
         let cases = [
-            (
-                json!({"os": "linux", "architecture": "amd64"}),
-                "linux/amd64",
-                true,
-            ),
-            (
-                json!({"os": "linux", "architecture": "arm64", "variant": "v8"}),
-                "linux/arm64",
-                true,
-            ),
-            (
-                json!({"os": "linux", "architecture": "arm64"}),
-                "linux/arm64",
-                true,
-            ),
-            (
-                json!({"os": "linux", "architecture": "arm"}),
-                "linux/arm/v7",
-                true,
-            ),
-            (
-                json!({"os": "linux", "architecture": "arm", "variant": "v6"}),
-                "linux/arm/v7",
-                false,
-            ),
-            (
-                json!({"os": "linux", "architecture": "amd64"}),
-                "linux/arm64",
-                false,
-            ),
-            (
-                json!({"os": "windows", "architecture": "amd64"}),
-                "linux/amd64",
-                false,
-            ),
-            (
-                json!({"os": "unknown", "architecture": "unknown"}),
-                "linux/amd64",
-                false,
-            ),
-            (json!({}), "linux/amd64", false),
+            ("linux", "amd64", "", "linux/amd64", true),
+            ("linux", "arm64", "v8", "linux/arm64", true),
+            ("linux", "arm64", "", "linux/arm64", true),
+            ("linux", "arm", "", "linux/arm/v7", true),
+            ("linux", "arm", "v6", "linux/arm/v7", false),
+            ("linux", "amd64", "", "linux/arm64", false),
+            ("windows", "amd64", "", "linux/amd64", false),
+            ("unknown", "unknown", "", "linux/amd64", false),
+            ("", "", "", "linux/amd64", false),
         ];
-        for (p, want, ok) in cases {
+        for (os, arch, variant, want, ok) in cases {
+            let mut p = json!({});
+            for (k, v) in [("os", os), ("architecture", arch), ("variant", variant)] {
+                if !v.is_empty() {
+                    p[k] = json!(v);
+                }
+            }
             assert_eq!(matches(&p, &want.parse().unwrap()), ok, "{p} {want}");
         }
     }

@@ -79,6 +79,24 @@ fn cmd(ws: &Path) -> Command {
     c
 }
 
+/// `imgbuild build -q -f specs/app.toml -o <out> --base <base> <extra>` in `ws`.
+fn build_on(ws: &Path, out: &str, base: &str, extra: &[&str]) -> Output {
+    cmd(ws)
+        .args([
+            "build",
+            "-q",
+            "-f",
+            "specs/app.toml",
+            "-o",
+            out,
+            "--base",
+            base,
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
 /// Push `spec` to `reg/repo:tag` with `extra` flags; returns the index digest.
 fn push(ws: &Path, spec: &str, reg: &Registry, repo: &str, tag: &str, extra: &[&str]) -> String {
     let out = run_ok(
@@ -429,11 +447,7 @@ fn docker_media_type_bases_from_another_registry_are_streamed_and_kept_as_is() {
     // A single Docker v2 manifest serves its own platform, and only that one.
     let single = format!("{}/base/v2:1", source.addr);
     let build = |out: &str, base: &str, platform: &str| {
-        cmd(ws.path())
-            .args(["build", "-q", "-f", "specs/app.toml", "-o", out])
-            .args(["--base", base, "--platform", platform])
-            .output()
-            .unwrap()
+        build_on(ws.path(), out, base, &["--platform", platform])
     };
     let out = build("out-v2", &single, "linux/amd64");
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -619,21 +633,7 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
     let base_digest = push(ws.path(), "specs/base.toml", &reg, "base/busybox", "1", &[]);
     let pinned = format!("{}/base/busybox@{base_digest}", reg.addr);
     let tagged = format!("{}/base/busybox:1", reg.addr);
-    let build = |out: &str, base: &str| {
-        cmd(ws.path())
-            .args([
-                "build",
-                "-q",
-                "-f",
-                "specs/app.toml",
-                "-o",
-                out,
-                "--base",
-                base,
-            ])
-            .output()
-            .unwrap()
-    };
+    let build = |out: &str, base: &str| build_on(ws.path(), out, base, &[]);
     // A push on a layout base uploads the base's layers like ours.
     let pushed = push(ws.path(), "specs/app-layout.toml", &reg, "app", "v1", &[]);
     assert_eq!(pushed, digest, "build and push give the same image");
@@ -673,29 +673,21 @@ fn push_with_password(
     repo: &str,
     extra: &[&str],
 ) -> (String, String) {
-    use std::io::Write as _;
-    use std::process::Stdio;
     let (user, pass) = reg.creds.clone().expect("an htpasswd registry");
-    let mut child = cmd(ws)
-        .args([
-            "push",
-            "-v",
-            "-f",
-            spec,
-            "--repo",
-            &format!("{}/{repo}", reg.addr),
-        ])
-        .args(["--username", &user, "--password-stdin"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(format!("{pass}\n").as_bytes()).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        cmd(ws)
+            .args([
+                "push",
+                "-v",
+                "-f",
+                spec,
+                "--repo",
+                &format!("{}/{repo}", reg.addr),
+            ])
+            .args(["--username", &user, "--password-stdin"])
+            .args(extra),
+        &format!("{pass}\n"),
+    );
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}\n{}", reg.log());
     assert!(!err.contains(&pass), "password leaked: {err}");
@@ -784,22 +776,7 @@ fn base_on_a_tls_registry_needs_its_ca_for_build_too() {
         &["--ca-cert", ca],
     );
     let base_ref = format!("{}/base/busybox:1", reg.addr);
-    let build = |out: &str, extra: &[&str]| {
-        cmd(ws.path())
-            .args([
-                "build",
-                "-q",
-                "-f",
-                "specs/app.toml",
-                "-o",
-                out,
-                "--base",
-                &base_ref,
-            ])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let build = |out: &str, extra: &[&str]| build_on(ws.path(), out, &base_ref, extra);
     let out = build("out-tls", &["--ca-cert", ca]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     skopeo_ok(&[
