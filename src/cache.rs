@@ -54,18 +54,18 @@ use std::path::{Path, PathBuf};
 /// a different deflate backend, tar header changes): old entries are then simply not found.
 const KEY_VERSION: &str = "imgbuild-layer-cache v1";
 
-/// The default cache directory: `$XDG_CACHE_HOME/imgbuild`, else `$HOME/.cache/imgbuild`
-/// (the XDG base directory spec), None when neither is set.
+/// The cache directory: `$IMGBUILD_CACHE`, else `$XDG_CACHE_HOME/imgbuild`, else
+/// `$HOME/.cache/imgbuild` (the XDG base directory spec); None when none is set. Base images
+/// are cached in its `bases/` (`crate::base`).
 pub fn default_dir() -> Option<PathBuf> {
-    let non_empty = |v: std::ffi::OsString| (!v.is_empty()).then(|| PathBuf::from(v));
-    std::env::var_os("XDG_CACHE_HOME")
-        .and_then(non_empty)
-        .map(|d| d.join("imgbuild"))
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .and_then(non_empty)
-                .map(|h| h.join(".cache").join("imgbuild"))
-        })
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("IMGBUILD_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("imgbuild")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache").join("imgbuild")))
 }
 
 /// A layer cache directory.

@@ -11,6 +11,7 @@
 
 mod auth;
 mod client;
+pub mod pull;
 mod retry;
 mod upload;
 
@@ -47,6 +48,9 @@ pub struct PushOptions {
     /// Other repositories of the same registry known to hold a blob (from the layer cache's
     /// push records): tried as cross-repo mounts before uploading (issue 4).
     pub mount_sources: HashMap<Digest, Vec<String>>,
+    /// Other repositories on the target registry that blobs are mounted from (base images,
+    /// issue 6): the token asks for pull access to them too. Set by [`push`] itself.
+    pub mount_from: Vec<String>,
 }
 
 impl Default for PushOptions {
@@ -60,6 +64,7 @@ impl Default for PushOptions {
             timeout: Duration::from_secs(60),
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
             mount_sources: HashMap::new(),
+            mount_from: Vec::new(),
         }
     }
 }
@@ -90,7 +95,14 @@ pub async fn push(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
-    Session::connect(repo, opts, progress)
+    let mut opts = opts.clone();
+    opts.mount_from = image
+        .remote_layers
+        .iter()
+        .filter(|(from, _)| from.registry == repo.registry)
+        .map(|(from, _)| from.path.clone())
+        .collect();
+    Session::connect(repo, &opts, progress)
         .await?
         .push_image(image, store, tags, progress)
         .await
@@ -99,12 +111,13 @@ pub async fn push(
 /// A connection to one repository that can take layer blobs as soon as they are built, while
 /// other layers still compress (issue 4 "overlap"), and then the image. The image push does
 /// not ask again about blobs this session already confirmed; manifests still go only after
-/// every blob of the image is confirmed.
+/// every blob of the image is confirmed. `opts.mount_from` (base repositories blobs are
+/// mounted from, for the token's scope) must be set before connecting.
 #[derive(Debug)]
 pub struct Session {
     client: client::Client,
-    jobs: usize,
-    mount_sources: HashMap<Digest, Vec<String>>,
+    repo: Repository,
+    opts: PushOptions,
     /// Blobs confirmed in the repository by this session, and whether they were uploaded.
     done: std::sync::Mutex<HashMap<Digest, bool>>,
 }
@@ -118,8 +131,8 @@ impl Session {
     ) -> Result<Self, RegistryError> {
         Ok(Session {
             client: client::Client::connect(repo, opts, progress).await?,
-            jobs: opts.jobs,
-            mount_sources: opts.mount_sources.clone(),
+            repo: repo.clone(),
+            opts: opts.clone(),
             done: std::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -134,6 +147,7 @@ impl Session {
         progress: &dyn Progress,
     ) -> Result<(), RegistryError> {
         let from = self
+            .opts
             .mount_sources
             .get(digest)
             .and_then(|r| r.first())
@@ -154,7 +168,8 @@ impl Session {
         Ok(())
     }
 
-    /// Push what of `image` is not confirmed yet, then manifests, the index and `tags`.
+    /// Push the base layers not in the store (mounted or copied, issue 6), what of `image`
+    /// is not confirmed yet, then manifests, the index and `tags`.
     pub async fn push_image(
         &self,
         image: &BuiltImage,
@@ -162,6 +177,7 @@ impl Session {
         tags: &[String],
         progress: &dyn Progress,
     ) -> Result<PushReport, RegistryError> {
+        pull::transfer_base_layers(&self.client, &self.repo, image, &self.opts, progress).await?;
         let done = self
             .done
             .lock()
@@ -172,8 +188,8 @@ impl Session {
             image,
             store,
             tags,
-            self.jobs,
-            &self.mount_sources,
+            self.opts.jobs,
+            &self.opts.mount_sources,
             &done,
             progress,
         )
@@ -235,6 +251,15 @@ pub enum RegistryError {
         expected: Digest,
         got: String,
     },
+    #[error(
+        "{url} served content hashing to {got}, not the {expected} asked for; the registry (or something between) serves corrupt content"
+    )]
+    ContentMismatch {
+        url: String,
+        /// What was asked for (a digest, or the registry's `Docker-Content-Digest` for a tag).
+        expected: String,
+        got: String,
+    },
     #[error("refusing {reason} ({url}); this would expose credentials or content to tampering")]
     Insecure { url: String, reason: String },
     #[error(
@@ -269,6 +294,7 @@ impl RegistryError {
             | RegistryError::Timeout { .. }
             | RegistryError::Protocol { .. }
             | RegistryError::DigestMismatch { .. }
+            | RegistryError::ContentMismatch { .. }
             | RegistryError::Insecure { .. } => ExitCode::Registry,
             RegistryError::CaCert { .. } => ExitCode::Usage,
             RegistryError::CorruptBlob { .. }

@@ -14,10 +14,11 @@
 //!
 //! Cross-repo mount (spec.md "Mounting a blob from another repository", issue 4): when the
 //! caller knows another repository of the same registry that has the blob (the layer cache's
-//! push records), the POST carries `?mount=<digest>&from=<repo>`. 201 means mounted, nothing
-//! sent; 202 means "not mounted" (ECR answers so unless a manifest in `from` references the
-//! blob) and opens an ordinary session, which the blob is then uploaded to. A mount the
-//! credentials may not do (401/403 for the `from` repository) falls back to a plain upload.
+//! push records), it first asks for `POST ?mount=<digest>&from=<repo>` (`pull::mount`, shared
+//! with base layers). 201 means mounted, nothing sent; 202 means "not mounted" (ECR answers so
+//! unless a manifest in `from` references the blob): the blob is then uploaded as usual. A
+//! mount the credentials may not do (401/403 for the `from` repository) falls back to a plain
+//! upload.
 
 use super::client::{Client, display_url, unexpected};
 use super::retry::with_retries;
@@ -196,7 +197,7 @@ async fn push_blob(
 }
 
 /// `HEAD /v2/<name>/blobs/<digest>` (spec.md "Checking if content exists in the registry").
-async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryError> {
+pub(crate) async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryError> {
     let url = client.repo_url(&format!("blobs/{digest}"));
     let response = client
         .send(|http| Ok(http.head(url.clone()).timeout(client.timeout())))
@@ -235,44 +236,18 @@ async fn upload_blob(
         }
     }
 
-    let mut start = client.repo_url("blobs/uploads/");
     if let Some(from) = mount_from {
-        start
-            .query_pairs_mut()
-            .append_pair("mount", &digest.to_string())
-            .append_pair("from", from);
+        if super::pull::mount(client, digest, from).await? {
+            progress.event(Event::BlobSkipped {
+                digest,
+                size: blob.size,
+                reason: &format!("mounted from {from}"),
+            });
+            return Ok(false);
+        }
+        // 202: not mounted; upload it in a session of its own.
     }
-    let response = client
-        .send(|http| {
-            Ok(http
-                .post(start.clone())
-                .header(CONTENT_LENGTH, 0)
-                .timeout(client.timeout()))
-        })
-        .await?;
-    if let (Some(from), StatusCode::CREATED) = (mount_from, response.status()) {
-        check_digest(&start, &response, digest)?;
-        progress.event(Event::BlobSkipped {
-            digest,
-            size: blob.size,
-            reason: &format!("mounted from {from}"),
-        });
-        return Ok(false);
-    }
-    if response.status() != StatusCode::ACCEPTED {
-        return Err(unexpected(&start, response).await);
-    }
-    let location = response
-        .headers()
-        .get(LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| RegistryError::Protocol {
-            url: display_url(&start),
-            status: 202,
-            body_snippet: "the answer has no (readable) Location header".into(),
-            retry_after: None,
-        })?;
-    let url = upload_url(&start, location, digest)?;
+    let url = start_upload(client, digest).await?;
 
     progress.event(Event::BlobStart {
         digest,
@@ -303,6 +278,34 @@ async fn upload_blob(
     check_digest(&url, &response, digest)?;
     progress.event(Event::BlobDone { digest });
     Ok(true)
+}
+
+/// `POST /v2/<name>/blobs/uploads/`: open an upload session; returns the URL to PUT the
+/// whole blob `digest` to.
+pub(crate) async fn start_upload(client: &Client, digest: &Digest) -> Result<Url, RegistryError> {
+    let start = client.repo_url("blobs/uploads/");
+    let response = client
+        .send(|http| {
+            Ok(http
+                .post(start.clone())
+                .header(CONTENT_LENGTH, 0)
+                .timeout(client.timeout()))
+        })
+        .await?;
+    if response.status() != StatusCode::ACCEPTED {
+        return Err(unexpected(&start, response).await);
+    }
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| RegistryError::Protocol {
+            url: display_url(&start),
+            status: 202,
+            body_snippet: "the answer has no (readable) Location header".into(),
+            retry_after: None,
+        })?;
+    upload_url(&start, location, digest)
 }
 
 /// Stream the file at `path` as the body of `PUT url`, hashing it on the way, with a stall
