@@ -224,7 +224,7 @@ impl LayerCache {
             let _ = fs::remove_file(&record_path);
             return Ok(None);
         }
-        if store.root() != self.store.root() && !store.contains(&record.digest) {
+        if store.root() != self.store.root() {
             link_or_copy(&blob, &store.path(&record.digest))?;
         }
         Ok(Some(LayerInfo {
@@ -242,7 +242,7 @@ impl LayerCache {
     pub fn insert(&self, key: &Digest, info: &LayerInfo, store: &BlobStore) -> io::Result<()> {
         let d = &info.descriptor.digest;
         let blob = self.store.path(d);
-        if store.root() != self.store.root() && !blob.is_file() {
+        if store.root() != self.store.root() {
             link_or_copy(&store.path(d), &blob)?;
         }
         let m = fs::metadata(&blob)?;
@@ -371,13 +371,17 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
     i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
 }
 
-/// A hard link (no copy, same file system), else a copy via a temporary name.
+/// Put `from` at `to`, replacing whatever is there (which only claims to be the same blob):
+/// a hard link (no copy, same file system) made under a temporary name and renamed over `to`,
+/// else a copy via a temporary file.
 fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
-    match fs::hard_link(from, to) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    let tmp_path = tmp.path().to_path_buf();
+    drop(tmp); // only its unique name is wanted; hard_link needs the name free
+    match fs::hard_link(from, &tmp_path) {
+        Ok(()) => fs::rename(&tmp_path, to),
         Err(_) => {
-            let dir = to.parent().unwrap_or(Path::new("."));
             let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
             io::copy(&mut File::open(from)?, tmp.as_file_mut())?;
             tmp.persist(to).map_err(|e| e.error)?;

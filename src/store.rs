@@ -73,19 +73,17 @@ pub struct BlobWriter {
 
 impl BlobWriter {
     /// Finish the blob: flush, rename to its digest, return (digest, size).
-    /// A blob that already exists is left as it is (same digest, same bytes).
+    /// A file already under that name is replaced (atomically, by the rename): these bytes
+    /// are known to hash to the digest, the old file only claims to (it may be a corrupted
+    /// cache entry, issue 4). Readers that opened the old file keep reading it.
     pub fn commit(self) -> io::Result<(Digest, u64)> {
         let (buf, digest, size) = self.inner.finish();
         let tmp = buf.into_inner().map_err(|e| e.into_error())?;
         let dest = self.store.path(&digest);
-        if dest.is_file() {
-            drop(tmp);
-        } else {
-            tmp.persist(&dest).map_err(|e| e.error)?;
-            // tempfile creates 0600; a blob is not a secret, give it the umask's default
-            // like any other file we write (issue 5: never world-writable, never narrower).
-            set_default_file_mode(&dest)?;
-        }
+        tmp.persist(&dest).map_err(|e| e.error)?;
+        // tempfile creates 0600; a blob is not a secret, give it the umask's default
+        // like any other file we write (issue 5: never world-writable, never narrower).
+        set_default_file_mode(&dest)?;
         Ok((digest, size))
     }
 }
@@ -128,8 +126,12 @@ mod tests {
         let d = store.put_bytes(b"abc").unwrap();
         assert_eq!(d, Digest::of(b"abc"));
         assert_eq!(fs::read(store.path(&d)).unwrap(), b"abc");
-        // Writing the same bytes again is a no-op that yields the same digest.
+        // Writing the same bytes again yields the same digest.
         assert_eq!(store.put_bytes(b"abc").unwrap(), d);
+        // A corrupted file under the digest is replaced by the good bytes.
+        fs::write(store.path(&d), b"abd").unwrap();
+        assert_eq!(store.put_bytes(b"abc").unwrap(), d);
+        assert_eq!(fs::read(store.path(&d)).unwrap(), b"abc");
         let leftovers: Vec<_> = fs::read_dir(dir.path().join("blobs/sha256"))
             .unwrap()
             .filter_map(|e| e.ok())
