@@ -22,6 +22,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
+/// Input piece size handed to the encoder.
+const ENCODER_INPUT: usize = 1 << 20;
+
 /// How to write layers.
 #[derive(Debug, Clone)]
 pub struct LayerOptions {
@@ -74,6 +77,10 @@ pub fn write_layer(
     };
     let blob = store.writer().map_err(write_err)?;
     let encoder = Encoder::new(blob, opts.compression, opts.threads).map_err(write_err)?;
+    // tar writes in 8 KiB pieces; the encoders work per call (zstd's multithreaded mode
+    // synchronises with its workers on each one), so feed them 1 MiB at a time. The bytes do
+    // not depend on the piece sizes (compress.rs tests).
+    let encoder = io::BufWriter::with_capacity(ENCODER_INPUT, encoder);
     let mut tar = tar::Builder::new(HashingWriter::new(encoder));
     for entry in &layer.entries {
         let mut h = tar::Header::new_gnu();
@@ -126,8 +133,11 @@ pub fn write_layer(
         }
     }
     let hashing = tar.into_inner().map_err(write_err)?;
-    let (gz, diff_id, _tar_size) = hashing.finish();
-    let blob = gz.finish().map_err(write_err)?;
+    let (buffered, diff_id, _tar_size) = hashing.finish();
+    let encoder = buffered
+        .into_inner()
+        .map_err(|e| write_err(e.into_error()))?;
+    let blob = encoder.finish().map_err(write_err)?;
     let (digest, size) = blob.commit().map_err(write_err)?;
     Ok(LayerInfo {
         descriptor: Descriptor {
