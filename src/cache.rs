@@ -399,3 +399,96 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::Codec;
+    use crate::plan::Entry;
+
+    fn plan(dir: &Path) -> LayerPlan {
+        let f = dir.join("f");
+        fs::write(&f, b"hello\n").unwrap();
+        LayerPlan {
+            entries: vec![
+                Entry {
+                    path: "app".into(),
+                    kind: EntryKind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                },
+                Entry {
+                    path: "app/f".into(),
+                    kind: EntryKind::File { src: f, size: 6 },
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                },
+                Entry {
+                    path: "app/l".into(),
+                    kind: EntryKind::Symlink { target: "f".into() },
+                    mode: 0o777,
+                    uid: 0,
+                    gid: 0,
+                },
+            ],
+            created_by: "layer 1".into(),
+        }
+    }
+
+    #[test]
+    fn key_covers_every_input_that_decides_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LayerCache::open(dir.path().join("cache")).unwrap();
+        let base = plan(dir.path());
+        let opts = LayerOptions::default();
+        let key = cache.key(&base, &opts).unwrap();
+        type Change = fn(&mut LayerPlan, &mut LayerOptions);
+        let cases: &[(&str, Change, bool)] = &[
+            ("nothing", |_, _| {}, false),
+            (
+                "created_by (history only)",
+                |p, _| p.created_by = "x".into(),
+                false,
+            ),
+            (
+                "threads (bytes do not depend on them)",
+                |_, o| o.threads = 7,
+                false,
+            ),
+            ("uid", |p, _| p.entries[1].uid = 1, true),
+            ("gid", |p, _| p.entries[1].gid = 1, true),
+            ("mode", |p, _| p.entries[1].mode = 0o600, true),
+            ("path", |p, _| p.entries[1].path = "app/g".into(), true),
+            ("dir mode", |p, _| p.entries[0].mode = 0o700, true),
+            (
+                "symlink target",
+                |p, _| p.entries[2].kind = EntryKind::Symlink { target: "g".into() },
+                true,
+            ),
+            ("epoch", |_, o| o.epoch = 1, true),
+            ("level", |_, o| o.compression.level = 9, true),
+            (
+                "codec",
+                |_, o| o.compression = Compression::new(Codec::Zstd, None).unwrap(),
+                true,
+            ),
+            (
+                "entry dropped",
+                |p, _| {
+                    p.entries.pop();
+                },
+                true,
+            ),
+        ];
+        for (name, change, differs) in cases {
+            let (mut p, mut o) = (base.clone(), opts.clone());
+            change(&mut p, &mut o);
+            assert_eq!(cache.key(&p, &o).unwrap() != key, *differs, "{name}");
+        }
+        // Content: same size, other bytes.
+        fs::write(dir.path().join("f"), b"HELLO\n").unwrap();
+        assert_ne!(cache.key(&base, &opts).unwrap(), key, "content");
+    }
+}
