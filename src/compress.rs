@@ -12,7 +12,8 @@
 //!   Memory is bounded: at most `2 x threads` blocks are in flight.
 //! - **zstd**: libzstd's multithreaded mode with at least one worker. Its output does not depend
 //!   on the worker count but differs from single-threaded mode (TESTBED.md), so the
-//!   single-threaded mode is never used.
+//!   single-threaded mode is never used. The job size is fixed (4 MiB): it is part of the
+//!   bytes, and it bounds memory (each worker holds one job's input and output).
 //!
 //! The deflate implementation is pinned (flate2's zlib-rs backend, Cargo.toml) and guarded by
 //! golden digests: other deflate implementations produce other, equally valid, bytes.
@@ -30,6 +31,9 @@ use std::thread::JoinHandle;
 pub const GZIP_BLOCK: usize = 128 * 1024;
 /// Deflate's window: the dictionary each block is primed with.
 const DICT: usize = 32 * 1024;
+
+/// zstd multithreaded job size (bytes of input per job). Changing it changes zstd digests.
+const ZSTD_JOB: u32 = 4 << 20;
 
 /// A layer codec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,6 +139,10 @@ impl<W: Write> Encoder<W> {
                 let mut e = zstd::stream::write::Encoder::new(inner, level)?;
                 // Always the multithreaded mode, even for one thread (see the module docs).
                 e.multithread(u32::try_from(threads).unwrap_or(1))?;
+                // A fixed job size: part of the bytes (so pinned, not left to libzstd's
+                // level-dependent default), and it bounds memory: each worker holds a job's
+                // input and output, 4 MiB keeps a 1 GiB layer under 64 MiB resident (issue 4).
+                e.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB))?;
                 Encoder::Zstd(e)
             }
         })
@@ -505,6 +513,22 @@ mod tests {
             let got = crate::digest::Digest::of(&encode(c, 2, &data, 10000));
             assert_eq!(got.to_string(), want, "{codec} level {level}");
         }
+    }
+
+    #[test]
+    fn zstd_jobs_are_pinned_and_thread_independent() {
+        // Over two job sizes: several zstd jobs, so the job size is part of what is pinned.
+        let data = sample(2 * ZSTD_JOB as usize + 4321);
+        let c = Compression::new(Codec::Zstd, None).unwrap();
+        let one = encode(c, 1, &data, 1 << 20);
+        assert!(
+            encode(c, 3, &data, 100_000) == one,
+            "zstd: threads change the bytes"
+        );
+        assert_eq!(
+            crate::digest::Digest::of(&one).to_string(),
+            "sha256:b302883d34f0ec64b00730746e2212734c15015dbe7791aceee3ad7b6967959c"
+        );
     }
 
     #[test]
