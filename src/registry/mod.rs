@@ -6,15 +6,21 @@
 //! - [`auth`]: `WWW-Authenticate` parsing, credential sources, Bearer token cache, [`Secret`].
 //! - [`upload`]: blobs (HEAD, POST, one streamed PUT), manifests, index, tags, in that order.
 //! - [`retry`]: which failures are retried and how long to wait.
+//! - [`ecr`]: Amazon ECR hosts, AWS credentials, the token cache, create-on-push.
+//! - [`resolve`]: `--resolve HOST:PORT:ADDR` (curl's convention).
 //!
 //! Entry point: [`push`].
 
 mod auth;
 mod client;
+mod ecr;
+mod resolve;
 mod retry;
 mod upload;
 
 pub use auth::{Credentials, Secret};
+pub use ecr::{AwsOptions, EcrError, EcrHost, parse_host as parse_ecr_host};
+pub use resolve::{ResolveOverride, ResolveParseError};
 
 use crate::digest::Digest;
 use crate::error::ExitCode;
@@ -43,6 +49,10 @@ pub struct PushOptions {
     /// sent and no answer for this long).
     pub timeout: Duration,
     pub user_agent: String,
+    /// ECR: role to assume, create-on-push (used only for ECR registries).
+    pub aws: AwsOptions,
+    /// `--resolve`: reach these host names at these addresses (TLS still checks the name).
+    pub resolve: Vec<ResolveOverride>,
 }
 
 impl Default for PushOptions {
@@ -55,6 +65,8 @@ impl Default for PushOptions {
             docker_config_dir: None,
             timeout: Duration::from_secs(60),
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
+            aws: AwsOptions::default(),
+            resolve: Vec::new(),
         }
     }
 }
@@ -85,6 +97,18 @@ pub async fn push(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
+    // ECR does not create repositories on push (issue 3): make sure it exists first.
+    if opts.aws.create_repository {
+        match ecr::EcrRegistry::shared(&repo.registry, &opts.aws) {
+            Some(ecr) => {
+                ecr.ensure_repository(&repo.path, progress).await?;
+            }
+            None => progress.event(crate::progress::Event::Warning(&format!(
+                "--create-repository applies to Amazon ECR only; {} is not an ECR registry (it is left to create {} itself)",
+                repo.registry, repo.path
+            ))),
+        }
+    }
     let client = client::Client::connect(repo, opts, progress).await?;
     upload::push_image(&client, image, store, tags, opts.jobs, progress).await
 }
@@ -165,6 +189,8 @@ pub enum RegistryError {
     CaCert { path: PathBuf, reason: String },
     #[error("cannot set up the HTTP client: {reason}")]
     Client { reason: String },
+    #[error(transparent)]
+    Ecr(#[from] EcrError),
 }
 
 impl RegistryError {
@@ -182,6 +208,7 @@ impl RegistryError {
             RegistryError::CorruptBlob { .. }
             | RegistryError::Io { .. }
             | RegistryError::Client { .. } => ExitCode::Internal,
+            RegistryError::Ecr(e) => e.exit_code(),
         }
     }
 
