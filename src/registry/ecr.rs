@@ -314,8 +314,11 @@ pub(crate) struct EcrRegistry {
 
 /// Every ECR registry this process talked to, so that a push and a base-image pull from the
 /// same registry (or two clients of one push) share one token fetch per run.
-static REGISTRIES: LazyLock<Mutex<HashMap<(String, AwsOptions), Arc<EcrRegistry>>>> =
+static REGISTRIES: LazyLock<Mutex<HashMap<RegistryKey, Arc<EcrRegistry>>>> =
     LazyLock::new(Default::default);
+
+/// `host[:port]` in lowercase, and the options the token was made with.
+type RegistryKey = (String, AwsOptions);
 
 impl EcrRegistry {
     /// The shared state for `registry` (`host[:port]`), or `None` when it is not ECR.
@@ -630,7 +633,7 @@ mod tests {
         let cache = Arc::new(TokenCache::default());
         let fetches = Arc::new(AtomicU32::new(0));
         let expired = SystemTime::UNIX_EPOCH + Duration::from_secs(1_420_070_400);
-        let fetch = |fetches: Arc<AtomicU32>| async move {
+        let fetch = move |fetches: Arc<AtomicU32>| async move {
             let n = fetches.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
             Ok(token(&format!("pw{n}"), SystemTime::now(), Some(expired)))

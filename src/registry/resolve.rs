@@ -104,7 +104,9 @@ mod tests {
     #[test]
     fn parse() {
         let sa = |s: &str| s.parse::<SocketAddr>().expect("socket address");
-        let cases: Vec<(&str, Option<(&str, u16, Vec<SocketAddr>)>)> = vec![
+        /// (input, Some((host, port, addresses)) when valid)
+        type Case<'a> = (&'a str, Option<(&'a str, u16, Vec<SocketAddr>)>);
+        let cases: Vec<Case> = vec![
             (
                 "123456789012.dkr.ecr.us-east-1.amazonaws.com:5443:127.0.0.1",
                 Some((

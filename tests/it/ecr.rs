@@ -235,7 +235,7 @@ fn ecr_push_with_each_aws_credential_source() {
     let reg = ecr_registry(MOTO_PASSWORD);
     let ws = workspace(1_000_000_000);
     let key = |k: &str| k.to_string();
-    let cases = vec![
+    let cases = [
         Source {
             name: "static env keys",
             env: vec![
