@@ -738,6 +738,39 @@ mod tests {
         }
     }
 
+    /// `{:?}` of everything that holds an ECR token (the cache, the registry client's auth,
+    /// the push options) shows `<redacted>`, never the token or its base64 form.
+    #[tokio::test]
+    async fn debug_redacts_tokens() {
+        let registry = "123456789012.dkr.ecr.eu-north-1.amazonaws.com:1";
+        let opts = super::super::PushOptions {
+            aws: AwsOptions {
+                role_arn: Some("arn:aws:iam::123456789012:role/r".into()),
+                ..AwsOptions::default()
+            },
+            credentials: Some(Credentials {
+                username: "AWS".into(),
+                password: Secret::new("explicit-hunter2"),
+            }),
+            ..super::super::PushOptions::default()
+        };
+        let ecr = EcrRegistry::shared(registry, &opts.aws).expect("an ECR host");
+        let now = SystemTime::now();
+        ecr.tokens
+            .get(now, || async { Ok(token("token-hunter2", now, None)) })
+            .await
+            .expect("token");
+        let auth = super::super::auth::Auth::new(registry, "app", &opts);
+        let b64 = base64::engine::general_purpose::STANDARD.encode("AWS:token-hunter2");
+        for shown in [format!("{ecr:?}"), format!("{auth:?}"), format!("{opts:?}")] {
+            assert!(
+                !shown.contains("hunter2") && !shown.contains(&b64),
+                "{shown}"
+            );
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+    }
+
     #[test]
     fn session_names_fit_sts() {
         // STS: 2-64 characters of [\w+=,.@-].

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod build;
+mod credentials;
 mod ecr;
 mod harness;
 mod push;
