@@ -500,25 +500,54 @@ fn ecr_without_any_credentials_fails_fast_with_the_sources_tried() {
     // Nothing listens here: if imgbuild found credentials somewhere, the call would fail
     // with exit 5 and this test would see it.
     let nowhere = format!("http://127.0.0.1:{}", free_port());
-    let started = Instant::now();
-    let out = ecr_push(ws.path(), &reg, "hello", &nowhere, &[], &[]);
-    let took = started.elapsed();
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{err}");
-    assert!(took < Duration::from_secs(5), "took {took:?}");
-    let last = err.lines().last().unwrap_or_default();
-    assert!(last.starts_with("error: no AWS credentials"), "{err}");
-    for source in [
-        ECR_HOST,
-        "AWS_ACCESS_KEY_ID",
-        "AWS_PROFILE",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-        "AWS_CONTAINER_CREDENTIALS",
-        "instance metadata",
-        "--password-stdin",
-    ] {
-        assert!(last.contains(source), "{source} missing: {last}");
+    // An instance metadata service that accepts connections and never answers (what a
+    // firewalled 169.254.169.254 looks like), on loopback: imgbuild must bound its wait.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let cases: [(&str, Vec<(&str, String)>, &str); 2] = [
+        (
+            "IMDS disabled",
+            vec![],
+            "(disabled by AWS_EC2_METADATA_DISABLED)",
+        ),
+        (
+            "IMDS silent",
+            vec![
+                ("AWS_EC2_METADATA_DISABLED", "false".into()),
+                ("AWS_EC2_METADATA_SERVICE_ENDPOINT", silent_url),
+            ],
+            "instance metadata, and",
+        ),
+    ];
+    for (what, env, imds_note) in cases {
+        let started = Instant::now();
+        let out = ecr_push(ws.path(), &reg, "hello", &nowhere, &env, &[]);
+        let took = started.elapsed();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{what}: {err}");
+        assert!(took < Duration::from_secs(5), "{what}: took {took:?}");
+        eprintln!("{what}: failed after {took:?}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("error: no AWS credentials"),
+            "{what}: {err}"
+        );
+        for source in [
+            ECR_HOST,
+            "AWS_ACCESS_KEY_ID",
+            "AWS_PROFILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS",
+            "instance metadata",
+            imds_note,
+            "--password-stdin",
+        ] {
+            assert!(last.contains(source), "{what}: {source} missing: {last}");
+        }
     }
+    // The silent metadata service was really asked (a connection waits in its backlog).
+    silent.set_nonblocking(true).unwrap();
+    assert!(silent.accept().is_ok(), "IMDS was never tried");
     // Nothing was pushed.
     assert!(
         !reg.log().contains("PUT /v2/hello/manifests"),
@@ -558,4 +587,57 @@ fn ecr_wrong_registry_password_is_a_clear_401_without_a_refresh_loop() {
         &[MOTO_PASSWORD.into(), "wrong-pw-secret".into()],
         "wrong password",
     );
+}
+
+#[test]
+fn ecr_flag_mistakes_are_usage_errors() {
+    let ws = workspace(1_000_000_000);
+    let cases: [(&[&str], &str); 4] = [
+        (&["--resolve", "reg.example.com:443"], "HOST:PORT:ADDR"),
+        (
+            &["--resolve", "reg.example.com:443:not-an-ip"],
+            "ADDR must be an IP",
+        ),
+        (&["--ecr-scan-on-push"], "--create-repository"),
+        (&["--ecr-immutable-tags"], "--create-repository"),
+    ];
+    for (flags, message) in cases {
+        let out = imgbuild()
+            .current_dir(ws.path())
+            .args(["push", "-f", "build-specs/hello.toml", "--repo"])
+            .arg(format!("{ECR_HOST}/hello"))
+            .args(flags)
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(message), "{flags:?}: {err}");
+    }
+}
+
+#[test]
+fn create_repository_on_another_registry_only_warns() {
+    let reg = Registry::start();
+    let ws = workspace(1_000_000_000);
+    let out = imgbuild()
+        .current_dir(ws.path())
+        .args([
+            "push",
+            "-f",
+            "build-specs/hello.toml",
+            "--platform",
+            "linux/amd64",
+        ])
+        .arg("--repo")
+        .arg(format!("{}/made-by-push", reg.addr))
+        .arg("--create-repository")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("--create-repository applies to Amazon ECR only"),
+        "{err}"
+    );
+    assert!(!inspect_raw(&reg, "made-by-push:latest").is_empty());
 }
