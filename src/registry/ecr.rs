@@ -15,11 +15,13 @@
 //! - Tokens: one GetAuthorizationToken per registry per process, shared by concurrent uploads
 //!   (a mutex around the fetch). A token that is already expired when it arrives (moto answers
 //!   2015-01-01) is used as is, and refreshed at most once, after a 401: never a loop.
-//! - Create-on-push: docker-registry-style registries create repositories on push, ECR does not
-//!   (it answers NAME_UNKNOWN to the first blob upload). With `--create-repository` we ask ECR
-//!   first (DescribeRepositories) and create a missing repository (CreateRepository) before
-//!   the first upload, which is also what works against real ECR without parsing registry
-//!   errors mid-push.
+//! - Create-on-push ([`with_repository`]): docker-registry-style registries create repositories
+//!   on push, ECR does not (it answers NAME_UNKNOWN to the first blob upload). With
+//!   `--create-repository` we ask ECR first (DescribeRepositories) and create a missing
+//!   repository (CreateRepository) before the first upload. When the identity may not call
+//!   DescribeRepositories, we push anyway and, should the registry answer NAME_UNKNOWN, create
+//!   the repository and push once more. Without the flag, NAME_UNKNOWN from ECR becomes an
+//!   error that says to create the repository or pass the flag.
 //!
 //! Tokens are wrapped in [`Secret`] at once; nothing here prints one.
 
@@ -128,6 +130,14 @@ pub enum EcrError {
         operation: &'static str,
         reason: String,
     },
+    #[error(
+        "the ECR repository {path} does not exist in {registry}; create it (aws ecr create-repository --repository-name {path} --region {region}) or pass --create-repository"
+    )]
+    RepositoryMissing {
+        registry: String,
+        path: String,
+        region: String,
+    },
     #[error("{operation} for the ECR registry {registry} failed: {reason}")]
     Api {
         registry: String,
@@ -147,6 +157,8 @@ impl EcrError {
             EcrError::NoCredentials { .. }
             | EcrError::Credentials { .. }
             | EcrError::Denied { .. } => ExitCode::Auth,
+            // A setup mistake, like a wrong --repo: retrying will not help.
+            EcrError::RepositoryMissing { .. } => ExitCode::Usage,
             EcrError::Api { .. } => ExitCode::Registry,
         }
     }
@@ -476,7 +488,6 @@ impl EcrRegistry {
         path: &str,
         progress: &dyn Progress,
     ) -> Result<bool, EcrError> {
-        use aws_sdk_ecr::types::{ImageScanningConfiguration, ImageTagMutability};
         let client = self.client().await;
         let described = client
             .describe_repositories()
@@ -487,8 +498,29 @@ impl EcrRegistry {
         match described {
             Ok(_) => return Ok(false),
             Err(SdkError::ServiceError(e)) if e.err().is_repository_not_found_exception() => {}
-            Err(e) => return Err(classify(&self.registry, "DescribeRepositories", &e)),
+            Err(e) => match classify(&self.registry, "DescribeRepositories", &e) {
+                // May push but not describe: push, and create on NAME_UNKNOWN.
+                EcrError::Denied { reason, .. } => {
+                    progress.event(Event::Debug(&format!(
+                        "cannot check whether ECR repository {path} exists ({reason}); pushing, and creating it if ECR says it is missing"
+                    )));
+                    return Ok(false);
+                }
+                other => return Err(other),
+            },
         }
+        self.create_repository(path, progress).await
+    }
+
+    /// CreateRepository with the scan-on-push and tag-immutability options. Returns whether it
+    /// was created (false: someone else just did).
+    async fn create_repository(
+        &self,
+        path: &str,
+        progress: &dyn Progress,
+    ) -> Result<bool, EcrError> {
+        use aws_sdk_ecr::types::{ImageScanningConfiguration, ImageTagMutability};
+        let client = self.client().await;
         let mutability = if self.opts.immutable_tags {
             ImageTagMutability::Immutable
         } else {
@@ -519,6 +551,60 @@ impl EcrRegistry {
             }
             Err(e) => Err(classify(&self.registry, "CreateRepository", &e)),
         }
+    }
+}
+
+/// Whether a registry error is ECR saying the repository does not exist (distribution-spec
+/// error code NAME_UNKNOWN on the first blob request).
+fn is_name_unknown(e: &super::RegistryError) -> bool {
+    matches!(e, super::RegistryError::Protocol { status: 404, body_snippet, .. }
+        if body_snippet.contains("NAME_UNKNOWN"))
+}
+
+/// Run `push` against `registry`/`path`, taking care of ECR repositories: with
+/// `--create-repository`, make sure the repository exists first, and if ECR still answers
+/// NAME_UNKNOWN, create it and run `push` once more; without the flag, turn ECR's NAME_UNKNOWN
+/// into [`EcrError::RepositoryMissing`]. Other registries: `push` as is.
+pub(crate) async fn with_repository<T, F, Fut>(
+    registry: &str,
+    path: &str,
+    opts: &AwsOptions,
+    progress: &dyn Progress,
+    mut push: F,
+) -> Result<T, super::RegistryError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, super::RegistryError>>,
+{
+    let ecr = EcrRegistry::shared(registry, opts);
+    let create = match (&ecr, opts.create_repository) {
+        (Some(ecr), true) => {
+            ecr.ensure_repository(path, progress).await?;
+            Some(ecr)
+        }
+        (None, true) => {
+            progress.event(Event::Warning(&format!(
+                "--create-repository applies to Amazon ECR only; {registry} is not an ECR registry (it is left to create {path} itself)"
+            )));
+            None
+        }
+        (_, false) => None,
+    };
+    match push().await {
+        Err(e) if is_name_unknown(&e) => match (create, &ecr) {
+            (Some(ecr), _) => {
+                ecr.create_repository(path, progress).await?;
+                push().await
+            }
+            (None, Some(ecr)) => Err(EcrError::RepositoryMissing {
+                registry: registry.to_string(),
+                path: path.to_string(),
+                region: ecr.host.region.clone(),
+            }
+            .into()),
+            (None, None) => Err(e),
+        },
+        other => other,
     }
 }
 
@@ -768,6 +854,48 @@ mod tests {
                 "{shown}"
             );
             assert!(shown.contains("<redacted>"), "{shown}");
+        }
+    }
+
+    #[tokio::test]
+    async fn name_unknown_from_ecr_says_how_to_create_the_repository() {
+        use super::super::RegistryError;
+        let protocol = |status: u16, body: &str| RegistryError::Protocol {
+            url: "https://r/v2/app/blobs/uploads/".into(),
+            status,
+            body_snippet: body.into(),
+            retry_after: None,
+        };
+        let missing = "NAME_UNKNOWN: The repository with name 'app' does not exist";
+        let ecr = "123456789012.dkr.ecr.us-west-2.amazonaws.com";
+        // (registry, status, body, the error that comes out mentions)
+        let cases = [
+            (ecr, 404, missing, "--create-repository"),
+            (ecr, 404, "BLOB_UNKNOWN: blob unknown", "BLOB_UNKNOWN"),
+            (ecr, 500, missing, "HTTP 500"),
+            ("ghcr.io", 404, missing, "NAME_UNKNOWN"),
+        ];
+        for (registry, status, body, want) in cases {
+            let mut calls = 0;
+            let got: Result<(), _> = with_repository(
+                registry,
+                "app",
+                &AwsOptions::default(),
+                &crate::progress::Silent,
+                || {
+                    calls += 1;
+                    let e = protocol(status, body);
+                    async move { Err(e) }
+                },
+            )
+            .await;
+            let e = got.expect_err("an error");
+            assert!(e.to_string().contains(want), "{registry} {status}: {e}");
+            assert_eq!(calls, 1, "pushed once");
+            if want == "--create-repository" {
+                assert_eq!(e.exit_code(), crate::error::ExitCode::Usage);
+                assert!(e.to_string().contains("--region us-west-2"), "{e}");
+            }
         }
     }
 

@@ -97,20 +97,12 @@ pub async fn push(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
-    // ECR does not create repositories on push (issue 3): make sure it exists first.
-    if opts.aws.create_repository {
-        match ecr::EcrRegistry::shared(&repo.registry, &opts.aws) {
-            Some(ecr) => {
-                ecr.ensure_repository(&repo.path, progress).await?;
-            }
-            None => progress.event(crate::progress::Event::Warning(&format!(
-                "--create-repository applies to Amazon ECR only; {} is not an ECR registry (it is left to create {} itself)",
-                repo.registry, repo.path
-            ))),
-        }
-    }
-    let client = client::Client::connect(repo, opts, progress).await?;
-    upload::push_image(&client, image, store, tags, opts.jobs, progress).await
+    // ECR does not create repositories on push (issue 3).
+    ecr::with_repository(&repo.registry, &repo.path, &opts.aws, progress, || async {
+        let client = client::Client::connect(repo, opts, progress).await?;
+        upload::push_image(&client, image, store, tags, opts.jobs, progress).await
+    })
+    .await
 }
 
 /// Why a push failed. Each message is one line, names the URL, registry or file, says what to

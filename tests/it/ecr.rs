@@ -504,7 +504,9 @@ fn ecr_without_any_credentials_fails_fast_with_the_sources_tried() {
     // firewalled 169.254.169.254 looks like), on loopback: imgbuild must bound its wait.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_url = format!("http://{}", silent.local_addr().unwrap());
-    let cases: [(&str, Vec<(&str, String)>, &str); 2] = [
+    /// (case, extra environment, what the message says about IMDS)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let cases: [Case; 2] = [
         (
             "IMDS disabled",
             vec![],
