@@ -5,7 +5,9 @@
 //! config when there are no AWS credentials.
 
 use crate::build::workspace;
-use crate::ecr::{ECR_HOST, MOTO_PASSWORD, assert_no_secrets, ecr_registry};
+use crate::ecr::{
+    ECR_HOST, MOTO_PASSWORD, assert_no_secrets, ecr_registry, push_amd64, push_to_ecr_stand_in,
+};
 use crate::harness::*;
 use base64::Engine as _;
 use std::fs;
@@ -75,7 +77,7 @@ fn push_with(ws: &Path, reg: &Registry, repo: &str, case: &Case, home: &Path) ->
         write_helper(&bin, helper, &reg.addr, USER, secret);
     }
     let config = (case.config)(&reg.addr).to_string();
-    let mut cmd = imgbuild();
+    let mut cmd = push_amd64(ws, &format!("{}/{repo}", reg.addr));
     match case.place {
         Place::DockerConfig => {
             fs::create_dir_all(home.join("docker")).unwrap();
@@ -97,14 +99,7 @@ fn push_with(ws: &Path, reg: &Registry, repo: &str, case: &Case, home: &Path) ->
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    cmd.current_dir(ws)
-        .args(["push", "-vv", "-f", "build-specs/hello.toml"])
-        .args(["--platform", "linux/amd64", "--tag", "v1"])
-        .arg("--repo")
-        .arg(format!("{}/{repo}", reg.addr))
-        .env("PATH", path)
-        .output()
-        .expect("run imgbuild")
+    cmd.env("PATH", path).output().expect("run imgbuild")
 }
 
 #[test]
@@ -245,16 +240,7 @@ fn ecr_without_aws_credentials_uses_the_docker_config() {
         auths(&server, "AWS", MOTO_PASSWORD).to_string(),
     )
     .unwrap();
-    let out = imgbuild()
-        .current_dir(ws.path())
-        .args(["push", "-vv", "-f", "build-specs/hello.toml"])
-        .args(["--platform", "linux/amd64"])
-        .arg("--repo")
-        .arg(format!("{server}/hello"))
-        .arg("--resolve")
-        .arg(format!("{server}:127.0.0.1"))
-        .arg("--ca-cert")
-        .arg(reg.ca_cert().unwrap())
+    let out = push_to_ecr_stand_in(ws.path(), &reg, "hello")
         .env("DOCKER_CONFIG", home.path())
         .env(
             "AWS_ENDPOINT_URL",
@@ -263,6 +249,6 @@ fn ecr_without_aws_credentials_uses_the_docker_config() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(!inspect_raw(&reg, "hello:latest").is_empty());
+    assert!(!inspect_raw(&reg, "hello:v1").is_empty());
     assert_no_secrets(&out, &[MOTO_PASSWORD.into()], "ECR via docker config");
 }

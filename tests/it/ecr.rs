@@ -157,8 +157,31 @@ pub fn ecr_registry(password: &str) -> Registry {
     )
 }
 
-/// `imgbuild push` of the amd64 image to `ECR_HOST:PORT/<repo>` through `--resolve`, at -vv,
-/// with AWS pointed at `aws_endpoint` and the given extra environment and flags.
+/// `imgbuild push -vv` of the amd64 image of `build-specs/hello.toml` in `ws` to `repo`
+/// (`REGISTRY/PATH`), tag `v1`.
+pub fn push_amd64(ws: &Path, repo: &str) -> Command {
+    let mut cmd = imgbuild();
+    cmd.current_dir(ws)
+        .args(["push", "-vv", "-f", "build-specs/hello.toml"])
+        .args(["--platform", "linux/amd64", "--tag", "v1", "--repo", repo]);
+    cmd
+}
+
+/// [`push_amd64`] to `ECR_HOST:PORT/<path>` of the ECR stand-in `reg`, reached through
+/// `--resolve` and trusted through `--ca-cert`.
+pub fn push_to_ecr_stand_in(ws: &Path, reg: &Registry, path: &str) -> Command {
+    let mut cmd = push_amd64(ws, &format!("{ECR_HOST}:{}/{path}", reg.port));
+    cmd.arg("--resolve")
+        .arg(format!("{ECR_HOST}:{}:127.0.0.1", reg.port))
+        .arg("--ca-cert")
+        .arg(reg.ca_cert().expect("TLS registry"))
+        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI");
+    cmd
+}
+
+/// [`push_to_ecr_stand_in`] with AWS pointed at `aws_endpoint` and the given extra
+/// environment and flags.
 fn ecr_push(
     ws: &Path,
     reg: &Registry,
@@ -167,21 +190,8 @@ fn ecr_push(
     env: &[(&str, String)],
     extra: &[&str],
 ) -> Output {
-    let ca = reg.ca_cert().expect("TLS registry");
-    let mut cmd = imgbuild();
-    cmd.current_dir(ws)
-        .args(["push", "-vv", "-f", "build-specs/hello.toml"])
-        .args(["--platform", "linux/amd64", "--tag", "v1"])
-        .arg("--repo")
-        .arg(format!("{ECR_HOST}:{}/{repo}", reg.port))
-        .arg("--resolve")
-        .arg(format!("{ECR_HOST}:{}:127.0.0.1", reg.port))
-        .arg("--ca-cert")
-        .arg(ca)
-        .args(extra)
-        .env("AWS_ENDPOINT_URL", aws_endpoint)
-        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI");
+    let mut cmd = push_to_ecr_stand_in(ws, reg, repo);
+    cmd.args(extra).env("AWS_ENDPOINT_URL", aws_endpoint);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -621,17 +631,7 @@ fn ecr_flag_mistakes_are_usage_errors() {
 fn create_repository_on_another_registry_only_warns() {
     let reg = Registry::start();
     let ws = workspace(1_000_000_000);
-    let out = imgbuild()
-        .current_dir(ws.path())
-        .args([
-            "push",
-            "-f",
-            "build-specs/hello.toml",
-            "--platform",
-            "linux/amd64",
-        ])
-        .arg("--repo")
-        .arg(format!("{}/made-by-push", reg.addr))
+    let out = push_amd64(ws.path(), &format!("{}/made-by-push", reg.addr))
         .arg("--create-repository")
         .output()
         .unwrap();
@@ -641,5 +641,5 @@ fn create_repository_on_another_registry_only_warns() {
         err.contains("--create-repository applies to Amazon ECR only"),
         "{err}"
     );
-    assert!(!inspect_raw(&reg, "made-by-push:latest").is_empty());
+    assert!(!inspect_raw(&reg, "made-by-push:v1").is_empty());
 }
