@@ -364,6 +364,8 @@ pub(crate) struct Auth {
     resolved: tokio::sync::OnceCell<Result<Resolved, EcrError>>,
     /// Set when the registry is Amazon ECR: its token replaces the docker config (issue 3).
     ecr: Option<Arc<EcrRegistry>>,
+    /// Whether the resolved credential is an ECR token (not a docker config fallback).
+    ecr_in_use: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     refresh: tokio::sync::Mutex<()>,
 }
@@ -379,6 +381,7 @@ impl Auth {
             timeout: opts.timeout,
             resolved: tokio::sync::OnceCell::new(),
             ecr: EcrRegistry::shared(registry, &opts.aws),
+            ecr_in_use: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State {
                 scheme: Scheme::Anonymous,
                 generation: 0,
@@ -400,6 +403,8 @@ impl Auth {
                 let ecr_error = match ecr {
                     Some(ecr) => match ecr.credentials().await {
                         Ok(c) => {
+                            self.ecr_in_use
+                                .store(true, std::sync::atomic::Ordering::Release);
                             return Ok(Resolved {
                                 credential: Some(Credential::Basic(c)),
                                 tried: ecr.describe(),
@@ -509,7 +514,7 @@ impl Auth {
         match &scheme {
             Scheme::Basic => {
                 let have = matches!(resolved.credential, Some(Credential::Basic(_)));
-                let from_ecr = have && self.explicit.is_none() && self.ecr.is_some();
+                let from_ecr = self.ecr_in_use.load(std::sync::atomic::Ordering::Acquire);
                 if from_ecr && self.state().scheme == Scheme::Basic {
                     // ECR refused its own token (expired, or issued before a long push):
                     // one new token per run, then give up (ecr.rs; never a loop).
