@@ -643,3 +643,26 @@ fn create_repository_on_another_registry_only_warns() {
     );
     assert!(!inspect_raw(&reg, "made-by-push:v1").is_empty());
 }
+
+#[test]
+fn resolve_still_verifies_the_certificate_against_the_host_name() {
+    // The registry's certificate names ECR_HOST (and 127.0.0.1), not this host.
+    let reg = ecr_registry(MOTO_PASSWORD);
+    let ws = workspace(1_000_000_000);
+    let other = "registry.other.test";
+    let out = push_amd64(ws.path(), &format!("{other}:{}/x", reg.port))
+        .arg("--resolve")
+        .arg(format!("{other}:{}:127.0.0.1", reg.port))
+        .arg("--ca-cert")
+        .arg(reg.ca_cert().unwrap())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("TLS connection to https://registry.other.test")
+            && last.contains("certificate not valid for name \"registry.other.test\""),
+        "{last}"
+    );
+}
