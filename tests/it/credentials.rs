@@ -11,9 +11,10 @@ use crate::ecr::{
 use crate::harness::*;
 use base64::Engine as _;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Output;
+use std::process::{Output, Stdio};
 
 const USER: &str = "ci-bot";
 const PASSWORD: &str = "pw-from-a-file-0123";
@@ -55,6 +56,9 @@ enum Place {
     RegistryAuthFile,
     /// `$XDG_RUNTIME_DIR/containers/auth.json`
     PodmanRuntime,
+    /// `--username` + `--password-stdin` with this password, and the file in `$DOCKER_CONFIG`
+    /// too (the flags must win).
+    Stdin(&'static str),
 }
 
 struct Case {
@@ -79,7 +83,7 @@ fn push_with(ws: &Path, reg: &Registry, repo: &str, case: &Case, home: &Path) ->
     let config = (case.config)(&reg.addr).to_string();
     let mut cmd = push_amd64(ws, &format!("{}/{repo}", reg.addr));
     match case.place {
-        Place::DockerConfig => {
+        Place::DockerConfig | Place::Stdin(_) => {
             fs::create_dir_all(home.join("docker")).unwrap();
             fs::write(home.join("docker/config.json"), &config).unwrap();
             cmd.env("DOCKER_CONFIG", home.join("docker"));
@@ -99,7 +103,24 @@ fn push_with(ws: &Path, reg: &Registry, repo: &str, case: &Case, home: &Path) ->
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    cmd.env("PATH", path).output().expect("run imgbuild")
+    cmd.env("PATH", path);
+    let Place::Stdin(password) = case.place else {
+        return cmd.output().expect("run imgbuild");
+    };
+    let mut child = cmd
+        .args(["--username", USER, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run imgbuild");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().expect("wait for imgbuild")
 }
 
 #[test]
@@ -154,6 +175,22 @@ fn credentials_from_docker_config_helpers_and_podman_auth_files() {
             helpers: &[],
             code: 0,
             message: "",
+        },
+        Case {
+            name: "--password-stdin wins over the docker config",
+            place: Place::Stdin(PASSWORD),
+            config: |server| auths(server, USER, "wrong-password-in-auths"),
+            helpers: &[],
+            code: 0,
+            message: "",
+        },
+        Case {
+            name: "wrong --password-stdin",
+            place: Place::Stdin("wrong-password-on-stdin"),
+            config: |server| auths(server, USER, PASSWORD),
+            helpers: &[],
+            code: 4,
+            message: "--username",
         },
         Case {
             name: "wrong password in auths",
@@ -221,6 +258,7 @@ fn credentials_from_docker_config_helpers_and_podman_auth_files() {
                 PASSWORD.into(),
                 "wrong-password-in-auths".into(),
                 "wrong-store-password".into(),
+                "wrong-password-on-stdin".into(),
                 base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}")),
             ],
             what,
