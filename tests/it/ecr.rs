@@ -223,6 +223,57 @@ pub fn assert_no_secrets(out: &Output, secrets: &[String], what: &str) {
     }
 }
 
+const CONTAINER_KEY: &str = "ASIACONTAINER0000006";
+const CONTAINER_SECRET: &str = "container-secret-access-key-6";
+const CONTAINER_TOKEN: &str = "container-session-token-6";
+const CONTAINER_AUTHORIZATION: &str = "pod-identity-authorization-6";
+
+/// The container credentials endpoint an ECS agent or the EKS Pod Identity agent serves
+/// (`GET` with the `Authorization` token, JSON answer), on loopback: neither agent runs here.
+/// It answers only requests carrying [`CONTAINER_AUTHORIZATION`], as the real agents do.
+struct ContainerCredentials {
+    url: String,
+}
+
+impl ContainerCredentials {
+    fn start() -> ContainerCredentials {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/credentials", listener.local_addr().unwrap());
+        // Serves until the test process ends.
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(&stream);
+                let mut authorized = false;
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    let l = line.to_ascii_lowercase();
+                    authorized |= l.starts_with("authorization:")
+                        && line.trim_end().ends_with(CONTAINER_AUTHORIZATION);
+                    line.clear();
+                }
+                let (status, body) = if authorized {
+                    let body = serde_json::json!({
+                        "AccessKeyId": CONTAINER_KEY,
+                        "SecretAccessKey": CONTAINER_SECRET,
+                        "Token": CONTAINER_TOKEN,
+                        "Expiration": "2099-01-01T00:00:00Z",
+                    });
+                    ("200 OK", body.to_string())
+                } else {
+                    ("401 Unauthorized", "{}".to_string())
+                };
+                let _ = write!(
+                    &stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        ContainerCredentials { url }
+    }
+}
+
 /// One way to give imgbuild AWS credentials.
 struct Source {
     name: &'static str,
@@ -244,6 +295,7 @@ fn ecr_push_with_each_aws_credential_source() {
     let moto = Moto::start();
     let reg = ecr_registry(MOTO_PASSWORD);
     let ws = workspace(1_000_000_000);
+    let container = ContainerCredentials::start();
     let key = |k: &str| k.to_string();
     let cases = [
         Source {
@@ -334,6 +386,21 @@ fn ecr_push_with_each_aws_credential_source() {
             role: Some("arn:aws:iam::123456789012:role/cross-account"),
             base_key: None,
         },
+        Source {
+            name: "container credentials (ECS task role, EKS Pod Identity)",
+            env: vec![
+                ("AWS_CONTAINER_CREDENTIALS_FULL_URI", key("{container}")),
+                (
+                    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+                    key(CONTAINER_AUTHORIZATION),
+                ),
+            ],
+            flags: vec![],
+            files: vec![],
+            sts: vec![],
+            role: None,
+            base_key: Some(CONTAINER_KEY),
+        },
     ];
     for (i, case) in cases.iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
@@ -344,7 +411,13 @@ fn ecr_push_with_each_aws_credential_source() {
         let mut env: Vec<(&str, String)> = case
             .env
             .iter()
-            .map(|(k, v)| (*k, v.replace("{dir}", &d)))
+            .map(|(k, v)| {
+                (
+                    *k,
+                    v.replace("{dir}", &d)
+                        .replace("{container}", &container.url),
+                )
+            })
             .collect();
         // The region must come from the registry's host name, not from here.
         env.push(("AWS_REGION", "eu-west-1".into()));
@@ -406,6 +479,9 @@ fn ecr_push_with_each_aws_credential_source() {
                 calls[0].authorization
             );
         }
+        if case.base_key == Some(CONTAINER_KEY) {
+            assert_eq!(gat.security_token, CONTAINER_TOKEN, "{what}");
+        }
         if !case.sts.is_empty() {
             // The token was fetched with the role's credentials, not the base ones.
             assert!(
@@ -431,6 +507,7 @@ fn ecr_push_with_each_aws_credential_source() {
                 .map(|(_, c)| c.to_string()),
         );
         secrets.extend(calls.iter().map(|c| c.security_token.clone()));
+        secrets.extend([CONTAINER_SECRET.into(), CONTAINER_TOKEN.into()]);
         assert_no_secrets(&out, &secrets, what);
     }
 }
