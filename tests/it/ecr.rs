@@ -3,6 +3,9 @@
 //! docker-registry stands in for the ECR registry: TLS for the ECR host name (throwaway CA),
 //! htpasswd user `AWS` with moto's token password, reached with `--resolve` and `--ca-cert`.
 //!
+//! Container credentials (ECS task roles, EKS Pod Identity) come from a loopback endpoint
+//! speaking the agents' small JSON protocol, since neither agent runs here.
+//!
 //! Every imgbuild run here has AWS_EC2_METADATA_DISABLED=true (from the harness), the
 //! container-credential variables cleared, and AWS_ENDPOINT_URL at a loopback port.
 
