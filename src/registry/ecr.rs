@@ -369,7 +369,11 @@ impl EcrRegistry {
         self.client
             .get_or_init(|| async {
                 use aws_smithy_http_client::tls;
+                // No idle pool: a handful of calls per run, and this client outlives the
+                // tokio runtime of the call that made it (process-wide cache), where pooled
+                // connections would belong to a runtime that is gone.
                 let http = aws_smithy_http_client::Builder::new()
+                    .pool_max_idle_per_host(0)
                     .tls_provider(tls::Provider::Rustls(
                         tls::rustls_provider::CryptoMode::Ring,
                     ))
