@@ -13,8 +13,10 @@
 //!   SDK's retries. `--aws-role-arn` wraps the chain in STS AssumeRole (session name
 //!   `imgbuild-<short id>`).
 //! - Tokens: one GetAuthorizationToken per registry per process, shared by concurrent uploads
-//!   (a mutex around the fetch). A token that is already expired when it arrives (moto answers
-//!   2015-01-01) is used as is, and refreshed at most once, after a 401: never a loop.
+//!   (a mutex around the fetch). A token that was valid when it came is fetched again 5
+//!   minutes before it expires (ECR tokens last 12 hours: only very long pushes). A token that
+//!   is already expired when it arrives (moto answers 2015-01-01) is used as is. Either way a
+//!   401 with our token gets at most one new token per run: never a loop.
 //! - Create-on-push ([`with_repository`]): docker-registry-style registries create repositories
 //!   on push, ECR does not (it answers NAME_UNKNOWN to the first blob upload). With
 //!   `--create-repository` we ask ECR first (DescribeRepositories) and create a missing
