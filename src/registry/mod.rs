@@ -6,16 +6,22 @@
 //! - [`auth`]: `WWW-Authenticate` parsing, credential sources, Bearer token cache, [`Secret`].
 //! - [`upload`]: blobs (HEAD, POST, one streamed PUT), manifests, index, tags, in that order.
 //! - [`retry`]: which failures are retried and how long to wait.
+//! - [`ecr`]: Amazon ECR hosts, AWS credentials, the token cache, create-on-push.
+//! - [`resolve`]: `--resolve HOST:PORT:ADDR` (curl's convention).
 //!
 //! Entry point: [`push`].
 
 mod auth;
 mod client;
+mod ecr;
 pub mod pull;
+mod resolve;
 mod retry;
 mod upload;
 
 pub use auth::{Credentials, Secret};
+pub use ecr::{AwsOptions, EcrError, EcrHost, parse_host as parse_ecr_host};
+pub use resolve::{ResolveOverride, ResolveParseError};
 
 use crate::digest::Digest;
 use crate::error::ExitCode;
@@ -47,6 +53,10 @@ pub struct PushOptions {
     /// Other repositories on the target registry that blobs are mounted from (base images,
     /// issue 6): the token asks for pull access to them too. Set by [`push`] itself.
     pub mount_from: Vec<String>,
+    /// ECR: role to assume, create-on-push (used only for ECR registries).
+    pub aws: AwsOptions,
+    /// `--resolve`: reach these host names at these addresses (TLS still checks the name).
+    pub resolve: Vec<ResolveOverride>,
 }
 
 impl Default for PushOptions {
@@ -60,6 +70,8 @@ impl Default for PushOptions {
             timeout: Duration::from_secs(60),
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
             mount_from: Vec::new(),
+            aws: AwsOptions::default(),
+            resolve: Vec::new(),
         }
     }
 }
@@ -97,9 +109,14 @@ pub async fn push(
         .filter(|(from, _)| from.registry == repo.registry)
         .map(|(from, _)| from.path.clone())
         .collect();
-    let client = client::Client::connect(repo, &opts, progress).await?;
-    pull::transfer_base_layers(&client, repo, image, &opts, progress).await?;
-    upload::push_image(&client, image, store, tags, opts.jobs, progress).await
+    let opts = &opts;
+    // ECR does not create repositories on push (issue 3).
+    ecr::with_repository(&repo.registry, &repo.path, &opts.aws, progress, || async {
+        let client = client::Client::connect(repo, opts, progress).await?;
+        pull::transfer_base_layers(&client, repo, image, opts, progress).await?;
+        upload::push_image(&client, image, store, tags, opts.jobs, progress).await
+    })
+    .await
 }
 
 /// Why a push failed. Each message is one line, names the URL, registry or file, says what to
@@ -187,6 +204,8 @@ pub enum RegistryError {
     CaCert { path: PathBuf, reason: String },
     #[error("cannot set up the HTTP client: {reason}")]
     Client { reason: String },
+    #[error(transparent)]
+    Ecr(#[from] EcrError),
 }
 
 impl RegistryError {
@@ -205,6 +224,7 @@ impl RegistryError {
             RegistryError::CorruptBlob { .. }
             | RegistryError::Io { .. }
             | RegistryError::Client { .. } => ExitCode::Internal,
+            RegistryError::Ecr(e) => e.exit_code(),
         }
     }
 
