@@ -158,4 +158,25 @@ pub struct PushArgs {
     /// Give up on a request that sends or receives nothing for this many seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub timeout: u64,
+
+    /// Connect to HOST:PORT at ADDR instead of what DNS says (curl's --resolve); TLS is still
+    /// verified for HOST. Repeatable.
+    #[arg(long = "resolve", value_name = "HOST:PORT:ADDR", value_parser = clap::value_parser!(imgbuild::registry::ResolveOverride))]
+    pub resolve: Vec<imgbuild::registry::ResolveOverride>,
+
+    /// ECR: assume this IAM role (STS AssumeRole) on top of the AWS credentials found.
+    #[arg(long, env = "IMGBUILD_AWS_ROLE_ARN", value_name = "ARN")]
+    pub aws_role_arn: Option<String>,
+
+    /// ECR: create the repository if it does not exist.
+    #[arg(long)]
+    pub create_repository: bool,
+
+    /// ECR: turn on scan-on-push for a repository created by --create-repository.
+    #[arg(long, requires = "create_repository")]
+    pub ecr_scan_on_push: bool,
+
+    /// ECR: make the tags of a repository created by --create-repository immutable.
+    #[arg(long, requires = "create_repository")]
+    pub ecr_immutable_tags: bool,
 }

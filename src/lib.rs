@@ -7,6 +7,10 @@
 //! or [`registry`] (push) -> [`output`] (digest files for deploy steps).
 //! [`pipeline`] strings the stages together; `main.rs` only parses the command line.
 
+// The AWS SDK futures nested inside registry connections (ECR auth within base resolution)
+// exceed the default query depth when their layout is computed.
+#![recursion_limit = "256"]
+
 pub mod base;
 pub mod cache;
 pub mod compress;

@@ -15,7 +15,7 @@ use imgbuild::overlap::{self, LayerFeed};
 use imgbuild::pipeline::{self, BuildOptions};
 use imgbuild::progress::{self, Progress, Verbosity};
 use imgbuild::reference::{Repository, validate_tag};
-use imgbuild::registry::{self, Credentials, PushOptions, Secret};
+use imgbuild::registry::{self, AwsOptions, Credentials, PushOptions, Secret};
 use imgbuild::spec::{self, Spec};
 use imgbuild::store::BlobStore;
 use imgbuild::{Error, ExitCode};
@@ -160,6 +160,13 @@ fn run(cli: Cli) -> Result<()> {
                 credentials,
                 timeout: std::time::Duration::from_secs(args.timeout.max(1)),
                 mount_sources,
+                resolve: args.resolve.clone(),
+                aws: AwsOptions {
+                    role_arn: args.aws_role_arn.clone().filter(|a| !a.trim().is_empty()),
+                    create_repository: args.create_repository,
+                    scan_on_push: args.ecr_scan_on_push,
+                    immutable_tags: args.ecr_immutable_tags,
+                },
                 ..PushOptions::default()
             };
             let runtime = runtime()?;

@@ -16,6 +16,7 @@
 //! Secrets live in [`Secret`], whose `Debug` and `Display` print `<redacted>`, so no log line,
 //! error or `{:?}` can show them.
 
+use super::ecr::{EcrError, EcrRegistry};
 use super::{PushOptions, RegistryError};
 use base64::Engine as _;
 use reqwest::Url;
@@ -23,7 +24,7 @@ use reqwest::header::HeaderValue;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// A password or token. Prints as `<redacted>`; read it with [`Secret::expose`].
@@ -92,8 +93,25 @@ pub(crate) fn docker_config_dir(over: Option<&Path>) -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker")))
 }
 
-/// Find the credential for `registry` (`host[:port]`): the explicit one first, then the docker
-/// config. Blocking: a credential helper may run as a child process.
+/// The credential files to search, in order: `$REGISTRY_AUTH_FILE` (podman, skopeo and
+/// buildah's variable), the docker config (`config_dir/config.json`), then podman's
+/// `$XDG_RUNTIME_DIR/containers/auth.json` (containers-auth.json(5)). All share the docker
+/// format (`auths`, `credHelpers`, `credsStore`).
+pub(crate) fn auth_files(config_dir: Option<&Path>) -> Vec<PathBuf> {
+    let env_path = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let mut files = Vec::new();
+    files.extend(env_path("REGISTRY_AUTH_FILE"));
+    files.extend(config_dir.map(|d| d.join("config.json")));
+    files.extend(env_path("XDG_RUNTIME_DIR").map(|d| d.join("containers/auth.json")));
+    files
+}
+
+/// Find the credential for `registry` (`host[:port]`): the explicit one first, then the
+/// credential files of [`auth_files`]. Blocking: a credential helper may run as a child process.
 pub(crate) fn resolve(
     registry: &str,
     explicit: Option<&Credentials>,
@@ -105,36 +123,42 @@ pub(crate) fn resolve(
             tried: "the credentials given with --username".into(),
         };
     }
-    let Some(dir) = config_dir else {
+    let files = auth_files(config_dir);
+    if files.is_empty() {
         return Resolved {
             credential: None,
             tried: "no credentials (no --username, and no docker config directory: HOME and DOCKER_CONFIG are unset)"
                 .into(),
         };
-    };
-    let path = dir.join("config.json");
-    match docker_config_credential(&path, registry) {
-        Ok(Some(credential)) => {
-            let what = match credential {
-                Credential::Basic(_) => "the credentials",
-                Credential::IdentityToken(_) => "the identity token",
-            };
-            Resolved {
-                credential: Some(credential),
-                tried: format!("{what} for {registry} from {}", path.display()),
+    }
+    for path in &files {
+        match docker_config_credential(path, registry) {
+            Ok(Some(credential)) => {
+                let what = match credential {
+                    Credential::Basic(_) => "the credentials",
+                    Credential::IdentityToken(_) => "the identity token",
+                };
+                return Resolved {
+                    credential: Some(credential),
+                    tried: format!("{what} for {registry} from {}", path.display()),
+                };
+            }
+            Ok(None) => {}
+            Err(why) => {
+                return Resolved {
+                    credential: None,
+                    tried: format!("no credentials (no --username; {}: {why})", path.display()),
+                };
             }
         }
-        Ok(None) => Resolved {
-            credential: None,
-            tried: format!(
-                "no credentials (no --username, and none for {registry} in {})",
-                path.display()
-            ),
-        },
-        Err(why) => Resolved {
-            credential: None,
-            tried: format!("no credentials (no --username; {}: {why})", path.display()),
-        },
+    }
+    let shown: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    Resolved {
+        credential: None,
+        tried: format!(
+            "no credentials (no --username, and none for {registry} in {})",
+            shown.join(", ")
+        ),
     }
 }
 
@@ -323,6 +347,8 @@ struct State {
     generation: u64,
     /// Bearer tokens by scope (token spec: a token is granted for a scope).
     tokens: HashMap<String, Secret>,
+    /// A refreshed ECR token, replacing the resolved credential after a 401 (ecr.rs).
+    basic_override: Option<Credentials>,
 }
 
 /// The authentication state of one registry client. Cheap to share between concurrent uploads.
@@ -335,7 +361,11 @@ pub(crate) struct Auth {
     config_dir: Option<PathBuf>,
     insecure: Vec<String>,
     timeout: Duration,
-    resolved: tokio::sync::OnceCell<Resolved>,
+    resolved: tokio::sync::OnceCell<Result<Resolved, EcrError>>,
+    /// Set when the registry is Amazon ECR: its token replaces the docker config (issue 3).
+    ecr: Option<Arc<EcrRegistry>>,
+    /// Whether the resolved credential is an ECR token (not a docker config fallback).
+    ecr_in_use: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     refresh: tokio::sync::Mutex<()>,
 }
@@ -356,33 +386,60 @@ impl Auth {
             insecure: opts.insecure_registries.clone(),
             timeout: opts.timeout,
             resolved: tokio::sync::OnceCell::new(),
+            ecr: EcrRegistry::shared(registry, &opts.aws),
+            ecr_in_use: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State {
                 scheme: Scheme::Anonymous,
                 generation: 0,
                 tokens: HashMap::new(),
+                basic_override: None,
             }),
             refresh: tokio::sync::Mutex::new(()),
         }
     }
 
     /// The credential for this registry, looked up once, off the async threads (a credential
-    /// helper is a child process).
-    async fn resolved(&self) -> &Resolved {
+    /// helper is a child process). For ECR (unless --username was given) the ECR token comes
+    /// first; when the AWS chain has no credentials at all, the docker config may still hold
+    /// some (e.g. from `aws ecr get-login-password | docker login`), else that is the error.
+    async fn resolved(&self) -> Result<&Resolved, RegistryError> {
         self.resolved
             .get_or_init(|| async {
+                let ecr = self.ecr.as_ref().filter(|_| self.explicit.is_none());
+                let ecr_error = match ecr {
+                    Some(ecr) => match ecr.credentials().await {
+                        Ok(c) => {
+                            self.ecr_in_use
+                                .store(true, std::sync::atomic::Ordering::Release);
+                            return Ok(Resolved {
+                                credential: Some(Credential::Basic(c)),
+                                tried: ecr.describe(),
+                            });
+                        }
+                        Err(e @ EcrError::NoCredentials { .. }) => Some(e),
+                        Err(e) => return Err(e),
+                    },
+                    None => None,
+                };
                 let registry = self.registry.clone();
                 let explicit = self.explicit.clone();
                 let dir = self.config_dir.clone();
-                tokio::task::spawn_blocking(move || {
+                let resolved = tokio::task::spawn_blocking(move || {
                     resolve(&registry, explicit.as_ref(), dir.as_deref())
                 })
                 .await
                 .unwrap_or_else(|e| Resolved {
                     credential: None,
                     tried: format!("no credentials (looking them up failed: {e})"),
-                })
+                });
+                match ecr_error {
+                    Some(e) if resolved.credential.is_none() => Err(e),
+                    _ => Ok(resolved),
+                }
             })
             .await
+            .as_ref()
+            .map_err(|e| RegistryError::Ecr(e.clone()))
     }
 
     /// Which credential source was used, for error messages.
@@ -391,7 +448,10 @@ impl Auth {
         if anonymous {
             "no credentials (the registry did not ask for any)".into()
         } else {
-            self.resolved().await.tried.clone()
+            match self.resolved().await {
+                Ok(r) => r.tried.clone(),
+                Err(e) => e.to_string(),
+            }
         }
     }
 
@@ -404,8 +464,14 @@ impl Auth {
         let state = self.state();
         let value = match &state.scheme {
             Scheme::Anonymous => None,
-            Scheme::Basic => match self.resolved.get().and_then(|r| r.credential.as_ref()) {
-                Some(Credential::Basic(c)) => Some(basic_header(c)),
+            Scheme::Basic => match (
+                &state.basic_override,
+                self.resolved
+                    .get()
+                    .and_then(|r| r.as_ref().ok())
+                    .and_then(|r| r.credential.as_ref()),
+            ) {
+                (Some(c), _) | (None, Some(Credential::Basic(c))) => Some(basic_header(c)),
                 _ => None,
             },
             Scheme::Bearer { .. } => state
@@ -450,10 +516,24 @@ impl Auth {
         } else {
             return Ok(false);
         };
-        let resolved = self.resolved().await;
+        let resolved = self.resolved().await?;
         match &scheme {
             Scheme::Basic => {
                 let have = matches!(resolved.credential, Some(Credential::Basic(_)));
+                let from_ecr = self.ecr_in_use.load(std::sync::atomic::Ordering::Acquire);
+                if from_ecr && self.state().scheme == Scheme::Basic {
+                    // ECR refused its own token (expired, or issued before a long push):
+                    // one new token per run, then give up (ecr.rs; never a loop).
+                    if let Some(ecr) = &self.ecr
+                        && let Some(fresh) = ecr.refresh().await?
+                    {
+                        let mut state = self.state();
+                        state.basic_override = Some(fresh);
+                        state.generation += 1;
+                        return Ok(true);
+                    }
+                    return Ok(false);
+                }
                 let mut state = self.state();
                 // Sending the same credentials again cannot help.
                 if !have || state.scheme == Scheme::Basic {

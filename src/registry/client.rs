@@ -70,7 +70,7 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
             attempt.follow()
         }
     });
-    reqwest::Client::builder()
+    super::resolve::apply(reqwest::Client::builder(), &opts.resolve)
         .user_agent(opts.user_agent.clone())
         .connect_timeout(opts.timeout)
         .redirect(policy)

@@ -6,16 +6,22 @@
 //! - [`auth`]: `WWW-Authenticate` parsing, credential sources, Bearer token cache, [`Secret`].
 //! - [`upload`]: blobs (HEAD, POST, one streamed PUT), manifests, index, tags, in that order.
 //! - [`retry`]: which failures are retried and how long to wait.
+//! - [`ecr`]: Amazon ECR hosts, AWS credentials, the token cache, create-on-push.
+//! - [`resolve`]: `--resolve HOST:PORT:ADDR` (curl's convention).
 //!
 //! Entry point: [`push`].
 
 mod auth;
 mod client;
+mod ecr;
 pub mod pull;
+mod resolve;
 mod retry;
 mod upload;
 
 pub use auth::{Credentials, Secret};
+pub use ecr::{AwsOptions, EcrError, EcrHost, parse_host as parse_ecr_host};
+pub use resolve::{ResolveOverride, ResolveParseError};
 
 use crate::digest::Digest;
 use crate::error::ExitCode;
@@ -51,6 +57,10 @@ pub struct PushOptions {
     /// Other repositories on the target registry that blobs are mounted from (base images,
     /// issue 6): the token asks for pull access to them too. Set by [`push`] itself.
     pub mount_from: Vec<String>,
+    /// ECR: role to assume, create-on-push (used only for ECR registries).
+    pub aws: AwsOptions,
+    /// `--resolve`: reach these host names at these addresses (TLS still checks the name).
+    pub resolve: Vec<ResolveOverride>,
 }
 
 impl Default for PushOptions {
@@ -65,6 +75,8 @@ impl Default for PushOptions {
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
             mount_sources: HashMap::new(),
             mount_from: Vec::new(),
+            aws: AwsOptions::default(),
+            resolve: Vec::new(),
         }
     }
 }
@@ -123,12 +135,20 @@ pub struct Session {
 }
 
 impl Session {
-    /// Reach the registry and authenticate (the `/v2/` ping and challenge).
+    /// Reach the registry and authenticate (the `/v2/` ping and challenge). With
+    /// `--create-repository`, the ECR repository is made sure of first (issue 3), so that
+    /// layers pushed while the build runs have a repository to go to.
     pub async fn connect(
         repo: &Repository,
         opts: &PushOptions,
         progress: &dyn Progress,
     ) -> Result<Self, RegistryError> {
+        if opts.aws.create_repository {
+            ecr::with_repository(&repo.registry, &repo.path, &opts.aws, progress, || async {
+                Ok(())
+            })
+            .await?;
+        }
         Ok(Session {
             client: client::Client::connect(repo, opts, progress).await?,
             repo: repo.clone(),
@@ -169,7 +189,9 @@ impl Session {
     }
 
     /// Push the base layers not in the store (mounted or copied, issue 6), what of `image`
-    /// is not confirmed yet, then manifests, the index and `tags`.
+    /// is not confirmed yet, then manifests, the index and `tags`. On ECR, a missing
+    /// repository is reported (issue 3; with `--create-repository` it was created by
+    /// `connect`).
     pub async fn push_image(
         &self,
         image: &BuiltImage,
@@ -177,22 +199,31 @@ impl Session {
         tags: &[String],
         progress: &dyn Progress,
     ) -> Result<PushReport, RegistryError> {
-        pull::transfer_base_layers(&self.client, &self.repo, image, &self.opts, progress).await?;
-        let done = self
-            .done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        upload::push_image(
-            &self.client,
-            image,
-            store,
-            tags,
-            self.opts.jobs,
-            &self.opts.mount_sources,
-            &done,
-            progress,
-        )
+        let (repo, opts) = (&self.repo, &self.opts);
+        // Made sure of in `connect`: not described or created a second time.
+        let aws = ecr::AwsOptions {
+            create_repository: false,
+            ..opts.aws.clone()
+        };
+        ecr::with_repository(&repo.registry, &repo.path, &aws, progress, || async {
+            pull::transfer_base_layers(&self.client, repo, image, opts, progress).await?;
+            let done = self
+                .done
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            upload::push_image(
+                &self.client,
+                image,
+                store,
+                tags,
+                opts.jobs,
+                &opts.mount_sources,
+                &done,
+                progress,
+            )
+            .await
+        })
         .await
     }
 }
@@ -282,6 +313,8 @@ pub enum RegistryError {
     CaCert { path: PathBuf, reason: String },
     #[error("cannot set up the HTTP client: {reason}")]
     Client { reason: String },
+    #[error(transparent)]
+    Ecr(#[from] EcrError),
 }
 
 impl RegistryError {
@@ -300,6 +333,7 @@ impl RegistryError {
             RegistryError::CorruptBlob { .. }
             | RegistryError::Io { .. }
             | RegistryError::Client { .. } => ExitCode::Internal,
+            RegistryError::Ecr(e) => e.exit_code(),
         }
     }
 

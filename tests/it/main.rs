@@ -6,6 +6,8 @@
 
 mod base;
 mod build;
+mod credentials;
+mod ecr;
 mod harness;
 mod push;
 mod smoke;
