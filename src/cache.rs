@@ -404,44 +404,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::compress::Codec;
-    use crate::plan::Entry;
-
-    fn plan(dir: &Path) -> LayerPlan {
-        let f = dir.join("f");
-        fs::write(&f, b"hello\n").unwrap();
-        LayerPlan {
-            entries: vec![
-                Entry {
-                    path: "app".into(),
-                    kind: EntryKind::Dir,
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                },
-                Entry {
-                    path: "app/f".into(),
-                    kind: EntryKind::File { src: f, size: 6 },
-                    mode: 0o644,
-                    uid: 0,
-                    gid: 0,
-                },
-                Entry {
-                    path: "app/l".into(),
-                    kind: EntryKind::Symlink { target: "f".into() },
-                    mode: 0o777,
-                    uid: 0,
-                    gid: 0,
-                },
-            ],
-            created_by: "layer 1".into(),
-        }
-    }
 
     #[test]
     fn key_covers_every_input_that_decides_the_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let cache = LayerCache::open(dir.path().join("cache")).unwrap();
-        let base = plan(dir.path());
+        let base = crate::layer::tests::entries(dir.path());
         let opts = LayerOptions::default();
         let key = cache.key(&base, &opts).unwrap();
         type Change = fn(&mut LayerPlan, &mut LayerOptions);

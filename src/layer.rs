@@ -196,11 +196,13 @@ pub fn diff_id_of(codec: crate::compress::Codec, blob: impl Read) -> io::Result<
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::plan::Entry;
 
-    fn entries(dir: &std::path::Path) -> LayerPlan {
+    /// A small plan (a directory, a file, a symlink with a long name) over a file in `dir`;
+    /// also used by the cache's tests.
+    pub(crate) fn entries(dir: &std::path::Path) -> LayerPlan {
         let f = dir.join("f");
         std::fs::write(&f, b"hello\n").unwrap();
         LayerPlan {
