@@ -118,6 +118,11 @@ fn run(cli: Cli) -> Result<()> {
                 ca_certs: args.ca_certs.clone(),
                 credentials,
                 timeout: std::time::Duration::from_secs(args.timeout.max(1)),
+                retry: registry::RetryPolicy {
+                    retries: args.retries,
+                    base_delay: std::time::Duration::from_millis(args.retry_base_ms),
+                    deadline: std::time::Duration::from_secs(args.deadline),
+                },
                 ..PushOptions::default()
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -5,16 +5,17 @@
 //!   attached and one re-authentication on 401.
 //! - [`auth`]: `WWW-Authenticate` parsing, credential sources, Bearer token cache, [`Secret`].
 //! - [`upload`]: blobs (HEAD, POST, one streamed PUT), manifests, index, tags, in that order.
-//! - [`retry`]: which failures are retried and how long to wait.
+//! - [`retry`]: which failures are retried, backoff with jitter, `Retry-After`, the deadline.
 //!
 //! Entry point: [`push`].
 
 mod auth;
 mod client;
-mod retry;
+pub mod retry;
 mod upload;
 
 pub use auth::{Credentials, Secret};
+pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
 use crate::error::ExitCode;
@@ -43,6 +44,8 @@ pub struct PushOptions {
     /// sent and no answer for this long).
     pub timeout: Duration,
     pub user_agent: String,
+    /// `--retries`, `--deadline` and the backoff base.
+    pub retry: RetryPolicy,
 }
 
 impl Default for PushOptions {
@@ -55,6 +58,7 @@ impl Default for PushOptions {
             docker_config_dir: None,
             timeout: Duration::from_secs(60),
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -143,6 +147,10 @@ pub enum RegistryError {
         expected: Digest,
         got: String,
     },
+    #[error(
+        "{url} accepted blob {digest} but does not have it (HEAD answered 404); the registry lost the upload"
+    )]
+    BlobMissing { url: String, digest: Digest },
     #[error("refusing {reason} ({url}); this would expose credentials or content to tampering")]
     Insecure { url: String, reason: String },
     #[error(
@@ -177,6 +185,7 @@ impl RegistryError {
             | RegistryError::Timeout { .. }
             | RegistryError::Protocol { .. }
             | RegistryError::DigestMismatch { .. }
+            | RegistryError::BlobMissing { .. }
             | RegistryError::Insecure { .. } => ExitCode::Registry,
             RegistryError::CaCert { .. } => ExitCode::Usage,
             RegistryError::CorruptBlob { .. }
