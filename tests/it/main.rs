@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod build;
+mod faults;
 mod harness;
+mod proxy;
 mod push;
 mod smoke;
