@@ -80,8 +80,7 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
 /// network; issue #5 "Security"), or more than 10 hops. Dropping `Authorization` when the
 /// redirect leaves the origin is reqwest's own rule (tested end to end in tests/it/faults.rs).
 pub(crate) fn redirect_refusal(previous: &[Url], next: &Url) -> Option<&'static str> {
-    let downgrade =
-        previous.iter().any(|p| p.scheme() == "https") && next.scheme() != "https";
+    let downgrade = previous.iter().any(|p| p.scheme() == "https") && next.scheme() != "https";
     if downgrade {
         Some("refusing a redirect from https to plain http")
     } else if previous.len() >= 10 {
@@ -157,33 +156,34 @@ impl Client {
                 retrier,
             })
         };
-        retrier.run("connecting to the registry", progress, || async {
-            let https = make("https")?;
-            let err = match https.ping().await {
-                Ok(()) => return Ok(https),
-                Err(e) if plain_ok && e.is_transport() => e,
-                Err(e) => return Err(e),
-            };
-            progress.event(Event::Debug(&format!(
-                "https to {} failed ({}); trying plain http",
-                repo.registry,
-                err.short_reason()
-            )));
-            let http = make("http")?;
-            match http.ping().await {
-                Ok(()) => Ok(http),
-                // A TLS server answers plain http with 400 ("Client sent an HTTP request to an
-                // HTTPS server"): the https error is the one that says what to fix.
-                Err(e)
-                    if e.is_transport()
-                        || matches!(e, RegistryError::Protocol { status: 400, .. }) =>
-                {
-                    Err(err)
+        retrier
+            .run("connecting to the registry", progress, || async {
+                let https = make("https")?;
+                let err = match https.ping().await {
+                    Ok(()) => return Ok(https),
+                    Err(e) if plain_ok && e.is_transport() => e,
+                    Err(e) => return Err(e),
+                };
+                progress.event(Event::Debug(&format!(
+                    "https to {} failed ({}); trying plain http",
+                    repo.registry,
+                    err.short_reason()
+                )));
+                let http = make("http")?;
+                match http.ping().await {
+                    Ok(()) => Ok(http),
+                    // A TLS server answers plain http with 400 ("Client sent an HTTP request to an
+                    // HTTPS server"): the https error is the one that says what to fix.
+                    Err(e)
+                        if e.is_transport()
+                            || matches!(e, RegistryError::Protocol { status: 400, .. }) =>
+                    {
+                        Err(err)
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            }
-        })
-        .await
+            })
+            .await
     }
 
     /// `GET /v2/`: 200 means we may go on (anonymously or with the header `send` settled on).
@@ -546,11 +546,23 @@ mod tests {
         let u = |s: &str| Url::parse(s).expect("valid URL");
         let hops: Vec<Url> = (0..10).map(|i| u(&format!("https://r/{i}"))).collect();
         let cases: Vec<(Vec<Url>, Url, bool)> = vec![
-            (vec![u("https://r/v2/")], u("https://storage.example/b"), false),
-            (vec![u("http://127.0.0.1/v2/")], u("http://localhost/b"), false),
+            (
+                vec![u("https://r/v2/")],
+                u("https://storage.example/b"),
+                false,
+            ),
+            (
+                vec![u("http://127.0.0.1/v2/")],
+                u("http://localhost/b"),
+                false,
+            ),
             (vec![u("https://r/v2/")], u("http://r/v2/"), true),
             // A downgrade anywhere along the chain counts.
-            (vec![u("https://r/a"), u("https://s/b")], u("http://t/c"), true),
+            (
+                vec![u("https://r/a"), u("https://s/b")],
+                u("http://t/c"),
+                true,
+            ),
             (hops[..9].to_vec(), u("https://r/x"), false),
             (hops.clone(), u("https://r/x"), true),
         ];

@@ -257,7 +257,11 @@ mod tests {
             (protocol(502, None), 2, Some((100 * MS, 200 * MS))),
             (protocol(504, None), 3, Some((200 * MS, 400 * MS))),
             (protocol(503, Some(2)), 1, Some((2000 * MS, 2000 * MS))),
-            (protocol(429, Some(0)), 4, Some((Duration::ZERO, Duration::ZERO))),
+            (
+                protocol(429, Some(0)),
+                4,
+                Some((Duration::ZERO, Duration::ZERO)),
+            ),
             (protocol(429, None), 1, Some((50 * MS, 100 * MS))),
             (protocol(408, None), 1, Some((50 * MS, 100 * MS))),
             // A registry asking for minutes is down: give up (exit 5) rather than hang.
@@ -336,7 +340,10 @@ mod tests {
             ("Mon, 07 Nov 1994 08:49:37 GMT", Some(86_400)),
             // In the past: no wait.
             ("Sat, 05 Nov 1994 08:49:37 GMT", Some(0)),
-            ("Thu, 29 Feb 2024 00:00:00 GMT", Some(1_709_164_800 - 784_111_777)),
+            (
+                "Thu, 29 Feb 2024 00:00:00 GMT",
+                Some(1_709_164_800 - 784_111_777),
+            ),
             ("Sun, 06 Nov 1994 08:49:37 UTC", None),
             ("Sunday, 06-Nov-94 08:49:37 GMT", None),
             ("Sun, 32 Nov 1994 08:49:37 GMT", None),

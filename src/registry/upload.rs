@@ -135,31 +135,32 @@ async fn push_blob(
     progress: &dyn Progress,
 ) -> Result<bool, RegistryError> {
     let what = format!("blob {}", blob.digest);
-    client.retry(&what, progress, || async {
-        if blob_exists(client, &blob.digest).await? {
-            progress.event(Event::BlobSkipped {
+    client
+        .retry(&what, progress, || async {
+            if blob_exists(client, &blob.digest).await? {
+                progress.event(Event::BlobSkipped {
+                    digest: &blob.digest,
+                    size: blob.size,
+                    reason: "already in the registry",
+                });
+                return Ok(false);
+            }
+            upload_blob(client, blob, progress).await?;
+            // The PUT said 201, but a registry (or a proxy in front of it) can lose what it
+            // acknowledged; a manifest naming a missing blob would be refused or, worse, dangle.
+            // One HEAD is cheap insurance (issue #5); a loss is retried like any transient fault.
+            if !blob_exists(client, &blob.digest).await? {
+                return Err(RegistryError::BlobMissing {
+                    url: display_url(&client.repo_url(&format!("blobs/{}", blob.digest))),
+                    digest: blob.digest.clone(),
+                });
+            }
+            progress.event(Event::BlobDone {
                 digest: &blob.digest,
-                size: blob.size,
-                reason: "already in the registry",
             });
-            return Ok(false);
-        }
-        upload_blob(client, blob, progress).await?;
-        // The PUT said 201, but a registry (or a proxy in front of it) can lose what it
-        // acknowledged; a manifest naming a missing blob would be refused or, worse, dangle.
-        // One HEAD is cheap insurance (issue #5); a loss is retried like any transient fault.
-        if !blob_exists(client, &blob.digest).await? {
-            return Err(RegistryError::BlobMissing {
-                url: display_url(&client.repo_url(&format!("blobs/{}", blob.digest))),
-                digest: blob.digest.clone(),
-            });
-        }
-        progress.event(Event::BlobDone {
-            digest: &blob.digest,
-        });
-        Ok(true)
-    })
-    .await
+            Ok(true)
+        })
+        .await
 }
 
 /// `HEAD /v2/<name>/blobs/<digest>` (spec.md "Checking if content exists in the registry").
@@ -252,7 +253,6 @@ async fn upload_blob(
         return Err(unexpected(&url, response).await);
     }
     check_digest(&url, &response, digest)
-
 }
 
 /// Stream the file at `path` as the body of `PUT url`, hashing it on the way, with a stall
@@ -348,22 +348,23 @@ async fn put_manifest(
 ) -> Result<(), RegistryError> {
     let url = client.repo_url(&format!("manifests/{reference}"));
     let what = format!("manifest {reference}");
-    client.retry(&what, progress, || async {
-        let response = client
-            .send(|http| {
-                Ok(http
-                    .put(url.clone())
-                    .header(CONTENT_TYPE, &manifest.media_type)
-                    .body(manifest.bytes.clone())
-                    .timeout(client.timeout()))
-            })
-            .await?;
-        if !response.status().is_success() || is_html(response.headers()) {
-            return Err(unexpected(&url, response).await);
-        }
-        check_digest(&url, &response, &manifest.digest)
-    })
-    .await?;
+    client
+        .retry(&what, progress, || async {
+            let response = client
+                .send(|http| {
+                    Ok(http
+                        .put(url.clone())
+                        .header(CONTENT_TYPE, &manifest.media_type)
+                        .body(manifest.bytes.clone())
+                        .timeout(client.timeout()))
+                })
+                .await?;
+            if !response.status().is_success() || is_html(response.headers()) {
+                return Err(unexpected(&url, response).await);
+            }
+            check_digest(&url, &response, &manifest.digest)
+        })
+        .await?;
     progress.event(Event::ManifestPushed {
         reference,
         digest: &manifest.digest,

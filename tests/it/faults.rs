@@ -22,7 +22,8 @@ fn text(b: &[u8]) -> String {
 /// holding one small file that differs per platform: 18 layers + 2 configs = 20 blobs.
 fn many_blobs_workspace() -> tempfile::TempDir {
     let ws = tempfile::tempdir().unwrap();
-    let mut spec = String::from("platforms = [\"linux/amd64\", \"linux/arm64\"]\ntags = [\"v1\"]\n");
+    let mut spec =
+        String::from("platforms = [\"linux/amd64\", \"linux/arm64\"]\ntags = [\"v1\"]\n");
     for (arch, salt) in [("amd64", 0), ("arm64", 101)] {
         let dir = ws.path().join("data").join(arch);
         fs::create_dir_all(&dir).unwrap();
@@ -137,7 +138,12 @@ fn push_survives_one_fault_in_five_and_skopeo_verifies_every_digest() {
     let seen = proxy.seen();
     let faulted: Vec<Fault> = seen.iter().filter_map(|s| s.fault).collect();
     let rate = faulted.len() as f64 / seen.len() as f64;
-    assert!((0.1..=0.35).contains(&rate), "{} of {}", faulted.len(), seen.len());
+    assert!(
+        (0.1..=0.35).contains(&rate),
+        "{} of {}",
+        faulted.len(),
+        seen.len()
+    );
     eprintln!("{} of {} requests faulted", faulted.len(), seen.len());
     let kinds: HashSet<Fault> = faulted.iter().copied().collect();
     for k in ALL_FAULTS {
@@ -154,9 +160,15 @@ fn push_survives_one_fault_in_five_and_skopeo_verifies_every_digest() {
     // Every forwarded registry request carried a token the token server issued, and the
     // password and tokens never reached the output, even at -vv.
     let tokens = proxy.tokens();
-    assert!(tokens.len() >= 2, "the injected 401s made it fetch again: {tokens:?}");
+    assert!(
+        tokens.len() >= 2,
+        "the injected 401s made it fetch again: {tokens:?}"
+    );
     for secret in tokens.iter().map(String::as_str).chain(["proxy-pass-4242"]) {
-        assert!(!stdout.contains(secret) && !stderr.contains(secret), "{secret} leaked");
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret} leaked"
+        );
     }
 
     // The registry has the image under the tag; skopeo pulls it and checks every digest.
@@ -219,7 +231,10 @@ fn permanent_5xx_ends_with_exit_5_within_the_deadline() {
         let elapsed = started.elapsed();
         assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
         let line = error_line(&out);
-        assert!(line.contains("HTTP 503") && line.contains(&proxy.addr), "{line}");
+        assert!(
+            line.contains("HTTP 503") && line.contains(&proxy.addr),
+            "{line}"
+        );
         assert!(elapsed < Duration::from_secs(limit), "{elapsed:?}");
         let seen = proxy.seen().len();
         if retries == 3 {
@@ -252,7 +267,11 @@ fn kill_9_mid_push_leaves_no_tag_and_the_rerun_uploads_only_what_is_missing() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while proxy.seen().len() <= 30 {
-        assert!(Instant::now() < deadline, "push did not get far: {:?}", proxy.seen());
+        assert!(
+            Instant::now() < deadline,
+            "push did not get far: {:?}",
+            proxy.seen()
+        );
         assert!(child.try_wait().unwrap().is_none(), "push ended early");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -261,13 +280,21 @@ fn kill_9_mid_push_leaves_no_tag_and_the_rerun_uploads_only_what_is_missing() {
     child.wait().unwrap();
     drop(proxy);
 
-    assert!(!has_tag(&reg, "resume", "v1"), "an interrupted push left a tag");
+    assert!(
+        !has_tag(&reg, "resume", "v1"),
+        "an interrupted push left a tag"
+    );
     let before = blob_puts(&reg, "resume");
     assert!(!before.is_empty() && before.len() < 20, "{before:?}");
 
     // The same command again, straight to the registry: completes, same digest as a build.
     let out = run_ok(&mut push_many(ws.path(), &reg.addr, "resume", &["-q"]));
-    let digest = text(&out.stdout).trim().rsplit_once('@').unwrap().1.to_string();
+    let digest = text(&out.stdout)
+        .trim()
+        .rsplit_once('@')
+        .unwrap()
+        .1
+        .to_string();
     let built = run_ok(imgbuild().current_dir(ws.path()).args([
         "build",
         "-q",
@@ -282,7 +309,11 @@ fn kill_9_mid_push_leaves_no_tag_and_the_rerun_uploads_only_what_is_missing() {
     let after = blob_puts(&reg, "resume");
     let unique: HashSet<&String> = after.iter().collect();
     assert_eq!(unique.len(), 20, "{after:?}");
-    assert_eq!(after.len(), 20, "a finished blob was uploaded again: {after:?}");
+    assert_eq!(
+        after.len(),
+        20,
+        "a finished blob was uploaded again: {after:?}"
+    );
 }
 
 #[test]
@@ -308,7 +339,9 @@ fn a_web_page_or_a_lying_digest_is_exit_5_and_nothing_is_tagged() {
     ];
     for (opts, want) in cases {
         let proxy = Proxy::start(&reg.addr, opts);
-        let out = push_many(ws.path(), &proxy.addr, "liar", &[]).output().unwrap();
+        let out = push_many(ws.path(), &proxy.addr, "liar", &[])
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
         let line = error_line(&out);
         assert!(line.contains(want) && line.contains(&proxy.addr), "{line}");
@@ -346,12 +379,11 @@ fn authorization_never_follows_a_redirect_to_another_host() {
         "Authorization sent to another host: {seen:?}"
     );
     // The registry itself did get the token (so the test could have failed).
-    assert!(
-        proxy
-            .seen()
-            .iter()
-            .any(|s| s.authorization.as_deref().is_some_and(|a| a.starts_with("Bearer "))),
-    );
+    assert!(proxy.seen().iter().any(|s| {
+        s.authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer "))
+    }),);
     for t in proxy.tokens() {
         assert!(!all.contains(&t), "token leaked at -vv");
     }

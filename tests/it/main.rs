@@ -7,6 +7,7 @@
 mod build;
 mod faults;
 mod harness;
+mod inputs;
 mod proxy;
 mod push;
 mod smoke;

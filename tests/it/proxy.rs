@@ -541,7 +541,9 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         }
         if opts.wrong_digest
             && req.method == "PUT"
-            && line.to_ascii_lowercase().starts_with("docker-content-digest:")
+            && line
+                .to_ascii_lowercase()
+                .starts_with("docker-content-digest:")
         {
             out.push_str(&format!(
                 "Docker-Content-Digest: sha256:{}\r\n",
@@ -591,7 +593,9 @@ impl Recorder {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
-                let Ok(clone) = conn.try_clone() else { continue };
+                let Ok(clone) = conn.try_clone() else {
+                    continue;
+                };
                 let mut reader = BufReader::new(clone);
                 if let Ok(Some(req)) = read_head(&mut reader) {
                     log.lock().unwrap().push(req.headers);
@@ -618,7 +622,11 @@ fn schedule_keys_and_dates() {
             "PUT /v2/a/b/blobs/uploads/ digest=sha256%3Aab",
         ),
         ("POST", "/v2/a/blobs/uploads/", "POST /v2/a/blobs/uploads/ "),
-        ("HEAD", "/v2/a/blobs/sha256:ab", "HEAD /v2/a/blobs/sha256:ab"),
+        (
+            "HEAD",
+            "/v2/a/blobs/sha256:ab",
+            "HEAD /v2/a/blobs/sha256:ab",
+        ),
     ];
     for (m, t, want) in cases {
         assert_eq!(key_of(m, t), want);

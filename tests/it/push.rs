@@ -300,6 +300,9 @@ fn unreachable_registry_is_exit_5_naming_the_url() {
             &format!("127.0.0.1:{port}/x"),
             "--timeout",
             "5",
+            // Refused connections are retried (with backoff); once is enough here.
+            "--retries",
+            "1",
         ])
         .output()
         .unwrap();
