@@ -11,6 +11,8 @@
 
 mod auth;
 mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod retry;
 mod upload;
 

@@ -39,26 +39,30 @@ fn layer(src: &str, dest: &str) -> String {
     format!("[[layer]]\nfiles = [{{ src = \"../tree/{src}\", dest = \"{dest}\" }}]\n")
 }
 
-/// `imgbuild push -f SPEC --repo REG/inputs <extra>`, optionally wrapped (e.g. in setpriv).
-fn push(ws: &Path, reg: &Registry, spec: &str, extra: &[&str], wrap: &[&str]) -> Output {
-    let mut cmd = if let Some((prog, args)) = wrap.split_first() {
-        let mut c = Command::new(prog);
-        c.args(args).arg(env!("CARGO_BIN_EXE_imgbuild"));
-        c
-    } else {
-        imgbuild()
-    };
-    if !wrap.is_empty() {
-        // The same hermetic environment as imgbuild() gives.
-        let template = imgbuild();
-        cmd.env_clear();
-        for (k, v) in template.get_envs() {
-            if let Some(v) = v {
-                cmd.env(k, v);
-            }
+/// `prog args...` with the hermetic environment [`imgbuild`] gives (and this PATH), to run
+/// imgbuild under a wrapper such as setpriv or sh.
+fn wrapped<S: AsRef<std::ffi::OsStr>>(prog: S, args: &[S]) -> Command {
+    let mut cmd = Command::new(prog);
+    cmd.args(args).env_clear();
+    for (k, v) in imgbuild().get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
         }
-        cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default());
     }
+    cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    cmd
+}
+
+/// `imgbuild push -f SPEC --repo REG/inputs <extra>`, run by the `wrap` command if not empty.
+fn push(ws: &Path, reg: &Registry, spec: &str, extra: &[&str], wrap: &[&str]) -> Output {
+    let mut cmd = match wrap.split_first() {
+        Some((prog, args)) => {
+            let mut args = args.to_vec();
+            args.push(env!("CARGO_BIN_EXE_imgbuild"));
+            wrapped(*prog, &args)
+        }
+        None => imgbuild(),
+    };
     cmd.current_dir(ws)
         .args(["push", "-f", spec, "--repo"])
         .arg(format!("{}/inputs", reg.addr))
@@ -291,4 +295,53 @@ fn a_file_over_8_gib_gets_an_extended_size_header() {
     let layer = blob_path(&dir, manifest["layers"][0]["digest"].as_str().unwrap());
     let listing = tar_listing(&layer);
     assert!(listing.contains(" 8589934593 "), "{listing}");
+}
+
+/// Every file and directory a build writes (layout, tarball, digest files) gets 0644/0755
+/// narrowed by the umask: a umask of 000 does not make them world-writable, 077 keeps them
+/// private (issue #5 "Security").
+#[test]
+fn files_written_follow_the_umask_and_are_never_world_writable() {
+    let ws = workspace();
+    let spec = write_spec(ws.path(), "hello", &layer("hello.txt", "/h"));
+    // (umask, mode of files, mode of directories)
+    for (umask, file, dir) in [
+        ("000", 0o644, 0o755),
+        ("022", 0o644, 0o755),
+        ("077", 0o600, 0o700),
+    ] {
+        let out = ws.path().join(format!("o{umask}"));
+        let script = format!(
+            "umask {umask}; exec \"$0\" build -q -f {spec} -o {o}/layout --tarball {o}/l.tar \
+             --digest-file {o}/d.txt --metadata-file {o}/m.json --image-refs {o}/r.txt",
+            o = out.display()
+        );
+        run_ok(
+            wrapped("sh", &["-c", &script, env!("CARGO_BIN_EXE_imgbuild")]).current_dir(ws.path()),
+        );
+        let mut seen = 0;
+        for entry in walk(&out) {
+            let meta = fs::symlink_metadata(&entry).unwrap();
+            let want = if meta.is_dir() { dir } else { file };
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                want,
+                "umask {umask}: {}",
+                entry.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 10, "{seen}");
+    }
+}
+
+/// `dir` and everything under it.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if dir.is_dir() {
+        for e in fs::read_dir(dir).unwrap() {
+            out.extend(walk(&e.unwrap().path()));
+        }
+    }
+    out
 }
