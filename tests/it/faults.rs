@@ -96,6 +96,7 @@ fn push_survives_one_fault_in_five_and_skopeo_verifies_every_digest() {
             kinds: ALL_FAULTS.to_vec(),
             max_per_key: 2,
             bearer: Some(Some(("ci-bot".into(), "proxy-pass-4242".into()))),
+            lose_puts: 2,
             ..ProxyOpts::default()
         },
     );
@@ -150,6 +151,15 @@ fn push_survives_one_fault_in_five_and_skopeo_verifies_every_digest() {
         assert!(kinds.contains(k), "{k:?} never injected: {faulted:?}");
     }
     assert!(stderr.contains("retry 1 of"), "{stderr}");
+    // The two blobs acknowledged and dropped were caught by the HEAD after the PUT.
+    assert_eq!(proxy.lost(), 2);
+    assert_eq!(
+        stderr
+            .matches("but does not have it (HEAD answered 404)")
+            .count(),
+        2,
+        "{stderr}"
+    );
     eprintln!(
         "fault scenario: {} requests, {} faulted, {:.1} s",
         seen.len(),
@@ -388,4 +398,22 @@ fn authorization_never_follows_a_redirect_to_another_host() {
         assert!(!all.contains(&t), "token leaked at -vv");
     }
     assert!(has_tag(&reg, "redir", "v1"));
+}
+
+#[test]
+fn tls_is_verified_on_loopback_too_and_a_failure_names_the_fix() {
+    let reg = Registry::start_tls(&["registry.test"]);
+    let ws = many_blobs_workspace();
+    // No --ca-cert: the throwaway CA is unknown, and --insecure-registry does not turn
+    // verification off (it only allows plain http, which a TLS port does not speak).
+    for extra in [&[][..], &["--insecure-registry", &reg.addr][..]] {
+        let out = push_many(ws.path(), &reg.addr, "tls", extra).output().unwrap();
+        assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+        let line = error_line(&out);
+        assert!(
+            line.contains("TLS connection to https://") && line.contains("--ca-cert"),
+            "{line}"
+        );
+    }
+    assert!(!reg.log().contains("PUT /v2/"), "{}", reg.log());
 }

@@ -81,6 +81,9 @@ pub struct ProxyOpts {
     pub redirect_blob_head_to: Option<String>,
     /// Requests numbered from this one on (0-based) are held until the proxy is dropped.
     pub hang_from: Option<usize>,
+    /// Answer this many blob-upload PUTs `201 Created` with the right digest but drop them
+    /// (a registry that loses what it acknowledged).
+    pub lose_puts: usize,
 }
 
 impl Default for ProxyOpts {
@@ -96,7 +99,15 @@ impl Default for ProxyOpts {
             wrong_digest: false,
             redirect_blob_head_to: None,
             hang_from: None,
+            lose_puts: 0,
         }
+    }
+}
+
+/// Blob PUTs acknowledged and dropped so far (see [`ProxyOpts::lose_puts`]).
+impl Proxy {
+    pub fn lost(&self) -> usize {
+        self.state.lock().unwrap().lost
     }
 }
 
@@ -120,6 +131,7 @@ struct State {
     faults: usize,
     tokens: Vec<String>,
     redirected: bool,
+    lost: usize,
 }
 
 /// A running proxy on `127.0.0.1:PORT`; stops on drop.
@@ -507,6 +519,29 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
                 &mut conn,
                 307,
                 &[("Location", format!("{to}{}", req.target))],
+                b"",
+            );
+            return Ok(());
+        }
+    }
+
+    if req.method == "PUT" && key.contains("/blobs/uploads/ digest=") {
+        let lose = {
+            let mut st = shared.state.lock().unwrap();
+            let lose = st.lost < opts.lose_puts;
+            st.lost += usize::from(lose);
+            lose
+        };
+        if lose {
+            let digest = key.rsplit_once("digest=").unwrap().1.replace("%3A", ":");
+            let location = format!(
+                "{}{digest}",
+                &req.target[..req.target.find("/uploads/").unwrap() + 1]
+            );
+            respond(
+                &mut conn,
+                201,
+                &[("Docker-Content-Digest", digest), ("Location", location)],
                 b"",
             );
             return Ok(());
