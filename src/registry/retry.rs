@@ -252,7 +252,8 @@ mod tests {
     fn which_errors_are_retried_and_how_long_to_wait() {
         let base = Duration::from_millis(100);
         // (error, attempt, shortest and longest acceptable wait; None = not retried)
-        let cases: Vec<(RegistryError, u32, Option<(Duration, Duration)>)> = vec![
+        type Case = (RegistryError, u32, Option<(Duration, Duration)>);
+        let cases: Vec<Case> = vec![
             (protocol(500, None), 1, Some((50 * MS, 100 * MS))),
             (protocol(502, None), 2, Some((100 * MS, 200 * MS))),
             (protocol(504, None), 3, Some((200 * MS, 400 * MS))),

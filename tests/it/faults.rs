@@ -407,7 +407,9 @@ fn tls_is_verified_on_loopback_too_and_a_failure_names_the_fix() {
     // No --ca-cert: the throwaway CA is unknown, and --insecure-registry does not turn
     // verification off (it only allows plain http, which a TLS port does not speak).
     for extra in [&[][..], &["--insecure-registry", &reg.addr][..]] {
-        let out = push_many(ws.path(), &reg.addr, "tls", extra).output().unwrap();
+        let out = push_many(ws.path(), &reg.addr, "tls", extra)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
         let line = error_line(&out);
         assert!(

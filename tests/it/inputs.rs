@@ -114,7 +114,8 @@ fn bad_push_inputs_fail_with_one_line_the_right_exit_code_and_push_nothing() {
     }
 
     // (what, spec, flags, wrapper, exit code, fragment of the one error line)
-    let mut cases: Vec<(&str, &str, Vec<&str>, Vec<&str>, i32, String)> = vec![
+    type Case<'a> = (&'a str, &'a str, Vec<&'a str>, Vec<&'a str>, i32, String);
+    let mut cases: Vec<Case> = vec![
         (
             "--jobs 0",
             &hello,

@@ -609,13 +609,16 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The (name, value) headers of one request.
+pub type Headers = Vec<(String, String)>;
+
 /// A listener that records the headers of every request and answers 404: the "other host"
 /// a registry redirects to.
 #[derive(Debug)]
 pub struct Recorder {
     /// `HOST:PORT` as given to [`Recorder::start`].
     pub addr: String,
-    seen: Arc<Mutex<Vec<Vec<(String, String)>>>>,
+    seen: Arc<Mutex<Vec<Headers>>>,
 }
 
 impl Recorder {
@@ -642,7 +645,7 @@ impl Recorder {
     }
 
     /// The headers of each request received.
-    pub fn seen(&self) -> Vec<Vec<(String, String)>> {
+    pub fn seen(&self) -> Vec<Headers> {
         self.seen.lock().unwrap().clone()
     }
 }
