@@ -55,6 +55,19 @@ fn push_many(ws: &Path, addr: &str, repo: &str, extra: &[&str]) -> Command {
     cmd
 }
 
+/// The index digest of a plain, offline build of the workspace's spec.
+fn built_digest(ws: &Path) -> String {
+    let out = run_ok(imgbuild().current_dir(ws).args([
+        "build",
+        "-q",
+        "-f",
+        "build-specs/many.toml",
+        "-o",
+        "out",
+    ]));
+    text(&out.stdout).trim().to_string()
+}
+
 /// The one `error:` line of a failed run (and there is exactly one).
 fn error_line(out: &Output) -> String {
     let err = text(&out.stderr);
@@ -195,15 +208,7 @@ fn push_survives_one_fault_in_five_and_skopeo_verifies_every_digest() {
     }
     assert_eq!(blobs, 20);
     // Same image as a fault-free build.
-    let built = run_ok(imgbuild().current_dir(ws.path()).args([
-        "build",
-        "-q",
-        "-f",
-        "build-specs/many.toml",
-        "-o",
-        "out",
-    ]));
-    assert_eq!(text(&built.stdout).trim(), digest);
+    assert_eq!(built_digest(ws.path()), digest);
 }
 
 #[test]
@@ -305,15 +310,7 @@ fn kill_9_mid_push_leaves_no_tag_and_the_rerun_uploads_only_what_is_missing() {
         .unwrap()
         .1
         .to_string();
-    let built = run_ok(imgbuild().current_dir(ws.path()).args([
-        "build",
-        "-q",
-        "-f",
-        "build-specs/many.toml",
-        "-o",
-        "out",
-    ]));
-    assert_eq!(text(&built.stdout).trim(), digest);
+    assert_eq!(built_digest(ws.path()), digest);
     assert!(has_tag(&reg, "resume", "v1"));
     // Each blob was PUT exactly once across both runs: the rerun skipped the finished ones.
     let after = blob_puts(&reg, "resume");

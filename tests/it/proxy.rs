@@ -305,29 +305,16 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), from imgbuild's own RFC 3339 formatter.
 fn http_date(t: SystemTime) -> String {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // civil_from_days (Howard Hinnant).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let iso = imgbuild::image::rfc3339(secs); // 1994-11-06T08:49:37Z
+    let (y, m, d, time) = (&iso[0..4], &iso[5..7], &iso[8..10], &iso[11..19]);
+    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(secs / 86_400 % 7) as usize];
     let mon = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ][(m - 1) as usize];
-    format!(
-        "{wd}, {d:02} {mon} {y} {:02}:{:02}:{:02} GMT",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    ][m.parse::<usize>().unwrap() - 1];
+    format!("{wd}, {d} {mon} {y} {time} GMT")
 }
 
 fn challenge(shared: &Shared, target: &str) -> (&'static str, String) {
