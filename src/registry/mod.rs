@@ -6,6 +6,7 @@
 //! - [`auth`]: `WWW-Authenticate` parsing, credential sources, Bearer token cache, [`Secret`].
 //! - [`upload`]: blobs (HEAD, POST, one streamed PUT), manifests, index, tags, in that order.
 //! - [`retry`]: which failures are retried, backoff with jitter, `Retry-After`, the deadline.
+//! - [`fuzzing`]: the response parsers' entry points for `fuzz/` and the property tests.
 //!
 //! Entry point: [`push`].
 
