@@ -4,7 +4,8 @@
 #
 #   scripts/install-deps.sh build     C compiler/linker for rustc and the `ring` crate
 #   scripts/install-deps.sh test      build + docker-registry, skopeo, qemu-user-static,
-#                                     htpasswd, openssl, tar, zstd, ca-certificates, moto
+#                                     htpasswd, openssl, tar, zstd, ca-certificates, moto,
+#                                     and busybox-static amd64/arm64 binaries (cached, not installed)
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
 #
 # Idempotent and fast when everything is present: apt-get update runs only when
@@ -103,6 +104,36 @@ PY
     log "moto_server: $MOTO_VENV/bin/moto_server"
 }
 
+# Debian's busybox-static for amd64 and arm64: real content for the base images that
+# tests/it/base.rs assembles (issue 6). Cached in "$BUSYBOX_DIR/<arch>/busybox"; the .debs are
+# unpacked with dpkg-deb, nothing is installed on the host.
+BUSYBOX_DIR="${IMGBUILD_TEST_BUSYBOX:-${HOME:-/root}/.cache/imgbuild-test/busybox}"
+install_busybox() {
+    local arch tmp
+    for arch in amd64 arm64; do
+        [[ -x "$BUSYBOX_DIR/$arch/busybox" ]] && continue
+        if [[ "$arch" != "$(dpkg --print-architecture)" ]] &&
+            ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+            log "adding dpkg architecture $arch (for apt-get download busybox-static:$arch)"
+            as_root dpkg --add-architecture "$arch"
+            APT_UPDATED=0
+        fi
+        if [[ "$APT_UPDATED" -eq 0 ]]; then
+            as_root apt-get update -qq
+            APT_UPDATED=1
+        fi
+        tmp="$(mktemp -d)"
+        chmod 755 "$tmp" # apt downloads as the _apt user
+        (cd "$tmp" && apt-get download -qq "busybox-static:$arch" >/dev/null)
+        dpkg-deb -x "$tmp"/busybox-static_*.deb "$tmp/root"
+        mkdir -p "$BUSYBOX_DIR/$arch"
+        install -m 0755 "$tmp/root/bin/busybox" "$BUSYBOX_DIR/$arch/busybox.tmp"
+        mv "$BUSYBOX_DIR/$arch/busybox.tmp" "$BUSYBOX_DIR/$arch/busybox"
+        rm -rf "$tmp"
+        log "busybox ($arch): $BUSYBOX_DIR/$arch/busybox"
+    done
+}
+
 install_fixture_tools() {
     apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
 }
@@ -115,6 +146,7 @@ test)
     install_build
     install_test_tools
     install_moto
+    install_busybox
     ;;
 fixtures)
     install_build

@@ -88,6 +88,11 @@ pub struct CommonArgs {
     /// More detail on stderr (-v, -vv).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Base image: REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:..., oci:DIR[:TAG] or scratch
+    /// (overrides `base`; `[base_overrides]` still apply).
+    #[arg(long, value_name = "IMAGE")]
+    pub base: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +107,14 @@ pub struct BuildArgs {
     /// Also write the layout as a tar file.
     #[arg(long, value_name = "FILE")]
     pub tarball: Option<PathBuf>,
+
+    /// Allow plain HTTP for this base image registry (after HTTPS fails); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust this PEM CA certificate for base image registries; repeatable.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    pub ca_certs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -35,6 +35,8 @@ pub enum Error {
     Reference(#[from] crate::reference::ReferenceError),
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Base(#[from] crate::base::BaseError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -60,6 +62,7 @@ impl Error {
             Error::Layer(_) => ExitCode::Input,
             Error::Image(_) | Error::Io { .. } => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
+            Error::Base(e) => e.exit_code(),
         }
     }
 }

@@ -24,6 +24,9 @@ pub const MEDIA_TYPE_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 pub const ANNOTATION_SOURCE: &str = "org.opencontainers.image.source";
 pub const ANNOTATION_REVISION: &str = "org.opencontainers.image.revision";
+/// image-spec annotations.md "Pre-Defined Annotation Keys": the image this one is built on.
+pub const ANNOTATION_BASE_NAME: &str = "org.opencontainers.image.base.name";
+pub const ANNOTATION_BASE_DIGEST: &str = "org.opencontainers.image.base.digest";
 /// Set on `index.json` entries of an OCI layout so `oci:DIR:TAG` finds them.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -102,6 +105,9 @@ pub struct PlatformImage {
 pub struct BuiltImage {
     pub images: Vec<PlatformImage>,
     pub index: JsonBlob,
+    /// Base image layers that are not in the blob store but in a registry repository: a push
+    /// mounts or copies them there, a local build downloads them (issue 6).
+    pub remote_layers: Vec<(crate::reference::Repository, Descriptor)>,
 }
 
 impl BuiltImage {
@@ -123,7 +129,8 @@ pub struct RuntimeConfig {
     pub entrypoint: Option<Vec<String>>,
     pub cmd: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
-    pub user: String,
+    /// `None`: the base image's user, or [`crate::spec::DEFAULT_USER`] on scratch.
+    pub user: Option<String>,
     pub workdir: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub exposed_ports: Vec<String>,
@@ -188,12 +195,14 @@ fn hashmap(m: &BTreeMap<String, String>) -> Option<HashMap<String, String>> {
     (!m.is_empty()).then(|| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
-/// The image config for one platform (image-spec config.md).
+/// The image config for one platform (image-spec config.md). With `base` (the base image's
+/// config JSON), the result inherits from it as [`inherit`] describes.
 pub fn config(
     platform: &Platform,
     runtime: &RuntimeConfig,
     layers: &[LayerInfo],
     epoch: u64,
+    base: Option<&serde_json::Value>,
 ) -> Result<JsonBlob, ImageError> {
     let created = rfc3339(epoch);
     let env: Vec<String> = runtime
@@ -202,7 +211,11 @@ pub fn config(
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let mut cfg = oci::ConfigBuilder::default();
-    cfg = cfg.user(runtime.user.clone());
+    match (&runtime.user, base) {
+        (Some(user), _) => cfg = cfg.user(user.clone()),
+        (None, None) => cfg = cfg.user(crate::spec::DEFAULT_USER.to_string()),
+        (None, Some(_)) => {} // the base's User, below
+    }
     if !env.is_empty() {
         cfg = cfg.env(env);
     }
@@ -258,7 +271,90 @@ pub fn config(
         image = image.variant(v.clone());
     }
     let image = image.build().map_err(oci_err("image config"))?;
-    JsonBlob::canonical(MEDIA_TYPE_CONFIG, &image, "image config")
+    let mut value = serde_json::to_value(&image).map_err(|source| ImageError::Json {
+        what: "image config",
+        source,
+    })?;
+    if let Some(base) = base {
+        inherit(&mut value, base);
+    }
+    JsonBlob::canonical(MEDIA_TYPE_CONFIG, &value, "image config")
+}
+
+/// Make our config `ours` (JSON) inherit from the base image's config `base` (issue 6; what
+/// `docker build` does for `FROM`, and ko/crane for a base image):
+/// - `Env`: the base's variables in their order, ours replacing a base variable of the same
+///   name in place, new ones appended;
+/// - `Labels`, `ExposedPorts`, `Volumes`: union, ours win;
+/// - every other `config` field (`User`, `WorkingDir`, `Entrypoint`, `Cmd`, `StopSignal`,
+///   `Healthcheck`, ...) is the base's unless we set it — except that setting `Entrypoint`
+///   drops the base's `Cmd` (Dockerfile reference, "Understand how CMD and ENTRYPOINT
+///   interact": a base CMD is meant for the base's entrypoint);
+/// - `rootfs.diff_ids` and `history`: the base's first, then ours.
+///
+/// Platform fields (`architecture`, `os`, `variant`) and `created` stay ours.
+pub fn inherit(ours: &mut serde_json::Value, base: &serde_json::Value) {
+    use serde_json::{Map, Value};
+    let empty = Map::new();
+    let base_cfg = base
+        .get("config")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
+    if !ours["config"].is_object() {
+        ours["config"] = Value::Object(Map::new());
+    }
+    if let Some(cfg) = ours["config"].as_object_mut() {
+        let strings = |v: Option<&Value>| -> Vec<String> {
+            v.and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let name = |e: &str| e.split('=').next().unwrap_or_default().to_string();
+        let mut env = strings(base_cfg.get("Env"));
+        for ours_var in strings(cfg.get("Env")) {
+            match env.iter_mut().find(|b| name(b) == name(&ours_var)) {
+                Some(slot) => *slot = ours_var,
+                None => env.push(ours_var),
+            }
+        }
+        if !env.is_empty() {
+            cfg.insert("Env".into(), Value::from(env));
+        }
+        for key in ["Labels", "ExposedPorts", "Volumes"] {
+            let mut merged = base_cfg
+                .get(key)
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            if let Some(o) = cfg.get(key).and_then(Value::as_object) {
+                merged.extend(o.clone());
+            }
+            if !merged.is_empty() {
+                cfg.insert(key.into(), Value::Object(merged));
+            }
+        }
+        let our_entrypoint = cfg.contains_key("Entrypoint");
+        for (key, value) in base_cfg {
+            if cfg.contains_key(key) || value.is_null() || (key == "Cmd" && our_entrypoint) {
+                continue;
+            }
+            cfg.insert(key.clone(), value.clone());
+        }
+    }
+    let prepend = |ours: &mut Value, base: Option<&Value>| {
+        let mut all = base.and_then(Value::as_array).cloned().unwrap_or_default();
+        all.extend(ours.as_array().cloned().unwrap_or_default());
+        *ours = Value::Array(all);
+    };
+    prepend(
+        &mut ours["rootfs"]["diff_ids"],
+        base["rootfs"].get("diff_ids"),
+    );
+    prepend(&mut ours["history"], base.get("history"));
 }
 
 /// The manifest for one platform (image-spec manifest.md).
@@ -338,16 +434,16 @@ mod tests {
             labels.insert(k.to_string(), format!("line1\nline2 {k}"));
         }
         let runtime = RuntimeConfig {
-            user: "65532:65532".into(),
+            user: Some("65532:65532".into()),
             labels,
             exposed_ports: vec!["8080/tcp".into(), "53/udp".into()],
             ..Default::default()
         };
         let p = Platform::new("linux", "amd64", None);
-        let first = config(&p, &runtime, &[], 0).unwrap();
+        let first = config(&p, &runtime, &[], 0, None).unwrap();
         // Many serializations in this process (HashMap seeds differ per map) give one result.
         for _ in 0..20 {
-            assert_eq!(config(&p, &runtime, &[], 0).unwrap(), first);
+            assert_eq!(config(&p, &runtime, &[], 0, None).unwrap(), first);
         }
         let text = std::str::from_utf8(&first.bytes).unwrap();
         assert!(
@@ -359,5 +455,113 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&first.bytes).unwrap();
         assert_eq!(v["architecture"], "amd64");
         assert_eq!(v["config"]["ExposedPorts"]["53/udp"], serde_json::json!({}));
+    }
+
+    /// Each case: our `[config]`, and the config fields the result must have (`null`: absent).
+    #[test]
+    fn inherits_from_a_base_config() {
+        use serde_json::{Value, json};
+        let base = json!({
+            "architecture": "arm64", "os": "linux",
+            "config": {
+                "Env": ["PATH=/usr/bin:/bin", "LANG=C", "TZ=UTC"],
+                "User": "1000", "WorkingDir": "/home", "Entrypoint": ["/bin/sh"],
+                "Cmd": ["-c", "echo base"], "Labels": {"a": "base", "b": "base"},
+                "ExposedPorts": {"22/tcp": {}}, "Volumes": {"/data": {}},
+                "Healthcheck": {"Test": ["NONE"]}, "Domainname": null
+            },
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:b1", "sha256:b2"]},
+            "history": [{"created_by": "base 1"}, {"created_by": "base 2"}]
+        });
+        let layer = LayerInfo {
+            descriptor: Descriptor {
+                media_type: MEDIA_TYPE_LAYER_GZIP.into(),
+                digest: Digest::of(b"l"),
+                size: 1,
+            },
+            diff_id: Digest::of(b"d"),
+            created_by: "ours".into(),
+        };
+        let mut ours_env = BTreeMap::new();
+        ours_env.insert("LANG".to_string(), "C.UTF-8".to_string());
+        ours_env.insert("APP".to_string(), "1".to_string());
+        let mut ours_labels = BTreeMap::new();
+        ours_labels.insert("b".to_string(), "ours".to_string());
+        let cases: Vec<(RuntimeConfig, Vec<(&str, Value)>)> = vec![
+            (
+                RuntimeConfig::default(),
+                vec![
+                    ("Env", json!(["PATH=/usr/bin:/bin", "LANG=C", "TZ=UTC"])),
+                    ("User", json!("1000")),
+                    ("WorkingDir", json!("/home")),
+                    ("Entrypoint", json!(["/bin/sh"])),
+                    ("Cmd", json!(["-c", "echo base"])),
+                    ("Healthcheck", json!({"Test": ["NONE"]})),
+                    ("Volumes", json!({"/data": {}})),
+                    ("Domainname", Value::Null),
+                ],
+            ),
+            (
+                RuntimeConfig {
+                    env: ours_env,
+                    user: Some("0:0".into()),
+                    entrypoint: Some(vec!["/app".into()]),
+                    labels: ours_labels,
+                    exposed_ports: vec!["8080/tcp".into()],
+                    ..Default::default()
+                },
+                vec![
+                    (
+                        "Env",
+                        json!(["PATH=/usr/bin:/bin", "LANG=C.UTF-8", "TZ=UTC", "APP=1"]),
+                    ),
+                    ("User", json!("0:0")),
+                    ("Entrypoint", json!(["/app"])),
+                    ("Cmd", Value::Null),
+                    ("Labels", json!({"a": "base", "b": "ours"})),
+                    ("ExposedPorts", json!({"22/tcp": {}, "8080/tcp": {}})),
+                ],
+            ),
+            (
+                RuntimeConfig {
+                    cmd: Some(vec!["serve".into()]),
+                    workdir: Some("/app".into()),
+                    ..Default::default()
+                },
+                vec![
+                    ("Entrypoint", json!(["/bin/sh"])),
+                    ("Cmd", json!(["serve"])),
+                    ("WorkingDir", json!("/app")),
+                ],
+            ),
+        ];
+        let p = Platform::new("linux", "amd64", None);
+        for (runtime, want) in cases {
+            let blob = config(&p, &runtime, std::slice::from_ref(&layer), 0, Some(&base)).unwrap();
+            let v: Value = serde_json::from_slice(&blob.bytes).unwrap();
+            for (key, value) in want {
+                assert_eq!(v["config"][key], value, "{key} for {runtime:?}");
+            }
+            assert_eq!(v["architecture"], "amd64");
+            assert_eq!(
+                v["rootfs"]["diff_ids"],
+                json!(["sha256:b1", "sha256:b2", Digest::of(b"d").to_string()])
+            );
+            let history: Vec<&str> = v["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h["created_by"].as_str().unwrap())
+                .collect();
+            assert_eq!(history, ["base 1", "base 2", "ours"]);
+        }
+        // Without a base, the default user applies.
+        let v: Value = serde_json::from_slice(
+            &config(&p, &RuntimeConfig::default(), &[], 0, None)
+                .unwrap()
+                .bytes,
+        )
+        .unwrap();
+        assert_eq!(v["config"]["User"], crate::spec::DEFAULT_USER);
     }
 }

@@ -7,6 +7,7 @@
 //! or [`registry`] (push) -> [`output`] (digest files for deploy steps).
 //! [`pipeline`] strings the stages together; `main.rs` only parses the command line.
 
+pub mod base;
 pub mod digest;
 pub mod error;
 pub mod image;

@@ -6,6 +6,7 @@ mod cli;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use cli::{Cli, Command, CommonArgs};
+use imgbuild::base;
 use imgbuild::layer::LayerOptions;
 use imgbuild::output::{self, Outputs, Summary};
 use imgbuild::pipeline::{self, BuildOptions};
@@ -86,7 +87,35 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
             let store = BlobStore::open(&dir)
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            // Reaching base image registries: like push, without --username.
+            let pull = PushOptions {
+                insecure_registries: args.insecure_registries.clone(),
+                ca_certs: args.ca_certs.clone(),
+                jobs: usize::from(c.jobs),
+                ..PushOptions::default()
+            };
+            let mut opts = opts;
+            let runtime = runtime()?;
+            let cache = with_bases(
+                c,
+                &spec,
+                &mut opts,
+                &pull,
+                None,
+                &runtime,
+                progress.as_ref(),
+            )?;
             let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
+            // The layout must be complete: the base's layers go into it too.
+            runtime
+                .block_on(base::fetch_layers(
+                    &image.remote_layers,
+                    &store,
+                    cache.as_ref(),
+                    &pull,
+                    progress.as_ref(),
+                ))
+                .map_err(Error::from)?;
             let tag = tags.first().map(String::as_str);
             imgbuild::layout::write_layout(&image, &store, tag)
                 .map_err(|e| Error::io(format!("writing OCI layout {}", dir.display()), e))?;
@@ -148,7 +177,6 @@ fn run(cli: Cli) -> Result<()> {
                 .context("creating a temporary directory")?;
             let store =
                 BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?;
-            let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
             let push_opts = PushOptions {
                 jobs: usize::from(c.jobs),
                 insecure_registries: args.insecure_registries.clone(),
@@ -162,10 +190,19 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 ..PushOptions::default()
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let runtime = runtime()?;
+            let mut opts = opts;
+            let target = Some(repo.registry.as_str());
+            with_bases(
+                c,
+                &spec,
+                &mut opts,
+                &push_opts,
+                target,
+                &runtime,
+                progress.as_ref(),
+            )?;
+            let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
             let report = runtime
                 .block_on(registry::push(
                     &image,
@@ -187,6 +224,64 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolve the base image of each platform (`--base`, `[base_overrides]`, `base`) into
+/// `opts.bases`; returns the base image cache, when there is a base and a cache directory.
+/// `--base` paths (`oci:DIR`) are relative to the working directory, like every flag's.
+fn with_bases(
+    c: &CommonArgs,
+    spec: &Spec,
+    opts: &mut BuildOptions,
+    pull: &PushOptions,
+    target: Option<&str>,
+    runtime: &tokio::runtime::Runtime,
+    progress: &dyn Progress,
+) -> Result<Option<BlobStore>> {
+    let over = c
+        .base
+        .as_deref()
+        .map(|b| spec::Base::parse(b, std::path::Path::new("")))
+        .transpose()
+        .map_err(|m| Error::Usage(format!("--base: {m}")))?;
+    let platforms = opts
+        .platforms
+        .clone()
+        .unwrap_or_else(|| spec.platforms.clone());
+    let wanted = base::choose(&spec.base, &spec.base_overrides, over.as_ref(), &platforms);
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    // Only registry bases are cached (a layout is local already).
+    let remote = wanted
+        .iter()
+        .any(|(_, b)| matches!(b, spec::Base::Registry(_)));
+    let cache = match base::default_cache_dir().filter(|_| remote) {
+        Some(dir) => Some(BlobStore::open(&dir).map_err(|e| {
+            Error::io(
+                format!("creating the base image cache {}", dir.display()),
+                e,
+            )
+        })?),
+        None => None,
+    };
+    opts.bases = runtime
+        .block_on(base::resolve(
+            &wanted,
+            pull,
+            target,
+            cache.as_ref(),
+            progress,
+        ))
+        .map_err(Error::from)?;
+    Ok(cache)
 }
 
 fn make_progress(c: &CommonArgs) -> Box<dyn Progress> {
@@ -265,6 +360,7 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
         arch_check: !c.no_arch_check,
         annotations,
         jobs: usize::from(c.jobs),
+        bases: BTreeMap::new(),
     };
     Ok((spec, opts))
 }

@@ -2,6 +2,7 @@
 //! [`BuiltImage`] whose blobs are all in the given [`BlobStore`]; the caller hands it to a sink
 //! (an OCI layout on disk, or a registry).
 
+use crate::base::{self, ResolvedBase};
 use crate::error::Error;
 use crate::image::{self, BuiltImage, LayerInfo, PlatformImage};
 use crate::layer::{self, LayerOptions};
@@ -28,6 +29,8 @@ pub struct BuildOptions {
     pub layer: LayerOptions,
     /// How many layers to compress at once.
     pub jobs: usize,
+    /// Each platform's base image, resolved (`base::resolve`); platforms not here are scratch.
+    pub bases: BTreeMap<Platform, ResolvedBase>,
 }
 
 impl Default for BuildOptions {
@@ -39,6 +42,7 @@ impl Default for BuildOptions {
             annotations: BTreeMap::new(),
             layer: LayerOptions::default(),
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            bases: BTreeMap::new(),
         }
     }
 }
@@ -65,6 +69,7 @@ pub fn build(
         &PlanOptions {
             context: opts.context.clone().unwrap_or_else(|| spec.context.clone()),
             arch_check: opts.arch_check,
+            based: opts.bases.keys().cloned().collect(),
         },
     )?;
     for w in &plan.warnings {
@@ -94,11 +99,23 @@ pub fn build(
     annotations.extend(spec.annotations.clone());
     annotations.extend(opts.annotations.clone());
 
+    // Base layers come first, exactly as the base lists them (issue 6).
+    let remote_layers = base::collect_layers(&opts.bases, store)?;
     let mut images = Vec::new();
     for pp in &plan.platforms {
+        let base = opts.bases.get(&pp.platform);
         let layers: Vec<LayerInfo> = pp.layers.iter().map(|lp| built[slot[lp]].clone()).collect();
-        let config = image::config(&pp.platform, &spec.config, &layers, opts.layer.epoch)?;
-        let descriptors: Vec<_> = layers.iter().map(|l| l.descriptor.clone()).collect();
+        let config = image::config(
+            &pp.platform,
+            &spec.config,
+            &layers,
+            opts.layer.epoch,
+            base.map(|b| &b.config),
+        )?;
+        let mut descriptors: Vec<_> = base.map(|b| b.layers.clone()).unwrap_or_default();
+        descriptors.extend(layers.iter().map(|l| l.descriptor.clone()));
+        let mut annotations = annotations.clone();
+        annotations.extend(base.into_iter().flat_map(ResolvedBase::annotations));
         let manifest = image::manifest(&config, &descriptors, &annotations)?;
         for blob in [&config, &manifest] {
             store
@@ -116,11 +133,28 @@ pub fn build(
         .iter()
         .map(|i| (i.platform.clone(), i.manifest.descriptor()))
         .collect();
+    // The index names the base only when every platform has the same one: then
+    // `base.digest` is what that base reference resolved to (its index).
+    let mut bases = opts.bases.values();
+    if let Some(first) = bases.next()
+        && opts.bases.len() == images.len()
+        && bases.all(|b| b.name == first.name && b.digest == first.digest)
+    {
+        annotations.insert(image::ANNOTATION_BASE_NAME.into(), first.name.clone());
+        annotations.insert(
+            image::ANNOTATION_BASE_DIGEST.into(),
+            first.digest.to_string(),
+        );
+    }
     let index = image::index(&entries, &annotations)?;
     store
         .put_bytes(&index.bytes)
         .map_err(|e| Error::io(format!("writing to {}", store.root().display()), e))?;
-    Ok(BuiltImage { images, index })
+    Ok(BuiltImage {
+        images,
+        index,
+        remote_layers,
+    })
 }
 
 /// Compress the unique layers on up to `jobs` threads; results in the same order.

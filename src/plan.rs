@@ -136,6 +136,9 @@ pub struct PlanOptions {
     pub context: PathBuf,
     /// Check ELF machine types (on by default; `--no-arch-check` turns it off).
     pub arch_check: bool,
+    /// Platforms built on a base image: a dynamic program's interpreter may come from the
+    /// base (whose files are not read here), so no "interpreter not in the image" warning.
+    pub based: Vec<Platform>,
 }
 
 /// Plan every layer for every platform.
@@ -174,6 +177,9 @@ pub fn plan(spec: &Spec, platforms: &[Platform], opts: &PlanOptions) -> Result<P
             .flat_map(|l| l.entries.iter())
             .map(|e| e.path.as_path())
             .collect();
+        if opts.based.contains(platform) {
+            interpreters.clear();
+        }
         for (src, dest, interp) in interpreters {
             let rel = Path::new(interp.trim_start_matches('/'));
             if !present.contains(rel) {

@@ -92,6 +92,85 @@ impl fmt::Display for Repository {
     }
 }
 
+/// What an [`ImageRef`] points at: a tag (mutable) or a digest (pinned).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RefTarget {
+    Tag(String),
+    Digest(crate::digest::Digest),
+}
+
+/// A pullable image reference: `REGISTRY/PATH:TAG`, `REGISTRY/PATH@sha256:...` (issue 6: base
+/// images). As docker and crane do, a name without a registry host means Docker Hub
+/// (`alpine` -> `docker.io/library/alpine`), no tag means `latest`, and `NAME:TAG@DIGEST`
+/// means the digest (the tag is informational).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageRef {
+    pub repo: Repository,
+    pub target: RefTarget,
+}
+
+impl ImageRef {
+    pub fn parse(input: &str) -> Result<Self, ReferenceError> {
+        let err = |reason: &str| ReferenceError::Repository {
+            input: input.to_string(),
+            reason: reason.to_string(),
+        };
+        let (name, digest) = match input.split_once('@') {
+            Some((n, d)) => (
+                n,
+                Some(
+                    d.parse::<crate::digest::Digest>()
+                        .map_err(|e| err(&e.to_string()))?,
+                ),
+            ),
+            None => (input, None),
+        };
+        let last = name.rsplit('/').next().unwrap_or(name);
+        let (name, tag) = match last.rsplit_once(':') {
+            Some((_, tag)) => {
+                validate_tag(tag)?;
+                (&name[..name.len() - tag.len() - 1], Some(tag))
+            }
+            None => (name, None),
+        };
+        let first = name.split('/').next().unwrap_or(name);
+        let is_host = name.contains('/')
+            && (first.contains('.') || first.contains(':') || first == "localhost");
+        let full = match (is_host, name.contains('/')) {
+            (true, _) => name.to_string(),
+            (false, true) => format!("docker.io/{name}"),
+            (false, false) => format!("docker.io/library/{name}"),
+        };
+        let repo = Repository::parse(&full).map_err(|e| match e {
+            ReferenceError::Repository { reason, .. } => err(&reason),
+            other => other,
+        })?;
+        let target = match (digest, tag) {
+            (Some(d), _) => RefTarget::Digest(d),
+            (None, Some(t)) => RefTarget::Tag(t.to_string()),
+            (None, None) => RefTarget::Tag("latest".into()),
+        };
+        Ok(ImageRef { repo, target })
+    }
+
+    /// The tag or digest as it goes into `/v2/<name>/manifests/<reference>`.
+    pub fn reference(&self) -> String {
+        match &self.target {
+            RefTarget::Tag(t) => t.clone(),
+            RefTarget::Digest(d) => d.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            RefTarget::Tag(t) => write!(f, "{}:{t}", self.repo),
+            RefTarget::Digest(d) => write!(f, "{}@{d}", self.repo),
+        }
+    }
+}
+
 /// Check a tag against `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}` (distribution-spec).
 pub fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
     let mut chars = tag.chars();
@@ -134,6 +213,47 @@ mod tests {
         for (input, want) in cases {
             let got = Repository::parse(input).ok();
             let got = got.as_ref().map(|r| (r.registry.as_str(), r.path.as_str()));
+            assert_eq!(got, want, "{input}");
+        }
+    }
+
+    #[test]
+    fn image_refs() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let cases: Vec<(String, Option<String>)> = vec![
+            (
+                "127.0.0.1:5000/base/bb:1".into(),
+                Some("127.0.0.1:5000/base/bb:1".into()),
+            ),
+            (
+                "127.0.0.1:5000/base/bb".into(),
+                Some("127.0.0.1:5000/base/bb:latest".into()),
+            ),
+            (format!("ghcr.io/o/r@{d}"), Some(format!("ghcr.io/o/r@{d}"))),
+            (
+                format!("ghcr.io/o/r:v1@{d}"),
+                Some(format!("ghcr.io/o/r@{d}")),
+            ),
+            ("alpine:3".into(), Some("docker.io/library/alpine:3".into())),
+            (
+                "bitnami/redis".into(),
+                Some("docker.io/bitnami/redis:latest".into()),
+            ),
+            (
+                "gcr.io/distroless/cc-debian12:nonroot".into(),
+                Some("gcr.io/distroless/cc-debian12:nonroot".into()),
+            ),
+            (
+                "localhost:5000/x".into(),
+                Some("localhost:5000/x:latest".into()),
+            ),
+            ("ghcr.io/o/r@sha256:abc".into(), None),
+            ("ghcr.io/o/r:bad tag".into(), None),
+            ("ghcr.io/O/r:1".into(), None),
+            ("".into(), None),
+        ];
+        for (input, want) in cases {
+            let got = ImageRef::parse(&input).ok().map(|r| r.to_string());
             assert_eq!(got, want, "{input}");
         }
     }

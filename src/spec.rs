@@ -6,7 +6,7 @@
 
 use crate::image::RuntimeConfig;
 use crate::platform::{PLACEHOLDERS, Platform};
-use crate::reference::{Repository, validate_tag};
+use crate::reference::{ImageRef, Repository, validate_tag};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -49,10 +49,63 @@ pub enum SpecError {
     Invalid { at: Location, message: String },
 }
 
-/// What `base` names. Only `scratch` for now; registry and layout bases come later.
+/// What `base` names (issue 6).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Base {
+    /// No base: the image holds only our layers.
     Scratch,
+    /// An image in a registry, by tag or digest.
+    Registry(ImageRef),
+    /// An OCI image layout directory (`oci:PATH[:TAG]`); `path` is already resolved against
+    /// the spec's directory (or the working directory for `--base`). `text` is what the user
+    /// wrote: it names the base in annotations, so the digest does not depend on where the
+    /// checkout is.
+    Layout {
+        path: PathBuf,
+        tag: Option<String>,
+        text: String,
+    },
+}
+
+impl Base {
+    /// Parse `scratch`, `oci:PATH[:TAG]` or an image reference; relative layout paths are
+    /// joined to `dir`. The error is a message without location, for the caller to place.
+    pub fn parse(text: &str, dir: &Path) -> Result<Base, String> {
+        if text == "scratch" {
+            return Ok(Base::Scratch);
+        }
+        if let Some(rest) = text.strip_prefix("oci:") {
+            // `oci:dir:tag`: the last `:` starts a tag only if what follows is a valid tag
+            // (a path may itself hold `:`), as skopeo's oci: transport reads it.
+            let (path, tag) = match rest.rsplit_once(':') {
+                Some((p, t)) if !p.is_empty() && validate_tag(t).is_ok() => (p, Some(t)),
+                _ => (rest, None),
+            };
+            if path.is_empty() {
+                return Err(format!(
+                    "{text:?} names no directory; write oci:./path/to/layout[:tag]"
+                ));
+            }
+            return Ok(Base::Layout {
+                path: dir.join(path),
+                tag: tag.map(str::to_string),
+                text: text.to_string(),
+            });
+        }
+        ImageRef::parse(text).map(Base::Registry).map_err(|e| {
+            format!("{e}; a base is \"scratch\", REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:... or oci:PATH[:TAG]")
+        })
+    }
+}
+
+impl fmt::Display for Base {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Base::Scratch => f.write_str("scratch"),
+            Base::Registry(r) => write!(f, "{r}"),
+            Base::Layout { text, .. } => f.write_str(text),
+        }
+    }
 }
 
 /// One file or directory to put into a layer.
@@ -86,6 +139,8 @@ pub struct Spec {
     pub tags: Vec<String>,
     pub platforms: Vec<Platform>,
     pub base: Base,
+    /// `[base_overrides]`: a different base for some platforms.
+    pub base_overrides: BTreeMap<Platform, Base>,
     pub config: RuntimeConfig,
     pub annotations: BTreeMap<String, String>,
     pub layers: Vec<LayerSpec>,
@@ -108,6 +163,8 @@ struct RawSpec {
     tags: Option<Vec<Spanned<String>>>,
     platforms: Option<Spanned<Vec<Spanned<String>>>>,
     base: Option<Spanned<String>>,
+    #[serde(default)]
+    base_overrides: BTreeMap<String, Spanned<String>>,
     config: Option<RawConfig>,
     #[serde(default)]
     layer: Vec<Spanned<RawLayer>>,
@@ -256,25 +313,28 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         }
     };
 
+    // Relative `oci:` paths are relative to the spec's directory (like `src`).
+    let spec_dir = file.parent().unwrap_or(Path::new("."));
     let base = match raw.base {
         None => Base::Scratch,
-        Some(b) if b.get_ref() == "scratch" => Base::Scratch,
-        Some(b) => {
-            return Err(loc.err(
-                b.span(),
-                format!(
-                    "base: {:?} is not supported yet; only \"scratch\" is (base images from registries are planned)",
-                    b.get_ref()
-                ),
-            ));
-        }
+        Some(b) => Base::parse(b.get_ref(), spec_dir)
+            .map_err(|m| loc.err(b.span(), format!("base: {m}")))?,
     };
+    let mut base_overrides = BTreeMap::new();
+    for (k, v) in raw.base_overrides {
+        let platform: Platform = k
+            .parse()
+            .map_err(|e| loc.err(v.span(), format!("base_overrides: {e}")))?;
+        let b = Base::parse(v.get_ref(), spec_dir)
+            .map_err(|m| loc.err(v.span(), format!("base_overrides.\"{k}\": {m}")))?;
+        base_overrides.insert(platform, b);
+    }
 
     let raw_config = raw.config.unwrap_or_default();
     let mut config = RuntimeConfig {
         entrypoint: raw_config.entrypoint,
         cmd: raw_config.cmd,
-        user: DEFAULT_USER.to_string(),
+        user: None,
         stop_signal: raw_config.stop_signal,
         ..Default::default()
     };
@@ -285,7 +345,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
                 "config.user: empty; use e.g. \"65532:65532\" or \"0:0\" for root",
             ));
         }
-        config.user = user.into_inner();
+        config.user = Some(user.into_inner());
     }
     if let Some(w) = raw_config.workdir {
         if !w.get_ref().starts_with('/') {
@@ -348,6 +408,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         tags,
         platforms,
         base,
+        base_overrides,
         config,
         annotations,
         layers,
@@ -525,7 +586,7 @@ mode = "0644"
         assert_eq!(spec.tags, ["v1", "latest"]);
         assert_eq!(spec.platforms.len(), 3);
         assert_eq!(spec.platforms[2].to_string(), "linux/arm/v7");
-        assert_eq!(spec.config.user, DEFAULT_USER);
+        assert_eq!(spec.config.user, None);
         assert_eq!(spec.config.exposed_ports, ["53/udp", "8080/tcp"]);
         assert_eq!(spec.layers.len(), 2);
         assert_eq!(spec.layers[0].files[0].mode, Some(0o755));
@@ -586,8 +647,20 @@ mode = "0644"
             ),
             (format!("tags = [\"a b\"]\n{layer}"), "tags: invalid tag"),
             (
-                format!("base = \"alpine\"\n{layer}"),
-                "s.toml:1:8: base: \"alpine\" is not supported",
+                format!("base = \"ghcr.io/o/r@sha256:abc\"\n{layer}"),
+                "s.toml:1:8: base: invalid repository",
+            ),
+            (
+                format!("base = \"oci:\"\n{layer}"),
+                "s.toml:1:8: base: \"oci:\" names no directory",
+            ),
+            (
+                format!("[base_overrides]\n\"linux/s390x\" = \"alpine\"\n{layer}"),
+                "s.toml:2:17: base_overrides: invalid platform",
+            ),
+            (
+                format!("[base_overrides]\n\"linux/arm64\" = \"x:bad tag\"\n{layer}"),
+                "base_overrides.\"linux/arm64\": invalid tag",
             ),
             (
                 "[[layer]]\nfiles = [{src = \"a\", dest = \"a\"}]\n".into(),
@@ -644,6 +717,61 @@ mode = "0644"
             );
             assert!(!err.contains('\n'), "error is not one line: {err:?}");
         }
+    }
+
+    #[test]
+    fn bases() {
+        let d = format!("sha256:{}", "b".repeat(64));
+        let dir = Path::new("specs");
+        let cases: Vec<(String, Base)> = vec![
+            ("scratch".into(), Base::Scratch),
+            (
+                "oci:../layouts/base".into(),
+                Base::Layout {
+                    path: "specs/../layouts/base".into(),
+                    tag: None,
+                    text: "oci:../layouts/base".into(),
+                },
+            ),
+            (
+                "oci:./l:v1".into(),
+                Base::Layout {
+                    path: "specs/./l".into(),
+                    tag: Some("v1".into()),
+                    text: "oci:./l:v1".into(),
+                },
+            ),
+            (
+                "oci:/abs/l".into(),
+                Base::Layout {
+                    path: "/abs/l".into(),
+                    tag: None,
+                    text: "oci:/abs/l".into(),
+                },
+            ),
+            (
+                format!("127.0.0.1:5000/base@{d}"),
+                Base::Registry(ImageRef::parse(&format!("127.0.0.1:5000/base@{d}")).unwrap()),
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(Base::parse(&text, dir).unwrap(), want, "{text}");
+        }
+        let spec = parse(
+            "base = \"127.0.0.1:5000/b:1\"\n[base_overrides]\n\"linux/arm64\" = \"oci:l\"\n[config]\nuser = \"0\"\n[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n",
+            Path::new("specs/s.toml"),
+        )
+        .unwrap();
+        assert_eq!(spec.base.to_string(), "127.0.0.1:5000/b:1");
+        assert_eq!(
+            spec.base_overrides[&Platform::new("linux", "arm64", None)],
+            Base::Layout {
+                path: "specs/l".into(),
+                tag: None,
+                text: "oci:l".into(),
+            }
+        );
+        assert_eq!(spec.config.user.as_deref(), Some("0"));
     }
 
     #[test]

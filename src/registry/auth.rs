@@ -342,9 +342,15 @@ pub(crate) struct Auth {
 
 impl Auth {
     pub(crate) fn new(registry: &str, path: &str, opts: &PushOptions) -> Self {
+        // Cross-repository mounts need pull access to the source too, in the same token
+        // (token spec "Requesting a Token": several scopes; issue 6).
+        let mut scope = format!("repository:{path}:pull,push");
+        for from in opts.mount_from.iter().filter(|f| *f != path) {
+            scope.push_str(&format!(" repository:{from}:pull"));
+        }
         Auth {
             registry: registry.to_string(),
-            scope: format!("repository:{path}:pull,push"),
+            scope,
             explicit: opts.credentials.clone(),
             config_dir: docker_config_dir(opts.docker_config_dir.as_deref()),
             insecure: opts.insecure_registries.clone(),
@@ -525,7 +531,10 @@ impl Auth {
                     if let Some(s) = service {
                         pairs.append_pair("service", s);
                     }
-                    pairs.append_pair("scope", &self.scope);
+                    // One `scope` parameter per scope, as docker and distribution send them.
+                    for scope in self.scope.split(' ') {
+                        pairs.append_pair("scope", scope);
+                    }
                 }
                 let request = http.get(url.clone());
                 match other {
@@ -700,6 +709,25 @@ mod tests {
         }
         assert!(format!("{creds:?}").contains("<redacted>"));
         assert_eq!(creds.password.expose(), "hunter2");
+    }
+
+    /// A push that mounts from other repositories asks one token for all of them (issue 6).
+    #[test]
+    fn scopes_include_mount_sources() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "repository:team/app:pull,push"),
+            (
+                &["base/busybox", "team/app", "other"],
+                "repository:team/app:pull,push repository:base/busybox:pull repository:other:pull",
+            ),
+        ];
+        for (from, want) in cases {
+            let opts = PushOptions {
+                mount_from: from.iter().map(|s| s.to_string()).collect(),
+                ..PushOptions::default()
+            };
+            assert_eq!(Auth::new("r.example.com", "team/app", &opts).scope, *want);
+        }
     }
 
     #[test]

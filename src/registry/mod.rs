@@ -14,6 +14,7 @@ mod auth;
 mod client;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod pull;
 pub mod retry;
 mod upload;
 
@@ -47,6 +48,9 @@ pub struct PushOptions {
     /// sent and no answer for this long).
     pub timeout: Duration,
     pub user_agent: String,
+    /// Other repositories on the target registry that blobs are mounted from (base images,
+    /// issue 6): the token asks for pull access to them too. Set by [`push`] itself.
+    pub mount_from: Vec<String>,
     /// `--retries`, `--deadline` and the backoff base.
     pub retry: RetryPolicy,
 }
@@ -61,6 +65,7 @@ impl Default for PushOptions {
             docker_config_dir: None,
             timeout: Duration::from_secs(60),
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
+            mount_from: Vec::new(),
             retry: RetryPolicy::default(),
         }
     }
@@ -92,7 +97,15 @@ pub async fn push(
     opts: &PushOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
-    let client = client::Client::connect(repo, opts, progress).await?;
+    let mut opts = opts.clone();
+    opts.mount_from = image
+        .remote_layers
+        .iter()
+        .filter(|(from, _)| from.registry == repo.registry)
+        .map(|(from, _)| from.path.clone())
+        .collect();
+    let client = client::Client::connect(repo, &opts, progress).await?;
+    pull::transfer_base_layers(&client, repo, image, &opts, progress).await?;
     upload::push_image(&client, image, store, tags, opts.jobs, progress).await
 }
 
@@ -154,6 +167,15 @@ pub enum RegistryError {
         "{url} accepted blob {digest} but does not have it (HEAD answered 404); the registry lost the upload"
     )]
     BlobMissing { url: String, digest: Digest },
+    #[error(
+        "{url} served content hashing to {got}, not the {expected} asked for; the registry (or something between) serves corrupt content"
+    )]
+    ContentMismatch {
+        url: String,
+        /// What was asked for (a digest, or the registry's `Docker-Content-Digest` for a tag).
+        expected: String,
+        got: String,
+    },
     #[error("refusing {reason} ({url}); this would expose credentials or content to tampering")]
     Insecure { url: String, reason: String },
     #[error(
@@ -189,6 +211,7 @@ impl RegistryError {
             | RegistryError::Protocol { .. }
             | RegistryError::DigestMismatch { .. }
             | RegistryError::BlobMissing { .. }
+            | RegistryError::ContentMismatch { .. }
             | RegistryError::Insecure { .. } => ExitCode::Registry,
             RegistryError::CaCert { .. } => ExitCode::Usage,
             RegistryError::CorruptBlob { .. }

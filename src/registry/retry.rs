@@ -114,24 +114,6 @@ impl Retrier {
     }
 }
 
-/// Run `op` under the default policy, with the deadline counted from now. Prefer the client's
-/// own [`Retrier`] (`Client::retry`), which honours `--retries` and `--deadline`; this stays
-/// for code that has no client at hand (and for branches written against the first policy).
-#[allow(dead_code)]
-pub(crate) async fn with_retries<T, F, Fut>(
-    what: &str,
-    progress: &dyn Progress,
-    op: F,
-) -> Result<T, RegistryError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, RegistryError>>,
-{
-    Retrier::start(RetryPolicy::default())
-        .run(what, progress, op)
-        .await
-}
-
 /// `base * 2^(attempt-1)`, capped, with equal jitter: a random point in the upper half.
 fn backoff(attempt: u32, base: Duration) -> Duration {
     let exp = base

@@ -164,7 +164,7 @@ async fn push_blob(
 }
 
 /// `HEAD /v2/<name>/blobs/<digest>` (spec.md "Checking if content exists in the registry").
-async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryError> {
+pub(crate) async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryError> {
     let url = client.repo_url(&format!("blobs/{digest}"));
     let response = client
         .send(|http| Ok(http.head(url.clone()).timeout(client.timeout())))
@@ -202,29 +202,7 @@ async fn upload_blob(
         }
     }
 
-    let start = client.repo_url("blobs/uploads/");
-    let response = client
-        .send(|http| {
-            Ok(http
-                .post(start.clone())
-                .header(CONTENT_LENGTH, 0)
-                .timeout(client.timeout()))
-        })
-        .await?;
-    if response.status() != StatusCode::ACCEPTED {
-        return Err(unexpected(&start, response).await);
-    }
-    let location = response
-        .headers()
-        .get(LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| RegistryError::Protocol {
-            url: display_url(&start),
-            status: 202,
-            body_snippet: "the answer has no (readable) Location header".into(),
-            retry_after: None,
-        })?;
-    let url = upload_url(&start, location, digest)?;
+    let url = start_upload(client, digest).await?;
 
     progress.event(Event::BlobStart {
         digest,
@@ -253,6 +231,34 @@ async fn upload_blob(
         return Err(unexpected(&url, response).await);
     }
     check_digest(&url, &response, digest)
+}
+
+/// `POST /v2/<name>/blobs/uploads/`: open an upload session; returns the URL to PUT the
+/// whole blob `digest` to.
+pub(crate) async fn start_upload(client: &Client, digest: &Digest) -> Result<Url, RegistryError> {
+    let start = client.repo_url("blobs/uploads/");
+    let response = client
+        .send(|http| {
+            Ok(http
+                .post(start.clone())
+                .header(CONTENT_LENGTH, 0)
+                .timeout(client.timeout()))
+        })
+        .await?;
+    if response.status() != StatusCode::ACCEPTED {
+        return Err(unexpected(&start, response).await);
+    }
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| RegistryError::Protocol {
+            url: display_url(&start),
+            status: 202,
+            body_snippet: "the answer has no (readable) Location header".into(),
+            retry_after: None,
+        })?;
+    upload_url(&start, location, digest)
 }
 
 /// Stream the file at `path` as the body of `PUT url`, hashing it on the way, with a stall

@@ -494,7 +494,9 @@ fn bad_inputs_fail_with_one_line_and_the_right_exit_code() {
         ("bad tag", HELLO_LAYER.into(), vec!["--tag", "v1:bad"], vec![], 2, "--tag: invalid tag \"v1:bad\""),
         ("tag too long", HELLO_LAYER.into(), vec!["--tag", &long_tag], vec![], 2, "--tag: invalid tag"),
         ("SOURCE_DATE_EPOCH not a number", HELLO_LAYER.into(), vec![], vec![("SOURCE_DATE_EPOCH", "yesterday")], 2, "SOURCE_DATE_EPOCH=\"yesterday\" is not a number"),
-        ("non-scratch base", format!("base = \"alpine:3\"\n{HELLO_LAYER}"), vec![], vec![], 2, "base: \"alpine:3\" is not supported yet"),
+        ("bad base reference", format!("base = \"alpine:3@sha256:abc\"\n{HELLO_LAYER}"), vec![], vec![], 2, "case.toml:1:8: base: invalid repository \"alpine:3@sha256:abc\""),
+        ("bad --base", HELLO_LAYER.into(), vec!["--base", "oci:"], vec![], 2, "--base: \"oci:\" names no directory"),
+        ("missing layout base", format!("base = \"oci:../nowhere:v1\"\n{HELLO_LAYER}"), vec![], vec![], 3, "base oci:../nowhere:v1: cannot read build-specs/../nowhere/index.json: No such file or directory"),
     ];
     let mut failures = Vec::new();
     for (what, spec, flags, env, code, want) in cases {

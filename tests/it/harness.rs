@@ -139,6 +139,21 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Run `cmd` with `input` on its stdin (e.g. for `--password-stdin`); stdout and stderr
+/// captured; no assertion.
+pub fn output_with_stdin(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for the child")
+}
+
 /// Is `prog` an executable in PATH (or an existing path)?
 pub fn find_program(prog: &str) -> Option<PathBuf> {
     if prog.contains('/') {
