@@ -164,13 +164,12 @@ fn push_survives_one_fault_in_five_and_skopeo_verifies_every_digest() {
         assert!(kinds.contains(k), "{k:?} never injected: {faulted:?}");
     }
     assert!(stderr.contains("retry 1 of"), "{stderr}");
-    // The two blobs acknowledged and dropped were caught by the HEAD after the PUT.
+    // Two blobs were acknowledged and dropped. The HEAD after the PUT catches a loss (unless
+    // that HEAD is itself faulted: then the retry's first HEAD finds the blob missing and
+    // uploads it again); skopeo below proves none is missing.
     assert_eq!(proxy.lost(), 2);
-    assert_eq!(
-        stderr
-            .matches("but does not have it (HEAD answered 404)")
-            .count(),
-        2,
+    assert!(
+        stderr.contains("but does not have it (HEAD answered 404)"),
         "{stderr}"
     );
     eprintln!(
