@@ -12,8 +12,7 @@
 //! POST with a body (docker-registry 2.8 answers 202 and drops the body, TESTBED.md), and not
 //! chunked PATCH (ECR has answered PATCHes wrongly, aws/containers-roadmap#2831).
 
-use super::client::{Client, display_url, unexpected};
-use super::retry::with_retries;
+use super::client::{Client, display_url, is_html, unexpected};
 use super::{PushReport, RegistryError};
 use crate::digest::{Digest, StreamHasher};
 use crate::image::{BuiltImage, JsonBlob};
@@ -136,19 +135,32 @@ async fn push_blob(
     progress: &dyn Progress,
 ) -> Result<bool, RegistryError> {
     let what = format!("blob {}", blob.digest);
-    with_retries(&what, progress, || async {
-        if blob_exists(client, &blob.digest).await? {
-            progress.event(Event::BlobSkipped {
+    client
+        .retry(&what, progress, || async {
+            if blob_exists(client, &blob.digest).await? {
+                progress.event(Event::BlobSkipped {
+                    digest: &blob.digest,
+                    size: blob.size,
+                    reason: "already in the registry",
+                });
+                return Ok(false);
+            }
+            upload_blob(client, blob, progress).await?;
+            // The PUT said 201, but a registry (or a proxy in front of it) can lose what it
+            // acknowledged; a manifest naming a missing blob would be refused or, worse, dangle.
+            // One HEAD is cheap insurance (issue #5); a loss is retried like any transient fault.
+            if !blob_exists(client, &blob.digest).await? {
+                return Err(RegistryError::BlobMissing {
+                    url: display_url(&client.repo_url(&format!("blobs/{}", blob.digest))),
+                    digest: blob.digest.clone(),
+                });
+            }
+            progress.event(Event::BlobDone {
                 digest: &blob.digest,
-                size: blob.size,
-                reason: "already in the registry",
             });
-            return Ok(false);
-        }
-        upload_blob(client, blob, progress).await?;
-        Ok(true)
-    })
-    .await
+            Ok(true)
+        })
+        .await
 }
 
 /// `HEAD /v2/<name>/blobs/<digest>` (spec.md "Checking if content exists in the registry").
@@ -158,7 +170,8 @@ pub(crate) async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool
         .send(|http| Ok(http.head(url.clone()).timeout(client.timeout())))
         .await?;
     match response.status() {
-        StatusCode::OK => Ok(true),
+        // A web page answering 200 to everything must not pass for "the registry has it".
+        StatusCode::OK if !is_html(response.headers()) => Ok(true),
         StatusCode::NOT_FOUND => Ok(false),
         _ => Err(unexpected(&url, response).await),
     }
@@ -214,12 +227,10 @@ async fn upload_blob(
         }
         Source::File(path) => put_file(client, &url, path, blob, progress).await?,
     };
-    if !response.status().is_success() {
+    if !response.status().is_success() || is_html(response.headers()) {
         return Err(unexpected(&url, response).await);
     }
-    check_digest(&url, &response, digest)?;
-    progress.event(Event::BlobDone { digest });
-    Ok(())
+    check_digest(&url, &response, digest)
 }
 
 /// `POST /v2/<name>/blobs/uploads/`: open an upload session; returns the URL to PUT the
@@ -343,22 +354,23 @@ async fn put_manifest(
 ) -> Result<(), RegistryError> {
     let url = client.repo_url(&format!("manifests/{reference}"));
     let what = format!("manifest {reference}");
-    with_retries(&what, progress, || async {
-        let response = client
-            .send(|http| {
-                Ok(http
-                    .put(url.clone())
-                    .header(CONTENT_TYPE, &manifest.media_type)
-                    .body(manifest.bytes.clone())
-                    .timeout(client.timeout()))
-            })
-            .await?;
-        if !response.status().is_success() {
-            return Err(unexpected(&url, response).await);
-        }
-        check_digest(&url, &response, &manifest.digest)
-    })
-    .await?;
+    client
+        .retry(&what, progress, || async {
+            let response = client
+                .send(|http| {
+                    Ok(http
+                        .put(url.clone())
+                        .header(CONTENT_TYPE, &manifest.media_type)
+                        .body(manifest.bytes.clone())
+                        .timeout(client.timeout()))
+                })
+                .await?;
+            if !response.status().is_success() || is_html(response.headers()) {
+                return Err(unexpected(&url, response).await);
+            }
+            check_digest(&url, &response, &manifest.digest)
+        })
+        .await?;
     progress.event(Event::ManifestPushed {
         reference,
         digest: &manifest.digest,
