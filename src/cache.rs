@@ -373,21 +373,24 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
 
 /// Put `from` at `to`, replacing whatever is there (which only claims to be the same blob):
 /// a hard link (no copy, same file system) made under a temporary name and renamed over `to`,
-/// else a copy via a temporary file.
+/// else a copy via a temporary file. A link shares the file's mode, so it is made only when
+/// that is the mode this run gives its files (the umask rule of issue 5); else a copy.
 fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = to.parent().unwrap_or(Path::new("."));
     let tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     let tmp_path = tmp.path().to_path_buf();
     drop(tmp); // only its unique name is wanted; hard_link needs the name free
-    match fs::hard_link(from, &tmp_path) {
-        Ok(()) => fs::rename(&tmp_path, to),
-        Err(_) => {
+    let same_mode =
+        fs::metadata(from)?.permissions().mode() & 0o777 == crate::store::default_file_mode();
+    match same_mode.then(|| fs::hard_link(from, &tmp_path)) {
+        Some(Ok(())) => fs::rename(&tmp_path, to),
+        _ => {
             let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
             io::copy(&mut File::open(from)?, tmp.as_file_mut())?;
             tmp.persist(to).map_err(|e| e.error)?;
-            // tempfile creates 0600; blobs are not secrets.
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(to, fs::Permissions::from_mode(0o644))
+            // tempfile creates 0600; give it the mode of any file of ours.
+            crate::store::set_default_file_mode(to)
         }
     }
 }

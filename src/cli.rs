@@ -179,4 +179,15 @@ pub struct PushArgs {
     /// ECR: make the tags of a repository created by --create-repository immutable.
     #[arg(long, requires = "create_repository")]
     pub ecr_immutable_tags: bool,
+    /// Retry a failed request (5xx, 429, reset, stall) this many times, with backoff.
+    #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_RETRIES, value_name = "N")]
+    pub retries: u32,
+
+    /// Start no retry later than this many seconds after the push began.
+    #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_DEADLINE.as_secs(), value_name = "SECONDS")]
+    pub deadline: u64,
+
+    /// First backoff step in milliseconds (doubled per retry); for tests.
+    #[arg(long, hide = true, default_value_t = 500, value_name = "MS")]
+    pub retry_base_ms: u64,
 }

@@ -11,7 +11,7 @@ use crate::image::{ANNOTATION_REF_NAME, BuiltImage, JsonBlob, MEDIA_TYPE_INDEX};
 use crate::store::BlobStore;
 use serde_json::json;
 use std::collections::BTreeSet;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
@@ -47,7 +47,7 @@ pub fn write_layout(image: &BuiltImage, store: &BlobStore, tag: Option<&str>) ->
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes)?;
+    crate::store::create_file(&tmp)?.write_all(bytes)?;
     fs::rename(&tmp, path)
 }
 
@@ -73,7 +73,7 @@ pub fn write_tarball(
 ) -> io::Result<()> {
     let index = layout_index(image, tag).map_err(io::Error::other)?;
     let tmp = out.with_extension("partial");
-    let mut tar = tar::Builder::new(BufWriter::new(File::create(&tmp)?));
+    let mut tar = tar::Builder::new(BufWriter::new(crate::store::create_file(&tmp)?));
     let header = |size: u64, dir: bool| {
         let mut h = tar::Header::new_gnu();
         h.set_mode(if dir { 0o755 } else { 0o644 });

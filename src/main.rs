@@ -24,12 +24,26 @@ use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the chain joined with ": ".
-            eprintln!("error: {e:#}");
+            // One line: the chain joined with ": ", skipping causes the line already says
+            // (many errors quote their io::Error in their own message).
+            let mut line = String::new();
+            for cause in e.chain() {
+                let msg = cause.to_string();
+                if !line.contains(&msg) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&msg);
+                }
+            }
+            eprintln!("error: {line}");
             let code = e
                 .chain()
                 .find_map(|c| c.downcast_ref::<Error>())
@@ -37,6 +51,29 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(code as u8)
         }
     }
+}
+
+/// `--help` and `--version` print as clap prints them; a bad command line is one line on
+/// stderr (README "Exit codes": every error is one line) and exit code 2.
+fn usage_error(e: &clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    {
+        let _ = e.print();
+        return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    }
+    let rendered = e.render().to_string();
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = parts.join(" ");
+    let line = line.strip_prefix("error: ").unwrap_or(&line);
+    eprintln!("error: {line}; see imgbuild --help");
+    std::process::ExitCode::from(ExitCode::Usage as u8)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -166,6 +203,11 @@ fn run(cli: Cli) -> Result<()> {
                     create_repository: args.create_repository,
                     scan_on_push: args.ecr_scan_on_push,
                     immutable_tags: args.ecr_immutable_tags,
+                },
+                retry: registry::RetryPolicy {
+                    retries: args.retries,
+                    base_delay: std::time::Duration::from_millis(args.retry_base_ms),
+                    deadline: std::time::Duration::from_secs(args.deadline),
                 },
                 ..PushOptions::default()
             };

@@ -4,7 +4,7 @@
 use crate::digest::Digest;
 use crate::image::BuiltImage;
 use serde_json::json;
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -103,8 +103,9 @@ pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
 
 fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)?;
+        crate::store::create_dirs(dir)?;
     }
-    fs::write(path, bytes)
+    crate::store::create_file(path)
+        .and_then(|mut f| f.write_all(bytes))
         .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
 }

@@ -20,7 +20,7 @@ impl BlobStore {
     /// Open (creating if needed) the store rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
-        fs::create_dir_all(root.join("blobs").join("sha256"))?;
+        create_dirs(&root.join("blobs").join("sha256"))?;
         Ok(BlobStore { root })
     }
 
@@ -97,22 +97,49 @@ impl Write for BlobWriter {
     }
 }
 
-/// Give `path` the mode a plain `File::create` would have given it (0666 minus the umask),
-/// read from a probe file, since the umask can only be read by changing it.
-fn set_default_file_mode(path: &Path) -> io::Result<()> {
+/// Create (or truncate) `path` for writing with mode 0644 before the umask, as Go tools (ko,
+/// crane) do: the umask can narrow it, but no umask makes a file we write group- or
+/// world-writable (issue #5 "Security").
+pub fn create_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path)
+}
+
+/// `create_dir_all` with mode 0755 before the umask (see [`create_file`]).
+pub fn create_dirs(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+}
+
+/// Give `path` the mode [`create_file`] would have given it (0644 minus the umask), read
+/// from a probe file, since the umask can only be read by changing it.
+pub(crate) fn set_default_file_mode(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(default_file_mode()))
+}
+
+/// The mode a new file of ours gets under the current umask (see [`set_default_file_mode`]).
+pub(crate) fn default_file_mode() -> u32 {
     use std::os::unix::fs::PermissionsExt;
     static MODE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let mode = *MODE.get_or_init(|| {
+    *MODE.get_or_init(|| {
         let dir = std::env::temp_dir();
         let probe = dir.join(format!(".imgbuild-umask-{}", std::process::id()));
-        let mode = File::create(&probe)
+        let mode = create_file(&probe)
             .and_then(|f| f.metadata())
             .map(|m| m.permissions().mode() & 0o777)
             .unwrap_or(0o644);
         let _ = fs::remove_file(&probe);
-        mode & !0o002
-    });
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        mode
+    })
 }
 
 #[cfg(test)]

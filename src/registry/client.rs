@@ -22,6 +22,8 @@ pub(crate) struct Client {
     repo_path: String,
     auth: Auth,
     timeout: Duration,
+    /// `--retries` / `--deadline`, the deadline counted from `connect`.
+    retrier: super::retry::Retrier,
 }
 
 /// Build the reqwest client shared by every request of a push.
@@ -57,17 +59,9 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
         roots.extend(certs);
     }
     let policy = reqwest::redirect::Policy::custom(|attempt| {
-        let downgrade = attempt
-            .previous()
-            .last()
-            .is_some_and(|p| p.scheme() == "https")
-            && attempt.url().scheme() != "https";
-        if downgrade {
-            attempt.error("refusing a redirect from https to plain http")
-        } else if attempt.previous().len() >= 10 {
-            attempt.error("too many redirects")
-        } else {
-            attempt.follow()
+        match redirect_refusal(attempt.previous(), attempt.url()) {
+            Some(why) => attempt.error(why),
+            None => attempt.follow(),
         }
     });
     super::resolve::apply(reqwest::Client::builder(), &opts.resolve)
@@ -79,6 +73,21 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
         .map_err(|e| RegistryError::Client {
             reason: error_chain(&e),
         })
+}
+
+/// Why a redirect to `next` after visiting `previous` must not be followed, if it must not:
+/// from https to plain http (it would expose the request, and the token it may carry, to the
+/// network; issue #5 "Security"), or more than 10 hops. Dropping `Authorization` when the
+/// redirect leaves the origin is reqwest's own rule (tested end to end in tests/it/faults.rs).
+pub(crate) fn redirect_refusal(previous: &[Url], next: &Url) -> Option<&'static str> {
+    let downgrade = previous.iter().any(|p| p.scheme() == "https") && next.scheme() != "https";
+    if downgrade {
+        Some("refusing a redirect from https to plain http")
+    } else if previous.len() >= 10 {
+        Some("too many redirects")
+    } else {
+        None
+    }
 }
 
 /// Whether plain http may be used for `registry` (`host[:port]`): loopback hosts (127.0.0.0/8,
@@ -128,6 +137,7 @@ impl Client {
         progress: &dyn Progress,
     ) -> Result<Client, RegistryError> {
         let http = build_http(opts)?;
+        let retrier = super::retry::Retrier::start(opts.retry);
         let plain_ok = plain_http_allowed(&repo.registry, &opts.insecure_registries);
         let make = |scheme: &str| -> Result<Client, RegistryError> {
             let base = format!("{scheme}://{}/", api_host(&repo.registry));
@@ -143,35 +153,37 @@ impl Client {
                 repo_path: repo.path.clone(),
                 auth: Auth::new(&repo.registry, &repo.path, opts),
                 timeout: opts.timeout,
+                retrier,
             })
         };
-        super::retry::with_retries("connecting to the registry", progress, || async {
-            let https = make("https")?;
-            let err = match https.ping().await {
-                Ok(()) => return Ok(https),
-                Err(e) if plain_ok && e.is_transport() => e,
-                Err(e) => return Err(e),
-            };
-            progress.event(Event::Debug(&format!(
-                "https to {} failed ({}); trying plain http",
-                repo.registry,
-                err.short_reason()
-            )));
-            let http = make("http")?;
-            match http.ping().await {
-                Ok(()) => Ok(http),
-                // A TLS server answers plain http with 400 ("Client sent an HTTP request to an
-                // HTTPS server"): the https error is the one that says what to fix.
-                Err(e)
-                    if e.is_transport()
-                        || matches!(e, RegistryError::Protocol { status: 400, .. }) =>
-                {
-                    Err(err)
+        retrier
+            .run("connecting to the registry", progress, || async {
+                let https = make("https")?;
+                let err = match https.ping().await {
+                    Ok(()) => return Ok(https),
+                    Err(e) if plain_ok && e.is_transport() => e,
+                    Err(e) => return Err(e),
+                };
+                progress.event(Event::Debug(&format!(
+                    "https to {} failed ({}); trying plain http",
+                    repo.registry,
+                    err.short_reason()
+                )));
+                let http = make("http")?;
+                match http.ping().await {
+                    Ok(()) => Ok(http),
+                    // A TLS server answers plain http with 400 ("Client sent an HTTP request to an
+                    // HTTPS server"): the https error is the one that says what to fix.
+                    Err(e)
+                        if e.is_transport()
+                            || matches!(e, RegistryError::Protocol { status: 400, .. }) =>
+                    {
+                        Err(err)
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            }
-        })
-        .await
+            })
+            .await
     }
 
     /// `GET /v2/`: 200 means we may go on (anonymously or with the header `send` settled on).
@@ -180,15 +192,31 @@ impl Client {
         let response = self
             .send(|http| Ok(http.get(url.clone()).timeout(self.timeout)))
             .await?;
-        if response.status().is_success() {
+        if response.status().is_success() && !is_html(response.headers()) {
             Ok(())
         } else {
+            // A 200 web page (a captive portal, a web server at the wrong address) is not a
+            // registry: say so now rather than "push" into it.
             Err(unexpected(&url, response).await)
         }
     }
 
     pub(crate) fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Run `op` under this push's retry policy (see [`super::retry`]).
+    pub(crate) async fn retry<T, F, Fut>(
+        &self,
+        what: &str,
+        progress: &dyn Progress,
+        op: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        self.retrier.run(what, progress, op).await
     }
 
     /// An absolute path on the registry, e.g. `/v2/`.
@@ -365,13 +393,8 @@ pub(crate) async fn unexpected(url: &Url, response: Response) -> RegistryError {
         .headers()
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let html = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("html"));
+        .and_then(|v| super::retry::parse_retry_after(v, std::time::SystemTime::now()));
+    let html = is_html(response.headers());
     // Read at most a few KiB: an error page can be large, and we show 200 characters.
     let mut response = response;
     let mut body = Vec::new();
@@ -387,6 +410,15 @@ pub(crate) async fn unexpected(url: &Url, response: Response) -> RegistryError {
         body_snippet: snippet(&body, html),
         retry_after,
     }
+}
+
+/// Does the response say it is a web page (`Content-Type: text/html`)? The registry API
+/// answers JSON or nothing; HTML comes from portals, proxies and wrong addresses.
+pub(crate) fn is_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("html"))
 }
 
 /// A one-line summary of an error body: the distribution-spec error codes (spec.md "Error
@@ -506,6 +538,40 @@ mod tests {
         ];
         for (body, html, want) in cases {
             assert_eq!(snippet(body, html), want);
+        }
+    }
+
+    #[test]
+    fn redirects_that_are_refused() {
+        let u = |s: &str| Url::parse(s).expect("valid URL");
+        let hops: Vec<Url> = (0..10).map(|i| u(&format!("https://r/{i}"))).collect();
+        let cases: Vec<(Vec<Url>, Url, bool)> = vec![
+            (
+                vec![u("https://r/v2/")],
+                u("https://storage.example/b"),
+                false,
+            ),
+            (
+                vec![u("http://127.0.0.1/v2/")],
+                u("http://localhost/b"),
+                false,
+            ),
+            (vec![u("https://r/v2/")], u("http://r/v2/"), true),
+            // A downgrade anywhere along the chain counts.
+            (
+                vec![u("https://r/a"), u("https://s/b")],
+                u("http://t/c"),
+                true,
+            ),
+            (hops[..9].to_vec(), u("https://r/x"), false),
+            (hops.clone(), u("https://r/x"), true),
+        ];
+        for (previous, next, refused) in cases {
+            assert_eq!(
+                redirect_refusal(&previous, &next).is_some(),
+                refused,
+                "{previous:?} -> {next}"
+            );
         }
     }
 

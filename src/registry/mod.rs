@@ -5,9 +5,10 @@
 //!   attached and one re-authentication on 401.
 //! - [`auth`]: `WWW-Authenticate` parsing, credential sources, Bearer token cache, [`Secret`].
 //! - [`upload`]: blobs (HEAD, POST, one streamed PUT), manifests, index, tags, in that order.
-//! - [`retry`]: which failures are retried and how long to wait.
 //! - [`ecr`]: Amazon ECR hosts, AWS credentials, the token cache, create-on-push.
 //! - [`resolve`]: `--resolve HOST:PORT:ADDR` (curl's convention).
+//! - [`retry`]: which failures are retried, backoff with jitter, `Retry-After`, the deadline.
+//! - [`fuzzing`]: the response parsers' entry points for `fuzz/` and the property tests.
 //!
 //! Entry point: [`push`].
 
@@ -16,12 +17,16 @@ mod client;
 mod ecr;
 pub mod pull;
 mod resolve;
-mod retry;
+pub mod retry;
 mod upload;
+
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use auth::{Credentials, Secret};
 pub use ecr::{AwsOptions, EcrError, EcrHost, parse_host as parse_ecr_host};
 pub use resolve::{ResolveOverride, ResolveParseError};
+pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
 use crate::error::ExitCode;
@@ -61,6 +66,8 @@ pub struct PushOptions {
     pub aws: AwsOptions,
     /// `--resolve`: reach these host names at these addresses (TLS still checks the name).
     pub resolve: Vec<ResolveOverride>,
+    /// `--retries`, `--deadline` and the backoff base.
+    pub retry: RetryPolicy,
 }
 
 impl Default for PushOptions {
@@ -77,6 +84,7 @@ impl Default for PushOptions {
             mount_from: Vec::new(),
             aws: AwsOptions::default(),
             resolve: Vec::new(),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -283,6 +291,10 @@ pub enum RegistryError {
         got: String,
     },
     #[error(
+        "{url} accepted blob {digest} but does not have it (HEAD answered 404); the registry lost the upload"
+    )]
+    BlobMissing { url: String, digest: Digest },
+    #[error(
         "{url} served content hashing to {got}, not the {expected} asked for; the registry (or something between) serves corrupt content"
     )]
     ContentMismatch {
@@ -327,6 +339,7 @@ impl RegistryError {
             | RegistryError::Timeout { .. }
             | RegistryError::Protocol { .. }
             | RegistryError::DigestMismatch { .. }
+            | RegistryError::BlobMissing { .. }
             | RegistryError::ContentMismatch { .. }
             | RegistryError::Insecure { .. } => ExitCode::Registry,
             RegistryError::CaCert { .. } => ExitCode::Usage,

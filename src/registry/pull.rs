@@ -7,9 +7,8 @@
 //! byte received is hashed on the way and compared with the digest asked for: a registry (or
 //! anything between) that hands out other content is an error, never a silent pass.
 
-use super::client::{Client, display_url, unexpected};
-use super::retry::with_retries;
-use super::upload::start_upload;
+use super::client::{Client, display_url, is_html, unexpected};
+use super::upload::{blob_exists, start_upload};
 use super::{PushOptions, RegistryError};
 use crate::digest::{Digest, StreamHasher};
 use crate::image::Descriptor;
@@ -62,41 +61,42 @@ impl Puller {
         progress: &dyn Progress,
     ) -> Result<(Bytes, Digest), RegistryError> {
         let url = self.client.repo_url(&format!("manifests/{reference}"));
-        with_retries(&format!("manifest {reference}"), progress, || async {
-            let response = self
-                .client
-                .send(|http| {
-                    Ok(http
-                        .get(url.clone())
-                        .header(ACCEPT, MANIFEST_ACCEPT.join(", "))
-                        .timeout(self.client.timeout()))
-                })
-                .await?;
-            if response.status() != StatusCode::OK {
-                return Err(unexpected(&url, response).await);
-            }
-            let header = response
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .map(|s| s.trim().to_string());
-            let bytes = read_limited(&url, response, self.client.timeout()).await?;
-            let digest = Digest::of(&bytes);
-            let expected = reference
-                .parse::<Digest>()
-                .ok()
-                .map(|d| d.to_string())
-                .or(header);
-            match expected {
-                Some(e) if e != digest.to_string() => Err(RegistryError::ContentMismatch {
-                    url: display_url(&url),
-                    expected: e.chars().take(100).collect(),
-                    got: digest.to_string(),
-                }),
-                _ => Ok((bytes, digest)),
-            }
-        })
-        .await
+        self.client
+            .retry(&format!("manifest {reference}"), progress, || async {
+                let response = self
+                    .client
+                    .send(|http| {
+                        Ok(http
+                            .get(url.clone())
+                            .header(ACCEPT, MANIFEST_ACCEPT.join(", "))
+                            .timeout(self.client.timeout()))
+                    })
+                    .await?;
+                if response.status() != StatusCode::OK {
+                    return Err(unexpected(&url, response).await);
+                }
+                let header = response
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|s| s.trim().to_string());
+                let bytes = read_limited(&url, response, self.client.timeout()).await?;
+                let digest = Digest::of(&bytes);
+                let expected = reference
+                    .parse::<Digest>()
+                    .ok()
+                    .map(|d| d.to_string())
+                    .or(header);
+                match expected {
+                    Some(e) if e != digest.to_string() => Err(RegistryError::ContentMismatch {
+                        url: display_url(&url),
+                        expected: e.chars().take(100).collect(),
+                        got: digest.to_string(),
+                    }),
+                    _ => Ok((bytes, digest)),
+                }
+            })
+            .await
     }
 
     /// A small blob (a config) into memory, verified.
@@ -106,16 +106,17 @@ impl Puller {
         progress: &dyn Progress,
     ) -> Result<Bytes, RegistryError> {
         let url = self.client.repo_url(&format!("blobs/{digest}"));
-        with_retries(&format!("blob {digest}"), progress, || async {
-            let response = self.get_blob(digest).await?;
-            let bytes = read_limited(&url, response, self.client.timeout()).await?;
-            let got = Digest::of(&bytes);
-            if got != *digest {
-                return Err(mismatch(&url, digest, &got));
-            }
-            Ok(bytes)
-        })
-        .await
+        self.client
+            .retry(&format!("blob {digest}"), progress, || async {
+                let response = self.get_blob(digest).await?;
+                let bytes = read_limited(&url, response, self.client.timeout()).await?;
+                let got = Digest::of(&bytes);
+                if got != *digest {
+                    return Err(mismatch(&url, digest, &got));
+                }
+                Ok(bytes)
+            })
+            .await
     }
 
     /// Stream the blob `desc` into `store`, hashing it on the way; content that is not
@@ -131,42 +132,43 @@ impl Puller {
             path: store.root().to_path_buf(),
             source,
         };
-        with_retries(&format!("blob {}", desc.digest), progress, || async {
-            let response = self.get_blob(&desc.digest).await?;
-            progress.event(Event::Debug(&format!(
-                "downloading base layer {} ({} bytes)",
-                desc.digest, desc.size
-            )));
-            let mut writer = store.writer().map_err(io)?;
-            let mut stream = response.bytes_stream();
-            let timeout = self.client.timeout();
-            let stalled = || RegistryError::Timeout {
-                url: display_url(&url),
-                secs: timeout.as_secs(),
-            };
-            // A chunk at least every `timeout`, or the source stalled.
-            while let Some(chunk) = tokio::time::timeout(timeout, stream.try_next())
-                .await
-                .map_err(|_| stalled())?
-                .map_err(|e| super::client::transport_error(&url, e, timeout))?
-            {
-                writer.write_all(&chunk).map_err(io)?;
-            }
-            let (got, size) = writer.commit().map_err(io)?;
-            if got != desc.digest || size != desc.size {
-                if got != desc.digest {
-                    let _ = std::fs::remove_file(store.path(&got));
+        self.client
+            .retry(&format!("blob {}", desc.digest), progress, || async {
+                let response = self.get_blob(&desc.digest).await?;
+                progress.event(Event::Debug(&format!(
+                    "downloading base layer {} ({} bytes)",
+                    desc.digest, desc.size
+                )));
+                let mut writer = store.writer().map_err(io)?;
+                let mut stream = response.bytes_stream();
+                let timeout = self.client.timeout();
+                let stalled = || RegistryError::Timeout {
+                    url: display_url(&url),
+                    secs: timeout.as_secs(),
+                };
+                // A chunk at least every `timeout`, or the source stalled.
+                while let Some(chunk) = tokio::time::timeout(timeout, stream.try_next())
+                    .await
+                    .map_err(|_| stalled())?
+                    .map_err(|e| super::client::transport_error(&url, e, timeout))?
+                {
+                    writer.write_all(&chunk).map_err(io)?;
                 }
-                return Err(mismatch(&url, &desc.digest, &got));
-            }
-            progress.event(Event::LayerBuilt {
-                digest: &desc.digest,
-                size: desc.size,
-                what: "base layer, downloaded",
-            });
-            Ok(())
-        })
-        .await
+                let (got, size) = writer.commit().map_err(io)?;
+                if got != desc.digest || size != desc.size {
+                    if got != desc.digest {
+                        let _ = std::fs::remove_file(store.path(&got));
+                    }
+                    return Err(mismatch(&url, &desc.digest, &got));
+                }
+                progress.event(Event::LayerBuilt {
+                    digest: &desc.digest,
+                    size: desc.size,
+                    what: "base layer, downloaded",
+                });
+                Ok(())
+            })
+            .await
     }
 
     /// `GET /v2/<name>/blobs/<digest>` (redirects followed; `Authorization` is not sent to
@@ -189,67 +191,75 @@ impl Puller {
         desc: &Descriptor,
         progress: &dyn Progress,
     ) -> Result<(), RegistryError> {
-        with_retries(
-            &format!("copying blob {}", desc.digest),
-            progress,
-            || async {
-                let source = self.get_blob(&desc.digest).await?;
-                let src_url = source.url().clone();
-                let url = start_upload(target, &desc.digest).await?;
-                progress.event(Event::BlobStart {
-                    digest: &desc.digest,
-                    size: desc.size,
-                });
-                let hasher = Arc::new(Mutex::new(StreamHasher::default()));
-                let seen = Arc::clone(&hasher);
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-                let stream = source.bytes_stream().inspect_ok(move |chunk| {
-                    seen.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .update(chunk);
-                    let _ = tx.send(chunk.len() as u64);
-                });
-                // The source stream can be sent once: a 401 on this PUT is not retried in place
-                // (the POST before it has already settled authentication).
-                let mut body = Some(reqwest::Body::wrap_stream(stream));
-                let send = target.send(|http| {
-                    let body = body.take().ok_or_else(|| RegistryError::Protocol {
-                        url: display_url(&url),
-                        status: 401,
-                        body_snippet: "authentication changed during a streamed copy".into(),
-                        retry_after: None,
-                    })?;
-                    Ok(http
-                        .put(url.clone())
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header(CONTENT_LENGTH, desc.size)
-                        .body(body))
-                });
-                let response = stall_guard(send, &mut rx, target.timeout(), &url, |n| {
-                    progress.event(Event::BlobProgress {
+        target
+            .retry(
+                &format!("copying blob {}", desc.digest),
+                progress,
+                || async {
+                    let source = self.get_blob(&desc.digest).await?;
+                    let src_url = source.url().clone();
+                    let url = start_upload(target, &desc.digest).await?;
+                    progress.event(Event::BlobStart {
                         digest: &desc.digest,
-                        n,
+                        size: desc.size,
                     });
-                })
-                .await?;
-                let (got, size) = hasher
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone()
-                    .finish();
-                if size == desc.size && got != desc.digest {
-                    return Err(mismatch(&src_url, &desc.digest, &got));
-                }
-                if !response.status().is_success() {
-                    return Err(unexpected(&url, response).await);
-                }
-                progress.event(Event::BlobDone {
-                    digest: &desc.digest,
-                });
-                Ok(())
-            },
-        )
-        .await
+                    let hasher = Arc::new(Mutex::new(StreamHasher::default()));
+                    let seen = Arc::clone(&hasher);
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+                    let stream = source.bytes_stream().inspect_ok(move |chunk| {
+                        seen.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .update(chunk);
+                        let _ = tx.send(chunk.len() as u64);
+                    });
+                    // The source stream can be sent once: a 401 on this PUT is not retried in place
+                    // (the POST before it has already settled authentication).
+                    let mut body = Some(reqwest::Body::wrap_stream(stream));
+                    let send = target.send(|http| {
+                        let body = body.take().ok_or_else(|| RegistryError::Protocol {
+                            url: display_url(&url),
+                            status: 401,
+                            body_snippet: "authentication changed during a streamed copy".into(),
+                            retry_after: None,
+                        })?;
+                        Ok(http
+                            .put(url.clone())
+                            .header(CONTENT_TYPE, "application/octet-stream")
+                            .header(CONTENT_LENGTH, desc.size)
+                            .body(body))
+                    });
+                    let response = stall_guard(send, &mut rx, target.timeout(), &url, |n| {
+                        progress.event(Event::BlobProgress {
+                            digest: &desc.digest,
+                            n,
+                        });
+                    })
+                    .await?;
+                    let (got, size) = hasher
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone()
+                        .finish();
+                    if size == desc.size && got != desc.digest {
+                        return Err(mismatch(&src_url, &desc.digest, &got));
+                    }
+                    if !response.status().is_success() || is_html(response.headers()) {
+                        return Err(unexpected(&url, response).await);
+                    }
+                    // Confirmed like our own blobs before a manifest names it (upload.rs, #5).
+                    if !blob_exists(target, &desc.digest).await? {
+                        return Err(RegistryError::BlobMissing {
+                            url: display_url(&target.repo_url(&format!("blobs/{}", desc.digest))),
+                            digest: desc.digest.clone(),
+                        });
+                    }
+                    progress.event(Event::BlobDone {
+                        digest: &desc.digest,
+                    });
+                    Ok(())
+                },
+            )
+            .await
     }
 }
 
@@ -406,10 +416,11 @@ async fn transfer_one(
     desc: &Descriptor,
     progress: &dyn Progress,
 ) -> Result<(), RegistryError> {
-    let exists = with_retries(&format!("blob {}", desc.digest), progress, || {
-        super::upload::blob_exists(target, &desc.digest)
-    })
-    .await?;
+    let exists = target
+        .retry(&format!("blob {}", desc.digest), progress, || {
+            blob_exists(target, &desc.digest)
+        })
+        .await?;
     if exists {
         progress.event(Event::BlobSkipped {
             digest: &desc.digest,
@@ -419,10 +430,11 @@ async fn transfer_one(
         return Ok(());
     }
     if source.repo.registry == target_repo.registry {
-        let mounted = with_retries(&format!("mounting {}", desc.digest), progress, || {
-            mount(target, &desc.digest, &source.repo.path)
-        })
-        .await?;
+        let mounted = target
+            .retry(&format!("mounting {}", desc.digest), progress, || {
+                mount(target, &desc.digest, &source.repo.path)
+            })
+            .await?;
         if mounted {
             progress.event(Event::BlobSkipped {
                 digest: &desc.digest,

@@ -20,8 +20,7 @@
 //! mount the credentials may not do (401/403 for the `from` repository) falls back to a plain
 //! upload.
 
-use super::client::{Client, display_url, unexpected};
-use super::retry::with_retries;
+use super::client::{Client, display_url, is_html, unexpected};
 use super::{PushReport, RegistryError};
 use crate::digest::{Digest, StreamHasher};
 use crate::image::{BuiltImage, JsonBlob};
@@ -175,25 +174,42 @@ async fn push_blob(
     progress: &dyn Progress,
 ) -> Result<bool, RegistryError> {
     let what = format!("blob {}", blob.digest);
-    with_retries(&what, progress, || async {
-        if blob_exists(client, &blob.digest).await? {
-            progress.event(Event::BlobSkipped {
-                digest: &blob.digest,
-                size: blob.size,
-                reason: "already in the registry",
-            });
-            return Ok(false);
-        }
-        match upload_blob(client, blob, mount_from, progress).await {
-            Err(RegistryError::Unauthorized { .. } | RegistryError::Denied { .. })
-                if mount_from.is_some() =>
-            {
-                upload_blob(client, blob, None, progress).await
+    client
+        .retry(&what, progress, || async {
+            if blob_exists(client, &blob.digest).await? {
+                progress.event(Event::BlobSkipped {
+                    digest: &blob.digest,
+                    size: blob.size,
+                    reason: "already in the registry",
+                });
+                return Ok(false);
             }
-            other => other,
-        }
-    })
-    .await
+            let uploaded = match upload_blob(client, blob, mount_from, progress).await {
+                // A mount the credentials may not do (no pull right on `from`): upload.
+                Err(RegistryError::Unauthorized { .. } | RegistryError::Denied { .. })
+                    if mount_from.is_some() =>
+                {
+                    upload_blob(client, blob, None, progress).await
+                }
+                other => other,
+            }?;
+            // The PUT (or mount) said 201, but a registry (or a proxy in front of it) can lose what it
+            // acknowledged; a manifest naming a missing blob would be refused or, worse, dangle.
+            // One HEAD is cheap insurance (issue #5); a loss is retried like any transient fault.
+            if !blob_exists(client, &blob.digest).await? {
+                return Err(RegistryError::BlobMissing {
+                    url: display_url(&client.repo_url(&format!("blobs/{}", blob.digest))),
+                    digest: blob.digest.clone(),
+                });
+            }
+            if uploaded {
+                progress.event(Event::BlobDone {
+                    digest: &blob.digest,
+                });
+            }
+            Ok(uploaded)
+        })
+        .await
 }
 
 /// `HEAD /v2/<name>/blobs/<digest>` (spec.md "Checking if content exists in the registry").
@@ -203,7 +219,8 @@ pub(crate) async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool
         .send(|http| Ok(http.head(url.clone()).timeout(client.timeout())))
         .await?;
     match response.status() {
-        StatusCode::OK => Ok(true),
+        // A web page answering 200 to everything must not pass for "the registry has it".
+        StatusCode::OK if !is_html(response.headers()) => Ok(true),
         StatusCode::NOT_FOUND => Ok(false),
         _ => Err(unexpected(&url, response).await),
     }
@@ -272,11 +289,10 @@ async fn upload_blob(
         }
         Source::File(path) => put_file(client, &url, path, blob, progress).await?,
     };
-    if !response.status().is_success() {
+    if !response.status().is_success() || is_html(response.headers()) {
         return Err(unexpected(&url, response).await);
     }
     check_digest(&url, &response, digest)?;
-    progress.event(Event::BlobDone { digest });
     Ok(true)
 }
 
@@ -401,22 +417,23 @@ async fn put_manifest(
 ) -> Result<(), RegistryError> {
     let url = client.repo_url(&format!("manifests/{reference}"));
     let what = format!("manifest {reference}");
-    with_retries(&what, progress, || async {
-        let response = client
-            .send(|http| {
-                Ok(http
-                    .put(url.clone())
-                    .header(CONTENT_TYPE, &manifest.media_type)
-                    .body(manifest.bytes.clone())
-                    .timeout(client.timeout()))
-            })
-            .await?;
-        if !response.status().is_success() {
-            return Err(unexpected(&url, response).await);
-        }
-        check_digest(&url, &response, &manifest.digest)
-    })
-    .await?;
+    client
+        .retry(&what, progress, || async {
+            let response = client
+                .send(|http| {
+                    Ok(http
+                        .put(url.clone())
+                        .header(CONTENT_TYPE, &manifest.media_type)
+                        .body(manifest.bytes.clone())
+                        .timeout(client.timeout()))
+                })
+                .await?;
+            if !response.status().is_success() || is_html(response.headers()) {
+                return Err(unexpected(&url, response).await);
+            }
+            check_digest(&url, &response, &manifest.digest)
+        })
+        .await?;
     progress.event(Event::ManifestPushed {
         reference,
         digest: &manifest.digest,

@@ -208,7 +208,7 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
     let ws = workspace(1_000_000_000);
 
     // --username + --password-stdin.
-    let out = push_with_password(ws.path(), &reg, "auth", "s3cret-pass-123", "-v");
+    let out = push_with_password(ws.path(), &reg, "auth", "s3cret-pass-123", "-vv");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!all.contains("s3cret-pass-123"), "password leaked: {all}");
@@ -233,6 +233,7 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
         .env("HOME", home.path())
         .args([
             "push",
+            "-vv",
             "-f",
             "build-specs/hello.toml",
             "--repo",
@@ -241,6 +242,10 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    for secret in ["s3cret-pass-123", "Y2ktdXNlcjpzM2NyZXQtcGFzcy0xMjM"] {
+        assert!(!all.contains(secret), "secret leaked at -vv: {all}");
+    }
 
     // Wrong password: exit 4, one line naming the registry and what was tried, no secret.
     let out = push_with_password(ws.path(), &reg, "auth3", "wrong-password-987", "-vv");
@@ -300,6 +305,9 @@ fn unreachable_registry_is_exit_5_naming_the_url() {
             &format!("127.0.0.1:{port}/x"),
             "--timeout",
             "5",
+            // Refused connections are retried (with backoff); once is enough here.
+            "--retries",
+            "1",
         ])
         .output()
         .unwrap();

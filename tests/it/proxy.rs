@@ -1,0 +1,667 @@
+//! A fault-injecting HTTP proxy for the integration tests (issue #5): it sits between imgbuild
+//! and a real docker-registry and, by a seeded schedule, answers some requests itself with
+//! 5xx, 429 + `Retry-After`, a reset in the middle of the request or response body, a stall
+//! beyond the client's timeout, or a 401 on a request that carried a valid token.
+//!
+//! It also plays the parts docker-registry cannot: a Bearer token server (`/token`, with the
+//! `WWW-Authenticate: Bearer realm=...,service=...,scope=...` challenge on `/v2/`), a web
+//! server answering HTML, a registry that lies in `Docker-Content-Digest`, a registry that
+//! redirects blob requests to another host, and a registry that stops answering (for kill -9).
+//!
+//! The schedule is deterministic per request *kind*, not per arrival order, so concurrent
+//! uploads see the same faults in every run: a request's key is its method and path with the
+//! upload session id removed; the n-th occurrence of a key is faulted when
+//! `hash(seed, key, n) % one_in == 0` and the key has had fewer than `max_per_key` faults (so
+//! every request eventually passes and `--retries` bounds the run). Which fault is injected
+//! cycles through [`ProxyOpts::kinds`], so every kind shows up in a run with enough faults.
+//!
+//! Plain std: one thread per connection, one request per connection (`Connection: close` both
+//! ways), request bodies buffered (tests use small blobs).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+/// One kind of injected fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// Answer this status (500, 502, 503, 504) with a distribution-spec error body.
+    Status(u16),
+    /// 429 with `Retry-After: 1` (seconds) or an HTTP date one second ahead.
+    TooMany { http_date: bool },
+    /// Read half the request body (or none), then close the connection without answering.
+    ResetRequest,
+    /// Forward the request (the registry acts on it), then send half the answer and close.
+    ResetResponse,
+    /// Hold the request for [`ProxyOpts::stall`] (beyond the client's timeout), then close.
+    Stall,
+    /// 401 with a fresh challenge although the request's token was valid (a token that
+    /// expired mid-push). Bearer mode only; elsewhere, and twice in a row, a 503 instead.
+    Unauthorized,
+}
+
+/// Every fault kind, for a scenario that wants them all.
+pub const ALL_FAULTS: &[Fault] = &[
+    Fault::Status(500),
+    Fault::TooMany { http_date: false },
+    Fault::ResetRequest,
+    Fault::Status(502),
+    Fault::Unauthorized,
+    Fault::ResetResponse,
+    Fault::Status(503),
+    Fault::TooMany { http_date: true },
+    Fault::Stall,
+    Fault::Status(504),
+];
+
+/// What the proxy does besides forwarding.
+#[derive(Debug, Clone)]
+pub struct ProxyOpts {
+    pub seed: u64,
+    /// Fault about one request in `one_in` (0 = never).
+    pub one_in: u64,
+    /// Faults to cycle through.
+    pub kinds: Vec<Fault>,
+    /// At most this many faults per request key (u32::MAX: a permanent failure).
+    pub max_per_key: u32,
+    /// How long a [`Fault::Stall`] holds the request.
+    pub stall: Duration,
+    /// Act as a Bearer token registry; `Some(Some((user, pass)))` also requires Basic
+    /// credentials at the token endpoint.
+    pub bearer: Option<Option<(String, String)>>,
+    /// Answer every request with `200 text/html` (a web server, not a registry).
+    pub html: bool,
+    /// Replace `Docker-Content-Digest` in answers to PUT with another digest.
+    pub wrong_digest: bool,
+    /// Redirect the first blob HEAD to this origin (e.g. `http://127.0.0.2:PORT`).
+    pub redirect_blob_head_to: Option<String>,
+    /// Requests numbered from this one on (0-based) are held until the proxy is dropped.
+    pub hang_from: Option<usize>,
+    /// Answer this many blob-upload PUTs `201 Created` with the right digest but drop them
+    /// (a registry that loses what it acknowledged).
+    pub lose_puts: usize,
+}
+
+impl Default for ProxyOpts {
+    fn default() -> Self {
+        ProxyOpts {
+            seed: 1,
+            one_in: 0,
+            kinds: ALL_FAULTS.to_vec(),
+            max_per_key: 2,
+            stall: Duration::from_millis(1500),
+            bearer: None,
+            html: false,
+            wrong_digest: false,
+            redirect_blob_head_to: None,
+            hang_from: None,
+            lose_puts: 0,
+        }
+    }
+}
+
+/// Blob PUTs acknowledged and dropped so far (see [`ProxyOpts::lose_puts`]).
+impl Proxy {
+    pub fn lost(&self) -> usize {
+        self.state.lock().unwrap().lost
+    }
+}
+
+/// One request the proxy saw (fields shown through `Debug` in assertion messages).
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub target: String,
+    pub key: String,
+    pub authorization: Option<String>,
+    pub fault: Option<Fault>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    seen: Vec<Seen>,
+    occurrences: HashMap<String, u64>,
+    faults_per_key: HashMap<String, u32>,
+    last_was_401: HashSet<String>,
+    faults: usize,
+    tokens: Vec<String>,
+    redirected: bool,
+    lost: usize,
+}
+
+/// A running proxy on `127.0.0.1:PORT`; stops on drop.
+#[derive(Debug)]
+pub struct Proxy {
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+}
+
+struct Shared {
+    upstream: String,
+    own: String,
+    opts: ProxyOpts,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Start a proxy in front of `upstream` (`127.0.0.1:PORT` of a plain-http registry).
+    pub fn start(upstream: &str, opts: ProxyOpts) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr").to_string();
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            upstream: upstream.to_string(),
+            own: addr.clone(),
+            opts,
+            state: Arc::clone(&state),
+            stop: Arc::clone(&stop),
+        });
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if shared.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || {
+                    let _ = handle(&shared, conn);
+                });
+            }
+        });
+        Proxy { addr, state, stop }
+    }
+
+    /// Every request so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.lock().unwrap().seen.clone()
+    }
+
+    /// Tokens the token endpoint handed out.
+    pub fn tokens(&self) -> Vec<String> {
+        self.state.lock().unwrap().tokens.clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect(&self.addr);
+    }
+}
+
+struct Request {
+    method: String,
+    target: String,
+    /// (name, value) in arrival order.
+    headers: Vec<(String, String)>,
+    content_length: usize,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_head(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return Ok(None);
+    };
+    let (method, target) = (method.to_string(), target.to_string());
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let content_length = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    Ok(Some(Request {
+        method,
+        target,
+        headers,
+        content_length,
+    }))
+}
+
+/// The schedule key: method and path, with the upload session id dropped and the `digest=`
+/// parameter kept (one key per blob PUT, whatever the session).
+fn key_of(method: &str, target: &str) -> String {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if let Some(at) = path.find("/blobs/uploads/") {
+        let digest = query
+            .split('&')
+            .find(|p| p.starts_with("digest="))
+            .unwrap_or("");
+        return format!("{method} {}/blobs/uploads/ {digest}", &path[..at]);
+    }
+    format!("{method} {path}")
+}
+
+fn hash3(seed: u64, key: &str, n: u64) -> u64 {
+    // DefaultHasher with no random keys: SipHash-1-3 with fixed zero keys, stable in a build.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(seed, 0x5eed);
+    key.hash(&mut h);
+    n.hash(&mut h);
+    h.finish()
+}
+
+fn respond(conn: &mut TcpStream, status: u16, headers: &[(&str, String)], body: &[u8]) {
+    let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    let _ = conn.write_all(head.as_bytes());
+    let _ = conn.write_all(body);
+    let _ = conn.flush();
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        307 => "Temporary Redirect",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Other",
+    }
+}
+
+/// IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), from imgbuild's own RFC 3339 formatter.
+fn http_date(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let iso = imgbuild::image::rfc3339(secs); // 1994-11-06T08:49:37Z
+    let (y, m, d, time) = (&iso[0..4], &iso[5..7], &iso[8..10], &iso[11..19]);
+    let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(secs / 86_400 % 7) as usize];
+    let mon = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][m.parse::<usize>().unwrap() - 1];
+    format!("{wd}, {d} {mon} {y} {time} GMT")
+}
+
+fn challenge(shared: &Shared, target: &str) -> (&'static str, String) {
+    let scope = target
+        .strip_prefix("/v2/")
+        .and_then(|rest| {
+            ["/blobs/", "/manifests/"]
+                .iter()
+                .find_map(|m| rest.find(m).map(|at| &rest[..at]))
+        })
+        .map(|name| format!(",scope=\"repository:{name}:pull,push\""))
+        .unwrap_or_default();
+    (
+        "WWW-Authenticate",
+        format!(
+            "Bearer realm=\"http://{}/token\",service=\"imgbuild-proxy\"{scope}",
+            shared.own
+        ),
+    )
+}
+
+fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // The client tries https first (even on loopback): refuse a TLS handshake at once, as a
+    // plain-http registry's port would, so it falls back to http without waiting.
+    let mut first = [0u8; 1];
+    if conn.peek(&mut first)? == 0 || first[0] == 0x16 {
+        return Ok(());
+    }
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut conn = conn;
+    let Some(req) = read_head(&mut reader)? else {
+        return Ok(());
+    };
+    let opts = &shared.opts;
+    let authorization = req.header("authorization").map(str::to_string);
+    let key = key_of(&req.method, &req.target);
+    let is_token = req.target.starts_with("/token");
+
+    // Decide everything under the lock, act after it.
+    let (seq, fault, valid_token) = {
+        let mut st = shared.state.lock().unwrap();
+        let seq = st.seen.len();
+        let valid_token = authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .is_some_and(|t| st.tokens.iter().any(|k| k == t));
+        let mut fault = None;
+        let n = {
+            let c = st.occurrences.entry(key.clone()).or_default();
+            *c += 1;
+            *c
+        };
+        let needs_auth = opts.bearer.is_some() && !valid_token;
+        if opts.one_in > 0
+            && !is_token
+            && !opts.html
+            && !needs_auth
+            && !opts.kinds.is_empty()
+            && st.faults_per_key.get(&key).copied().unwrap_or(0) < opts.max_per_key
+            && hash3(opts.seed, &key, n) % opts.one_in == 0
+        {
+            let mut kind = opts.kinds[st.faults % opts.kinds.len()];
+            if kind == Fault::Unauthorized
+                && (opts.bearer.is_none() || st.last_was_401.contains(&key))
+            {
+                kind = Fault::Status(503);
+            }
+            st.faults += 1;
+            *st.faults_per_key.entry(key.clone()).or_default() += 1;
+            fault = Some(kind);
+        }
+        if fault == Some(Fault::Unauthorized) {
+            st.last_was_401.insert(key.clone());
+        } else {
+            st.last_was_401.remove(&key);
+        }
+        st.seen.push(Seen {
+            method: req.method.clone(),
+            target: req.target.clone(),
+            key: key.clone(),
+            authorization: authorization.clone(),
+            fault,
+        });
+        (seq, fault, valid_token)
+    };
+
+    if opts.hang_from.is_some_and(|from| seq >= from) {
+        while !shared.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        return Ok(());
+    }
+    if fault == Some(Fault::ResetRequest) {
+        let mut half = vec![0; req.content_length / 2];
+        let _ = reader.read_exact(&mut half);
+        let _ = conn.shutdown(Shutdown::Both);
+        return Ok(());
+    }
+    let mut body = vec![0; req.content_length];
+    reader.read_exact(&mut body)?;
+
+    if opts.html {
+        let page = b"<!DOCTYPE html><html><head><title>Welcome</title></head><body>Welcome to our network. Please log in.</body></html>";
+        let ct = ("Content-Type", "text/html; charset=utf-8".to_string());
+        respond(&mut conn, 200, &[ct], page);
+        return Ok(());
+    }
+    if is_token {
+        if let Some(Some((user, pass))) = &opts.bearer {
+            use base64::Engine as _;
+            let want = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+            );
+            if authorization.as_deref() != Some(want.as_str()) {
+                respond(&mut conn, 401, &[], b"{\"details\":\"bad credentials\"}");
+                return Ok(());
+            }
+        }
+        let token = {
+            let mut st = shared.state.lock().unwrap();
+            let t = format!("proxytoken-{}-{}-Zq8sEcReT", opts.seed, st.tokens.len());
+            st.tokens.push(t.clone());
+            t
+        };
+        let json = format!("{{\"token\":\"{token}\",\"expires_in\":300}}");
+        let ct = ("Content-Type", "application/json".to_string());
+        respond(&mut conn, 200, &[ct], json.as_bytes());
+        return Ok(());
+    }
+    if opts.bearer.is_some() && !valid_token {
+        let ch = challenge(shared, &req.target);
+        respond(
+            &mut conn,
+            401,
+            &[(ch.0, ch.1)],
+            b"{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"authentication required\"}]}",
+        );
+        return Ok(());
+    }
+    match fault {
+        Some(Fault::Status(s)) => {
+            let ct = ("Content-Type", "application/json".to_string());
+            respond(
+                &mut conn,
+                s,
+                &[ct],
+                b"{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"injected fault\"}]}",
+            );
+            return Ok(());
+        }
+        Some(Fault::TooMany { http_date: d }) => {
+            let after = if d {
+                http_date(SystemTime::now() + Duration::from_secs(1))
+            } else {
+                "1".into()
+            };
+            respond(
+                &mut conn,
+                429,
+                &[("Retry-After", after)],
+                b"{\"errors\":[{\"code\":\"TOOMANYREQUESTS\",\"message\":\"slow down\"}]}",
+            );
+            return Ok(());
+        }
+        Some(Fault::Stall) => {
+            std::thread::sleep(opts.stall);
+            let _ = conn.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        Some(Fault::Unauthorized) => {
+            let ch = challenge(shared, &req.target);
+            respond(&mut conn, 401, &[(ch.0, ch.1)], b"");
+            return Ok(());
+        }
+        _ => {}
+    }
+    if let Some(to) = &opts.redirect_blob_head_to
+        && req.method == "HEAD"
+        && req.target.contains("/blobs/sha256:")
+    {
+        let first = {
+            let mut st = shared.state.lock().unwrap();
+            !std::mem::replace(&mut st.redirected, true)
+        };
+        if first {
+            respond(
+                &mut conn,
+                307,
+                &[("Location", format!("{to}{}", req.target))],
+                b"",
+            );
+            return Ok(());
+        }
+    }
+
+    if req.method == "PUT" && key.contains("/blobs/uploads/ digest=") {
+        let lose = {
+            let mut st = shared.state.lock().unwrap();
+            let lose = st.lost < opts.lose_puts;
+            st.lost += usize::from(lose);
+            lose
+        };
+        if lose {
+            let digest = key.rsplit_once("digest=").unwrap().1.replace("%3A", ":");
+            let location = format!(
+                "{}{digest}",
+                &req.target[..req.target.find("/uploads/").unwrap() + 1]
+            );
+            respond(
+                &mut conn,
+                201,
+                &[("Docker-Content-Digest", digest), ("Location", location)],
+                b"",
+            );
+            return Ok(());
+        }
+    }
+
+    // Forward to the registry, one request per connection.
+    let mut up = TcpStream::connect(&shared.upstream)?;
+    up.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.target);
+    for (n, v) in &req.headers {
+        let drop = n.eq_ignore_ascii_case("connection")
+            || (opts.bearer.is_some() && n.eq_ignore_ascii_case("authorization"));
+        if !drop {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    up.write_all(head.as_bytes())?;
+    up.write_all(&body)?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(answer.len(), |p| p + 4);
+    let (resp_head, resp_body) = answer.split_at(split);
+    let mut out = String::new();
+    for line in String::from_utf8_lossy(resp_head).split("\r\n") {
+        if line.is_empty() || line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        if opts.wrong_digest
+            && req.method == "PUT"
+            && line
+                .to_ascii_lowercase()
+                .starts_with("docker-content-digest:")
+        {
+            out.push_str(&format!(
+                "Docker-Content-Digest: sha256:{}\r\n",
+                "0".repeat(64)
+            ));
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    if fault == Some(Fault::ResetResponse) {
+        // Half of what the client needs: half the head if there is no body, else the head
+        // and half the body.
+        if resp_body.is_empty() {
+            conn.write_all(&out.as_bytes()[..out.len() / 2])?;
+        } else {
+            conn.write_all(out.as_bytes())?;
+            conn.write_all(&resp_body[..resp_body.len() / 2])?;
+        }
+        let _ = conn.flush();
+        let _ = conn.shutdown(Shutdown::Both);
+        return Ok(());
+    }
+    conn.write_all(out.as_bytes())?;
+    conn.write_all(resp_body)?;
+    conn.flush()?;
+    Ok(())
+}
+
+/// The (name, value) headers of one request.
+pub type Headers = Vec<(String, String)>;
+
+/// A listener that records the headers of every request and answers 404: the "other host"
+/// a registry redirects to.
+#[derive(Debug)]
+pub struct Recorder {
+    /// `HOST:PORT` as given to [`Recorder::start`].
+    pub addr: String,
+    seen: Arc<Mutex<Vec<Headers>>>,
+}
+
+impl Recorder {
+    /// Listen on `ip` (a loopback address such as 127.0.0.2) and a free port.
+    pub fn start(ip: &str) -> Recorder {
+        let listener = TcpListener::bind((ip, 0)).expect("bind recorder");
+        let addr = listener.local_addr().expect("recorder addr").to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let Ok(clone) = conn.try_clone() else {
+                    continue;
+                };
+                let mut reader = BufReader::new(clone);
+                if let Ok(Some(req)) = read_head(&mut reader) {
+                    log.lock().unwrap().push(req.headers);
+                    respond(&mut conn, 404, &[], b"");
+                }
+            }
+        });
+        Recorder { addr, seen }
+    }
+
+    /// The headers of each request received.
+    pub fn seen(&self) -> Vec<Headers> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn schedule_keys_and_dates() {
+    let cases = [
+        ("GET", "/v2/", "GET /v2/"),
+        (
+            "PUT",
+            "/v2/a/b/blobs/uploads/6f1c?_state=x&digest=sha256%3Aab",
+            "PUT /v2/a/b/blobs/uploads/ digest=sha256%3Aab",
+        ),
+        ("POST", "/v2/a/blobs/uploads/", "POST /v2/a/blobs/uploads/ "),
+        (
+            "HEAD",
+            "/v2/a/blobs/sha256:ab",
+            "HEAD /v2/a/blobs/sha256:ab",
+        ),
+    ];
+    for (m, t, want) in cases {
+        assert_eq!(key_of(m, t), want);
+    }
+    assert_eq!(
+        http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777)),
+        "Sun, 06 Nov 1994 08:49:37 GMT"
+    );
+    assert_eq!(
+        http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(1_709_164_800)),
+        "Thu, 29 Feb 2024 00:00:00 GMT"
+    );
+}
