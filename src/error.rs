@@ -45,6 +45,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Usage(String),
+    /// The thread that uploads layers during a push panicked (a bug).
+    #[error("the upload thread panicked")]
+    UploadThreadPanicked,
 }
 
 impl Error {
@@ -60,7 +63,7 @@ impl Error {
             Error::Spec(_) | Error::Reference(_) | Error::Usage(_) => ExitCode::Usage,
             Error::Plan(e) => e.exit_code(),
             Error::Layer(_) => ExitCode::Input,
-            Error::Image(_) | Error::Io { .. } => ExitCode::Internal,
+            Error::Image(_) | Error::Io { .. } | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
         }

@@ -10,25 +10,24 @@ use imgbuild::base;
 use imgbuild::cache::LayerCache;
 use imgbuild::compress::{Codec, Compression};
 use imgbuild::layer::LayerOptions;
-use imgbuild::output::{self, Outputs, Summary};
-use imgbuild::overlap::{self, LayerFeed};
-use imgbuild::pipeline::{self, BuildOptions};
+use imgbuild::output::Outputs;
+use imgbuild::pipeline::BuildOptions;
 use imgbuild::progress::{self, Progress, Verbosity};
 use imgbuild::reference::{Repository, validate_tag};
-use imgbuild::registry::{self, AwsOptions, Credentials, PushOptions, Secret};
+use imgbuild::registry::{AwsOptions, Credentials, PushOptions, RetryPolicy, Secret};
 use imgbuild::spec::{self, Spec};
-use imgbuild::store::BlobStore;
-use imgbuild::{Error, ExitCode};
+use imgbuild::{Error, ExitCode, run};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
+use std::time::Duration;
 
 fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
-    match run(cli) {
+    match execute(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain joined with ": ", skipping causes the line already says
@@ -76,70 +75,36 @@ fn usage_error(e: &clap::Error) -> std::process::ExitCode {
     std::process::ExitCode::from(ExitCode::Usage as u8)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(args) => {
             let c = &args.common;
             let progress = make_progress(c);
-            let (spec, opts) = prepare(c)?;
-            let repo = repository(c, &spec)?;
+            let (spec, options) = prepare(c)?;
+            let repository = repository(c, &spec)?;
             let tags = tags(c, &spec)?;
-            let dir = args
+            let layout = args
                 .output
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
-            let store = BlobStore::open(&dir)
-                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-            // Reaching base image registries: like push, without --username.
-            let pull = PushOptions {
-                insecure_registries: args.insecure_registries.clone(),
-                ca_certs: args.ca_certs.clone(),
-                jobs: usize::from(c.jobs),
-                ..PushOptions::default()
+            let req = run::BuildRequest {
+                image: image_request(c, spec, options, tags)?,
+                // Reaching base image registries: like push, without --username.
+                pull: PushOptions {
+                    insecure_registries: args.insecure_registries.clone(),
+                    ca_certs: args.ca_certs.clone(),
+                    jobs: usize::from(c.jobs),
+                    ..PushOptions::default()
+                },
+                layout,
+                tarball: args.tarball.clone(),
+                repository,
             };
-            let mut opts = opts;
-            let runtime = runtime()?;
-            let cache = with_bases(
-                c,
-                &spec,
-                &mut opts,
-                &pull,
-                None,
-                &runtime,
-                progress.as_ref(),
-            )?;
-            let image = pipeline::build(&spec, &opts, &store, progress.as_ref())?;
-            // The layout must be complete: the base's layers go into it too.
-            runtime
-                .block_on(base::fetch_layers(
-                    &image.remote_layers,
-                    &store,
-                    cache.as_ref(),
-                    &pull,
-                    progress.as_ref(),
-                ))
-                .map_err(Error::from)?;
-            let tag = tags.first().map(String::as_str);
-            imgbuild::layout::write_layout(&image, &store, tag)
-                .map_err(|e| Error::io(format!("writing OCI layout {}", dir.display()), e))?;
-            if let Some(t) = &args.tarball {
-                imgbuild::layout::write_tarball(&image, &store, tag, t)
-                    .map_err(|e| Error::io(format!("writing {}", t.display()), e))?;
-            }
-            let summary = Summary {
-                image: &image,
-                repository: repo.map(|r| r.to_string()),
-                tags: Vec::new(),
-                layout: Some(dir.clone()),
-            };
-            output::write(&outputs(c), &summary).map_err(|e| Error::io("writing outputs", e))?;
+            let image = run::build(&req, progress.as_ref())?;
             if !c.quiet {
-                eprintln!(
-                    "wrote OCI layout {} (oci:{}:{})",
-                    dir.display(),
-                    dir.display(),
-                    tag.unwrap_or("")
-                );
+                let dir = req.layout.display();
+                let tag = req.image.tags.first().map_or("", String::as_str);
+                eprintln!("wrote OCI layout {dir} (oci:{dir}:{tag})");
             }
             println!("{}", image.index.digest);
             Ok(())
@@ -147,8 +112,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Push(args) => {
             let c = &args.common;
             let progress = make_progress(c);
-            let (spec, opts) = prepare(c)?;
-            let repo = repository(c, &spec)?.ok_or_else(|| {
+            let (spec, options) = prepare(c)?;
+            let repository = repository(c, &spec)?.ok_or_else(|| {
                 Error::Usage(format!(
                     "no repository: give --repo REGISTRY/PATH, set IMGBUILD_REPO, or add `repository` to {}",
                     spec.path.display()
@@ -173,175 +138,59 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 None
             };
-            // Blobs go into the layer cache's store (kept for the next push), or without a
-            // cache into a scratch store removed when the push ends.
-            let tmp = tempfile::Builder::new()
-                .prefix("imgbuild-")
-                .tempdir()
-                .context("creating a temporary directory")?;
-            let store = match &opts.cache {
-                Some(cache) => cache.store().clone(),
-                None => BlobStore::open(tmp.path())
-                    .map_err(|e| Error::io("creating the blob store", e))?,
-            };
-            // Mount candidates: what the cache recorded for this registry (any of our blobs).
-            let mount_sources = opts
-                .cache
-                .as_ref()
-                .map(|c| c.all_mount_sources(&repo))
-                .unwrap_or_default();
-            let push_opts = PushOptions {
-                jobs: usize::from(c.jobs),
-                insecure_registries: args.insecure_registries.clone(),
-                ca_certs: args.ca_certs.clone(),
-                credentials,
-                timeout: std::time::Duration::from_secs(args.timeout.max(1)),
-                mount_sources,
-                resolve: args.resolve.clone(),
-                aws: AwsOptions {
-                    role_arn: args.aws_role_arn.clone().filter(|a| !a.trim().is_empty()),
-                    create_repository: args.create_repository,
-                    scan_on_push: args.ecr_scan_on_push,
-                    immutable_tags: args.ecr_immutable_tags,
+            let req = run::PushRequest {
+                image: image_request(c, spec, options, tags)?,
+                push: PushOptions {
+                    jobs: usize::from(c.jobs),
+                    insecure_registries: args.insecure_registries.clone(),
+                    ca_certs: args.ca_certs.clone(),
+                    credentials,
+                    timeout: Duration::from_secs(args.timeout.max(1)),
+                    resolve: args.resolve.clone(),
+                    aws: AwsOptions {
+                        role_arn: args.aws_role_arn.clone().filter(|a| !a.trim().is_empty()),
+                        create_repository: args.create_repository,
+                        scan_on_push: args.ecr_scan_on_push,
+                        immutable_tags: args.ecr_immutable_tags,
+                    },
+                    retry: RetryPolicy {
+                        retries: args.retries,
+                        base_delay: Duration::from_millis(args.retry_base_ms),
+                        deadline: Duration::from_secs(args.deadline),
+                    },
+                    ..PushOptions::default()
                 },
-                retry: registry::RetryPolicy {
-                    retries: args.retries,
-                    base_delay: std::time::Duration::from_millis(args.retry_base_ms),
-                    deadline: std::time::Duration::from_secs(args.deadline),
-                },
-                ..PushOptions::default()
+                repository,
             };
-            let runtime = runtime()?;
-            let mut opts = opts;
-            let target = Some(repo.registry.as_str());
-            with_bases(
-                c,
-                &spec,
-                &mut opts,
-                &push_opts,
-                target,
-                &runtime,
-                progress.as_ref(),
-            )?;
-            // Base repositories on the target registry: their layers are mounted, so the
-            // token must cover pulling from them (as registry::push does from the image).
-            let mut push_opts = push_opts;
-            push_opts.mount_from = opts
-                .bases
-                .values()
-                .filter_map(|b| match &b.source {
-                    base::BaseSource::Registry(r) if r.registry == repo.registry => {
-                        Some(r.path.clone())
-                    }
-                    _ => None,
-                })
-                .collect();
-            // Build on this thread; upload each layer as it is finished on another (issue 4).
-            let (feed, queue) = LayerFeed::new(progress.as_ref());
-            let (image, session) = std::thread::scope(|s| {
-                let uploader = s.spawn(|| {
-                    runtime.block_on(overlap::upload_as_built(
-                        registry::Session::connect(&repo, &push_opts, progress.as_ref()),
-                        queue,
-                        &store,
-                        push_opts.jobs,
-                        progress.as_ref(),
-                    ))
-                });
-                let image = pipeline::build(&spec, &opts, &store, &feed);
-                feed.close();
-                let session = uploader.join();
-                (image, session)
-            });
-            // A build error comes first (it is the user's to fix before any registry one).
-            let image = image?;
-            let session = session
-                .map_err(|_| anyhow::anyhow!("the upload thread panicked"))?
-                .map_err(Error::from)?;
-            let report = runtime
-                .block_on(session.push_image(&image, &store, &tags, progress.as_ref()))
-                .map_err(Error::from)?;
-            // Every blob of the image (layers, configs) is now in `repo`: record it for mounts.
-            let blobs: Vec<_> = image
-                .unique_layers()
-                .into_iter()
-                .map(|d| d.digest)
-                .chain(image.images.iter().map(|i| i.config.digest.clone()))
-                .collect();
-            if let Some(cache) = &opts.cache
-                && let Err(e) = cache.record_pushed(&repo, &blobs)
-            {
-                eprintln!("warning: layer cache {}: {e}", cache.root().display());
-            }
-            let summary = Summary {
-                image: &image,
-                repository: Some(repo.to_string()),
-                tags: report.tags.clone(),
-                layout: None,
-            };
-            output::write(&outputs(c), &summary).map_err(|e| Error::io("writing outputs", e))?;
-            println!("{}", summary.image_ref());
+            let pushed = run::push(&req, progress.as_ref())?;
+            println!("{}", pushed.image_ref);
             Ok(())
         }
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
-/// Resolve the base image of each platform (`--base`, `[base_overrides]`, `base`) into
-/// `opts.bases`; returns the base image cache, when there is a base and a cache directory.
-/// `--base` paths (`oci:DIR`) are relative to the working directory, like every flag's.
-fn with_bases(
+/// What both commands build: the spec and options, `--base` (relative to the working
+/// directory, like every flag's path), the tags and the outputs.
+fn image_request(
     c: &CommonArgs,
-    spec: &Spec,
-    opts: &mut BuildOptions,
-    pull: &PushOptions,
-    target: Option<&str>,
-    runtime: &tokio::runtime::Runtime,
-    progress: &dyn Progress,
-) -> Result<Option<BlobStore>> {
-    let over = c
+    spec: Spec,
+    options: BuildOptions,
+    tags: Vec<String>,
+) -> Result<run::ImageRequest> {
+    let base = c
         .base
         .as_deref()
         .map(|b| spec::Base::parse(b, std::path::Path::new("")))
         .transpose()
         .map_err(|m| Error::Usage(format!("--base: {m}")))?;
-    let platforms = opts
-        .platforms
-        .clone()
-        .unwrap_or_else(|| spec.platforms.clone());
-    let wanted = base::choose(&spec.base, &spec.base_overrides, over.as_ref(), &platforms);
-    if wanted.is_empty() {
-        return Ok(None);
-    }
-    // Only registry bases are cached (a layout is local already).
-    let remote = wanted
-        .iter()
-        .any(|(_, b)| matches!(b, spec::Base::Registry(_)));
-    let cache = match base::default_cache_dir().filter(|_| remote) {
-        Some(dir) => Some(BlobStore::open(&dir).map_err(|e| {
-            Error::io(
-                format!("creating the base image cache {}", dir.display()),
-                e,
-            )
-        })?),
-        None => None,
-    };
-    opts.bases = runtime
-        .block_on(base::resolve(
-            &wanted,
-            pull,
-            target,
-            cache.as_ref(),
-            progress,
-        ))
-        .map_err(Error::from)?;
-    Ok(cache)
+    Ok(run::ImageRequest {
+        spec,
+        options,
+        base,
+        base_cache: base::default_cache_dir(),
+        tags,
+        outputs: outputs(c),
+    })
 }
 
 fn make_progress(c: &CommonArgs) -> Box<dyn Progress> {

@@ -1,0 +1,246 @@
+//! The two commands as library calls: [`build`] (into an OCI image layout) and [`push`] (to a
+//! registry, uploading each layer while the others are still being built). Each resolves the
+//! base images, runs the [`pipeline`], hands the image to its sink and writes the requested
+//! [`Outputs`].
+//!
+//! Everything comes in as plain data: no environment, no standard input, no command line. The
+//! caller (`main.rs`) gathers the requests and prints the result.
+
+use crate::base::{self, BaseSource};
+use crate::error::Error;
+use crate::image::BuiltImage;
+use crate::layout;
+use crate::output::{self, Outputs, Summary};
+use crate::overlap::{self, LayerFeed};
+use crate::pipeline::{self, BuildOptions};
+use crate::progress::{Event, Progress};
+use crate::reference::Repository;
+use crate::registry::{self, PushOptions};
+use crate::spec::{self, Spec};
+use crate::store::BlobStore;
+use std::path::PathBuf;
+
+/// What to build, shared by [`BuildRequest`] and [`PushRequest`].
+#[derive(Debug, Clone)]
+pub struct ImageRequest {
+    pub spec: Spec,
+    /// `bases` is left empty: the bases are resolved here, from `base` and the spec.
+    pub options: BuildOptions,
+    /// `--base`: the base of every platform without a `[base_overrides]` entry.
+    pub base: Option<spec::Base>,
+    /// Where base images from registries are cached ([`base::default_cache_dir`]).
+    pub base_cache: Option<PathBuf>,
+    /// Tags to push; the first also names the image in a layout.
+    pub tags: Vec<String>,
+    pub outputs: Outputs,
+}
+
+/// `imgbuild build`.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    pub image: ImageRequest,
+    /// How to reach base image registries.
+    pub pull: PushOptions,
+    /// The OCI image layout to write.
+    pub layout: PathBuf,
+    /// Also write the layout as this tar file.
+    pub tarball: Option<PathBuf>,
+    /// Named in the outputs; nothing is pushed.
+    pub repository: Option<Repository>,
+}
+
+/// `imgbuild push`.
+#[derive(Debug, Clone)]
+pub struct PushRequest {
+    pub image: ImageRequest,
+    /// How to reach the registry; `mount_sources` and `mount_from` are filled in here.
+    pub push: PushOptions,
+    pub repository: Repository,
+}
+
+/// What a push did.
+#[derive(Debug, Clone)]
+pub struct PushOutcome {
+    pub image: BuiltImage,
+    /// `REPO@sha256:...`, the pushed index.
+    pub image_ref: String,
+    /// Tags now pointing at the index.
+    pub tags: Vec<String>,
+}
+
+/// Build the image into the layout `req.layout` (base layers included) and the tarball.
+pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, Error> {
+    let dir = &req.layout;
+    let store =
+        BlobStore::open(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let runtime = runtime()?;
+    let (opts, cache) = with_bases(&req.image, &req.pull, None, &runtime, progress)?;
+    let image = pipeline::build(&req.image.spec, &opts, &store, progress)?;
+    // The layout must be complete: the base's layers go into it too.
+    runtime.block_on(base::fetch_layers(
+        &image.remote_layers,
+        &store,
+        cache.as_ref(),
+        &req.pull,
+        progress,
+    ))?;
+    let tag = req.image.tags.first().map(String::as_str);
+    layout::write_layout(&image, &store, tag)
+        .map_err(|e| Error::io(format!("writing OCI layout {}", dir.display()), e))?;
+    if let Some(t) = &req.tarball {
+        layout::write_tarball(&image, &store, tag, t)
+            .map_err(|e| Error::io(format!("writing {}", t.display()), e))?;
+    }
+    let summary = Summary {
+        image: &image,
+        repository: req.repository.as_ref().map(Repository::to_string),
+        tags: Vec::new(),
+        layout: Some(dir.clone()),
+    };
+    write_outputs(&req.image.outputs, &summary)?;
+    Ok(image)
+}
+
+/// Build the image and push it to `req.repository` with `req.image.tags`.
+pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, Error> {
+    let repo = &req.repository;
+    let opts = &req.image.options;
+    // Blobs go into the layer cache's store (kept for the next push), or without a
+    // cache into a scratch store removed when the push ends.
+    let tmp = tempfile::Builder::new()
+        .prefix("imgbuild-")
+        .tempdir()
+        .map_err(|e| Error::io("creating a temporary directory", e))?;
+    let store = match &opts.cache {
+        Some(cache) => cache.store().clone(),
+        None => BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?,
+    };
+    let mut push_opts = PushOptions {
+        // Mount candidates: what the cache recorded for this registry (any of our blobs).
+        mount_sources: opts
+            .cache
+            .as_ref()
+            .map(|c| c.all_mount_sources(repo))
+            .unwrap_or_default(),
+        ..req.push.clone()
+    };
+    let runtime = runtime()?;
+    let target = Some(repo.registry.as_str());
+    let (opts, _) = with_bases(&req.image, &push_opts, target, &runtime, progress)?;
+    // Base repositories on the target registry: their layers are mounted, so the
+    // token must cover pulling from them (as registry::push does from the image).
+    push_opts.mount_from = opts
+        .bases
+        .values()
+        .filter_map(|b| match &b.source {
+            BaseSource::Registry(r) if r.registry == repo.registry => Some(r.path.clone()),
+            _ => None,
+        })
+        .collect();
+    // Build on this thread; upload each layer as it is finished on another (issue 4).
+    let (feed, queue) = LayerFeed::new(progress);
+    let (image, session) = std::thread::scope(|s| {
+        let uploader = s.spawn(|| {
+            runtime.block_on(overlap::upload_as_built(
+                registry::Session::connect(repo, &push_opts, progress),
+                queue,
+                &store,
+                push_opts.jobs,
+                progress,
+            ))
+        });
+        let image = pipeline::build(&req.image.spec, &opts, &store, &feed);
+        feed.close();
+        let session = uploader.join();
+        (image, session)
+    });
+    // A build error comes first (it is the user's to fix before any registry one).
+    let image = image?;
+    let session = session.map_err(|_| Error::UploadThreadPanicked)??;
+    let report = runtime.block_on(session.push_image(&image, &store, &req.image.tags, progress))?;
+    // Every blob of the image (layers, configs) is now in `repo`: record it for mounts.
+    let blobs: Vec<_> = image
+        .unique_layers()
+        .into_iter()
+        .map(|d| d.digest)
+        .chain(image.images.iter().map(|i| i.config.digest.clone()))
+        .collect();
+    if let Some(cache) = &opts.cache
+        && let Err(e) = cache.record_pushed(repo, &blobs)
+    {
+        let warning = format!("layer cache {}: {e}", cache.root().display());
+        progress.event(Event::Warning(&warning));
+    }
+    let summary = Summary {
+        image: &image,
+        repository: Some(repo.to_string()),
+        tags: report.tags,
+        layout: None,
+    };
+    write_outputs(&req.image.outputs, &summary)?;
+    let image_ref = summary.image_ref();
+    let tags = summary.tags;
+    Ok(PushOutcome {
+        image,
+        image_ref,
+        tags,
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))
+}
+
+fn write_outputs(outputs: &Outputs, summary: &Summary<'_>) -> Result<(), Error> {
+    output::write(outputs, summary).map_err(|e| Error::io("writing outputs", e))
+}
+
+/// The build options with each platform's base image resolved (`--base`, `[base_overrides]`,
+/// `base`), and the base image cache, when there is a registry base and a cache directory.
+fn with_bases(
+    req: &ImageRequest,
+    pull: &PushOptions,
+    target: Option<&str>,
+    runtime: &tokio::runtime::Runtime,
+    progress: &dyn Progress,
+) -> Result<(BuildOptions, Option<BlobStore>), Error> {
+    let spec = &req.spec;
+    let mut opts = req.options.clone();
+    let platforms = opts
+        .platforms
+        .clone()
+        .unwrap_or_else(|| spec.platforms.clone());
+    let wanted = base::choose(
+        &spec.base,
+        &spec.base_overrides,
+        req.base.as_ref(),
+        &platforms,
+    );
+    if wanted.is_empty() {
+        return Ok((opts, None));
+    }
+    // Only registry bases are cached (a layout is local already).
+    let remote = wanted
+        .iter()
+        .any(|(_, b)| matches!(b, spec::Base::Registry(_)));
+    let cache = match req.base_cache.as_ref().filter(|_| remote) {
+        Some(dir) => Some(BlobStore::open(dir).map_err(|e| {
+            Error::io(
+                format!("creating the base image cache {}", dir.display()),
+                e,
+            )
+        })?),
+        None => None,
+    };
+    opts.bases = runtime.block_on(base::resolve(
+        &wanted,
+        pull,
+        target,
+        cache.as_ref(),
+        progress,
+    ))?;
+    Ok((opts, cache))
+}
