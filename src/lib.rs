@@ -5,7 +5,10 @@
 //! ELF architectures) -> [`layer`] (tar + gzip + hash in one pass into a [`store`]) -> [`image`]
 //! (config, manifests, index as canonical JSON) -> a sink: [`layout`] (OCI image layout on disk)
 //! or [`registry`] (push) -> [`output`] (digest files for deploy steps).
-//! [`pipeline`] strings the stages together; `main.rs` only parses the command line.
+//! [`pipeline`] strings the stages together; [`run`] is the `build` and `push` commands (base
+//! images, pipeline, sink, outputs) as functions of plain requests. The binary is thin:
+//! `main.rs` turns the command line, environment and standard input into a request, prints
+//! the result and maps errors to exit codes.
 
 // The AWS SDK futures nested inside registry connections (ECR auth within base resolution)
 // exceed the default query depth when their layout is computed.

@@ -5,7 +5,7 @@ mod cli;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cli::{Cli, Command, CommonArgs};
+use cli::{BuildArgs, Cli, Command, CommonArgs, PushArgs};
 use imgbuild::base;
 use imgbuild::cache::LayerCache;
 use imgbuild::compress::{Codec, Compression};
@@ -77,96 +77,104 @@ fn usage_error(e: &clap::Error) -> std::process::ExitCode {
 
 fn execute(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Build(args) => {
-            let c = &args.common;
-            let progress = make_progress(c);
-            let (spec, options) = prepare(c)?;
-            let repository = repository(c, &spec)?;
-            let tags = tags(c, &spec)?;
-            let layout = args
-                .output
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
-            let req = run::BuildRequest {
-                image: image_request(c, spec, options, tags)?,
-                // Reaching base image registries: like push, without --username.
-                pull: PushOptions {
-                    insecure_registries: args.insecure_registries.clone(),
-                    ca_certs: args.ca_certs.clone(),
-                    jobs: usize::from(c.jobs),
-                    ..PushOptions::default()
-                },
-                layout,
-                tarball: args.tarball.clone(),
-                repository,
-            };
-            let image = run::build(&req, progress.as_ref())?;
-            if !c.quiet {
-                let dir = req.layout.display();
-                let tag = req.image.tags.first().map_or("", String::as_str);
-                eprintln!("wrote OCI layout {dir} (oci:{dir}:{tag})");
-            }
-            println!("{}", image.index.digest);
-            Ok(())
-        }
-        Command::Push(args) => {
-            let c = &args.common;
-            let progress = make_progress(c);
-            let (spec, options) = prepare(c)?;
-            let repository = repository(c, &spec)?.ok_or_else(|| {
-                Error::Usage(format!(
-                    "no repository: give --repo REGISTRY/PATH, set IMGBUILD_REPO, or add `repository` to {}",
-                    spec.path.display()
-                ))
-            })?;
-            let tags = tags(c, &spec)?;
-            let credentials = if args.password_stdin {
-                let mut password = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut password)
-                    .context("reading the password from standard input")?;
-                let password = password.trim_end_matches(['\n', '\r']).to_string();
-                if password.is_empty() {
-                    bail!(Error::Usage(
-                        "--password-stdin: standard input was empty".into()
-                    ));
-                }
-                Some(Credentials {
-                    username: args.username.clone().unwrap_or_default(),
-                    password: Secret::new(password),
-                })
-            } else {
-                None
-            };
-            let req = run::PushRequest {
-                image: image_request(c, spec, options, tags)?,
-                push: PushOptions {
-                    jobs: usize::from(c.jobs),
-                    insecure_registries: args.insecure_registries.clone(),
-                    ca_certs: args.ca_certs.clone(),
-                    credentials,
-                    timeout: Duration::from_secs(args.timeout.max(1)),
-                    resolve: args.resolve.clone(),
-                    aws: AwsOptions {
-                        role_arn: args.aws_role_arn.clone().filter(|a| !a.trim().is_empty()),
-                        create_repository: args.create_repository,
-                        scan_on_push: args.ecr_scan_on_push,
-                        immutable_tags: args.ecr_immutable_tags,
-                    },
-                    retry: RetryPolicy {
-                        retries: args.retries,
-                        base_delay: Duration::from_millis(args.retry_base_ms),
-                        deadline: Duration::from_secs(args.deadline),
-                    },
-                    ..PushOptions::default()
-                },
-                repository,
-            };
-            let pushed = run::push(&req, progress.as_ref())?;
-            println!("{}", pushed.image_ref);
-            Ok(())
-        }
+        Command::Build(args) => build(&args),
+        Command::Push(args) => push(&args),
     }
+}
+
+fn build(args: &BuildArgs) -> Result<()> {
+    let c = &args.common;
+    let progress = make_progress(c);
+    let (spec, options) = prepare(c)?;
+    let repository = repository(c, &spec)?;
+    let tags = tags(c, &spec)?;
+    let layout = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
+    let req = run::BuildRequest {
+        image: image_request(c, spec, options, tags)?,
+        // Reaching base image registries: like push, without --username.
+        pull: PushOptions {
+            insecure_registries: args.insecure_registries.clone(),
+            ca_certs: args.ca_certs.clone(),
+            jobs: usize::from(c.jobs),
+            ..PushOptions::default()
+        },
+        layout,
+        tarball: args.tarball.clone(),
+        repository,
+    };
+    let image = run::build(&req, progress.as_ref())?;
+    if !c.quiet {
+        let dir = req.layout.display();
+        let tag = req.image.tags.first().map_or("", String::as_str);
+        eprintln!("wrote OCI layout {dir} (oci:{dir}:{tag})");
+    }
+    println!("{}", image.index.digest);
+    Ok(())
+}
+
+fn push(args: &PushArgs) -> Result<()> {
+    let c = &args.common;
+    let progress = make_progress(c);
+    let (spec, options) = prepare(c)?;
+    let repository = repository(c, &spec)?.ok_or_else(|| {
+        Error::Usage(format!(
+            "no repository: give --repo REGISTRY/PATH, set IMGBUILD_REPO, or add `repository` to {}",
+            spec.path.display()
+        ))
+    })?;
+    let tags = tags(c, &spec)?;
+    let credentials = credentials(args)?;
+    let req = run::PushRequest {
+        image: image_request(c, spec, options, tags)?,
+        push: PushOptions {
+            jobs: usize::from(c.jobs),
+            insecure_registries: args.insecure_registries.clone(),
+            ca_certs: args.ca_certs.clone(),
+            credentials,
+            timeout: Duration::from_secs(args.timeout.max(1)),
+            resolve: args.resolve.clone(),
+            aws: AwsOptions {
+                role_arn: args.aws_role_arn.clone().filter(|a| !a.trim().is_empty()),
+                create_repository: args.create_repository,
+                scan_on_push: args.ecr_scan_on_push,
+                immutable_tags: args.ecr_immutable_tags,
+            },
+            retry: RetryPolicy {
+                retries: args.retries,
+                base_delay: Duration::from_millis(args.retry_base_ms),
+                deadline: Duration::from_secs(args.deadline),
+            },
+            ..PushOptions::default()
+        },
+        repository,
+    };
+    let pushed = run::push(&req, progress.as_ref())?;
+    println!("{}", pushed.image_ref);
+    Ok(())
+}
+
+/// `--username` with the password from standard input (`--password-stdin`).
+fn credentials(args: &PushArgs) -> Result<Option<Credentials>> {
+    if !args.password_stdin {
+        return Ok(None);
+    }
+    let mut password = String::new();
+    std::io::stdin()
+        .read_to_string(&mut password)
+        .context("reading the password from standard input")?;
+    let password = password.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        bail!(Error::Usage(
+            "--password-stdin: standard input was empty".into()
+        ));
+    }
+    Ok(Some(Credentials {
+        username: args.username.clone().unwrap_or_default(),
+        password: Secret::new(password),
+    }))
 }
 
 /// What both commands build: the spec and options, `--base` (relative to the working
