@@ -104,24 +104,20 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
 /// Build the image and push it to `req.repository` with `req.image.tags`.
 pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, Error> {
     let repo = &req.repository;
-    let opts = &req.image.options;
+    let cache = req.image.options.cache.as_ref();
     // Blobs go into the layer cache's store (kept for the next push), or without a
     // cache into a scratch store removed when the push ends.
     let tmp = tempfile::Builder::new()
         .prefix("imgbuild-")
         .tempdir()
         .map_err(|e| Error::io("creating a temporary directory", e))?;
-    let store = match &opts.cache {
+    let store = match cache {
         Some(cache) => cache.store().clone(),
         None => BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?,
     };
     let mut push_opts = PushOptions {
         // Mount candidates: what the cache recorded for this registry (any of our blobs).
-        mount_sources: opts
-            .cache
-            .as_ref()
-            .map(|c| c.all_mount_sources(repo))
-            .unwrap_or_default(),
+        mount_sources: cache.map(|c| c.all_mount_sources(repo)).unwrap_or_default(),
         ..req.push.clone()
     };
     let runtime = runtime()?;
@@ -165,7 +161,7 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
         .map(|d| d.digest)
         .chain(image.images.iter().map(|i| i.config.digest.clone()))
         .collect();
-    if let Some(cache) = &opts.cache
+    if let Some(cache) = cache
         && let Err(e) = cache.record_pushed(repo, &blobs)
     {
         let warning = format!("layer cache {}: {e}", cache.root().display());
