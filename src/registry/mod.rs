@@ -60,7 +60,7 @@ pub struct PushOptions {
     /// push records): tried as cross-repo mounts before uploading (issue 4).
     pub mount_sources: HashMap<Digest, Vec<String>>,
     /// Other repositories on the target registry that blobs are mounted from (base images,
-    /// issue 6): the token asks for pull access to them too. Set by [`push`] itself.
+    /// issue 6): the token asks for pull access to them too. Filled in by the caller (`run::push`).
     pub mount_from: Vec<String>,
     /// ECR: role to assume, create-on-push (used only for ECR registries).
     pub aws: AwsOptions,
