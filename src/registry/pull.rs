@@ -8,7 +8,7 @@
 //! anything between) that hands out other content is an error, never a silent pass.
 
 use super::client::{Client, display_url, is_html, unexpected};
-use super::upload::{blob_exists, start_upload};
+use super::upload::{Mount, blob_exists, mount, start_upload};
 use super::{PushOptions, RegistryError};
 use crate::digest::{Digest, StreamHasher};
 use crate::image::Descriptor;
@@ -323,33 +323,6 @@ async fn read_limited(
     Ok(Bytes::from(body))
 }
 
-/// `POST /v2/<target>/blobs/uploads/?mount=<digest>&from=<repo>`: `Ok(true)` when the
-/// registry mounted it (201). 202 means it would rather take an upload (ECR does this unless
-/// a manifest in `from` references the blob, TESTBED.md): `Ok(false)`, and the caller copies.
-pub(crate) async fn mount(
-    target: &Client,
-    digest: &Digest,
-    from: &str,
-) -> Result<bool, RegistryError> {
-    let mut url = target.repo_url("blobs/uploads/");
-    url.query_pairs_mut()
-        .append_pair("mount", &digest.to_string())
-        .append_pair("from", from);
-    let response = target
-        .send(|http| {
-            Ok(http
-                .post(url.clone())
-                .header(CONTENT_LENGTH, 0)
-                .timeout(target.timeout()))
-        })
-        .await?;
-    match response.status() {
-        StatusCode::CREATED => Ok(true),
-        StatusCode::ACCEPTED => Ok(false),
-        _ => Err(unexpected(&url, response).await),
-    }
-}
-
 /// Make sure `target` has every base layer of `image` that is not in the local store
 /// ([`crate::image::BuiltImage::remote_layers`]), before the image's own blobs are pushed:
 /// already there -> skipped (HEAD); same registry -> mounted from the base's repository;
@@ -435,7 +408,8 @@ async fn transfer_one(
                 mount(target, &desc.digest, &source.repo.path)
             })
             .await?;
-        if mounted {
+        // A 202's session is left unused: the copy below opens its own inside its retry.
+        if matches!(mounted, Mount::Mounted) {
             progress.event(Event::BlobSkipped {
                 digest: &desc.digest,
                 size: desc.size,

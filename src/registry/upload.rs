@@ -253,18 +253,21 @@ async fn upload_blob(
         }
     }
 
-    if let Some(from) = mount_from {
-        if super::pull::mount(client, digest, from).await? {
-            progress.event(Event::BlobSkipped {
-                digest,
-                size: blob.size,
-                reason: &format!("mounted from {from}"),
-            });
-            return Ok(false);
-        }
-        // 202: not mounted; upload it in a session of its own.
-    }
-    let url = start_upload(client, digest).await?;
+    let url = match mount_from {
+        None => start_upload(client, digest).await?,
+        Some(from) => match mount(client, digest, from).await? {
+            Mount::Mounted => {
+                progress.event(Event::BlobSkipped {
+                    digest,
+                    size: blob.size,
+                    reason: &format!("mounted from {from}"),
+                });
+                return Ok(false);
+            }
+            // Not mounted: upload in the session the answer opened (one POST, not two).
+            Mount::Session(url) => url,
+        },
+    };
 
     progress.event(Event::BlobStart {
         digest,
@@ -300,28 +303,68 @@ async fn upload_blob(
 /// whole blob `digest` to.
 pub(crate) async fn start_upload(client: &Client, digest: &Digest) -> Result<Url, RegistryError> {
     let start = client.repo_url("blobs/uploads/");
-    let response = client
+    let response = post_uploads(client, &start).await?;
+    if response.status() != StatusCode::ACCEPTED {
+        return Err(unexpected(&start, response).await);
+    }
+    session_url(&start, &response, digest)
+}
+
+/// What a mount request gave.
+#[derive(Debug)]
+pub(crate) enum Mount {
+    /// 201: the blob is in the repository now.
+    Mounted,
+    /// 202: not mounted, but the answer opened an upload session; the URL to PUT the blob to.
+    Session(Url),
+}
+
+/// `POST /v2/<name>/blobs/uploads/?mount=<digest>&from=<repo>` (spec.md "Mounting a blob from
+/// another repository"). A registry may decline with 202 (ECR does unless a manifest in
+/// `from` references the blob, TESTBED.md); that answer is an upload session, used as is.
+pub(crate) async fn mount(
+    client: &Client,
+    digest: &Digest,
+    from: &str,
+) -> Result<Mount, RegistryError> {
+    let mut start = client.repo_url("blobs/uploads/");
+    start
+        .query_pairs_mut()
+        .append_pair("mount", &digest.to_string())
+        .append_pair("from", from);
+    let response = post_uploads(client, &start).await?;
+    match response.status() {
+        StatusCode::CREATED => Ok(Mount::Mounted),
+        StatusCode::ACCEPTED => session_url(&start, &response, digest).map(Mount::Session),
+        _ => Err(unexpected(&start, response).await),
+    }
+}
+
+/// The empty POST that starts an upload (or a mount).
+async fn post_uploads(client: &Client, start: &Url) -> Result<Response, RegistryError> {
+    client
         .send(|http| {
             Ok(http
                 .post(start.clone())
                 .header(CONTENT_LENGTH, 0)
                 .timeout(client.timeout()))
         })
-        .await?;
-    if response.status() != StatusCode::ACCEPTED {
-        return Err(unexpected(&start, response).await);
-    }
+        .await
+}
+
+/// The PUT URL of the session a 202 answer to `start` opened.
+fn session_url(start: &Url, response: &Response, digest: &Digest) -> Result<Url, RegistryError> {
     let location = response
         .headers()
         .get(LOCATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| RegistryError::Protocol {
-            url: display_url(&start),
+            url: display_url(start),
             status: 202,
             body_snippet: "the answer has no (readable) Location header".into(),
             retry_after: None,
         })?;
-    upload_url(&start, location, digest)
+    upload_url(start, location, digest)
 }
 
 /// Stream the file at `path` as the body of `PUT url`, hashing it on the way, with a stall
