@@ -324,6 +324,9 @@ pub(crate) struct EcrRegistry {
     opts: AwsOptions,
     client: tokio::sync::OnceCell<aws_sdk_ecr::Client>,
     tokens: TokenCache,
+    /// Repositories already made sure of in this run: the overlapped push checks before
+    /// connecting and again around the image push; DescribeRepositories is called once.
+    ensured: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Every ECR registry this process talked to, so that a push and a base-image pull from the
@@ -348,6 +351,7 @@ impl EcrRegistry {
                     opts: opts.clone(),
                     client: tokio::sync::OnceCell::new(),
                     tokens: TokenCache::default(),
+                    ensured: Mutex::default(),
                 })
             });
         Some(Arc::clone(entry))
@@ -494,6 +498,16 @@ impl EcrRegistry {
         path: &str,
         progress: &dyn Progress,
     ) -> Result<bool, EcrError> {
+        let ensured = || self.ensured.lock().unwrap_or_else(PoisonError::into_inner);
+        if ensured().contains(path) {
+            return Ok(false);
+        }
+        let created = self.check_or_create(path, progress).await?;
+        ensured().insert(path.to_string());
+        Ok(created)
+    }
+
+    async fn check_or_create(&self, path: &str, progress: &dyn Progress) -> Result<bool, EcrError> {
         let client = self.client().await;
         let described = client
             .describe_repositories()

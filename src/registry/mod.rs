@@ -208,12 +208,9 @@ impl Session {
         progress: &dyn Progress,
     ) -> Result<PushReport, RegistryError> {
         let (repo, opts) = (&self.repo, &self.opts);
-        // Made sure of in `connect`: not described or created a second time.
-        let aws = ecr::AwsOptions {
-            create_repository: false,
-            ..opts.aws.clone()
-        };
-        ecr::with_repository(&repo.registry, &repo.path, &aws, progress, || async {
+        // Made sure of in `connect` (not described a second time); still created here if ECR
+        // answers NAME_UNKNOWN, e.g. when the credentials may push but not describe.
+        ecr::with_repository(&repo.registry, &repo.path, &opts.aws, progress, || async {
             pull::transfer_base_layers(&self.client, repo, image, opts, progress).await?;
             let done = self
                 .done
