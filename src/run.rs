@@ -107,13 +107,18 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
     let cache = req.image.options.cache.as_ref();
     // Blobs go into the layer cache's store (kept for the next push), or without a
     // cache into a scratch store removed when the push ends.
-    let tmp = tempfile::Builder::new()
-        .prefix("imgbuild-")
-        .tempdir()
-        .map_err(|e| Error::io("creating a temporary directory", e))?;
-    let store = match cache {
-        Some(cache) => cache.store().clone(),
-        None => BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?,
+    // `_scratch` lives until the push ends; it is created only when there is no cache.
+    let (store, _scratch) = match cache {
+        Some(cache) => (cache.store().clone(), None),
+        None => {
+            let tmp = tempfile::Builder::new()
+                .prefix("imgbuild-")
+                .tempdir()
+                .map_err(|e| Error::io("creating a temporary directory", e))?;
+            let store =
+                BlobStore::open(tmp.path()).map_err(|e| Error::io("creating the blob store", e))?;
+            (store, Some(tmp))
+        }
     };
     let mut push_opts = PushOptions {
         // Mount candidates: what the cache recorded for this registry (any of our blobs).
