@@ -18,6 +18,9 @@ pub enum ExitCode {
     Auth = 4,
     /// The registry or network still failed after retries.
     Registry = 5,
+    /// The registry's TLS certificate is not trusted (unknown CA), not valid for the name
+    /// used, or expired: no retry can fix it, so it is not 5.
+    Trust = 6,
 }
 
 /// Any failure of the pipeline.
@@ -45,6 +48,14 @@ pub enum Error {
     },
     #[error("{0}")]
     Usage(String),
+    /// The push succeeded, but an output file could not be written; the caller still prints
+    /// `image_ref` (the image is in the registry).
+    #[error("pushed {image_ref}, but {source}")]
+    OutputsAfterPush {
+        image_ref: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The thread that uploads layers during a push panicked (a bug).
     #[error("the upload thread panicked")]
     UploadThreadPanicked,
@@ -63,7 +74,10 @@ impl Error {
             Error::Spec(_) | Error::Reference(_) | Error::Usage(_) => ExitCode::Usage,
             Error::Plan(e) => e.exit_code(),
             Error::Layer(_) => ExitCode::Input,
-            Error::Image(_) | Error::Io { .. } | Error::UploadThreadPanicked => ExitCode::Internal,
+            Error::Image(_)
+            | Error::Io { .. }
+            | Error::OutputsAfterPush { .. }
+            | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
         }

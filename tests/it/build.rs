@@ -394,7 +394,8 @@ fn architecture_check() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("fixtures/dist/amd64/hello: is an 64-bit x86-64 ELF file but the image is for linux/arm64 (which needs AArch64)"),
+        err.contains("build-specs/case.toml:3:")
+            && err.contains("fixtures/dist/amd64/hello is a 64-bit x86-64 ELF file but the image is for linux/arm64 (which needs AArch64)"),
         "{err}"
     );
     assert!(
