@@ -388,7 +388,9 @@ impl RegistryError {
                 reason,
                 certificate: true,
                 ..
-            } if !ca_certs.is_empty() && reason.contains("UnknownIssuer") => {
+            } if !ca_certs.is_empty()
+                && (reason.contains("UnknownIssuer") || reason.contains("BadSignature")) =>
+            {
                 let files: Vec<String> = ca_certs.iter().map(|p| p.display().to_string()).collect();
                 RegistryError::Tls {
                     url,
