@@ -23,7 +23,8 @@
 #   4. Fallback, when the release has no binary for this runner (another OS or architecture,
 #      or a version without release assets: HTTP 404): `cargo install --locked --git` of the
 #      project at that tag (the default branch for `latest`); needs a Rust toolchain.
-# Knobs: IMGBUILD_RELEASE_REPO (owner/name of the releases; default the action's repository),
+# Knobs: IMGBUILD_RELEASE_REPO (owner/name of the releases; default the action's repository,
+# else GITHUB_REPOSITORY),
 # IMGBUILD_RELEASE_URL (base URL of the releases, default https://github.com/<repo>/releases),
 # IMGBUILD_INSTALL_DIR (where to install; default under RUNNER_TOOL_CACHE).
 #
@@ -50,8 +51,8 @@ wanted_version() {
     local v="${INPUT_VERSION:-}"
     if [[ -z "$v" ]]; then
         # `uses: owner/imgbuild@v1.2.3` -> v1.2.3; a branch, a SHA or a local action -> latest.
-        if [[ "${GITHUB_ACTION_REF:-}" =~ ^v[0-9]+\.[0-9]+\.[0-9]+([-+].*)?$ ]]; then
-            v="$GITHUB_ACTION_REF"
+        if [[ "${IMGBUILD_ACTION_REF:-}" =~ ^v[0-9]+\.[0-9]+\.[0-9]+([-+].*)?$ ]]; then
+            v="$IMGBUILD_ACTION_REF"
         else
             v=latest
         fi
@@ -100,6 +101,8 @@ download() {
 # install_release VERSION TARGET DIR: 0 installed, 2 no such release asset; exits on mismatch.
 install_release() {
     local version="$1" target="$2" dir="$3" base asset url rc=0 want got
+    [[ -n "${IMGBUILD_RELEASE_URL:-}" || -n "$RELEASE_REPO" ]] ||
+        fail "no repository to download imgbuild from: set IMGBUILD_RELEASE_REPO=owner/name (or IMGBUILD_BIN)"
     base="${IMGBUILD_RELEASE_URL:-https://github.com/$RELEASE_REPO/releases}"
     base="${base%/}"
     asset="imgbuild-$target"
@@ -194,7 +197,9 @@ is_true() {
     esac
 }
 
-RELEASE_REPO="${IMGBUILD_RELEASE_REPO:-${GITHUB_ACTION_REPOSITORY:-}}"
+# action.yml passes github.action_repository/action_ref as IMGBUILD_ACTION_*; a local action
+# (`uses: ./`) has none, so this repository's own releases are used.
+RELEASE_REPO="${IMGBUILD_RELEASE_REPO:-${IMGBUILD_ACTION_REPOSITORY:-}}"
 [[ -n "$RELEASE_REPO" ]] || RELEASE_REPO="${GITHUB_REPOSITORY:-}"
 VERSION="$(wanted_version)"
 BIN=""

@@ -202,6 +202,7 @@ fn action_pushes_with_the_imgbuild_on_path_and_writes_outputs() {
         .env("INPUT_PLATFORMS", "linux/amd64\nlinux/arm64\n")
         .env("INPUT_CREATE_REPOSITORY", "false")
         .env("INPUT_COMPRESSION", "gzip")
+        .env("INPUT_CONTEXT", "build-specs")
         .env("INPUT_VERSION", env!("CARGO_PKG_VERSION"));
     let out = step.run();
     assert_ok(&out, &reg);
@@ -265,15 +266,32 @@ fn action_uses_docker_login_credentials_and_never_logs_them() {
         .env("INPUT_SPEC", "build-specs/hello.toml")
         .env("INPUT_REPO", format!("{}/private/hello", reg.addr))
         .env("INPUT_TAGS", "v2")
-        .env("INPUT_PLATFORMS", "linux/amd64");
+        .env("INPUT_PLATFORMS", "linux/amd64")
+        .env("INPUT_COMPRESSION", "zstd")
+        .env("INPUT_CREATE_REPOSITORY", "True");
     let out = step.run();
     assert_ok(&out, &reg);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("using IMGBUILD_BIN="), "{stderr}");
+    // create-repository reached imgbuild (which only warns on a registry that is not ECR).
     assert!(
-        text(&out.stderr).contains("using IMGBUILD_BIN="),
-        "{}",
-        text(&out.stderr)
+        stderr.contains("--create-repository applies to Amazon ECR only"),
+        "{stderr}"
     );
     check_outputs(&step, &reg, "private/hello", &["v2"], &["linux/amd64"]);
+    // compression reached imgbuild: the layers are zstd.
+    let index: serde_json::Value =
+        serde_json::from_slice(&inspect_raw(&reg, "private/hello:v2")).expect("index");
+    let manifest = index["manifests"][0]["digest"].as_str().expect("digest");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&inspect_raw(&reg, &format!("private/hello@{manifest}")))
+            .expect("manifest");
+    for layer in manifest["layers"].as_array().expect("layers") {
+        assert_eq!(
+            layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd",
+            "{manifest}"
+        );
+    }
     secrets_absent(&step, &out, &auth, PASS);
 
     // A refused credential: the step fails with imgbuild's exit code 4 (authentication),
@@ -481,30 +499,49 @@ fn action_installs_a_release_only_when_sha256sums_matches() {
     }
 }
 
+/// Which release is asked for: the `version` input, else the action's own ref when it is a
+/// version tag, else `latest`. None of these releases has assets (HTTP 404) and this PATH has
+/// no cargo, so each run ends in the documented fallback, which fails saying what to do. (A
+/// real `cargo install --git` needs GitHub, which tests may not reach.)
 #[test]
-fn action_without_a_release_asset_falls_back_to_cargo_and_says_so() {
-    // v1.0.0 has no assets (HTTP 404) and this PATH has no cargo: the documented fallback is
-    // tried and fails with a message saying what to do. (A real `cargo install --git` needs
-    // GitHub, which tests may not reach.)
+fn action_picks_the_release_and_falls_back_to_cargo_without_an_asset() {
     let ws = workspace(1_000_000_000);
     let release = tempfile::tempdir().expect("release dir");
     let server = ReleaseServer::start(release.path());
-    let mut step = installing_step(ws.path(), &server, "v1.0.0", "127.0.0.1:9/none");
-    let out = step.run();
-    let stderr = text(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("release v1.0.0 has no {}", asset_name())),
-        "{stderr}"
-    );
-    assert!(stderr.contains("no cargo for the fallback"), "{stderr}");
-    assert!(
-        server
-            .requests()
-            .contains(&format!("/download/v1.0.0/{}", asset_name())),
-        "{:?}",
-        server.requests()
-    );
+    let asset = asset_name();
+    let table = [
+        // (version input, action ref, release asked for)
+        ("v1.0.0", "", "download/v1.0.0"),
+        ("1.0.1", "v3.0.0", "download/v1.0.1"),
+        ("", "v1.2.3", "download/v1.2.3"),
+        ("", "v2.0.0-rc.1", "download/v2.0.0-rc.1"),
+        ("", "main", "latest/download"),
+        ("", "", "latest/download"),
+        ("latest", "v1.2.3", "latest/download"),
+    ];
+    for (version, action_ref, asked) in table {
+        let mut step = installing_step(ws.path(), &server, version, "127.0.0.1:9/none")
+            .env("IMGBUILD_ACTION_REF", action_ref);
+        let out = step.run();
+        let stderr = text(&out.stderr);
+        let case = format!("version={version:?} ref={action_ref:?}");
+        assert!(!out.status.success(), "{case}: {stderr}");
+        assert!(
+            stderr.contains(&format!("has no {asset}")),
+            "{case}: {stderr}"
+        );
+        assert!(
+            stderr.contains("no cargo for the fallback"),
+            "{case}: {stderr}"
+        );
+        let want = format!("/{asked}/{asset}");
+        assert_eq!(
+            server.requests().last(),
+            Some(&want),
+            "{case}: {:?}",
+            server.requests()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
