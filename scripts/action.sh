@@ -244,7 +244,7 @@ if [[ -n "${GITHUB_STEP_SUMMARY:-}" ]]; then
     # shellcheck disable=SC2016 # the backticks are Markdown code spans, not substitutions
     {
         printf '### imgbuild pushed `%s`\n\n' "$image"
-        printf '| | |\n|---|---|\n'
+        printf '| what | value |\n|---|---|\n'
         printf '| digest | `%s` |\n' "$digest"
         if command -v jq >/dev/null 2>&1; then
             printf '| tags | %s |\n' "$(jq -r '[.tags[] | "`" + . + "`"] | join(", ")' "$METADATA")"
