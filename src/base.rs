@@ -86,7 +86,9 @@ pub enum BaseError {
         platform: Platform,
         offered: Vec<String>,
     },
-    #[error("base {base}: {reference} not found in {repo}; check the base's tag or digest (skopeo list-tags docker://{repo} lists the tags), or push the base first")]
+    #[error(
+        "base {base}: {reference} not found in {repo}; check the base's tag or digest (skopeo list-tags docker://{repo} lists the tags), or push the base first"
+    )]
     NotFound {
         base: String,
         /// `tag v1` or `manifest sha256:...`.

@@ -143,7 +143,12 @@ pub struct BuildArgs {
     /// What --tarball holds: oci (the OCI layout, every platform; skopeo, crane, podman,
     /// ctr import, Docker 25+) or docker (`docker save` format, the build machine's platform
     /// or the first; every `docker load`).
-    #[arg(long, value_name = "oci|docker", default_value = "oci", requires = "tarball")]
+    #[arg(
+        long,
+        value_name = "oci|docker",
+        default_value = "oci",
+        requires = "tarball"
+    )]
     pub tarball_format: imgbuild::layout::TarballFormat,
 
     /// Allow plain HTTP for this base image registry (after HTTPS fails); repeatable.

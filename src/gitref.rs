@@ -29,7 +29,9 @@ pub struct GitRefs {
 
 /// Why git could not tell us.
 #[derive(Debug, thiserror::Error)]
-#[error("{flag}: `{command}` failed in {dir}: {reason}; run imgbuild in a git checkout (with its history and tags, e.g. actions/checkout with fetch-depth: 0), or give {instead}")]
+#[error(
+    "{flag}: `{command}` failed in {dir}: {reason}; run imgbuild in a git checkout (with its history and tags, e.g. actions/checkout with fetch-depth: 0), or give {instead}"
+)]
 pub struct GitError {
     pub flag: &'static str,
     pub command: String,
@@ -57,7 +59,12 @@ impl GitRefs {
 
     /// Ask git in `dir`: HEAD's commit, its branch (if not detached) and the tags on it.
     pub fn from_git(dir: &Path) -> Result<GitRefs, GitError> {
-        let sha = git(dir, &["rev-parse", "HEAD"], "--tag-from-git", "tags with -t")?;
+        let sha = git(
+            dir,
+            &["rev-parse", "HEAD"],
+            "--tag-from-git",
+            "tags with -t",
+        )?;
         let branch = git(
             dir,
             &["symbolic-ref", "-q", "--short", "HEAD"],
@@ -205,9 +212,11 @@ fn semver(tag: &str) -> Option<Version> {
         return None;
     };
     let num = |p: &str| -> Option<u64> {
-        (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (p == "0" || !p.starts_with('0')))
-            .then(|| p.parse().ok())
-            .flatten()
+        (!p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (p == "0" || !p.starts_with('0')))
+        .then(|| p.parse().ok())
+        .flatten()
     };
     let (major, minor, _) = (num(major)?, num(minor)?, num(patch)?);
     let ident_ok = |s: &str| {
@@ -241,7 +250,10 @@ mod tests {
             ("refs/tags/1.2.3", "1.2.3 1.2 1 latest sha-0123456"),
             ("refs/tags/v0.4.1", "0.4.1 0.4 latest sha-0123456"),
             ("refs/tags/v1.2.3-rc.1", "1.2.3-rc.1 sha-0123456"),
-            ("refs/tags/v1.2.3+build.5", "1.2.3-build.5 1.2 1 latest sha-0123456"),
+            (
+                "refs/tags/v1.2.3+build.5",
+                "1.2.3-build.5 1.2 1 latest sha-0123456",
+            ),
             ("refs/tags/release-2024", "release-2024 sha-0123456"),
             ("refs/tags/v1.2", "v1.2 sha-0123456"),
             ("refs/pull/12/merge", "pr-12 sha-0123456"),

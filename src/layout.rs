@@ -125,7 +125,9 @@ impl std::str::FromStr for TarballFormat {
         match s {
             "oci" => Ok(TarballFormat::Oci),
             "docker" | "docker-archive" => Ok(TarballFormat::Docker),
-            other => Err(format!("{other:?} is not a tarball format; use oci or docker")),
+            other => Err(format!(
+                "{other:?} is not a tarball format; use oci or docker"
+            )),
         }
     }
 }

@@ -381,7 +381,8 @@ fn git_refs(spec: &Spec) -> Result<imgbuild::gitref::GitRefs> {
     if let (Some(r), Some(sha)) = (env("GITHUB_REF"), env("GITHUB_SHA")) {
         return Ok(imgbuild::gitref::GitRefs::from_github(&r, &sha));
     }
-    imgbuild::gitref::GitRefs::from_git(&spec.context).map_err(|e| Error::Usage(e.to_string()).into())
+    imgbuild::gitref::GitRefs::from_git(&spec.context)
+        .map_err(|e| Error::Usage(e.to_string()).into())
 }
 
 fn outputs(c: &CommonArgs) -> Outputs {

@@ -88,12 +88,20 @@ impl Summary<'_> {
 /// Write every requested output. An error names the flag or variable and the file.
 pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
     if let Some(p) = &outputs.digest_file {
-        write_file("--digest-file", p, format!("{}\n", summary.digest()).as_bytes())?;
+        write_file(
+            "--digest-file",
+            p,
+            format!("{}\n", summary.digest()).as_bytes(),
+        )?;
     }
     if let Some(p) = &outputs.image_refs {
         // `REPO@DIGEST` only names something once it was pushed (a build refuses the flag).
         if summary.pushed {
-            write_file("--image-refs", p, format!("{}\n", summary.image_ref()).as_bytes())?;
+            write_file(
+                "--image-refs",
+                p,
+                format!("{}\n", summary.image_ref()).as_bytes(),
+            )?;
         }
     }
     if let Some(p) = &outputs.metadata_file {

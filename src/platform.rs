@@ -94,7 +94,9 @@ impl Platform {
 pub fn parse_list<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Vec<Platform>, String> {
     let mut out: Vec<(Platform, &str)> = Vec::new();
     for item in items.into_iter().map(str::trim).filter(|i| !i.is_empty()) {
-        let p: Platform = item.parse().map_err(|e: PlatformParseError| e.to_string())?;
+        let p: Platform = item
+            .parse()
+            .map_err(|e: PlatformParseError| e.to_string())?;
         if let Some((_, first)) = out.iter().find(|(q, _)| *q == p) {
             return Err(if *first == item {
                 format!("{p} is listed twice")
@@ -203,19 +205,36 @@ mod tests {
     #[test]
     fn list_table() {
         let cases: [(&[&str], Result<&str, &str>); 6] = [
-            (&["linux/amd64", "linux/arm64"], Ok("linux/amd64 linux/arm64")),
-            (&["linux/amd64", " ", "linux/arm/v7"], Ok("linux/amd64 linux/arm/v7")),
-            (&["linux/amd64", "linux/amd64"], Err("linux/amd64 is listed twice")),
+            (
+                &["linux/amd64", "linux/arm64"],
+                Ok("linux/amd64 linux/arm64"),
+            ),
+            (
+                &["linux/amd64", " ", "linux/arm/v7"],
+                Ok("linux/amd64 linux/arm/v7"),
+            ),
+            (
+                &["linux/amd64", "linux/amd64"],
+                Err("linux/amd64 is listed twice"),
+            ),
             (
                 &["linux/arm64/v8", "linux/arm64"],
-                Err("linux/arm64/v8 and linux/arm64 are the same platform (linux/arm64); name it once"),
+                Err(
+                    "linux/arm64/v8 and linux/arm64 are the same platform (linux/arm64); name it once",
+                ),
             ),
-            (&["linux/x86_64", "linux/amd64"], Err("are the same platform (linux/amd64)")),
+            (
+                &["linux/x86_64", "linux/amd64"],
+                Err("are the same platform (linux/amd64)"),
+            ),
             (&["", " "], Err("empty list")),
         ];
         for (input, want) in cases {
             let got = parse_list(input.iter().copied()).map(|l| {
-                l.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+                l.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
             });
             match (got, want) {
                 (Ok(g), Ok(w)) => assert_eq!(g, w, "{input:?}"),

@@ -94,8 +94,9 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
         let written = match req.tarball_format {
             layout::TarballFormat::Oci => layout::write_tarball(&image, &store, tags, t),
             layout::TarballFormat::Docker => {
-                let one = docker_archive::platform_image(&image)
-                    .ok_or_else(|| Error::Usage("--tarball-format docker: the image has no platform".into()))?;
+                let one = docker_archive::platform_image(&image).ok_or_else(|| {
+                    Error::Usage("--tarball-format docker: the image has no platform".into())
+                })?;
                 // `docker load` tags the image only when it has a repository to name.
                 let repo_tags: Vec<String> = req
                     .repository

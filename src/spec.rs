@@ -565,10 +565,7 @@ fn check_decimal_mode(raw: &str) -> Result<(), String> {
 /// `config.user`: `USER`, `UID`, `USER:GROUP` or `UID:GID` (image-spec config.md `User`);
 /// no whitespace or control characters, which no runtime can resolve.
 fn check_user(user: &str) -> Result<(), String> {
-    if user
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace())
-    {
+    if user.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(format!(
             "config.user: {user:?} holds whitespace or a control character; write USER, UID, USER:GROUP or UID:GID, e.g. \"65532:65532\""
         ));
@@ -587,8 +584,7 @@ fn check_user(user: &str) -> Result<(), String> {
 const SIGNALS: &[&str] = &[
     "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "IOT", "BUS", "FPE", "KILL", "USR1", "SEGV",
     "USR2", "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU",
-    "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "POLL", "PWR", "SYS", "RTMIN",
-    "RTMAX",
+    "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "POLL", "PWR", "SYS", "RTMIN", "RTMAX",
 ];
 
 /// `config.stop_signal` as runtimes parse it (moby's `signal.ParseSignal`): a number 1-64, or

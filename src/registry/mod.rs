@@ -372,10 +372,7 @@ impl RegistryError {
     pub(crate) fn in_context(self, http_tried: bool, ca_certs: &[PathBuf]) -> Self {
         match self {
             RegistryError::Unreachable {
-                url,
-                reason,
-                cause,
-                ..
+                url, reason, cause, ..
             } if http_tried => RegistryError::Unreachable {
                 url,
                 reason,
@@ -441,7 +438,10 @@ mod tests {
             status: 401,
         }
         .to_string();
-        assert!(given.contains("check the user name given with --username"), "{given}");
+        assert!(
+            given.contains("check the user name given with --username"),
+            "{given}"
+        );
         assert!(!given.contains("pass --username"), "{given}");
         let none = RegistryError::Unauthorized {
             registry: "r:5000".into(),

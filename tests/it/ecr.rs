@@ -718,7 +718,8 @@ fn create_repository_on_another_registry_only_warns() {
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert_eq!(
-        err.matches("--create-repository applies to Amazon ECR only").count(),
+        err.matches("--create-repository applies to Amazon ECR only")
+            .count(),
         1,
         "warned once: {err}"
     );
@@ -739,7 +740,11 @@ fn resolve_still_verifies_the_certificate_against_the_host_name() {
         .output()
         .unwrap();
     let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(6), "a certificate for another name: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "a certificate for another name: {err}"
+    );
     let last = err.lines().last().unwrap_or_default();
     assert!(
         last.contains("TLS connection to https://registry.other.test")

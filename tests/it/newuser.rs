@@ -65,8 +65,22 @@ fn build_lists_every_tag_writes_true_outputs_and_creates_the_tarball_directory()
     let out = run_ok(
         build_cmd(ws.path())
             .env("GITHUB_OUTPUT", &gh)
-            .args(["-o", "out", "-t", "a", "-t", "b", "--platform", "linux/amd64"])
-            .args(["--repo", "127.0.0.1:5000/hello", "--metadata-file", "meta.json"])
+            .args([
+                "-o",
+                "out",
+                "-t",
+                "a",
+                "-t",
+                "b",
+                "--platform",
+                "linux/amd64",
+            ])
+            .args([
+                "--repo",
+                "127.0.0.1:5000/hello",
+                "--metadata-file",
+                "meta.json",
+            ])
             .args(["--tarball", "new/dir/image.tar"]),
     );
     let digest = text(&out.stdout).trim().to_string();
@@ -74,11 +88,18 @@ fn build_lists_every_tag_writes_true_outputs_and_creates_the_tarball_directory()
     assert_eq!(layout_tags(&dir), ["a", "b"]);
     for tag in ["a", "b"] {
         let raw = skopeo_ok(&["inspect", "--raw", &format!("oci:{}:{tag}", dir.display())]);
-        assert!(raw.contains("application/vnd.oci.image.manifest.v1+json"), "{raw}");
+        assert!(
+            raw.contains("application/vnd.oci.image.manifest.v1+json"),
+            "{raw}"
+        );
     }
     assert!(ws.path().join("new/dir/image.tar").is_file());
     let archive = ws.path().join("new/dir/image.tar");
-    skopeo_ok(&["inspect", "--raw", &format!("oci-archive:{}:b", archive.display())]);
+    skopeo_ok(&[
+        "inspect",
+        "--raw",
+        &format!("oci-archive:{}:b", archive.display()),
+    ]);
     // Nothing was pushed: no image= line, no "image" key; the layout is named instead.
     assert_eq!(
         fs::read_to_string(&gh).unwrap(),
@@ -96,12 +117,19 @@ fn build_lists_every_tag_writes_true_outputs_and_creates_the_tarball_directory()
         .unwrap();
     let (code, err) = failure(&out);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--image-refs lists pushed references"), "{err}");
+    assert!(
+        err.contains("--image-refs lists pushed references"),
+        "{err}"
+    );
     assert!(!ws.path().join("out2").exists());
 
     // tags = [] (or --no-tag): an untagged layout that skopeo still reads.
     let out = run_ok(build_cmd(ws.path()).args(["-o", "untagged", "--no-tag"]));
-    assert!(text(&out.stderr).contains("untagged"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("untagged"),
+        "{}",
+        text(&out.stderr)
+    );
     assert!(layout_tags(&ws.path().join("untagged")).is_empty());
     skopeo_ok(&[
         "inspect",
@@ -127,7 +155,15 @@ fn docker_tarball_loads_and_runs_in_docker() {
     assert!(listing.starts_with("manifest.json\n"), "{listing}");
     // amd64 only: the config, two layers, manifest.json and two directories.
     assert_eq!(listing.lines().count(), 6, "{listing}");
-    let manifest = text(&run_ok(Command::new("tar").arg("-xOf").arg(&tarball).arg("manifest.json")).stdout);
+    let manifest = text(
+        &run_ok(
+            Command::new("tar")
+                .arg("-xOf")
+                .arg(&tarball)
+                .arg("manifest.json"),
+        )
+        .stdout,
+    );
     assert!(
         manifest.contains("\"RepoTags\":[\"127.0.0.1:5999/imgbuild-newuser:smoke\"]"),
         "{manifest}"
@@ -189,11 +225,13 @@ fn bad_input_the_issue_names_is_refused_and_a_1777_directory_can_be_made() {
         "platforms = [\"linux/amd64\"]\n[[layer]]\nfiles = [{ src = \"../empty\", dest = \"/tmp\", mode = 0o1777 }]\n",
     )
     .unwrap();
-    run_ok(
-        imgbuild()
-            .current_dir(ws.path())
-            .args(["build", "-f", "build-specs/mode.toml", "-o", "tmpdir"]),
-    );
+    run_ok(imgbuild().current_dir(ws.path()).args([
+        "build",
+        "-f",
+        "build-specs/mode.toml",
+        "-o",
+        "tmpdir",
+    ]));
     let dir = ws.path().join("tmpdir");
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
@@ -230,7 +268,15 @@ fn tags_and_timestamps_from_git() {
     };
     git(&["init", "-q", "-b", "feature/new-user"]);
     git(&["add", "-A"]);
-    git(&["-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qm", "x"]);
+    git(&[
+        "-c",
+        "user.name=t",
+        "-c",
+        "user.email=t@example.invalid",
+        "commit",
+        "-qm",
+        "x",
+    ]);
     git(&["tag", "v1.2.3"]);
     let sha = text(&git(&["rev-parse", "HEAD"]).stdout).trim().to_string();
     let out = run_ok(
@@ -272,7 +318,10 @@ fn tags_and_timestamps_from_git() {
             .env("GITHUB_REF", "refs/heads/release/2.x")
             .env("GITHUB_SHA", "abcdef0123456789"),
     );
-    assert_eq!(layout_tags(&ws.path().join("gh")), ["release-2.x", "sha-abcdef0"]);
+    assert_eq!(
+        layout_tags(&ws.path().join("gh")),
+        ["release-2.x", "sha-abcdef0"]
+    );
 
     // Outside a checkout: a usage error that says what to do.
     let bare = workspace(1_000_000_000);
@@ -282,7 +331,10 @@ fn tags_and_timestamps_from_git() {
         .unwrap();
     let (code, err) = failure(&out);
     assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("--source-date-epoch git: `git log -1 --format=%ct` failed"), "{err}");
+    assert!(
+        err.contains("--source-date-epoch git: `git log -1 --format=%ct` failed"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -295,8 +347,14 @@ fn push_without_tag_and_outputs_that_fail_after_the_push() {
     let digest = image_ref.rsplit_once('@').unwrap().1.to_string();
     assert!(!inspect_raw(&reg, &format!("newuser@{digest}")).is_empty());
     // The registry's own storage: the repository has manifests but no tag.
-    let repo_dir = reg.storage().join("docker/registry/v2/repositories/newuser/_manifests");
-    assert!(repo_dir.join("revisions").is_dir(), "{}", repo_dir.display());
+    let repo_dir = reg
+        .storage()
+        .join("docker/registry/v2/repositories/newuser/_manifests");
+    assert!(
+        repo_dir.join("revisions").is_dir(),
+        "{}",
+        repo_dir.display()
+    );
     let tags = repo_dir.join("tags");
     assert!(
         !tags.exists() || fs::read_dir(&tags).unwrap().next().is_none(),
@@ -304,7 +362,10 @@ fn push_without_tag_and_outputs_that_fail_after_the_push() {
     );
     let err = text(&out.stderr);
     assert!(err.contains(&format!("pushed {digest}")), "{err}");
-    assert!(!err.contains(&format!("pushed {digest} -> {digest}")), "{err}");
+    assert!(
+        !err.contains(&format!("pushed {digest} -> {digest}")),
+        "{err}"
+    );
 
     // GITHUB_OUTPUT in a missing directory: the pushed reference is still printed, the error
     // names the variable and the file.
@@ -318,8 +379,9 @@ fn push_without_tag_and_outputs_that_fail_after_the_push() {
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(text(&out.stdout).trim(), image_ref);
     assert!(
-        err.contains(&format!("pushed {image_ref}, but cannot append the step outputs"))
-            && err.contains(&format!("GITHUB_OUTPUT={}", gh.display())),
+        err.contains(&format!(
+            "pushed {image_ref}, but cannot append the step outputs"
+        )) && err.contains(&format!("GITHUB_OUTPUT={}", gh.display())),
         "{err}"
     );
     assert!(text(&out.stderr).contains(&format!("tagged v1 -> {digest}")));
@@ -352,8 +414,9 @@ fn exit_codes_and_messages_a_retry_wrapper_can_trust() {
     let (code, err) = failure(&out);
     assert_eq!(code, Some(5), "{err}");
     assert!(
-        err.contains(&format!("nothing listens on 127.0.0.1:{port} (connection refused)"))
-            && err.contains("plain http was tried too"),
+        err.contains(&format!(
+            "nothing listens on 127.0.0.1:{port} (connection refused)"
+        )) && err.contains("plain http was tried too"),
         "{err}"
     );
     assert!(!err.contains("error sending request"), "{err}");
@@ -363,12 +426,19 @@ fn exit_codes_and_messages_a_retry_wrapper_can_trust() {
     // A 401 with --username given: check what was given, not "pass --username".
     let auth = Registry::start_htpasswd("newuser", "right");
     let out = output_with_stdin(
-        push_cmd(ws.path(), &format!("{}/x", auth.addr)).args(["-u", "newuser", "--password-stdin"]),
+        push_cmd(ws.path(), &format!("{}/x", auth.addr)).args([
+            "-u",
+            "newuser",
+            "--password-stdin",
+        ]),
         "wrong\n",
     );
     let (code, err) = failure(&out);
     assert_eq!(code, Some(4), "{err}");
-    assert!(err.contains("check the user name given with --username"), "{err}");
+    assert!(
+        err.contains("check the user name given with --username"),
+        "{err}"
+    );
     assert!(!err.contains("pass --username"), "{err}");
 
     // A TLS registry whose CA is not the one given: 6, and the advice is not "--ca-cert" again.
@@ -389,7 +459,10 @@ fn exit_codes_and_messages_a_retry_wrapper_can_trust() {
     );
 
     // A bad flag points at the subcommand's help.
-    let out = imgbuild().args(["push", "--no-such-flag"]).output().unwrap();
+    let out = imgbuild()
+        .args(["push", "--no-such-flag"])
+        .output()
+        .unwrap();
     let (code, err) = failure(&out);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.ends_with("see imgbuild push --help"), "{err}");
