@@ -1,7 +1,8 @@
 //! The crate's top-level error and the documented process exit codes.
 //!
 //! Each stage has its own error enum carrying the file/line/field or URL it concerns; this
-//! module only sorts them into exit codes, in one place, so CI can retry on 5 and not on 2-4.
+//! module only sorts them into exit codes, in one place, so CI can retry on 5 and not on 2-4
+//! or 6.
 
 /// Process exit codes (README "Exit codes"). Stable: scripts depend on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

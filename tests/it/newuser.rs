@@ -458,6 +458,12 @@ fn exit_codes_and_messages_a_retry_wrapper_can_trust() {
         "{err}"
     );
 
+    // --help offers only what -v does (there is no -vv level).
+    let help = text(&run_ok(imgbuild().args(["push", "--help"])).stdout);
+    assert!(!help.contains("-vv"), "{help}");
+    let top = text(&run_ok(imgbuild().arg("--help")).stdout);
+    assert!(top.contains("6 TLS certificate not trusted"), "{top}");
+
     // A bad flag points at the subcommand's help.
     let out = imgbuild()
         .args(["push", "--no-such-flag"])
