@@ -175,6 +175,29 @@ install_lint_tools() {
     venv_tool "$LINT_DIR/check-jsonschema-venv" check-jsonschema "$CHECK_JSONSCHEMA_SPEC"
 }
 
+# The independent SPDX validator of the SBOM tests (tests/it/supply.rs): PyPI spdx-tools
+# `pyspdxtools -i FILE` (exit 1 on an invalid SPDX 2.3 document), in its own venv.
+SPDX_VENV="${IMGBUILD_TEST_SPDX_VENV:-${HOME:-/root}/.cache/imgbuild-test/spdx-venv}"
+SPDX_TOOLS_SPEC='spdx-tools==0.8.*'
+install_spdx_tools() {
+    if [[ -x "$SPDX_VENV/bin/pyspdxtools" ]] && "$SPDX_VENV/bin/pyspdxtools" --help >/dev/null 2>&1; then
+        log "pyspdxtools: $SPDX_VENV/bin/pyspdxtools"
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv python3-pip
+    rm -rf "$SPDX_VENV"
+    mkdir -p "$(dirname "$SPDX_VENV")"
+    if ! python3 -m venv "$SPDX_VENV" >/dev/null 2>&1; then
+        rm -rf "$SPDX_VENV"
+        apt_install python3-venv python3-pip
+        python3 -m venv "$SPDX_VENV"
+    fi
+    log "installing $SPDX_TOOLS_SPEC into $SPDX_VENV"
+    "$SPDX_VENV/bin/python" -m pip install -q --disable-pip-version-check "$SPDX_TOOLS_SPEC"
+    [[ -x "$SPDX_VENV/bin/pyspdxtools" ]] || die "pyspdxtools missing after install in $SPDX_VENV"
+    log "pyspdxtools: $SPDX_VENV/bin/pyspdxtools"
+}
+
 install_fixture_tools() {
     apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
 }
@@ -194,6 +217,7 @@ test)
     install_moto
     install_busybox
     install_lint_tools
+    install_spdx_tools
     ;;
 fixtures)
     install_build

@@ -16,6 +16,7 @@ mod auth;
 mod client;
 mod ecr;
 pub mod pull;
+pub mod referrers;
 mod resolve;
 pub mod retry;
 mod upload;
@@ -230,6 +231,18 @@ impl Session {
             .await
         })
         .await
+    }
+}
+
+impl Session {
+    /// Attach SBOM/provenance referrers to the pushed image's platform manifests
+    /// ([`referrers`]); call after [`Session::push_image`].
+    pub async fn attach(
+        &self,
+        attachments: &[crate::supply::Attachment],
+        progress: &dyn Progress,
+    ) -> Result<referrers::AttachReport, RegistryError> {
+        referrers::attach(&self.client, attachments, progress).await
     }
 }
 

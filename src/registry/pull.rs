@@ -52,6 +52,11 @@ impl Puller {
         })
     }
 
+    /// The connection, for other read-only stages (referrers).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// `GET /v2/<name>/manifests/<reference>`: the exact bytes and their digest. A digest
     /// reference must match what came; for a tag, the registry's `Docker-Content-Digest` (when
     /// sent) must.

@@ -17,3 +17,4 @@ mod proxy;
 mod push;
 mod smoke;
 mod speed;
+mod supply;
