@@ -396,3 +396,47 @@ fn inspect_reports_platforms_config_and_referrers() {
     assert!(table.contains("linux/arm/v7"), "{table}");
     assert!(table.contains("referrer application/spdx+json"), "{table}");
 }
+
+#[test]
+fn a_failure_to_attach_is_exit_5_and_says_the_image_is_complete() {
+    let reg = Registry::start();
+    let ws = workspace(1_700_000_000);
+    let dir = ws.path();
+    let digest = push(dir, &reg, "broken", &["--sbom", "none", "--provenance", "none"]);
+    let index = json(&inspect_raw(&reg, &format!("broken@{digest}")));
+    let (_, first) = platform_manifests(&index).remove(0);
+    // Something that is not a referrers index already holds the referrers tag of the first
+    // platform manifest: imgbuild must not overwrite it blindly.
+    let mut args: Vec<String> = vec!["copy".into(), "--preserve-digests".into()];
+    args.extend(reg.skopeo_args("src-"));
+    args.extend(reg.skopeo_args("dest-"));
+    args.push(reg.docker_ref(&format!("broken@{first}")));
+    args.push(reg.docker_ref(&format!(
+        "broken:sha256-{}",
+        first.strip_prefix("sha256:").unwrap()
+    )));
+    skopeo_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let out = imgbuild()
+        .current_dir(dir)
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .args(["push", "-q", "-f", "build-specs/hello.toml", "--repo"])
+        .arg(format!("{}/broken", reg.addr))
+        .args(["--tag", "v1", "--retries", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("the image itself is complete"), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}/broken@{digest}", reg.addr),
+        "stdout still names the pushed image"
+    );
+    // The image and its tag are there.
+    assert_eq!(
+        inspect_raw(&reg, "broken:v1"),
+        inspect_raw(&reg, &format!("broken@{digest}"))
+    );
+}
