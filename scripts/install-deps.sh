@@ -67,6 +67,8 @@ install_build() {
 install_test_tools() {
     apt_install docker-registry skopeo qemu-user-static apache2-utils openssl tar zstd \
         ca-certificates
+    # tests/it/static_base.rs links a static HTTPS client (OpenSSL) to run on base "static".
+    apt_install libssl-dev
 }
 
 # Puts moto_server at "$MOTO_VENV/bin/moto_server" (a venv even when a python3 with

@@ -37,6 +37,10 @@ pub enum Error {
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Base(#[from] crate::base::BaseError),
+    #[error(transparent)]
+    Copy(#[from] crate::copy::CopyError),
+    #[error(transparent)]
+    StaticBase(#[from] crate::static_base::StaticBaseError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -66,6 +70,8 @@ impl Error {
             Error::Image(_) | Error::Io { .. } | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
+            Error::Copy(e) => e.exit_code(),
+            Error::StaticBase(e) => e.exit_code(),
         }
     }
 }

@@ -17,6 +17,7 @@
 pub mod base;
 pub mod cache;
 pub mod compress;
+pub mod copy;
 pub mod digest;
 pub mod error;
 pub mod image;
@@ -32,6 +33,7 @@ pub mod reference;
 pub mod registry;
 pub mod run;
 pub mod spec;
+pub mod static_base;
 pub mod store;
 
 pub use error::{Error, ExitCode};

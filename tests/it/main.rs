@@ -6,6 +6,7 @@
 
 mod base;
 mod build;
+mod copy;
 mod credentials;
 mod ecr;
 mod faults;
@@ -15,3 +16,4 @@ mod proxy;
 mod push;
 mod smoke;
 mod speed;
+mod static_base;
