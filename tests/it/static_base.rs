@@ -16,7 +16,8 @@ const FIXED_BUNDLE: &str = "# fixed test bundle\n-----BEGIN CERTIFICATE-----\nTU
 
 /// The static layer's digest for [`FIXED_BUNDLE`] (gzip level 6, zlib-rs): changes only when
 /// the layer's contents or the compressor change.
-const GOLDEN_STATIC_LAYER: &str = "sha256:TODO";
+const GOLDEN_STATIC_LAYER: &str =
+    "sha256:998070d7c5fc0d5c1ce6c1edc1ffb49ac46dc319ec0e4ade9dfa40d8fd9e7cc3";
 
 fn spec(dir: &Path, files: &str, extra: &str) -> PathBuf {
     let path = dir.join("static.toml");
