@@ -116,7 +116,10 @@ fn split(what: &'static str, input: &str) -> Result<Written, CopyError> {
         reason,
     };
     let (rest, digest) = match input.split_once('@') {
-        Some((n, d)) => (n, Some(d.parse::<Digest>().map_err(|e| usage(e.to_string()))?)),
+        Some((n, d)) => (
+            n,
+            Some(d.parse::<Digest>().map_err(|e| usage(e.to_string()))?),
+        ),
         None => (input, None),
     };
     let last = rest.rsplit('/').next().unwrap_or(rest);
@@ -185,13 +188,12 @@ pub fn copy(req: &CopyRequest, progress: &dyn Progress) -> Result<Copied, Error>
     let mut dst_opts = req.destination_opts.clone();
     // Same registry: blobs are mounted from the source repository, so the token must also
     // cover pulling from it.
-    dst_opts.mount_from = if source.repo.registry == dst_repo.registry
-        && source.repo.path != dst_repo.path
-    {
-        vec![source.repo.path.clone()]
-    } else {
-        Vec::new()
-    };
+    dst_opts.mount_from =
+        if source.repo.registry == dst_repo.registry && source.repo.path != dst_repo.path {
+            vec![source.repo.path.clone()]
+        } else {
+            Vec::new()
+        };
     let runtime = runtime()?;
     let copied = runtime.block_on(async {
         let src_name = source.to_string();
@@ -351,8 +353,9 @@ impl<'a> Walk<'a> {
             if !self.seen.insert(m.digest.clone()) {
                 return Ok(());
             }
-            let doc: Value = serde_json::from_slice(&m.bytes)
-                .map_err(|e| WalkError::Invalid(format!("manifest {} is not JSON ({e})", m.digest)))?;
+            let doc: Value = serde_json::from_slice(&m.bytes).map_err(|e| {
+                WalkError::Invalid(format!("manifest {} is not JSON ({e})", m.digest))
+            })?;
             if let Some(children) = doc["manifests"].as_array() {
                 for child in children {
                     let d = descriptor(child, &m.digest)?;
@@ -476,12 +479,30 @@ mod tests {
         // input, (registry, path, tag, digest) or the start of the error
         type Want = Result<(&'static str, &'static str, Option<&'static str>, bool), &'static str>;
         let cases: Vec<(String, Want)> = vec![
-            ("127.0.0.1:5000/a/b".into(), Ok(("127.0.0.1:5000", "a/b", None, false))),
-            ("127.0.0.1:5000/a/b:v1".into(), Ok(("127.0.0.1:5000", "a/b", Some("v1"), false))),
-            (format!("r.example.com/x:v1@{d}"), Ok(("r.example.com", "x", Some("v1"), true))),
-            (format!("r.example.com/x@{d}"), Ok(("r.example.com", "x", None, true))),
-            ("alpine:3".into(), Err("destination \"alpine:3\": invalid repository")),
-            ("r.example.com/x:-bad".into(), Err("destination \"r.example.com/x:-bad\": invalid tag")),
+            (
+                "127.0.0.1:5000/a/b".into(),
+                Ok(("127.0.0.1:5000", "a/b", None, false)),
+            ),
+            (
+                "127.0.0.1:5000/a/b:v1".into(),
+                Ok(("127.0.0.1:5000", "a/b", Some("v1"), false)),
+            ),
+            (
+                format!("r.example.com/x:v1@{d}"),
+                Ok(("r.example.com", "x", Some("v1"), true)),
+            ),
+            (
+                format!("r.example.com/x@{d}"),
+                Ok(("r.example.com", "x", None, true)),
+            ),
+            (
+                "alpine:3".into(),
+                Err("destination \"alpine:3\": invalid repository"),
+            ),
+            (
+                "r.example.com/x:-bad".into(),
+                Err("destination \"r.example.com/x:-bad\": invalid tag"),
+            ),
             ("r.example.com/x@sha256:zz".into(), Err("destination")),
         ];
         for (input, want) in cases {
@@ -505,9 +526,18 @@ mod tests {
     #[test]
     fn exit_codes() {
         let cases = [
-            (CopyError::NotFound { reference: "r/x:1".into() }, ExitCode::Input),
             (
-                CopyError::Usage { what: "destination", input: "x".into(), reason: "y".into() },
+                CopyError::NotFound {
+                    reference: "r/x:1".into(),
+                },
+                ExitCode::Input,
+            ),
+            (
+                CopyError::Usage {
+                    what: "destination",
+                    input: "x".into(),
+                    reason: "y".into(),
+                },
                 ExitCode::Usage,
             ),
             (

@@ -203,7 +203,10 @@ fn copy(args: &CopyArgs) -> Result<()> {
     let dst = remote_options(r, args.create_repository)?;
     let mut src = dst.clone();
     src.aws = AwsOptions {
-        role_arn: args.src_aws_role_arn.clone().filter(|a| !a.trim().is_empty()),
+        role_arn: args
+            .src_aws_role_arn
+            .clone()
+            .filter(|a| !a.trim().is_empty()),
         ..AwsOptions::default()
     };
     let req = imgbuild::copy::CopyRequest {

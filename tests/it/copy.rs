@@ -33,7 +33,11 @@ fn push_example(reg: &Registry, repo: &str, tag: &str) -> String {
     };
     assert!(out.status.success(), "push: {}", text(&out.stderr));
     let line = text(&out.stdout);
-    line.trim().split_once('@').expect("REPO@DIGEST").1.to_string()
+    line.trim()
+        .split_once('@')
+        .expect("REPO@DIGEST")
+        .1
+        .to_string()
 }
 
 /// `imgbuild <args>`, with the destination password on stdin when `dst` has one.
@@ -84,7 +88,13 @@ fn sha256(bytes: &[u8]) -> String {
 /// Upload `bytes` as a blob of `repo` (POST, then PUT ?digest=).
 fn upload_blob(reg: &Registry, repo: &str, bytes: &[u8]) -> String {
     let digest = sha256(bytes);
-    let (status, resp) = http(&reg.addr, "POST", &format!("/v2/{repo}/blobs/uploads/"), "x", b"");
+    let (status, resp) = http(
+        &reg.addr,
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        "x",
+        b"",
+    );
     assert_eq!(status, 202, "{resp}");
     let location = resp
         .lines()
@@ -102,7 +112,12 @@ fn upload_blob(reg: &Registry, repo: &str, bytes: &[u8]) -> String {
 /// Attach an SBOM-like artifact to `subject` in `repo` the way registries without the
 /// referrers API keep them: the artifact manifest (with `subject`), and the fallback tag
 /// `sha256-<hex>` holding an index that lists it. Returns the artifact's digest and bytes.
-fn attach_referrer(reg: &Registry, repo: &str, subject: &str, subject_bytes: &[u8]) -> (String, Vec<u8>) {
+fn attach_referrer(
+    reg: &Registry,
+    repo: &str,
+    subject: &str,
+    subject_bytes: &[u8],
+) -> (String, Vec<u8>) {
     let empty = upload_blob(reg, repo, b"{}");
     let payload = br#"{"spdxVersion":"SPDX-2.3","name":"hello"}"#;
     let layer = upload_blob(reg, repo, payload);
@@ -117,7 +132,13 @@ fn attach_referrer(reg: &Registry, repo: &str, subject: &str, subject_bytes: &[u
     let bytes = serde_json::to_vec(&manifest).unwrap();
     let digest = sha256(&bytes);
     let mt = "application/vnd.oci.image.manifest.v1+json";
-    let (status, resp) = http(&reg.addr, "PUT", &format!("/v2/{repo}/manifests/{digest}"), mt, &bytes);
+    let (status, resp) = http(
+        &reg.addr,
+        "PUT",
+        &format!("/v2/{repo}/manifests/{digest}"),
+        mt,
+        &bytes,
+    );
     assert_eq!(status, 201, "{resp}");
     let index = serde_json::json!({
         "schemaVersion": 2,
@@ -150,22 +171,36 @@ fn copy_index_across_registries_by_tag_and_digest_with_referrers() {
 
     // By tag, no destination tag: the source's tag is kept.
     let line = run_ok_line(
-        &["copy", &format!("{}/dev/hello:v1", src.addr), &format!("{}/prod/hello", dst.addr)],
+        &[
+            "copy",
+            &format!("{}/dev/hello:v1", src.addr),
+            &format!("{}/prod/hello", dst.addr),
+        ],
         Some(&dst),
     );
     assert_eq!(line, format!("{}/prod/hello@{digest}", dst.addr));
-    assert_eq!(inspect_raw(&dst, "prod/hello:v1"), index, "index bytes identical");
+    assert_eq!(
+        inspect_raw(&dst, "prod/hello:v1"),
+        index,
+        "index bytes identical"
+    );
     assert_eq!(inspect_raw(&dst, &format!("prod/hello@{digest}")), index);
     // Every platform manifest and blob arrived and verifies (skopeo checks each digest).
     let out = tempfile::tempdir().unwrap();
     pull_oci(&dst, "prod/hello:v1", &out.path().join("oci"), "v1");
     // The referrer came along, byte for byte, and the fallback tag at the destination lists it.
-    assert_eq!(inspect_raw(&dst, &format!("prod/hello@{referrer}")), referrer_bytes);
+    assert_eq!(
+        inspect_raw(&dst, &format!("prod/hello@{referrer}")),
+        referrer_bytes
+    );
     let listed = inspect_raw(&dst, &format!("prod/hello:{}", digest.replace(':', "-")));
     assert!(text(&listed).contains(&referrer), "{}", text(&listed));
     // Blobs were streamed into the destination (uploaded there, not mounted).
     let log = dst.log();
-    assert!(count(&log, "PUT /v2/prod/hello/blobs/uploads/") >= 4, "{log}");
+    assert!(
+        count(&log, "PUT /v2/prod/hello/blobs/uploads/") >= 4,
+        "{log}"
+    );
 
     // By digest, with a tag: the same digest under the new tag.
     let line = run_ok_line(
@@ -181,15 +216,27 @@ fn copy_index_across_registries_by_tag_and_digest_with_referrers() {
     // Copied again: nothing to move (every blob already there).
     let before = count(&dst.log(), "blobs/uploads/");
     run_ok_line(
-        &["copy", &format!("{}/dev/hello:v1", src.addr), &format!("{}/prod/hello", dst.addr)],
+        &[
+            "copy",
+            &format!("{}/dev/hello:v1", src.addr),
+            &format!("{}/prod/hello", dst.addr),
+        ],
         Some(&dst),
     );
-    assert_eq!(count(&dst.log(), "blobs/uploads/"), before, "a repeated copy uploads nothing");
+    assert_eq!(
+        count(&dst.log(), "blobs/uploads/"),
+        before,
+        "a repeated copy uploads nothing"
+    );
 
     // A destination digest that is not the source's is refused before anything moves.
     let other = format!("sha256:{}", "0".repeat(64));
     let out = run(
-        &["copy", &format!("{}/dev/hello:v1", src.addr), &format!("{}/prod/x@{other}", dst.addr)],
+        &[
+            "copy",
+            &format!("{}/dev/hello:v1", src.addr),
+            &format!("{}/prod/x@{other}", dst.addr),
+        ],
         Some(&dst),
     );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
@@ -201,7 +248,11 @@ fn copy_within_a_registry_mounts_and_tag_adds_tags() {
     let digest = push_example(&reg, "dev/app", "v2");
     let index = inspect_raw(&reg, "dev/app:v2");
     let line = run_ok_line(
-        &["copy", &format!("{}/dev/app:v2", reg.addr), &format!("{}/prod/app:v2", reg.addr)],
+        &[
+            "copy",
+            &format!("{}/dev/app:v2", reg.addr),
+            &format!("{}/prod/app:v2", reg.addr),
+        ],
         None,
     );
     assert_eq!(line, format!("{}/prod/app@{digest}", reg.addr));
@@ -213,12 +264,24 @@ fn copy_within_a_registry_mounts_and_tag_adds_tags() {
         .collect();
     assert!(!mounts.is_empty(), "no mount requests: {log}");
     assert!(mounts.iter().all(|l| l.contains("\" 201 ")), "{mounts:?}");
-    assert_eq!(count(&log, "PUT /v2/prod/app/blobs/uploads/"), 0, "no blob upload: {log}");
+    assert_eq!(
+        count(&log, "PUT /v2/prod/app/blobs/uploads/"),
+        0,
+        "no blob upload: {log}"
+    );
     let out = tempfile::tempdir().unwrap();
     pull_oci(&reg, "prod/app:v2", &out.path().join("oci"), "v2");
 
     // tag: more tags on the same bytes.
-    let line = run_ok_line(&["tag", &format!("{}/prod/app:v2", reg.addr), "stable", "2026-12"], None);
+    let line = run_ok_line(
+        &[
+            "tag",
+            &format!("{}/prod/app:v2", reg.addr),
+            "stable",
+            "2026-12",
+        ],
+        None,
+    );
     assert_eq!(line, format!("{}/prod/app@{digest}", reg.addr));
     let flags = reg.skopeo_args("");
     let mut args: Vec<&str> = vec!["list-tags"];
@@ -226,16 +289,36 @@ fn copy_within_a_registry_mounts_and_tag_adds_tags() {
     let target = reg.docker_ref("prod/app");
     args.push(&target);
     let tags: serde_json::Value = serde_json::from_str(&skopeo_ok(&args)).unwrap();
-    let mut tags: Vec<&str> = tags["Tags"].as_array().unwrap().iter().filter_map(|t| t.as_str()).collect();
+    let mut tags: Vec<&str> = tags["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
     tags.sort_unstable();
     assert_eq!(tags, ["2026-12", "stable", "v2"]);
     assert_eq!(inspect_raw(&reg, "prod/app:stable"), index);
 
     // Missing sources: exit 3, one line naming the reference.
     for (cmd, args) in [
-        ("copy", vec![format!("{}/dev/app:nope", reg.addr), format!("{}/prod/app", reg.addr)]),
-        ("copy", vec![format!("{}/dev/none:v1", reg.addr), format!("{}/prod/app", reg.addr)]),
-        ("tag", vec![format!("{}/dev/app:nope", reg.addr), "x".to_string()]),
+        (
+            "copy",
+            vec![
+                format!("{}/dev/app:nope", reg.addr),
+                format!("{}/prod/app", reg.addr),
+            ],
+        ),
+        (
+            "copy",
+            vec![
+                format!("{}/dev/none:v1", reg.addr),
+                format!("{}/prod/app", reg.addr),
+            ],
+        ),
+        (
+            "tag",
+            vec![format!("{}/dev/app:nope", reg.addr), "x".to_string()],
+        ),
     ] {
         let mut all = vec![cmd];
         all.extend(args.iter().map(String::as_str));
@@ -271,7 +354,11 @@ fn copy_keeps_a_docker_manifest_list() {
     let list_type = "application/vnd.docker.distribution.manifest.list.v2+json";
     assert_eq!(doc["mediaType"], list_type, "{doc}");
     let line = run_ok_line(
-        &["copy", &format!("{}/docker/hello:v1", src.addr), &format!("{}/mirror/hello", dst.addr)],
+        &[
+            "copy",
+            &format!("{}/docker/hello:v1", src.addr),
+            &format!("{}/mirror/hello", dst.addr),
+        ],
         None,
     );
     assert_eq!(line, format!("{}/mirror/hello@{}", dst.addr, sha256(&list)));
@@ -301,7 +388,12 @@ fn copy_between_two_ecr_accounts_through_moto() {
     push.envs(aws);
     let out = run_ok(&mut push);
     let pushed = text(&out.stdout);
-    let digest = pushed.trim().split_once('@').expect("REPO@DIGEST").1.to_string();
+    let digest = pushed
+        .trim()
+        .split_once('@')
+        .expect("REPO@DIGEST")
+        .1
+        .to_string();
 
     let src = format!("{ECR_HOST}:{}/dev/hello:v1", dev.port);
     let dst = format!("{prod_host}:{}/prod/hello", prod.port);
@@ -321,7 +413,10 @@ fn copy_between_two_ecr_accounts_through_moto() {
             .arg(prod.ca_cert().unwrap()),
     );
     assert_eq!(text(&out.stdout).trim(), format!("{dst}@{digest}"));
-    assert_eq!(inspect_raw(&prod, "prod/hello:v1"), inspect_raw(&dev, "dev/hello:v1"));
+    assert_eq!(
+        inspect_raw(&prod, "prod/hello:v1"),
+        inspect_raw(&dev, "dev/hello:v1")
+    );
     let tmp = tempfile::tempdir().unwrap();
     pull_oci(&prod, "prod/hello:v1", &tmp.path().join("oci"), "v1");
 }

@@ -35,7 +35,10 @@ fn spec(dir: &Path, files: &str, extra: &str) -> PathBuf {
 fn first_layers(dir: &Path) -> Vec<String> {
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
-    let top = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let top = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let top: serde_json::Value = serde_json::from_slice(&read_blob(dir, &top)).unwrap();
     top["manifests"]
         .as_array()
@@ -54,7 +57,11 @@ fn static_layer_is_deterministic_and_golden() {
     let ws = tempfile::tempdir().unwrap();
     fs::write(ws.path().join("bundle.pem"), FIXED_BUNDLE).unwrap();
     fs::write(ws.path().join("greeting.txt"), "hi\n").unwrap();
-    let spec = spec(ws.path(), r#"{ src = "greeting.txt", dest = "/etc/greeting.txt" }"#, "");
+    let spec = spec(
+        ws.path(),
+        r#"{ src = "greeting.txt", dest = "/etc/greeting.txt" }"#,
+        "",
+    );
     let mut digests = Vec::new();
     for (out, epoch) in [("a", "0"), ("b", "1700000000")] {
         run_ok(
@@ -95,7 +102,10 @@ fn static_layer_is_deterministic_and_golden() {
         .unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
-    assert!(err.contains("missing.pem") && err.contains("--static-ca-bundle"), "{err}");
+    assert!(
+        err.contains("missing.pem") && err.contains("--static-ca-bundle"),
+        "{err}"
+    );
 }
 
 /// Docker is required under CI unless IMGBUILD_TEST_ALLOW_SKIP lists `docker`.
@@ -170,7 +180,10 @@ fn build_client(dir: &Path) -> Option<PathBuf> {
 }
 
 fn docker(args: &[&str]) -> std::process::Output {
-    Command::new("docker").args(args).output().expect("run docker")
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker")
 }
 
 #[test]
@@ -207,7 +220,11 @@ fn static_base_runs_as_nonroot_with_tls_tmp_and_users() {
         );
         let image = format!("{}/static:{tag}", reg.addr);
         let pulled = docker(&["pull", "-q", &image]);
-        assert!(pulled.status.success(), "docker pull: {}", text(&pulled.stderr));
+        assert!(
+            pulled.status.success(),
+            "docker pull: {}",
+            text(&pulled.stderr)
+        );
         let _ = out;
         image
     };
@@ -221,9 +238,28 @@ fn static_base_runs_as_nonroot_with_tls_tmp_and_users() {
     };
 
     // HTTPS: the registry's certificate verifies through the image's bundle, as uid 65532.
-    let out = run(&trusting, &["--entrypoint", "/bin/https-get", &trusting, "127.0.0.1", &port]);
-    assert!(out.status.success(), "https-get: {}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stdout).starts_with("HTTP/1.0 200") || text(&out.stdout).starts_with("HTTP/1.1 200"), "{}", text(&out.stdout));
+    let out = run(
+        &trusting,
+        &[
+            "--entrypoint",
+            "/bin/https-get",
+            &trusting,
+            "127.0.0.1",
+            &port,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "https-get: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).starts_with("HTTP/1.0 200")
+            || text(&out.stdout).starts_with("HTTP/1.1 200"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // `id` resolves the user name; /tmp is writable by it.
     let out = run(&trusting, &[&trusting, "id"]);
@@ -233,7 +269,15 @@ fn static_base_runs_as_nonroot_with_tls_tmp_and_users() {
         "{}",
         text(&out.stderr)
     );
-    let out = run(&trusting, &[&trusting, "sh", "-c", "echo written > /tmp/f && cat /tmp/f && ls -ld /tmp"]);
+    let out = run(
+        &trusting,
+        &[
+            &trusting,
+            "sh",
+            "-c",
+            "echo written > /tmp/f && cat /tmp/f && ls -ld /tmp",
+        ],
+    );
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
     assert!(stdout.starts_with("written\ndrwxrwxrwt"), "{stdout}");
@@ -241,13 +285,29 @@ fn static_base_runs_as_nonroot_with_tls_tmp_and_users() {
     // Without the throwaway CA in the bundle, the same client refuses the certificate:
     // the verification above really used the image's bundle.
     let plain = ws.path().join("plain.pem");
-    fs::write(&plain, fs::read(static_default_bundle()).unwrap_or_else(|_| {
-        b"-----BEGIN CERTIFICATE-----\nTUlJQg==\n-----END CERTIFICATE-----\n".to_vec()
-    }))
+    fs::write(
+        &plain,
+        fs::read(static_default_bundle()).unwrap_or_else(|_| {
+            b"-----BEGIN CERTIFICATE-----\nTUlJQg==\n-----END CERTIFICATE-----\n".to_vec()
+        }),
+    )
     .unwrap();
     let untrusting = push("plain.pem", "untrusting");
-    let out = run(&untrusting, &["--entrypoint", "/bin/https-get", &untrusting, "127.0.0.1", &port]);
-    assert!(!out.status.success(), "verified without the CA: {}", text(&out.stdout));
+    let out = run(
+        &untrusting,
+        &[
+            "--entrypoint",
+            "/bin/https-get",
+            &untrusting,
+            "127.0.0.1",
+            &port,
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "verified without the CA: {}",
+        text(&out.stdout)
+    );
     for image in [&trusting, &untrusting] {
         let _ = docker(&["rmi", "-f", image]);
     }
@@ -260,10 +320,17 @@ fn static_default_bundle() -> &'static str {
 /// Debian's busybox-static (amd64), cached by scripts/install-deps.sh.
 fn dirs_busybox() -> PathBuf {
     let dir = std::env::var_os("IMGBUILD_TEST_BUSYBOX").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/imgbuild-test/busybox"),
+        || {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/imgbuild-test/busybox")
+        },
         PathBuf::from,
     );
     let path = dir.join("amd64/busybox");
-    assert!(path.is_file(), "{} missing: run `bash scripts/install-deps.sh test`", path.display());
+    assert!(
+        path.is_file(),
+        "{} missing: run `bash scripts/install-deps.sh test`",
+        path.display()
+    );
     path
 }
