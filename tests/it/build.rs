@@ -248,7 +248,10 @@ fn layout_is_accepted_by_skopeo_and_has_the_expected_image() {
             );
             assert_eq!(stdout(&ran), "hello from imgbuild (aarch64)\n");
         }
-        None => skip("qemu-aarch64-static not installed: arm64 binary not run"),
+        None => skip_missing(
+            "qemu",
+            "qemu-aarch64-static not installed: arm64 binary not run",
+        ),
     }
 
     // The tarball is the same layout, as skopeo's oci-archive transport reads it.

@@ -5,8 +5,18 @@
 //! Only std, `tempfile`, `serde_json` and `base64` (regular dependencies of the crate) are
 //! used. The external tools come from `scripts/install-deps.sh test`.
 //!
-//! Tests that need an optional tool call [`skip`] and return, e.g.
-//! `if !docker_available() { return skip("docker not available"); }`.
+//! Skipping. A test that lacks a prerequisite (a tool or service it cannot do without) calls
+//! [`skip_missing`] with the prerequisite's name and returns, e.g.
+//! `if !docker_available() { return skip_missing("docker", "no Docker Engine answers"); }`.
+//! The older one-argument form `skip(reason)` still works: it derives the prerequisite from
+//! the reason's first word (`docker ...` -> `docker`, `qemu-aarch64-static ...` -> `qemu`).
+//! Prerequisite names: `docker`, `qemu`, `curl`, `setpriv`, `x86_64-host`.
+//! - When `CI` is set (not empty, `0` or `false`), a skip FAILS the test with a message saying
+//!   what to install, unless `IMGBUILD_TEST_ALLOW_SKIP` (a comma list such as `docker,qemu`,
+//!   or `all`) names that prerequisite: CI must not turn a missing tool into a silent pass.
+//! - Otherwise (and for an allowed skip in CI) the test passes, and the skip is appended to
+//!   the file named by `IMGBUILD_TEST_SKIP_LOG` (one line: prerequisite, test, reason, tab
+//!   separated), which `scripts/test.sh` sets and lists with a count at the end.
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
@@ -184,9 +194,105 @@ fn require_program(prog: &str) -> PathBuf {
 // Skipping, docker, misc
 // ---------------------------------------------------------------------------------------------
 
-/// Report a skipped test: prints `SKIPPED: <reason>` to stderr. The caller returns after it.
+/// Report a test skipped because `prereq` is missing (see the module docs for what happens
+/// in CI). The caller returns after it.
+pub fn skip_missing(prereq: &str, reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    match skip_decision(
+        prereq,
+        std::env::var("CI").ok().as_deref(),
+        std::env::var("IMGBUILD_TEST_ALLOW_SKIP").ok().as_deref(),
+    ) {
+        SkipDecision::Fail => panic!(
+            "{test}: {reason}. CI is set, so a missing prerequisite fails the test: install \
+             {prereq} ({}), or allow this skip with IMGBUILD_TEST_ALLOW_SKIP={prereq}",
+            install_hint_for(prereq)
+        ),
+        SkipDecision::Skip => {
+            eprintln!("SKIPPED [{prereq}]: {test}: {reason}");
+            if let Some(log) = std::env::var_os("IMGBUILD_TEST_SKIP_LOG") {
+                let line = format!("{prereq}\t{test}\t{}\n", reason.replace(['\n', '\t'], " "));
+                // One write of one short line with O_APPEND: lines of parallel tests do not
+                // interleave.
+                let written = fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+                if let Err(e) = written {
+                    panic!("record the skip in {}: {e}", Path::new(&log).display());
+                }
+            }
+        }
+    }
+}
+
+/// Report a skipped test; the prerequisite is derived from the reason's first word (see the
+/// module docs). Kept for callers that predate [`skip_missing`].
 pub fn skip(reason: &str) {
-    eprintln!("SKIPPED: {reason}");
+    skip_missing(&prereq_of(reason), reason)
+}
+
+/// The prerequisite a free-text skip reason is about: its first word, with the qemu binaries
+/// folded into `qemu` and "not an x86_64 host" into `x86_64-host`.
+pub fn prereq_of(reason: &str) -> String {
+    let lower = reason.to_ascii_lowercase();
+    let first = lower
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .find(|w| !w.is_empty())
+        .unwrap_or("unknown");
+    if lower.contains("x86_64 host") {
+        "x86_64-host".into()
+    } else if first.starts_with("qemu") {
+        "qemu".into()
+    } else if lower.contains("docker") {
+        "docker".into()
+    } else {
+        first.into()
+    }
+}
+
+/// What a skip does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipDecision {
+    Skip,
+    Fail,
+}
+
+/// A skip fails when `ci` is set (not empty, `0` or `false`) and `allow` (comma list, or
+/// `all`) does not name `prereq`.
+pub fn skip_decision(prereq: &str, ci: Option<&str>, allow: Option<&str>) -> SkipDecision {
+    let in_ci = ci.is_some_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
+    });
+    let allowed = allow.is_some_and(|list| {
+        list.split(',')
+            .map(str::trim)
+            .any(|p| p.eq_ignore_ascii_case(prereq) || p.eq_ignore_ascii_case("all"))
+    });
+    if in_ci && !allowed {
+        SkipDecision::Fail
+    } else {
+        SkipDecision::Skip
+    }
+}
+
+fn install_hint_for(prereq: &str) -> &'static str {
+    match prereq {
+        "docker" => {
+            "scripts/install-deps.sh test installs docker.io; the Docker Engine must also be \
+             running and reach 127.0.0.1 (docker info)"
+        }
+        "qemu" => "apt-get install qemu-user-static, or scripts/install-deps.sh test",
+        "curl" => "apt-get install curl, or scripts/install-deps.sh test",
+        "setpriv" => "apt-get install util-linux, or scripts/install-deps.sh test",
+        "x86_64-host" => "run the suite on an x86_64 machine",
+        _ => INSTALL_HINT,
+    }
 }
 
 /// Wait for `child` at most `timeout`; kill it (and return None) when it takes longer.
@@ -924,4 +1030,44 @@ pub fn tar_listing(layer_blob: &Path) -> String {
     }
     cmd.arg("-f").arg(layer_blob).arg("--numeric-owner");
     String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
+}
+
+/// The skip rules themselves: CI turns a skip into a failure unless allowed by name.
+#[test]
+fn harness_skips_fail_in_ci_unless_allowed() {
+    use SkipDecision::{Fail, Skip};
+    let cases: &[(&str, Option<&str>, Option<&str>, SkipDecision)] = &[
+        ("docker", None, None, Skip),
+        ("docker", Some(""), None, Skip),
+        ("docker", Some("false"), None, Skip),
+        ("docker", Some("0"), None, Skip),
+        ("docker", Some("true"), None, Fail),
+        ("docker", Some("1"), None, Fail),
+        ("docker", Some("true"), Some("docker"), Skip),
+        ("docker", Some("true"), Some("qemu, docker"), Skip),
+        ("docker", Some("true"), Some("all"), Skip),
+        ("docker", Some("true"), Some("qemu"), Fail),
+        ("docker", Some("true"), Some("dockerx"), Fail),
+        ("qemu", Some("true"), Some(""), Fail),
+    ];
+    for &(prereq, ci, allow, want) in cases {
+        assert_eq!(
+            skip_decision(prereq, ci, allow),
+            want,
+            "{prereq} {ci:?} {allow:?}"
+        );
+    }
+    for (reason, want) in [
+        (
+            "docker not available: the amd64 image was not run",
+            "docker",
+        ),
+        ("no Docker Engine answers", "docker"),
+        ("qemu-aarch64-static not installed", "qemu"),
+        ("curl not installed: TLS checked with skopeo only", "curl"),
+        ("not an x86_64 host", "x86_64-host"),
+        ("setpriv missing", "setpriv"),
+    ] {
+        assert_eq!(prereq_of(reason), want, "{reason}");
+    }
 }
