@@ -161,7 +161,14 @@ fn layout_is_accepted_by_skopeo_and_has_the_expected_image() {
         .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64", "linux/arm/v7"]);
 
-    // Per platform: config fields, diff_ids match the layers, the shared layer is one blob.
+    // Digests and diff_ids recomputed by gzip and sha256sum, for all three platforms.
+    assert_eq!(
+        verify_digests_with_standard_tools(&out_dir, &digest),
+        (3, 6),
+        "every platform's two layers checked"
+    );
+
+    // Per platform: config fields, the shared layer is one blob.
     let mut second_layers = Vec::new();
     for (m, (arch, machine)) in index["manifests"].as_array().unwrap().iter().zip([
         ("amd64", "X86-64"),

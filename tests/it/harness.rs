@@ -1021,6 +1021,80 @@ pub fn unpack_layers(oci_dir: &Path, manifest_digest: &str, dest: &Path) {
     }
 }
 
+/// `sha256sum` of a file, as `sha256:<hex>`, or of `decompress -dc FILE` piped to `sha256sum`
+/// when `decompress` is given (`gzip`, `zstd`): digests computed by standard tools, not by
+/// the crate under test.
+pub fn sha256sum_of(file: &Path, decompress: Option<&str>) -> String {
+    let script = match decompress {
+        Some(tool) => format!("set -o pipefail; {tool} -dc -- \"$1\" | sha256sum"),
+        None => "sha256sum -- \"$1\"".to_string(),
+    };
+    let out = run_ok(
+        Command::new("bash")
+            .args(["-c", &script, "bash"])
+            .arg(file)
+            .stdin(Stdio::null()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text.split_whitespace().next().unwrap_or_default();
+    assert_eq!(hex.len(), 64, "sha256sum printed {text:?}");
+    format!("sha256:{hex}")
+}
+
+/// Check every image of the index `index_digest` in the OCI layout `oci_dir` with standard
+/// tools only: each layer blob's `sha256sum` is its digest, and `gzip -dc` / `zstd -dc` (by
+/// the layer's media type) piped to `sha256sum` is the config's `rootfs.diff_ids` entry at
+/// the same position; the config blob's `sha256sum` is the manifest's config digest. Returns
+/// (images, layers) checked, so callers can assert nothing was left out.
+pub fn verify_digests_with_standard_tools(oci_dir: &Path, index_digest: &str) -> (usize, usize) {
+    let json = |digest: &str| -> serde_json::Value {
+        let path = blob_path(oci_dir, digest);
+        assert_eq!(sha256sum_of(&path, None), digest, "blob {}", path.display());
+        serde_json::from_slice(&read_blob(oci_dir, digest))
+            .unwrap_or_else(|e| panic!("{digest} is not JSON: {e}"))
+    };
+    let index = json(index_digest);
+    let manifests = index["manifests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no manifests in {index}"));
+    let mut layers_checked = 0;
+    for m in manifests {
+        let manifest = json(m["digest"].as_str().expect("manifest digest"));
+        let config = json(
+            manifest["config"]["digest"]
+                .as_str()
+                .expect("config digest"),
+        );
+        let layers = manifest["layers"].as_array().expect("layers");
+        let diff_ids = config["rootfs"]["diff_ids"].as_array().expect("diff_ids");
+        assert_eq!(layers.len(), diff_ids.len(), "{manifest}\n{config}");
+        for (layer, diff_id) in layers.iter().zip(diff_ids) {
+            let digest = layer["digest"].as_str().expect("layer digest");
+            let blob = blob_path(oci_dir, digest);
+            assert_eq!(sha256sum_of(&blob, None), digest, "layer blob {digest}");
+            assert_eq!(
+                fs::metadata(&blob).unwrap().len(),
+                layer["size"].as_u64().expect("layer size"),
+                "size of {digest}"
+            );
+            let media_type = layer["mediaType"].as_str().expect("media type");
+            let tool = match media_type.rsplit_once('+') {
+                Some((_, "gzip")) => Some("gzip"),
+                Some((_, "zstd")) => Some("zstd"),
+                None => None,
+                Some((_, other)) => panic!("unknown layer compression {other} in {media_type}"),
+            };
+            assert_eq!(
+                sha256sum_of(&blob, tool),
+                diff_id.as_str().expect("diff_id"),
+                "diff_id of layer {digest} ({media_type})"
+            );
+            layers_checked += 1;
+        }
+    }
+    (manifests.len(), layers_checked)
+}
+
 /// `tar -tv --numeric-owner` of a layer blob (gzip, zstd or plain), in UTC and the C locale.
 pub fn tar_listing(layer_blob: &Path) -> String {
     let mut cmd = tar_command();

@@ -99,6 +99,8 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
     // skopeo pulls everything and verifies every digest on the way.
     let pulled = ws.path().join("pulled");
     pull_oci(&reg, "hello:v1", &pulled, "v1");
+    // What the registry serves, recomputed with sha256sum and gzip -dc.
+    assert_eq!(verify_digests_with_standard_tools(&pulled, digest), (3, 6));
     for (m, arch) in index["manifests"]
         .as_array()
         .unwrap()
@@ -296,6 +298,10 @@ fn push_over_tls_with_a_private_ca() {
     let digest = line.split_once('@').unwrap().1;
     let raw = inspect_raw(&reg, "tls:latest");
     assert_eq!(format!("sha256:{}", sha256_hex(&raw)), digest);
+    // The same with sha256sum, not the crate's own hasher.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    fs::write(file.path(), &raw).unwrap();
+    assert_eq!(sha256sum_of(file.path(), None), digest);
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
