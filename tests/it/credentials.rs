@@ -6,7 +6,8 @@
 
 use crate::build::workspace;
 use crate::ecr::{
-    ECR_HOST, MOTO_PASSWORD, assert_no_secrets, ecr_registry, push_amd64, push_to_ecr_stand_in,
+    ECR_HOST, MOTO_PASSWORD, amd64_digest, assert_no_secrets, ecr_registry, push_amd64,
+    push_to_ecr_stand_in,
 };
 use crate::harness::*;
 use base64::Engine as _;
@@ -127,6 +128,7 @@ fn push_with(ws: &Path, reg: &Registry, repo: &str, case: &Case, home: &Path) ->
 fn credentials_from_docker_config_helpers_and_podman_auth_files() {
     let reg = Registry::start_htpasswd(USER, PASSWORD);
     let ws = workspace(1_000_000_000);
+    let expected = amd64_digest(ws.path());
     let cases = [
         Case {
             name: "auths basic",
@@ -225,8 +227,8 @@ fn credentials_from_docker_config_helpers_and_podman_auth_files() {
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(case.code), "{what}:\n{err}");
         if case.code == 0 {
-            let manifest = inspect_raw(&reg, &format!("{repo}:v1"));
-            assert!(!manifest.is_empty(), "{what}");
+            assert_eq!(pushed_digest(&out.stdout), expected, "{what}");
+            assert_serves(&reg, &format!("{repo}:v1"), &expected);
         } else {
             let last = err.lines().last().unwrap_or_default();
             assert!(
@@ -287,6 +289,8 @@ fn ecr_without_aws_credentials_uses_the_docker_config() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(!inspect_raw(&reg, "hello:v1").is_empty());
+    let expected = amd64_digest(ws.path());
+    assert_eq!(pushed_digest(&out.stdout), expected);
+    assert_serves(&reg, "hello:v1", &expected);
     assert_no_secrets(&out, &[MOTO_PASSWORD.into()], "ECR via docker config");
 }

@@ -183,6 +183,23 @@ pub fn push_to_ecr_stand_in(ws: &Path, reg: &Registry, path: &str) -> Command {
     cmd
 }
 
+/// The index digest [`push_amd64`] must give: `imgbuild build` of the same spec and platform.
+pub fn amd64_digest(ws: &Path) -> String {
+    let out = run_ok(imgbuild().current_dir(ws).args([
+        "build",
+        "-q",
+        "-f",
+        "build-specs/hello.toml",
+        "--platform",
+        "linux/amd64",
+        "--output",
+        "out-amd64-expected",
+    ]));
+    let digest = text(&out.stdout).trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    digest
+}
+
 /// [`push_to_ecr_stand_in`] with AWS pointed at `aws_endpoint` and the given extra
 /// environment and flags.
 fn ecr_push(
@@ -299,6 +316,7 @@ fn ecr_push_with_each_aws_credential_source() {
     let reg = ecr_registry(MOTO_PASSWORD);
     let ws = workspace(1_000_000_000);
     let container = ContainerCredentials::start();
+    let expected = amd64_digest(ws.path());
     let key = |k: &str| k.to_string();
     let cases = [
         Source {
@@ -442,8 +460,8 @@ fn ecr_push_with_each_aws_credential_source() {
             "{what}: {line}"
         );
         // The image is there (skopeo, by IP: the certificate names 127.0.0.1 too).
-        let manifest = inspect_raw(&reg, &format!("{repo}:v1"));
-        assert!(!manifest.is_empty(), "{what}");
+        assert_eq!(pushed_digest(&out.stdout), expected, "{what}");
+        assert_serves(&reg, &format!("{repo}:v1"), &expected);
 
         // What AWS saw: the STS calls of this source, then exactly one
         // GetAuthorizationToken, signed for us-east-1 (the host's region), and no
@@ -721,7 +739,9 @@ fn create_repository_on_another_registry_only_warns() {
         err.contains("--create-repository applies to Amazon ECR only"),
         "{err}"
     );
-    assert!(!inspect_raw(&reg, "made-by-push:v1").is_empty());
+    let expected = amd64_digest(ws.path());
+    assert_eq!(pushed_digest(&out.stdout), expected);
+    assert_serves(&reg, "made-by-push:v1", &expected);
 }
 
 #[test]

@@ -878,6 +878,32 @@ pub fn inspect_raw(reg: &Registry, reference: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// The digest of a push's one stdout line `REPO@sha256:...`.
+pub fn pushed_digest(stdout: &[u8]) -> String {
+    let line = String::from_utf8_lossy(stdout);
+    let (_, digest) = line
+        .trim()
+        .rsplit_once('@')
+        .unwrap_or_else(|| panic!("not REPO@DIGEST: {line:?}"));
+    assert!(digest.starts_with("sha256:"), "{line:?}");
+    digest.to_string()
+}
+
+/// Assert that `reference` on `reg` serves exactly the manifest or index `digest`: skopeo's
+/// bytes hashed by `sha256sum`.
+pub fn assert_serves(reg: &Registry, reference: &str, digest: &str) {
+    let raw = inspect_raw(reg, reference);
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    fs::write(file.path(), &raw).expect("write manifest");
+    assert_eq!(
+        sha256sum_of(file.path(), None),
+        digest,
+        "{reference} on {} serves another manifest: {}",
+        reg.addr,
+        String::from_utf8_lossy(&raw)
+    );
+}
+
 /// `skopeo copy --all --preserve-digests docker://<reg>/<reference> oci:<dest>:<tag>`: pulls
 /// everything and verifies every digest on the way. Returns skopeo's stdout.
 pub fn pull_oci(reg: &Registry, reference: &str, dest: &Path, tag: &str) -> String {

@@ -84,6 +84,9 @@ pub struct ProxyOpts {
     /// Answer this many blob-upload PUTs `201 Created` with the right digest but drop them
     /// (a registry that loses what it acknowledged).
     pub lose_puts: usize,
+    /// Answer every manifest PUT `403 DENIED` (a credential that may upload blobs but not
+    /// write manifests or tags): an authorization failure in the middle of a push.
+    pub deny_manifest_puts: bool,
 }
 
 impl Default for ProxyOpts {
@@ -100,6 +103,7 @@ impl Default for ProxyOpts {
             redirect_blob_head_to: None,
             hang_from: None,
             lose_puts: 0,
+            deny_manifest_puts: false,
         }
     }
 }
@@ -294,6 +298,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         307 => "Temporary Redirect",
+        403 => "Forbidden",
         401 => "Unauthorized",
         404 => "Not Found",
         429 => "Too Many Requests",
@@ -492,6 +497,16 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             return Ok(());
         }
         _ => {}
+    }
+    if opts.deny_manifest_puts && req.method == "PUT" && req.target.contains("/manifests/") {
+        let ct = ("Content-Type", "application/json".to_string());
+        respond(
+            &mut conn,
+            403,
+            &[ct],
+            b"{\"errors\":[{\"code\":\"DENIED\",\"message\":\"requested access to the resource is denied\"}]}",
+        );
+        return Ok(());
     }
     if let Some(to) = &opts.redirect_blob_head_to
         && req.method == "HEAD"
