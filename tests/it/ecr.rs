@@ -635,7 +635,11 @@ fn ecr_without_any_credentials_fails_fast_with_the_sources_tried() {
         let took = started.elapsed();
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(4), "{what}: {err}");
-        assert!(took < Duration::from_secs(5), "{what}: took {took:?}");
+        // Only a bound against hanging (the SDK's own IMDS defaults retry with longer
+        // time-outs): wide, because a loaded 2-core CI machine stretches every step. That
+        // IMDS gets exactly one short attempt is checked below by counting its connections,
+        // which does not depend on timing.
+        assert!(took < Duration::from_secs(30), "{what}: took {took:?}");
         eprintln!("{what}: failed after {took:?}");
         let last = err.lines().last().unwrap_or_default();
         assert!(
@@ -655,9 +659,15 @@ fn ecr_without_any_credentials_fails_fast_with_the_sources_tried() {
             assert!(last.contains(source), "{what}: {source} missing: {last}");
         }
     }
-    // The silent metadata service was really asked (a connection waits in its backlog).
+    // The silent metadata service was really asked, once: each attempt is one connection
+    // waiting in its backlog (the IMDSv2 token request; with no answer there is no second).
     silent.set_nonblocking(true).unwrap();
-    assert!(silent.accept().is_ok(), "IMDS was never tried");
+    let mut connections = 0;
+    while silent.accept().is_ok() {
+        connections += 1;
+    }
+    eprintln!("IMDS connections: {connections}");
+    assert_eq!(connections, 1, "IMDS attempts (one expected)");
     // Nothing was pushed.
     assert!(
         !reg.log().contains("PUT /v2/hello/manifests"),
@@ -691,7 +701,12 @@ fn ecr_wrong_registry_password_is_a_clear_401_without_a_refresh_loop() {
         .iter()
         .filter(|c| c.operation == "GetAuthorizationToken")
         .count();
-    assert!((1..=2).contains(&fetches), "token fetched {fetches} times");
+    // The first token, then after the registry's 401 exactly one fresh one (README: "a
+    // token ECR refuses is fetched again once, never in a loop").
+    assert_eq!(
+        fetches, 2,
+        "token fetched {fetches} times: {calls:#?}\n{err}"
+    );
     assert_no_secrets(
         &out,
         &[MOTO_PASSWORD.into(), "wrong-pw-secret".into()],

@@ -40,7 +40,8 @@ pub enum Fault {
     /// Hold the request for [`ProxyOpts::stall`] (beyond the client's timeout), then close.
     Stall,
     /// 401 with a fresh challenge although the request's token was valid (a token that
-    /// expired mid-push). Bearer mode only; elsewhere, and twice in a row, a 503 instead.
+    /// expired mid-push). Bearer mode only (elsewhere a 503 instead); never twice in a row
+    /// for one request key (that request passes and the next fault is the 401).
     Unauthorized,
 }
 
@@ -382,15 +383,23 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             && st.faults_per_key.get(&key).copied().unwrap_or(0) < opts.max_per_key
             && hash3(opts.seed, &key, n) % opts.one_in == 0
         {
-            let mut kind = opts.kinds[st.faults % opts.kinds.len()];
-            if kind == Fault::Unauthorized
-                && (opts.bearer.is_none() || st.last_was_401.contains(&key))
-            {
-                kind = Fault::Status(503);
+            let mut kind = Some(opts.kinds[st.faults % opts.kinds.len()]);
+            if kind == Some(Fault::Unauthorized) {
+                if opts.bearer.is_none() {
+                    kind = Some(Fault::Status(503));
+                } else if st.last_was_401.contains(&key) {
+                    // Not twice in a row for one request: this one passes, and the 401
+                    // stays next in the cycle. (Substituting another kind here would make
+                    // which kinds a run sees depend on arrival order: with the cycle
+                    // untouched, any run with at least `kinds.len()` faults sees them all.)
+                    kind = None;
+                }
             }
-            st.faults += 1;
-            *st.faults_per_key.entry(key.clone()).or_default() += 1;
-            fault = Some(kind);
+            if let Some(kind) = kind {
+                st.faults += 1;
+                *st.faults_per_key.entry(key.clone()).or_default() += 1;
+                fault = Some(kind);
+            }
         }
         if fault == Some(Fault::Unauthorized) {
             st.last_was_401.insert(key.clone());
