@@ -11,6 +11,7 @@ mod ecr;
 mod faults;
 mod harness;
 mod inputs;
+mod promises;
 mod proxy;
 mod push;
 mod smoke;
