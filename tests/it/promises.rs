@@ -252,3 +252,249 @@ fn build_default_output_context_oci_base_and_exit_code_1() {
         "{err}"
     );
 }
+
+/// `push -f build-specs/hello.toml --platform linux/amd64 --tag v1 --repo <repo>` in `ws`.
+fn push_amd64(ws: &Path, repo: &str) -> std::process::Command {
+    let mut cmd = imgbuild();
+    cmd.current_dir(ws)
+        .args(["push", "-f", "build-specs/hello.toml"])
+        .args(["--platform", "linux/amd64", "--tag", "v1", "--repo", repo]);
+    cmd
+}
+
+#[test]
+fn retry_after_is_waited_for() {
+    let reg = Registry::start();
+    // Every request kind is answered 429 + `Retry-After: 1` once, then passes.
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            one_in: 1,
+            kinds: vec![Fault::TooMany { http_date: false }],
+            max_per_key: 1,
+            ..ProxyOpts::default()
+        },
+    );
+    let ws = workspace(1_000_000_000);
+    // Backoff alone would wait about a millisecond. One upload at a time, so the next
+    // request of a kind shared by all blobs (the upload POST) is the retry, not another
+    // blob's.
+    let out = push_amd64(ws.path(), &format!("{}/later", proxy.addr))
+        .args(["--retry-base-ms", "1", "--jobs", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen = proxy.seen();
+    let mut checked = 0;
+    for (i, s) in seen.iter().enumerate().filter(|(_, s)| s.fault.is_some()) {
+        let next = seen[i + 1..]
+            .iter()
+            .find(|n| n.key == s.key)
+            .unwrap_or_else(|| panic!("{} never retried: {seen:#?}", s.key));
+        // A lower bound only: a loaded machine can only make the gap longer.
+        let gap = next.at - s.at;
+        assert!(
+            gap >= Duration::from_millis(1000),
+            "{}: retried after {gap:?}, before the 1 s Retry-After",
+            s.key
+        );
+        checked += 1;
+    }
+    assert!(checked >= 3, "too few 429s to judge: {seen:#?}");
+}
+
+/// Bytes that do not compress (xorshift64*), so a layer is about as large as its file.
+fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn an_upload_making_progress_outlives_the_deadline() {
+    let reg = Registry::start();
+    // 2 MiB read in 64 KiB pieces with 100 ms pauses: the layer upload takes over 3 s of
+    // steady progress, well past --deadline 1.
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            throttle: Some(Duration::from_millis(100)),
+            ..ProxyOpts::default()
+        },
+    );
+    let ws = tempfile::tempdir().unwrap();
+    fs::write(ws.path().join("noise.bin"), noise(2 << 20, 7)).unwrap();
+    fs::write(
+        ws.path().join("spec.toml"),
+        "platforms = [\"linux/amd64\"]\n\
+         [[layer]]\n\
+         files = [{ src = \"noise.bin\", dest = \"/noise.bin\" }]\n",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = imgbuild()
+        .current_dir(ws.path())
+        .args(["push", "-f", "spec.toml", "--repo"])
+        .arg(format!("{}/slow", proxy.addr))
+        .args(["--deadline", "1", "--timeout", "60", "--retries", "0"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(out.status.success(), "cut: {}", text(&out.stderr));
+    assert!(
+        took >= Duration::from_secs(3),
+        "the upload was not throttled ({took:?}): the test proves nothing"
+    );
+    let digest = pushed_digest(&out.stdout);
+    assert_serves(&reg, "slow:latest", &digest);
+}
+
+#[test]
+fn a_missing_ecr_repository_is_exit_2_with_the_command_to_create_it() {
+    let reg = Registry::start();
+    // ECR answers NAME_UNKNOWN to the first blob upload of a repository that does not exist.
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            name_unknown: true,
+            ..ProxyOpts::default()
+        },
+    );
+    let port = proxy.addr.rsplit_once(':').unwrap().1;
+    let host = format!("{}:{port}", crate::ecr::ECR_HOST);
+    let ws = workspace(1_000_000_000);
+    let out = push_amd64(ws.path(), &format!("{host}/missing/app"))
+        .arg("--resolve")
+        .arg(format!("{host}:127.0.0.1"))
+        .args(["--insecure-registry", &host])
+        // No AWS endpoint answers: the registry never asks for credentials here.
+        .env(
+            "AWS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{}", free_port()),
+        )
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    for part in [
+        "error: ",
+        "missing/app does not exist",
+        "aws ecr create-repository --repository-name missing/app --region us-east-1",
+        "--create-repository",
+    ] {
+        assert!(last.contains(part), "{part:?} missing: {last}");
+    }
+    assert!(out.stdout.is_empty());
+    assert!(!reg.log().contains("PUT /v2/missing/app/manifests"));
+}
+
+#[test]
+fn username_is_never_sent_to_a_base_image_registry() {
+    // The push target wants a password; the base image's registry is another one, an
+    // anonymous Bearer registry (like Docker Hub for public images) behind the proxy, which
+    // records every Authorization header it gets.
+    let target = Registry::start_htpasswd("ci-user", "target-only-pass-31");
+    let base_reg = Registry::start();
+    let ws = workspace(1_000_000_000);
+    let base_push = push_amd64(ws.path(), &format!("{}/base", base_reg.addr))
+        .output()
+        .unwrap();
+    assert!(base_push.status.success(), "{}", text(&base_push.stderr));
+    let proxy = Proxy::start(
+        &base_reg.addr,
+        ProxyOpts {
+            bearer: Some(None),
+            ..ProxyOpts::default()
+        },
+    );
+    let out = output_with_stdin(
+        push_amd64(ws.path(), &format!("{}/app", target.addr))
+            .args(["--base", &format!("{}/base:v1", proxy.addr)])
+            .args(["--username", "ci-user", "--password-stdin"]),
+        "target-only-pass-31\n",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_serves(&target, "app:v1", &pushed_digest(&out.stdout));
+
+    // The base registry was asked (a challenge, an anonymous token) ...
+    let tokens = proxy.token_requests();
+    assert!(!tokens.is_empty(), "the base registry was never asked");
+    assert!(proxy.seen().len() > tokens.len());
+    // ... and never saw the push credentials, nor any Basic header.
+    for t in &tokens {
+        assert_eq!(
+            t.authorization, None,
+            "token request with credentials: {t:?}"
+        );
+        assert!(
+            !t.body.contains("ci-user") && !t.target.contains("ci-user"),
+            "{t:?}"
+        );
+    }
+    for s in proxy.seen() {
+        if let Some(a) = &s.authorization {
+            assert!(a.starts_with("Bearer proxytoken-"), "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn a_docker_login_identity_token_is_exchanged_with_the_refresh_token_grant() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            bearer: Some(None),
+            ..ProxyOpts::default()
+        },
+    );
+    let ws = workspace(1_000_000_000);
+    let home = tempfile::tempdir().unwrap();
+    let refresh = "refresh-token-0xC0FFEE-9931";
+    fs::write(
+        home.path().join("config.json"),
+        serde_json::json!({ "auths": { proxy.addr.clone(): { "identitytoken": refresh } } })
+            .to_string(),
+    )
+    .unwrap();
+    let out = push_amd64(ws.path(), &format!("{}/idtok", proxy.addr))
+        .arg("-vv")
+        .env("DOCKER_CONFIG", home.path())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_serves(&reg, "idtok:v1", &pushed_digest(&out.stdout));
+    let requests = proxy.token_requests();
+    assert!(!requests.is_empty(), "no token was asked for");
+    for t in &requests {
+        // OAuth2 (token spec "OAuth2 Token Authentication"): a form POST, no Basic header.
+        assert_eq!(t.method, "POST", "{t:?}");
+        assert_eq!(t.authorization, None, "{t:?}");
+        let form: Vec<(String, String)> = t
+            .body
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.replace("%3A", ":").replace("%2C", ",")))
+            .collect();
+        let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("grant_type"), Some("refresh_token"), "{t:?}");
+        assert_eq!(get("refresh_token"), Some(refresh), "{t:?}");
+        assert_eq!(get("service"), Some("imgbuild-proxy"), "{t:?}");
+        assert!(
+            get("scope").is_some_and(|s| s.contains("repository:idtok:")),
+            "{t:?}"
+        );
+    }
+    assert!(
+        !format!("{}{err}", text(&out.stdout)).contains(refresh),
+        "identity token leaked"
+    );
+}

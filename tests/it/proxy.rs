@@ -88,6 +88,12 @@ pub struct ProxyOpts {
     /// Answer every manifest PUT `403 DENIED` (a credential that may upload blobs but not
     /// write manifests or tags): an authorization failure in the middle of a push.
     pub deny_manifest_puts: bool,
+    /// Answer every blob-upload POST `404 NAME_UNKNOWN` (what ECR answers for a repository
+    /// that does not exist).
+    pub name_unknown: bool,
+    /// Read request bodies larger than 64 KiB in 64 KiB pieces, pausing this long after
+    /// each: a slow link on which an upload keeps making progress.
+    pub throttle: Option<Duration>,
 }
 
 impl Default for ProxyOpts {
@@ -105,6 +111,8 @@ impl Default for ProxyOpts {
             hang_from: None,
             lose_puts: 0,
             deny_manifest_puts: false,
+            name_unknown: false,
+            throttle: None,
         }
     }
 }
@@ -125,6 +133,18 @@ pub struct Seen {
     pub key: String,
     pub authorization: Option<String>,
     pub fault: Option<Fault>,
+    /// When the request's head arrived.
+    pub at: std::time::Instant,
+}
+
+/// One request to the token endpoint: method, Authorization header, body (the form of a POST).
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub method: String,
+    pub target: String,
+    pub authorization: Option<String>,
+    pub body: String,
 }
 
 #[derive(Debug, Default)]
@@ -135,6 +155,7 @@ struct State {
     last_was_401: HashSet<String>,
     faults: usize,
     tokens: Vec<String>,
+    token_requests: Vec<TokenRequest>,
     redirected: bool,
     lost: usize,
 }
@@ -193,6 +214,11 @@ impl Proxy {
     /// Tokens the token endpoint handed out.
     pub fn tokens(&self) -> Vec<String> {
         self.state.lock().unwrap().tokens.clone()
+    }
+
+    /// Every request to the token endpoint.
+    pub fn token_requests(&self) -> Vec<TokenRequest> {
+        self.state.lock().unwrap().token_requests.clone()
     }
 }
 
@@ -412,6 +438,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             key: key.clone(),
             authorization: authorization.clone(),
             fault,
+            at: std::time::Instant::now(),
         });
         (seq, fault, valid_token)
     };
@@ -429,7 +456,15 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         return Ok(());
     }
     let mut body = vec![0; req.content_length];
-    reader.read_exact(&mut body)?;
+    match opts.throttle {
+        Some(pause) if body.len() > 64 << 10 => {
+            for piece in body.chunks_mut(64 << 10) {
+                reader.read_exact(piece)?;
+                std::thread::sleep(pause);
+            }
+        }
+        _ => reader.read_exact(&mut body)?,
+    }
 
     if opts.html {
         let page = b"<!DOCTYPE html><html><head><title>Welcome</title></head><body>Welcome to our network. Please log in.</body></html>";
@@ -438,6 +473,17 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         return Ok(());
     }
     if is_token {
+        shared
+            .state
+            .lock()
+            .unwrap()
+            .token_requests
+            .push(TokenRequest {
+                method: req.method.clone(),
+                target: req.target.clone(),
+                authorization: authorization.clone(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
         if let Some(Some((user, pass))) = &opts.bearer {
             use base64::Engine as _;
             let want = format!(
@@ -506,6 +552,16 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             return Ok(());
         }
         _ => {}
+    }
+    if opts.name_unknown && req.method == "POST" && req.target.contains("/blobs/uploads/") {
+        let ct = ("Content-Type", "application/json".to_string());
+        respond(
+            &mut conn,
+            404,
+            &[ct],
+            b"{\"errors\":[{\"code\":\"NAME_UNKNOWN\",\"message\":\"The repository with name 'missing/app' does not exist in the registry with id '123456789012'\"}]}",
+        );
+        return Ok(());
     }
     if opts.deny_manifest_puts && req.method == "PUT" && req.target.contains("/manifests/") {
         let ct = ("Content-Type", "application/json".to_string());
