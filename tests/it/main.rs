@@ -12,6 +12,7 @@ mod ecr;
 mod faults;
 mod harness;
 mod inputs;
+mod newuser;
 mod promises;
 mod proxy;
 mod push;
