@@ -14,6 +14,7 @@ mod faults;
 mod harness;
 mod inputs;
 mod newuser;
+mod promises;
 mod proxy;
 mod push;
 mod smoke;
