@@ -15,15 +15,17 @@
 
 use crate::digest::Digest;
 use crate::error::{Error, ExitCode};
-use crate::image::Descriptor;
+use crate::image::{ANNOTATION_REF_NAME, Descriptor};
 use crate::progress::{Event, Progress};
 use crate::reference::{ImageRef, RefTarget, Repository, validate_tag};
 use crate::registry::copy::{Endpoint, RawManifest, with_repository};
 use crate::registry::{PushOptions, RegistryError};
+use crate::store::BlobStore;
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 /// `imgbuild copy SRC DST`.
@@ -69,7 +71,7 @@ pub struct Copied {
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error(
-        "{reference} not found (the registry answered 404); check the repository name and the tag or digest"
+        "{reference} not found (no such repository, tag or digest; or no such oci: layout or tag); check the name and the tag or digest"
     )]
     NotFound { reference: String },
     #[error("{reference}: {reason}")]
@@ -169,6 +171,16 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 
 /// Copy `req.source` (with every platform and referrer) to `req.destination`.
 pub fn copy(req: &CopyRequest, progress: &dyn Progress) -> Result<Copied, Error> {
+    match (parse_layout(&req.source), parse_layout(&req.destination)) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Usage(
+                "copy: both sides are oci: layouts; one must be a registry (copy the directory instead)".into(),
+            ));
+        }
+        (Some((dir, tag)), None) => return layout_to_registry(req, &dir, tag.as_deref(), progress),
+        (None, Some((dir, tag))) => return registry_to_layout(req, &dir, tag.as_deref(), progress),
+        (None, None) => {}
+    }
     let source = parse_source(&req.source)?;
     let (dst_repo, dst) = parse_destination(&req.destination)?;
     // No tag at the destination: keep the source's tag (promotion keeps the version); a
@@ -226,8 +238,8 @@ pub fn copy(req: &CopyRequest, progress: &dyn Progress) -> Result<Copied, Error>
         let copied = with_repository(&dst_repo, &dst_opts, progress, || async {
             let target = Endpoint::connect(&dst_repo, &dst_opts, progress).await?;
             let mut walk = Walk {
-                src: &src,
-                dst: &target,
+                src: Source::Registry(&src),
+                dst: Target::Registry(&target),
                 jobs: dst_opts.jobs.max(1),
                 progress,
                 seen: HashSet::new(),
@@ -334,8 +346,8 @@ impl From<RegistryError> for WalkError {
 
 /// The copy of one manifest graph, source to destination.
 struct Walk<'a> {
-    src: &'a Endpoint,
-    dst: &'a Endpoint,
+    src: Source<'a>,
+    dst: Target<'a>,
     jobs: usize,
     progress: &'a dyn Progress,
     /// Manifests already put (a graph can name one twice; referrers can loop).
@@ -359,16 +371,12 @@ impl<'a> Walk<'a> {
             if let Some(children) = doc["manifests"].as_array() {
                 for child in children {
                     let d = descriptor(child, &m.digest)?;
-                    let got = self
-                        .src
-                        .manifest(&d.digest.to_string(), self.progress)
-                        .await?
-                        .ok_or_else(|| {
-                            WalkError::Invalid(format!(
-                                "index {} names {}, which the source does not have",
-                                m.digest, d.digest
-                            ))
-                        })?;
+                    let got = self.src.manifest(&d, self.progress).await?.ok_or_else(|| {
+                        WalkError::Invalid(format!(
+                            "index {} names {}, which the source does not have",
+                            m.digest, d.digest
+                        ))
+                    })?;
                     self.manifest(got).await?;
                 }
             } else {
@@ -386,14 +394,12 @@ impl<'a> Walk<'a> {
                 }
                 self.blobs(&blobs).await?;
             }
-            let subject_processed = self
-                .dst
-                .put_manifest(&m, &m.digest.to_string(), self.progress)
-                .await?;
+            let subject_processed = self.dst.put_manifest(&m, self.progress).await?;
             self.manifests += 1;
             // Keep the fallback tag for the subject when the destination did not take note
             // of it itself (spec.md "Pushing Manifests with Subject").
             if let Some(subject) = doc["subject"]["digest"].as_str()
+                && let Target::Registry(dst) = self.dst
                 && !subject_processed
             {
                 let subject: Digest = subject.parse().map_err(|e| {
@@ -413,8 +419,7 @@ impl<'a> Walk<'a> {
                 if doc["annotations"].is_object() {
                     entry["annotations"] = doc["annotations"].clone();
                 }
-                self.dst
-                    .add_to_fallback_tag(&subject, &[entry], self.progress)
+                dst.add_to_fallback_tag(&subject, &[entry], self.progress)
                     .await?;
             }
             for r in self.src.referrers(&m.digest, self.progress).await? {
@@ -422,11 +427,7 @@ impl<'a> Walk<'a> {
                 if self.seen.contains(&d.digest) {
                     continue;
                 }
-                let Some(referrer) = self
-                    .src
-                    .manifest(&d.digest.to_string(), self.progress)
-                    .await?
-                else {
+                let Some(referrer) = self.src.manifest(&d, self.progress).await? else {
                     // A stale fallback-tag entry: nothing to copy.
                     self.progress.event(Event::Warning(&format!(
                         "referrer {} of {} is listed but missing in the source; skipped",
@@ -445,11 +446,382 @@ impl<'a> Walk<'a> {
     async fn blobs(&self, blobs: &[Descriptor]) -> Result<(), WalkError> {
         let (src, dst, progress) = (self.src, self.dst, self.progress);
         futures::stream::iter(blobs)
-            .map(|d| async move { dst.take_blob(src, d, progress).await })
+            .map(|d| async move {
+                match (src, dst) {
+                    (Source::Registry(s), Target::Registry(t)) => {
+                        t.take_blob(s, d, progress).await?;
+                    }
+                    (Source::Layout(store), Target::Registry(t)) => {
+                        t.put_blob_file(d, store.path(&d.digest), progress).await?;
+                    }
+                    (Source::Registry(s), Target::Layout(store)) => {
+                        if store.contains(&d.digest) {
+                            progress.event(Event::BlobSkipped {
+                                digest: &d.digest,
+                                size: d.size,
+                                reason: "already in the layout",
+                            });
+                        } else {
+                            s.download(d, store, progress).await?;
+                        }
+                    }
+                    (Source::Layout(_), Target::Layout(_)) => {
+                        return Err(WalkError::Invalid(
+                            "a copy between two oci: layouts is not supported".into(),
+                        ));
+                    }
+                }
+                Ok::<(), WalkError>(())
+            })
             .buffer_unordered(self.jobs)
-            .try_collect::<Vec<bool>>()
+            .try_collect::<Vec<()>>()
             .await?;
         Ok(())
+    }
+}
+
+/// Where a walk reads from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    Registry(&'a Endpoint),
+    /// An OCI image layout's blob store.
+    Layout(&'a BlobStore),
+}
+
+impl Source<'_> {
+    /// The manifest `d` names; `None` if the source does not have it.
+    async fn manifest(
+        &self,
+        d: &Descriptor,
+        progress: &dyn Progress,
+    ) -> Result<Option<RawManifest>, WalkError> {
+        match self {
+            Source::Registry(e) => Ok(e.manifest(&d.digest.to_string(), progress).await?),
+            Source::Layout(store) => {
+                let path = store.path(&d.digest);
+                let bytes = match std::fs::read(&path) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(WalkError::Invalid(format!(
+                            "cannot read {}: {e}",
+                            path.display()
+                        )));
+                    }
+                };
+                let typed = Some(d.media_type.as_str()).filter(|t| !t.is_empty());
+                let m = RawManifest::from_bytes(bytes.into(), typed);
+                if m.digest != d.digest {
+                    return Err(WalkError::Invalid(format!(
+                        "{} hashes to {}; the layout is corrupt",
+                        path.display(),
+                        m.digest
+                    )));
+                }
+                Ok(Some(m))
+            }
+        }
+    }
+
+    /// Referrers of `digest` (a layout's are not looked for: it has no referrers API).
+    async fn referrers(
+        &self,
+        digest: &Digest,
+        progress: &dyn Progress,
+    ) -> Result<Vec<Value>, WalkError> {
+        match self {
+            Source::Registry(e) => Ok(e.referrers(digest, progress).await?),
+            Source::Layout(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Where a walk writes to.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    Registry(&'a Endpoint),
+    Layout(&'a BlobStore),
+}
+
+impl Target<'_> {
+    /// Store `m` by digest. `Ok(true)` when nothing more is needed for its `subject` (the
+    /// registry processed it, or a layout, which lists referrers in no tag).
+    async fn put_manifest(
+        &self,
+        m: &RawManifest,
+        progress: &dyn Progress,
+    ) -> Result<bool, WalkError> {
+        match self {
+            Target::Registry(e) => Ok(e.put_manifest(m, &m.digest.to_string(), progress).await?),
+            Target::Layout(store) => {
+                store.put_bytes(&m.bytes).map_err(|e| {
+                    WalkError::Invalid(format!("writing to {}: {e}", store.root().display()))
+                })?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// `oci:DIR[:TAG]`: the directory and the tag (the last `:` starts a tag only when what
+/// follows is a valid tag, as skopeo reads it).
+fn parse_layout(input: &str) -> Option<(PathBuf, Option<String>)> {
+    let rest = input.strip_prefix("oci:")?;
+    Some(match rest.rsplit_once(':') {
+        Some((p, t)) if !p.is_empty() && validate_tag(t).is_ok() => {
+            (PathBuf::from(p), Some(t.to_string()))
+        }
+        _ => (PathBuf::from(rest), None),
+    })
+}
+
+/// The image of the layout `dir` named `tag` (its `org.opencontainers.image.ref.name`), or
+/// its only image.
+fn layout_top(
+    input: &str,
+    dir: &Path,
+    tag: Option<&str>,
+) -> Result<(BlobStore, RawManifest), CopyError> {
+    let invalid = |reason: String| CopyError::Invalid {
+        reference: input.to_string(),
+        reason,
+    };
+    let path = dir.join("index.json");
+    let text = std::fs::read(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => CopyError::NotFound {
+            reference: input.to_string(),
+        },
+        _ => invalid(format!("cannot read {}: {e}", path.display())),
+    })?;
+    let index: Value = serde_json::from_slice(&text)
+        .map_err(|e| invalid(format!("{} is not JSON ({e})", path.display())))?;
+    let entries = index["manifests"].as_array().cloned().unwrap_or_default();
+    let chosen: Vec<&Value> = entries
+        .iter()
+        .filter(|e| tag.is_none() || e["annotations"][ANNOTATION_REF_NAME].as_str() == tag)
+        .collect();
+    let entry = match chosen.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(CopyError::NotFound {
+                reference: input.to_string(),
+            });
+        }
+        _ => {
+            return Err(invalid(
+                "the layout holds several images; name one with oci:DIR:TAG".into(),
+            ));
+        }
+    };
+    let d = descriptor(entry, &Digest::of(&text)).map_err(|e| match e {
+        WalkError::Invalid(r) => invalid(r),
+        WalkError::Registry(e) => invalid(e.to_string()),
+    })?;
+    let store =
+        BlobStore::open(dir).map_err(|e| invalid(format!("cannot open {}: {e}", dir.display())))?;
+    let bytes = std::fs::read(store.path(&d.digest))
+        .map_err(|e| invalid(format!("cannot read {}: {e}", d.digest)))?;
+    let typed = Some(d.media_type.as_str()).filter(|t| !t.is_empty());
+    let top = RawManifest::from_bytes(bytes.into(), typed);
+    if top.digest != d.digest {
+        return Err(invalid(format!(
+            "blob {} has other content; the layout is corrupt",
+            d.digest
+        )));
+    }
+    Ok((store, top))
+}
+
+/// Add (or move) `tag` in the layout's `index.json` to `top`, and write `oci-layout`.
+fn tag_layout(store: &BlobStore, top: &RawManifest, tag: Option<&str>) -> std::io::Result<()> {
+    let root = store.root();
+    let path = root.join("index.json");
+    let mut index: Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|v: &Value| v["manifests"].is_array())
+        .unwrap_or_else(|| serde_json::json!({"schemaVersion": 2, "manifests": []}));
+    let mut entry = serde_json::json!({
+        "mediaType": top.media_type,
+        "digest": top.digest,
+        "size": top.bytes.len(),
+    });
+    if let Some(t) = tag {
+        entry["annotations"] = serde_json::json!({ ANNOTATION_REF_NAME: t });
+    }
+    let list = index["manifests"]
+        .as_array_mut()
+        .expect("checked to be an array above");
+    list.retain(|e| match tag {
+        Some(t) => e["annotations"][ANNOTATION_REF_NAME].as_str() != Some(t),
+        None => e["digest"] != entry["digest"],
+    });
+    list.push(entry);
+    let bytes = serde_json::to_vec(&index).map_err(std::io::Error::other)?;
+    let tmp = root.join("index.json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::write(
+        root.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+}
+
+/// A walk's error as the copy's.
+fn walk_error(reference: &str, side_name: &'static str, e: WalkError) -> CopyError {
+    match e {
+        WalkError::Registry(cause) => CopyError::Registry {
+            side: side_name,
+            reference: reference.to_string(),
+            cause,
+        },
+        WalkError::Invalid(reason) => CopyError::Invalid {
+            reference: reference.to_string(),
+            reason,
+        },
+    }
+}
+
+/// `copy oci:DIR[:TAG] REGISTRY/REPO[:TAG]`.
+fn layout_to_registry(
+    req: &CopyRequest,
+    dir: &Path,
+    tag: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<Copied, Error> {
+    let (dst_repo, dst) = parse_destination(&req.destination)?;
+    let (store, top) = layout_top(&req.source, dir, tag)?;
+    check_digest(req, &dst, &top)?;
+    let dst_tags: Vec<String> = dst
+        .tag
+        .clone()
+        .or(tag.map(str::to_string))
+        .into_iter()
+        .collect();
+    let dst_tags = if dst.tag.is_none() && dst.digest.is_some() {
+        Vec::new()
+    } else {
+        dst_tags
+    };
+    let dst_name = dst_repo.to_string();
+    let opts = &req.destination_opts;
+    let invalid = std::cell::RefCell::new(None);
+    let runtime = runtime()?;
+    let counts = runtime
+        .block_on(with_repository(&dst_repo, opts, progress, || async {
+            let target = Endpoint::connect(&dst_repo, opts, progress).await?;
+            let mut walk = Walk {
+                src: Source::Layout(&store),
+                dst: Target::Registry(&target),
+                jobs: opts.jobs.max(1),
+                progress,
+                seen: HashSet::new(),
+                manifests: 0,
+                referrers: 0,
+            };
+            match walk.manifest(top.clone()).await {
+                Ok(()) => {}
+                Err(WalkError::Registry(e)) => return Err(e),
+                Err(WalkError::Invalid(reason)) => {
+                    let e = RegistryError::Client {
+                        reason: reason.clone(),
+                    };
+                    *invalid.borrow_mut() = Some(reason);
+                    return Err(e);
+                }
+            }
+            for t in &dst_tags {
+                target.put_manifest(&top, t, progress).await?;
+            }
+            Ok((walk.manifests, walk.referrers))
+        }))
+        .map_err(|e| match invalid.take() {
+            Some(reason) => CopyError::Invalid {
+                reference: req.source.clone(),
+                reason,
+            },
+            None => side("destination", &dst_name)(e),
+        })?;
+    Ok(Copied {
+        image_ref: format!("{dst_repo}@{}", top.digest),
+        digest: top.digest.clone(),
+        media_type: top.media_type.clone(),
+        tags: dst_tags,
+        manifests: counts.0,
+        referrers: counts.1,
+    })
+}
+
+/// `copy REGISTRY/REPO:TAG oci:DIR[:TAG]`: every blob and manifest into the layout's
+/// `blobs/`, then the tag (the source's when none is given) in its `index.json`.
+fn registry_to_layout(
+    req: &CopyRequest,
+    dir: &Path,
+    tag: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<Copied, Error> {
+    let source = parse_source(&req.source)?;
+    let tag = match (tag, &source.target) {
+        (Some(t), _) => Some(t.to_string()),
+        (None, RefTarget::Tag(t)) => Some(t.clone()),
+        (None, RefTarget::Digest(_)) => None,
+    };
+    let store = BlobStore::open(dir)
+        .map_err(|e| Error::io(format!("creating the OCI layout {}", dir.display()), e))?;
+    let mut opts = req.source_opts.clone();
+    opts.mount_from.clear();
+    opts.credentials = None;
+    let src_name = source.to_string();
+    let runtime = runtime()?;
+    let (top, counts) = runtime.block_on(async {
+        let src = Endpoint::connect(&source.repo, &opts, progress)
+            .await
+            .map_err(side("source", &src_name))?;
+        let top = src
+            .manifest(&source.reference(), progress)
+            .await
+            .map_err(side("source", &src_name))?
+            .ok_or_else(|| CopyError::NotFound {
+                reference: src_name.clone(),
+            })?;
+        let mut walk = Walk {
+            src: Source::Registry(&src),
+            dst: Target::Layout(&store),
+            jobs: opts.jobs.max(1),
+            progress,
+            seen: HashSet::new(),
+            manifests: 0,
+            referrers: 0,
+        };
+        walk.manifest(top.clone())
+            .await
+            .map_err(|e| walk_error(&src_name, "source", e))?;
+        Ok::<_, CopyError>((top, (walk.manifests, walk.referrers)))
+    })?;
+    tag_layout(&store, &top, tag.as_deref())
+        .map_err(|e| Error::io(format!("writing {}/index.json", dir.display()), e))?;
+    Ok(Copied {
+        image_ref: format!("oci:{}@{}", dir.display(), top.digest),
+        digest: top.digest.clone(),
+        media_type: top.media_type.clone(),
+        tags: tag.into_iter().collect(),
+        manifests: counts.0,
+        referrers: counts.1,
+    })
+}
+
+/// A destination `@sha256:...` must be the source's digest.
+fn check_digest(req: &CopyRequest, dst: &Written, top: &RawManifest) -> Result<(), CopyError> {
+    match &dst.digest {
+        Some(d) if *d != top.digest => Err(CopyError::Usage {
+            what: "destination",
+            input: req.destination.clone(),
+            reason: format!(
+                "the source is {}; a copy keeps the digest, so a destination digest must be that one (or leave it out)",
+                top.digest
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

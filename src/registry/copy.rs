@@ -355,3 +355,27 @@ where
 {
     super::ecr::with_repository(&repo.registry, &repo.path, &opts.aws, progress, op).await
 }
+
+impl Endpoint {
+    /// Upload the blob `desc` from the file `path` (an OCI layout's): HEAD-skip, POST and one
+    /// streamed PUT, confirmed, with retries, as for a built layer. `Ok(true)` if sent.
+    pub async fn put_blob_file(
+        &self,
+        desc: &Descriptor,
+        path: std::path::PathBuf,
+        progress: &dyn Progress,
+    ) -> Result<bool, RegistryError> {
+        super::upload::push_layer(self.client(), &desc.digest, desc.size, path, None, progress)
+            .await
+    }
+
+    /// Download the blob `desc` into `store`, verified while it streams.
+    pub async fn download(
+        &self,
+        desc: &Descriptor,
+        store: &crate::store::BlobStore,
+        progress: &dyn Progress,
+    ) -> Result<(), RegistryError> {
+        self.puller.download(desc, store, progress).await
+    }
+}

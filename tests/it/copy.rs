@@ -420,3 +420,68 @@ fn copy_between_two_ecr_accounts_through_moto() {
     let tmp = tempfile::tempdir().unwrap();
     pull_oci(&prod, "prod/hello:v1", &tmp.path().join("oci"), "v1");
 }
+
+/// `oci:DIR[:TAG]` on either side: a registry image into a layout skopeo reads with the same
+/// digest, and a layout `imgbuild build` wrote pushed by `copy` with its build digest.
+#[test]
+fn copy_to_and_from_an_oci_layout() {
+    let reg = Registry::start();
+    let digest = push_example(&reg, "dev/hello", "v3");
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("pulled");
+    let line = run_ok_line(
+        &[
+            "copy",
+            &format!("{}/dev/hello:v3", reg.addr),
+            &format!("oci:{}", layout.display()),
+        ],
+        None,
+    );
+    assert_eq!(line, format!("oci:{}@{digest}", layout.display()));
+    let raw = skopeo_ok(&["inspect", "--raw", &format!("oci:{}:v3", layout.display())]);
+    assert_eq!(raw.as_bytes(), inspect_raw(&reg, "dev/hello:v3"));
+    // skopeo reads every blob of every platform from it, verifying each digest.
+    skopeo_ok(&[
+        "copy",
+        "--all",
+        &format!("oci:{}:v3", layout.display()),
+        &format!("oci:{}:v3", dir.path().join("again").display()),
+    ]);
+
+    // A layout from `imgbuild build`, into the registry: the build's digest.
+    let ws = workspace(1_000_000_000);
+    let built = run_ok(imgbuild().current_dir(ws.path()).args([
+        "build",
+        "-q",
+        "-f",
+        "build-specs/hello.toml",
+        "-o",
+        "out",
+        "-t",
+        "b1",
+    ]));
+    let built = text(&built.stdout).trim().to_string();
+    let line = run_ok_line(
+        &[
+            "copy",
+            &format!("oci:{}:b1", ws.path().join("out").display()),
+            &format!("{}/built/hello", reg.addr),
+        ],
+        None,
+    );
+    assert_eq!(line, format!("{}/built/hello@{built}", reg.addr));
+    assert_eq!(
+        inspect_raw(&reg, "built/hello:b1"),
+        read_blob(&ws.path().join("out"), &built)
+    );
+    // A tag the layout does not have: exit 3.
+    let out = run(
+        &[
+            "copy",
+            &format!("oci:{}:nope", ws.path().join("out").display()),
+            &format!("{}/built/hello", reg.addr),
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+}
