@@ -5,7 +5,8 @@
 #   scripts/install-deps.sh build     C compiler/linker for rustc and the `ring` crate
 #   scripts/install-deps.sh test      build + docker-registry, skopeo, qemu-user-static,
 #                                     htpasswd, openssl, tar, zstd, ca-certificates, moto,
-#                                     and busybox-static amd64/arm64 binaries (cached, not installed)
+#                                     busybox-static amd64/arm64 binaries (cached, not installed)
+#                                     and kubernetes-validate (its own venv)
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
 #   scripts/install-deps.sh bench     test tools + buildah, pigz, zstd, GNU time, curl (bench/run.sh)
 #
@@ -135,6 +136,32 @@ install_busybox() {
     done
 }
 
+# kubernetes-validate (PyPI; offline schemas) for the example manifests that `imgbuild resolve`
+# writes (tests/it/resolve.rs). Its own venv, next to moto's; the binary ends up at
+# "$K8S_VENV/bin/kubernetes-validate".
+K8S_VENV="${IMGBUILD_TEST_K8S_VENV:-${HOME:-/root}/.cache/imgbuild-test/k8s-venv}"
+K8S_VALIDATE_SPEC='kubernetes-validate==1.*'
+install_kubernetes_validate() {
+    if [[ -x "$K8S_VENV/bin/kubernetes-validate" ]] &&
+        "$K8S_VENV/bin/kubernetes-validate" --version >/dev/null 2>&1; then
+        log "kubernetes-validate: $K8S_VENV/bin/kubernetes-validate"
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-pip python3-venv
+    rm -rf "$K8S_VENV"
+    mkdir -p "$(dirname "$K8S_VENV")"
+    if ! python3 -m venv "$K8S_VENV" >/dev/null 2>&1; then
+        rm -rf "$K8S_VENV"
+        apt_install python3-venv python3-pip
+        python3 -m venv "$K8S_VENV"
+    fi
+    log "installing $K8S_VALIDATE_SPEC into $K8S_VENV"
+    "$K8S_VENV/bin/python" -m pip install -q --disable-pip-version-check "$K8S_VALIDATE_SPEC"
+    [[ -x "$K8S_VENV/bin/kubernetes-validate" ]] ||
+        die "kubernetes-validate missing after install in $K8S_VENV"
+    log "kubernetes-validate: $K8S_VENV/bin/kubernetes-validate"
+}
+
 install_fixture_tools() {
     apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
 }
@@ -153,6 +180,7 @@ test)
     install_test_tools
     install_moto
     install_busybox
+    install_kubernetes_validate
     ;;
 fixtures)
     install_build

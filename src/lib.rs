@@ -30,6 +30,7 @@ pub mod platform;
 pub mod progress;
 pub mod reference;
 pub mod registry;
+pub mod resolve;
 pub mod run;
 pub mod spec;
 pub mod store;
