@@ -17,9 +17,11 @@
 pub mod base;
 pub mod cache;
 pub mod compress;
+pub mod deploy;
 pub mod digest;
 pub mod error;
 pub mod image;
+pub mod init;
 pub mod layer;
 pub mod layout;
 pub mod output;

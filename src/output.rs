@@ -31,6 +31,8 @@ pub struct Summary<'a> {
     pub tags: Vec<String>,
     /// The OCI layout written, for `build`.
     pub layout: Option<PathBuf>,
+    /// The build spec, as given; `imgbuild resolve --metadata-file` finds the image by its name.
+    pub spec: Option<&'a Path>,
 }
 
 impl Summary<'_> {
@@ -71,6 +73,9 @@ impl Summary<'_> {
         if let Some(r) = &self.repository {
             v["repository"] = json!(r);
             v["image"] = json!(self.image_ref());
+        }
+        if let Some(s) = self.spec {
+            v["spec"] = json!(s.display().to_string());
         }
         if let Some(l) = &self.layout {
             v["layout"] = json!(l.display().to_string());

@@ -26,6 +26,31 @@ pub const SCHEME: &str = "imgbuild://";
 /// `imgbuild://hello` is `build-specs/hello.toml`.
 pub const SPEC_DIR: &str = "build-specs";
 
+/// What can go wrong before anything is built; every one is a usage error (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// A reference that names no spec (and no `--metadata-file` entry), or is malformed.
+    #[error("{file}:{line}:{column}: {SCHEME}{spec}: {message}")]
+    Reference {
+        file: String,
+        line: usize,
+        column: usize,
+        spec: String,
+        message: String,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input that is not YAML text (not UTF-8, a directory without YAML files).
+    #[error("{}: {message}", path.display())]
+    Input { path: PathBuf, message: String },
+    #[error("--metadata-file {}: {message}", path.display())]
+    Metadata { path: PathBuf, message: String },
+}
+
 /// How the scalar was written; the replacement keeps the quotes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quote {
@@ -287,7 +312,11 @@ fn closing_quote(b: &[u8], open: usize) -> Option<usize> {
 
 /// `text` with each reference's content replaced by `with(reference)`. Everything else is
 /// copied unchanged; `refs` must come from [`scan`] of this `text`.
-pub fn replace(text: &str, refs: &[Reference], mut with: impl FnMut(&Reference) -> String) -> String {
+pub fn replace(
+    text: &str,
+    refs: &[Reference],
+    mut with: impl FnMut(&Reference) -> String,
+) -> String {
     let mut out = String::with_capacity(text.len() + refs.len() * 64);
     let mut copied = 0;
     for r in refs {
@@ -329,7 +358,9 @@ fn normalise(path: &Path) -> PathBuf {
     for c in path.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
                 out.pop();
             }
             other => out.push(other),
@@ -359,8 +390,7 @@ pub struct MetadataEntry {
 /// Parse the JSON `--metadata-file` writes (src/output.rs): `repository`, `digest`, `tags`
 /// and `spec`.
 pub fn parse_metadata(text: &str) -> Result<MetadataEntry, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
     let field = |k: &str| v.get(k).and_then(serde_json::Value::as_str);
     let repository = field("repository")
         .ok_or("no \"repository\": it was written by `imgbuild build`, not `push`; use the push's --metadata-file")?
@@ -370,7 +400,9 @@ pub fn parse_metadata(text: &str) -> Result<MetadataEntry, String> {
         .strip_prefix("sha256:")
         .ok_or_else(|| format!("\"digest\" {digest:?} is not sha256:..."))?;
     if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(format!("\"digest\" {digest:?} is not sha256: and 64 hex digits"));
+        return Err(format!(
+            "\"digest\" {digest:?} is not sha256: and 64 hex digits"
+        ));
     }
     let tags = v
         .get("tags")
@@ -406,24 +438,53 @@ mod tests {
     /// (input, [(spec, key, form, line, column, quote)])
     type Case = (
         &'static str,
-        &'static [(&'static str, Option<&'static str>, Form, usize, usize, Quote)],
+        &'static [(
+            &'static str,
+            Option<&'static str>,
+            Form,
+            usize,
+            usize,
+            Quote,
+        )],
     );
 
     const CASES: &[Case] = &[
-        ("image: imgbuild://hello\n", &[("hello", Some("image"), Form::Image, 1, 8, Quote::Plain)]),
+        (
+            "image: imgbuild://hello\n",
+            &[("hello", Some("image"), Form::Image, 1, 8, Quote::Plain)],
+        ),
         (
             "spec:\n  containers:\n    - name: a\n      image: imgbuild://hello # pinned\n",
             &[("hello", Some("image"), Form::Image, 4, 14, Quote::Plain)],
         ),
-        ("- image: \"imgbuild://x\"\n", &[("x", Some("image"), Form::Image, 1, 10, Quote::Double)]),
-        ("- image: 'imgbuild://x'\n", &[("x", Some("image"), Form::Image, 1, 10, Quote::Single)]),
-        ("  - imgbuild://a/b.toml\n", &[("a/b.toml", None, Form::Image, 1, 5, Quote::Plain)]),
-        ("\"image\": imgbuild://q\r\n", &[("q", Some("image"), Form::Image, 1, 10, Quote::Plain)]),
+        (
+            "- image: \"imgbuild://x\"\n",
+            &[("x", Some("image"), Form::Image, 1, 10, Quote::Double)],
+        ),
+        (
+            "- image: 'imgbuild://x'\n",
+            &[("x", Some("image"), Form::Image, 1, 10, Quote::Single)],
+        ),
+        (
+            "  - imgbuild://a/b.toml\n",
+            &[("a/b.toml", None, Form::Image, 1, 5, Quote::Plain)],
+        ),
+        (
+            "\"image\": imgbuild://q\r\n",
+            &[("q", Some("image"), Form::Image, 1, 10, Quote::Plain)],
+        ),
         // Helm values: split fields.
         (
             "image:\n  repository: imgbuild://hello\n  tag: imgbuild://hello\n  digest: \"imgbuild://hello\"\n",
             &[
-                ("hello", Some("repository"), Form::Repository, 2, 15, Quote::Plain),
+                (
+                    "hello",
+                    Some("repository"),
+                    Form::Repository,
+                    2,
+                    15,
+                    Quote::Plain,
+                ),
                 ("hello", Some("tag"), Form::Tag, 3, 8, Quote::Plain),
                 ("hello", Some("digest"), Form::Digest, 4, 11, Quote::Double),
             ],
@@ -431,34 +492,61 @@ mod tests {
         (
             "image: {repository: imgbuild://h, tag: imgbuild://h}\n",
             &[
-                ("h", Some("repository"), Form::Repository, 1, 21, Quote::Plain),
+                (
+                    "h",
+                    Some("repository"),
+                    Form::Repository,
+                    1,
+                    21,
+                    Quote::Plain,
+                ),
                 ("h", Some("tag"), Form::Tag, 1, 40, Quote::Plain),
             ],
         ),
-        ("images: [imgbuild://a, 'imgbuild://b']\n", &[
-            ("a", None, Form::Image, 1, 10, Quote::Plain),
-            ("b", None, Form::Image, 1, 24, Quote::Single),
-        ]),
-        ("imageRepository: imgbuild://x\n", &[("x", Some("imageRepository"), Form::Repository, 1, 18, Quote::Plain)]),
+        (
+            "images: [imgbuild://a, 'imgbuild://b']\n",
+            &[
+                ("a", None, Form::Image, 1, 10, Quote::Plain),
+                ("b", None, Form::Image, 1, 24, Quote::Single),
+            ],
+        ),
+        (
+            "imageRepository: imgbuild://x\n",
+            &[(
+                "x",
+                Some("imageRepository"),
+                Form::Repository,
+                1,
+                18,
+                Quote::Plain,
+            )],
+        ),
         // Not references: comments, longer strings, block scalar content, keys.
         ("# image: imgbuild://hello\n", &[]),
         ("image: nginx # imgbuild://hello\n", &[]),
         ("msg: see imgbuild://hello\n", &[]),
         // A scalar that starts with the scheme is a reference, even a broken one (reported).
-        ("image: imgbuild://a b\n", &[("a b", Some("image"), Form::Image, 1, 8, Quote::Plain)]),
+        (
+            "image: imgbuild://a b\n",
+            &[("a b", Some("image"), Form::Image, 1, 8, Quote::Plain)],
+        ),
         ("imgbuild://k: v\n", &[]),
-        ("script: |\n  image: imgbuild://x\n  more\nimage: imgbuild://y\n", &[
-            ("y", Some("image"), Form::Image, 4, 8, Quote::Plain),
-        ]),
+        (
+            "script: |\n  image: imgbuild://x\n  more\nimage: imgbuild://y\n",
+            &[("y", Some("image"), Form::Image, 4, 8, Quote::Plain)],
+        ),
         (
             "- args: >-\n    image: imgbuild://x\n  image: imgbuild://z\n",
             &[("z", Some("image"), Form::Image, 3, 10, Quote::Plain)],
         ),
         ("a: \"not closed\n", &[]),
-        ("---\nimage: imgbuild://a\n...\n---\nimage: imgbuild://b\n", &[
-            ("a", Some("image"), Form::Image, 2, 8, Quote::Plain),
-            ("b", Some("image"), Form::Image, 5, 8, Quote::Plain),
-        ]),
+        (
+            "---\nimage: imgbuild://a\n...\n---\nimage: imgbuild://b\n",
+            &[
+                ("a", Some("image"), Form::Image, 2, 8, Quote::Plain),
+                ("b", Some("image"), Form::Image, 5, 8, Quote::Plain),
+            ],
+        ),
     ];
 
     #[test]
@@ -467,12 +555,25 @@ mod tests {
             let got = scan(input);
             let got: Vec<_> = got
                 .iter()
-                .map(|r| (r.spec.as_str(), r.key.as_deref(), r.form, r.line, r.column, r.quote))
+                .map(|r| {
+                    (
+                        r.spec.as_str(),
+                        r.key.as_deref(),
+                        r.form,
+                        r.line,
+                        r.column,
+                        r.quote,
+                    )
+                })
                 .collect();
             assert_eq!(&got, want, "input {input:?}");
             // The span is the scalar's content.
             for r in scan(input) {
-                assert_eq!(&input[r.span.clone()], format!("{SCHEME}{}", r.spec), "{input:?}");
+                assert_eq!(
+                    &input[r.span.clone()],
+                    format!("{SCHEME}{}", r.spec),
+                    "{input:?}"
+                );
             }
         }
     }
@@ -519,7 +620,9 @@ mod tests {
             ("a b", Err(())),
             ("h@llo", Err(())),
         ] {
-            let got = spec_path(spec).map(|p| p.display().to_string()).map_err(|_| ());
+            let got = spec_path(spec)
+                .map(|p| p.display().to_string())
+                .map_err(|_| ());
             assert_eq!(got, want.map(str::to_string), "{spec:?}");
         }
     }
@@ -532,7 +635,10 @@ mod tests {
         );
         let e = parse_metadata(&full).unwrap();
         assert_eq!(e.name, "hello");
-        assert_eq!(e.pushed.render(Form::Image), format!("127.0.0.1:5000/x/hello@{d}"));
+        assert_eq!(
+            e.pushed.render(Form::Image),
+            format!("127.0.0.1:5000/x/hello@{d}")
+        );
         assert_eq!(e.pushed.tags, ["v1"]);
         // Without `spec`: the repository's last segment.
         let old = format!(r#"{{"digest":"{d}","repository":"r/team/api"}}"#);

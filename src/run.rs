@@ -96,6 +96,7 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
         repository: req.repository.as_ref().map(Repository::to_string),
         tags: Vec::new(),
         layout: Some(dir.clone()),
+        spec: Some(&req.image.spec.path),
     };
     write_outputs(&req.image.outputs, &summary)?;
     Ok(image)
@@ -177,6 +178,7 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
         repository: Some(repo.to_string()),
         tags: report.tags,
         layout: None,
+        spec: Some(&req.image.spec.path),
     };
     write_outputs(&req.image.outputs, &summary)?;
     let image_ref = summary.image_ref();

@@ -13,5 +13,6 @@ mod harness;
 mod inputs;
 mod proxy;
 mod push;
+mod resolve;
 mod smoke;
 mod speed;
