@@ -192,7 +192,7 @@ fn resolve(args: &ResolveArgs) -> Result<()> {
         .as_deref()
         .map(|p| p.trim().trim_end_matches('/'))
         .filter(|p| !p.is_empty());
-    let plan = deploy::plan(inputs, &metadata, |p| p.is_file())?;
+    let plan = deploy::plan(inputs, &metadata, |p| p.is_file()).map_err(Error::from)?;
     let out = deploy::resolve(plan, &metadata, |spec| resolve_push(args, prefix, spec))?;
     print!("{out}");
     Ok(())
