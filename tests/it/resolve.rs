@@ -19,7 +19,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// kubernetes-validate from `scripts/install-deps.sh test` (its own venv), or in PATH.
-fn kubernetes_validate() -> PathBuf {
+fn kubernetes_validate() -> Option<PathBuf> {
     let venv = std::env::var_os("IMGBUILD_TEST_K8S_VENV")
         .map(PathBuf::from)
         .or_else(|| {
@@ -28,23 +28,6 @@ fn kubernetes_validate() -> PathBuf {
     venv.map(|v| v.join("bin/kubernetes-validate"))
         .filter(|p| p.is_file())
         .or_else(|| find_program("kubernetes-validate"))
-        .expect("kubernetes-validate not installed: run scripts/install-deps.sh test")
-}
-
-/// Whether to go on with the Docker part: without a Docker Engine, CI fails (unless
-/// IMGBUILD_TEST_ALLOW_SKIP names `docker`); elsewhere the part is skipped.
-fn docker_or_skip(what: &str) -> bool {
-    if docker_available() {
-        return true;
-    }
-    let allowed = std::env::var("IMGBUILD_TEST_ALLOW_SKIP").is_ok_and(|v| v.contains("docker"));
-    if std::env::var_os("CI").is_some() && !allowed {
-        panic!(
-            "no Docker Engine answers, and CI is set: {what} must run (IMGBUILD_TEST_ALLOW_SKIP=docker allows the skip)"
-        );
-    }
-    skip(&format!("no Docker Engine answers: {what} not tested"));
-    false
 }
 
 /// A copy of examples/hello (sources, spec, manifests; not its target/) in a temp dir.
@@ -186,7 +169,10 @@ fn examples_hello_built_pushed_resolved_validated_and_run() {
     // Valid Kubernetes objects, checked against the schemas of a current Kubernetes.
     let file = ws.path().join("resolved.yaml");
     fs::write(&file, &resolved).unwrap();
-    let checked = Command::new(kubernetes_validate())
+    let Some(validate) = kubernetes_validate() else {
+        return skip_missing("kubernetes-validate", "kubernetes-validate not installed");
+    };
+    let checked = Command::new(validate)
         .args(["--strict", "--quiet"])
         .arg(&file)
         .stdin(Stdio::null())
@@ -201,8 +187,11 @@ fn examples_hello_built_pushed_resolved_validated_and_run() {
 
     // The Docker Engine pulls the image by its digest and runs it as the Deployment does
     // (non-root, read-only root, no capabilities); /health answers 200 "ok".
-    if !docker_or_skip("docker run of examples/hello") {
-        return;
+    if !docker_available() {
+        return skip_missing(
+            "docker",
+            "no Docker Engine answers: docker run of examples/hello not tested",
+        );
     }
     let pull_ref = format!("{prefix}/hello@{digest}");
     let pulled = Command::new("docker")
