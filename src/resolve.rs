@@ -395,6 +395,10 @@ pub fn parse_metadata(text: &str) -> Result<MetadataEntry, String> {
     let repository = field("repository")
         .ok_or("no \"repository\": it was written by `imgbuild build`, not `push`; use the push's --metadata-file")?
         .to_string();
+    // `image` is written only for an image that is in the registry (`push`).
+    if field("image").is_none() {
+        return Err("no \"image\": the image was built, not pushed; use the --metadata-file of `imgbuild push`".into());
+    }
     let digest = field("digest").ok_or("no \"digest\"")?.to_string();
     let hex = digest
         .strip_prefix("sha256:")
@@ -631,7 +635,7 @@ mod tests {
     fn metadata_files() {
         let d = format!("sha256:{}", "b".repeat(64));
         let full = format!(
-            r#"{{"digest":"{d}","repository":"127.0.0.1:5000/x/hello","tags":["v1"],"spec":"build-specs/hello.toml"}}"#
+            r#"{{"digest":"{d}","repository":"127.0.0.1:5000/x/hello","image":"127.0.0.1:5000/x/hello@{d}","tags":["v1"],"spec":"build-specs/hello.toml"}}"#
         );
         let e = parse_metadata(&full).unwrap();
         assert_eq!(e.name, "hello");
@@ -641,12 +645,15 @@ mod tests {
         );
         assert_eq!(e.pushed.tags, ["v1"]);
         // Without `spec`: the repository's last segment.
-        let old = format!(r#"{{"digest":"{d}","repository":"r/team/api"}}"#);
+        let old =
+            format!(r#"{{"digest":"{d}","repository":"r/team/api","image":"r/team/api@{d}"}}"#);
         assert_eq!(parse_metadata(&old).unwrap().name, "api");
         for bad in [
             "nope".to_string(),
             format!(r#"{{"digest":"{d}"}}"#),
-            r#"{"digest":"sha256:12","repository":"r/x"}"#.to_string(),
+            r#"{"digest":"sha256:12","repository":"r/x","image":"r/x@sha256:12"}"#.to_string(),
+            // Built, not pushed.
+            format!(r#"{{"digest":"{d}","repository":"r/x"}}"#),
         ] {
             assert!(parse_metadata(&bad).is_err(), "{bad}");
         }

@@ -444,3 +444,59 @@ fn init_writes_a_spec_that_builds_and_never_overwrites() {
         spec
     );
 }
+
+#[test]
+fn two_specs_are_each_pushed_once() {
+    let reg = Registry::start();
+    let ws = crate::build::workspace(1_000_000_000);
+    fs::copy(
+        ws.path().join("build-specs/hello.toml"),
+        ws.path().join("build-specs/other.toml"),
+    )
+    .unwrap();
+    // `hello` three times (by name, by path, quoted), `other` once, across two files.
+    fs::write(
+        ws.path().join("a.yaml"),
+        "image: imgbuild://hello\n---\nimage: imgbuild://./build-specs/hello.toml\n",
+    )
+    .unwrap();
+    fs::write(
+        ws.path().join("b.yaml"),
+        "images:\n  - 'imgbuild://hello'\n  - imgbuild://other\n",
+    )
+    .unwrap();
+    let prefix = format!("{}/two", reg.addr);
+    let out = run_ok(imgbuild().current_dir(ws.path()).args([
+        "resolve",
+        "-q",
+        "--repo-prefix",
+        &format!("{prefix}/"),
+        "--platform",
+        "linux/amd64",
+        "-f",
+        "a.yaml",
+        "-f",
+        "b.yaml",
+    ]));
+    let resolved = text(&out.stdout);
+    let log = reg.log();
+    let mut digests = Vec::new();
+    for name in ["hello", "other"] {
+        let start = format!("{prefix}/{name}@");
+        let at = resolved
+            .find(&start)
+            .unwrap_or_else(|| panic!("{name}: {resolved}"));
+        let digest = &resolved[at + start.len()..at + start.len() + 71];
+        let puts = log
+            .lines()
+            .filter(|l| l.contains(&format!("PUT /v2/two/{name}/manifests/{digest}")))
+            .count();
+        assert_eq!(puts, 1, "{name}: index pushed once");
+        digests.push(format!("{start}{digest}"));
+    }
+    let (hello, other) = (&digests[0], &digests[1]);
+    assert_eq!(
+        resolved,
+        format!("image: {hello}\n---\nimage: {hello}\n---\nimages:\n  - '{hello}'\n  - {other}\n")
+    );
+}
