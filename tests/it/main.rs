@@ -16,5 +16,6 @@ mod newuser;
 mod promises;
 mod proxy;
 mod push;
+mod resolve;
 mod smoke;
 mod speed;
