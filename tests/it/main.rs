@@ -17,6 +17,7 @@ mod newuser;
 mod promises;
 mod proxy;
 mod push;
+mod resolve;
 mod smoke;
 mod speed;
 mod static_base;
