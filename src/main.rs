@@ -386,11 +386,6 @@ fn credentials(args: &PushArgs) -> Result<Option<Credentials>> {
     read_password(args.username.as_deref(), args.password_stdin)
 }
 
-/// `--username` with the password from standard input (`--password-stdin`).
-fn credentials(args: &PushArgs) -> Result<Option<Credentials>> {
-    read_password(args.username.as_deref(), args.password_stdin)
-}
-
 /// The password from standard input for `username`, when `--password-stdin` was given.
 fn read_password(username: Option<&str>, password_stdin: bool) -> Result<Option<Credentials>> {
     if !password_stdin {
