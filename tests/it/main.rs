@@ -7,6 +7,7 @@
 mod action;
 mod base;
 mod build;
+mod copy;
 mod credentials;
 mod ecr;
 mod faults;
@@ -19,3 +20,4 @@ mod push;
 mod resolve;
 mod smoke;
 mod speed;
+mod static_base;
