@@ -17,11 +17,14 @@
 pub mod base;
 pub mod cache;
 pub mod compress;
+pub mod copy;
+pub mod deploy;
 pub mod digest;
 pub mod docker_archive;
 pub mod error;
 pub mod gitref;
 pub mod image;
+pub mod init;
 pub mod inspect;
 pub mod layer;
 pub mod layout;
@@ -34,9 +37,11 @@ pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod provenance;
+pub mod resolve;
 pub mod run;
 pub mod sbom;
 pub mod spec;
+pub mod static_base;
 pub mod store;
 pub mod supply;
 
