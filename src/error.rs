@@ -67,7 +67,9 @@ pub enum Error {
     },
     /// The image and its tags are pushed, but its SBOM/provenance referrers could not be
     /// attached (exit 5: retrying the push is safe and attaches them).
-    #[error("pushed {image_ref} (the image itself is complete), but attaching its SBOM/provenance failed: {source}; push again to attach them, or use --sbom none --provenance none")]
+    #[error(
+        "pushed {image_ref} (the image itself is complete), but attaching its SBOM/provenance failed: {source}; push again to attach them, or use --sbom none --provenance none"
+    )]
     AttachAfterPush {
         image_ref: String,
         #[source]

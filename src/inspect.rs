@@ -108,12 +108,16 @@ impl Source {
                         Error::Usage(format!(
                             "{}/index.json has no image{}; give oci:DIR:TAG with a tag it lists",
                             dir.display(),
-                            tag.as_ref().map(|t| format!(" tagged {t}")).unwrap_or_default()
+                            tag.as_ref()
+                                .map(|t| format!(" tagged {t}"))
+                                .unwrap_or_default()
                         ))
                     })?;
-                let d: Digest = entry["digest"].as_str().unwrap_or_default().parse().map_err(
-                    |e| Error::Usage(format!("{}/index.json: {e}", dir.display())),
-                )?;
+                let d: Digest = entry["digest"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .parse()
+                    .map_err(|e| Error::Usage(format!("{}/index.json: {e}", dir.display())))?;
                 Ok((self.blob(&d, progress).await?, d))
             }
         }
@@ -124,8 +128,8 @@ impl Source {
             return Ok(Value::Null);
         };
         let path = dir.join("index.json");
-        let bytes =
-            std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let bytes = std::fs::read(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         serde_json::from_slice(&bytes)
             .map_err(|e| Error::Usage(format!("{}: not JSON: {e}", path.display())))
     }
@@ -158,7 +162,11 @@ impl Source {
     }
 
     /// Descriptors of the referrers of `subject`.
-    async fn referrers(&self, subject: &Digest, progress: &dyn Progress) -> Result<Vec<Value>, Error> {
+    async fn referrers(
+        &self,
+        subject: &Digest,
+        progress: &dyn Progress,
+    ) -> Result<Vec<Value>, Error> {
         match self {
             Source::Registry { puller, .. } => {
                 Ok(crate::registry::referrers::list(puller, subject, progress).await?)
@@ -173,8 +181,8 @@ impl Source {
                     let Ok(d) = m["digest"].as_str().unwrap_or_default().parse::<Digest>() else {
                         continue;
                     };
-                    let v: Value = serde_json::from_slice(&self.blob(&d, progress).await?)
-                        .unwrap_or_default();
+                    let v: Value =
+                        serde_json::from_slice(&self.blob(&d, progress).await?).unwrap_or_default();
                     if v["subject"]["digest"] == subject.to_string().as_str() {
                         out.push(m.clone());
                     }
@@ -309,7 +317,11 @@ pub fn document(
         .iter()
         .find(|p| p.platform == platform)
         .ok_or_else(|| {
-            let have: Vec<&str> = report.platforms.iter().map(|p| p.platform.as_str()).collect();
+            let have: Vec<&str> = report
+                .platforms
+                .iter()
+                .map(|p| p.platform.as_str())
+                .collect();
             Error::Usage(format!(
                 "{reference} has no {platform} image; it has {}",
                 have.join(", ")
@@ -373,13 +385,20 @@ pub fn table(i: &Inspection) -> String {
             cfg.insert("ports", p.exposed_ports.join(","));
         }
         if let Some(b) = &p.base_name {
-            cfg.insert("base", format!("{b} {}", p.base_digest.clone().unwrap_or_default()));
+            cfg.insert(
+                "base",
+                format!("{b} {}", p.base_digest.clone().unwrap_or_default()),
+            );
         }
         for (k, v) in cfg {
             let _ = writeln!(s, "    {k}: {v}");
         }
         for r in &p.referrers {
-            let _ = writeln!(s, "    referrer {} {} ({} B)", r.artifact_type, r.digest, r.size);
+            let _ = writeln!(
+                s,
+                "    referrer {} {} ({} B)",
+                r.artifact_type, r.digest, r.size
+            );
         }
     }
     s

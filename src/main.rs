@@ -35,7 +35,8 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // The push succeeded: stdout still carries the reference (README "Outputs").
             if let Some(
-                Error::OutputsAfterPush { image_ref, .. } | Error::AttachAfterPush { image_ref, .. },
+                Error::OutputsAfterPush { image_ref, .. }
+                | Error::AttachAfterPush { image_ref, .. },
             ) = e.chain().find_map(|c| c.downcast_ref::<Error>())
             {
                 println!("{image_ref}");
@@ -490,7 +491,10 @@ fn supply_options(c: &CommonArgs, on_by_default: bool) -> imgbuild::supply::Supp
         .collect();
     imgbuild::supply::SupplyOptions {
         sbom: c.sbom.as_deref().map_or(on_by_default, |s| s == "spdx"),
-        provenance: c.provenance.as_deref().map_or(on_by_default, |s| s != "none"),
+        provenance: c
+            .provenance
+            .as_deref()
+            .map_or(on_by_default, |s| s != "none"),
         output_dir: c.sbom_output.clone(),
         github,
     }

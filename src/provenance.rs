@@ -221,7 +221,10 @@ mod tests {
         let local: Value = serde_json::from_slice(&statement(&input)).unwrap();
         assert_eq!(local["_type"], STATEMENT_TYPE);
         assert_eq!(local["subject"][0]["digest"]["sha256"], d.hex());
-        assert_eq!(local["predicate"]["runDetails"]["builder"]["id"], LOCAL_BUILDER);
+        assert_eq!(
+            local["predicate"]["runDetails"]["builder"]["id"],
+            LOCAL_BUILDER
+        );
         let deps = &local["predicate"]["buildDefinition"]["resolvedDependencies"];
         assert_eq!(deps[0]["name"], "bin/app");
         assert_eq!(deps.as_array().unwrap().len(), 1);
@@ -233,7 +236,10 @@ mod tests {
             ("GITHUB_RUN_ID", "42"),
             ("GITHUB_SHA", "abc"),
             ("GITHUB_REF", "refs/heads/main"),
-            ("GITHUB_WORKFLOW_REF", "o/r/.github/workflows/ci.yml@refs/heads/main"),
+            (
+                "GITHUB_WORKFLOW_REF",
+                "o/r/.github/workflows/ci.yml@refs/heads/main",
+            ),
         ] {
             github.insert(k.to_string(), v.to_string());
         }

@@ -336,7 +336,10 @@ mod tests {
         );
         let rels = v["relationships"].as_array().unwrap();
         assert!(rels.iter().any(|r| r["relationshipType"] == "DESCRIBES"));
-        assert!(rels.iter().any(|r| r["relationshipType"] == "DESCENDANT_OF"));
+        assert!(
+            rels.iter()
+                .any(|r| r["relationshipType"] == "DESCENDANT_OF")
+        );
     }
 
     #[test]

@@ -313,7 +313,13 @@ mod tests {
         assert_eq!(v["config"]["size"], 2);
         assert_eq!(v["layers"][0]["digest"], a.document.digest.to_string());
         assert_eq!(v["subject"]["digest"], subject.digest.to_string());
-        assert_eq!(a.referrer_descriptor()["annotations"][ANNOTATION_KIND], "sbom");
-        assert_eq!(file_name(&p, Kind::Provenance), "linux-amd64.provenance.json");
+        assert_eq!(
+            a.referrer_descriptor()["annotations"][ANNOTATION_KIND],
+            "sbom"
+        );
+        assert_eq!(
+            file_name(&p, Kind::Provenance),
+            "linux-amd64.provenance.json"
+        );
     }
 }

@@ -51,7 +51,13 @@ pub(crate) async fn attach(
         push_bytes(client, b, progress).await?;
     }
     for a in attachments {
-        put_manifest(client, &a.manifest, &a.manifest.digest.to_string(), progress).await?;
+        put_manifest(
+            client,
+            &a.manifest,
+            &a.manifest.digest.to_string(),
+            progress,
+        )
+        .await?;
         report.manifests.push(a.manifest.digest.clone());
     }
     // Per subject, in the order of the attachments.
@@ -115,7 +121,7 @@ pub async fn list(
                 let v: Value = serde_json::from_slice(&body).unwrap_or_default();
                 return Ok(v["manifests"].is_array().then_some(v));
             }
-            if response.status().is_client_error() {
+            if no_referrers_api(response.status()) {
                 return Ok(None);
             }
             Err(unexpected(&url, response).await)
@@ -130,6 +136,15 @@ pub async fn list(
     Ok(index
         .and_then(|v| v["manifests"].as_array().cloned())
         .unwrap_or_default())
+}
+
+fn no_referrers_api(status: StatusCode) -> bool {
+    [
+        StatusCode::NOT_FOUND,
+        StatusCode::BAD_REQUEST,
+        StatusCode::METHOD_NOT_ALLOWED,
+    ]
+    .contains(&status)
 }
 
 /// The referrers tag of a subject: its digest with `:` as `-` (distribution-spec
@@ -200,7 +215,9 @@ async fn has_referrers_api(
                 let v: Value = serde_json::from_slice(&body).unwrap_or_default();
                 return Ok(v["manifests"].is_array());
             }
-            if status.is_client_error() {
+            // No referrers endpoint: 404 (distribution 2.8), or 400/405 from some proxies.
+            // Anything else (429, 5xx) goes to the retry policy.
+            if no_referrers_api(status) {
                 return Ok(false);
             }
             Err(unexpected(&url, response).await)
@@ -219,9 +236,12 @@ async fn get_tag_index(
         .retry(&format!("referrers tag {tag}"), progress, || async {
             let response = client
                 .send(|http| {
+                    // Every manifest type: a registry hides a manifest whose type the
+                    // client does not accept (404), and the tag must not be overwritten
+                    // blindly when it holds something else.
                     Ok(http
                         .get(url.clone())
-                        .header(ACCEPT, MEDIA_TYPE_INDEX)
+                        .header(ACCEPT, super::pull::MANIFEST_ACCEPT.join(", "))
                         .timeout(client.timeout()))
                 })
                 .await?;
@@ -284,6 +304,9 @@ mod tests {
         assert_eq!(list[2]["digest"], prov.manifest.digest.to_string());
         // Merging again is a fixed point (a re-push writes nothing).
         assert_eq!(merge(Some(&merged), &[&new, &prov]), merged);
-        assert_eq!(merge(None, &[&new])["manifests"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            merge(None, &[&new])["manifests"].as_array().unwrap().len(),
+            1
+        );
     }
 }

@@ -359,9 +359,11 @@ fn push_without_tag_and_outputs_that_fail_after_the_push() {
     // `sha256-<hex>` tags are the referrers tag schema (SBOM/provenance), not image tags.
     assert!(
         !tags.exists()
-            || fs::read_dir(&tags)
+            || fs::read_dir(&tags).unwrap().all(|t| t
                 .unwrap()
-                .all(|t| t.unwrap().file_name().to_string_lossy().starts_with("sha256-")),
+                .file_name()
+                .to_string_lossy()
+                .starts_with("sha256-")),
         "--no-tag pushed a tag"
     );
     let err = text(&out.stderr);

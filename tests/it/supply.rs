@@ -87,12 +87,21 @@ fn push_attaches_sbom_and_provenance_as_referrers_via_the_tag_schema() {
     let dir = ws.path();
 
     // Without attachments and with both: the same image index.
-    let plain = push(dir, &reg, "plain", &["--sbom", "none", "--provenance", "none"]);
+    let plain = push(
+        dir,
+        &reg,
+        "plain",
+        &["--sbom", "none", "--provenance", "none"],
+    );
     let digest = push(dir, &reg, "att", &["--sbom-output", "docs"]);
     assert_eq!(plain, digest, "attachments must not change the index");
     let index_bytes = inspect_raw(&reg, "att:v1");
     let index = json(&index_bytes);
-    assert_eq!(index["manifests"].as_array().unwrap().len(), 3, "platforms only");
+    assert_eq!(
+        index["manifests"].as_array().unwrap().len(),
+        3,
+        "platforms only"
+    );
     let plain_log = reg.log();
     assert!(
         !plain_log.contains("GET /v2/plain/manifests/sha256-"),
@@ -105,7 +114,10 @@ fn push_attaches_sbom_and_provenance_as_referrers_via_the_tag_schema() {
         // The referrers tag schema: an index of this manifest's referrers, read by skopeo.
         let tag_index_bytes = inspect_raw(&reg, &format!("att:sha256-{hex}"));
         let tag_index = json(&tag_index_bytes);
-        assert_eq!(tag_index["mediaType"], "application/vnd.oci.image.index.v1+json");
+        assert_eq!(
+            tag_index["mediaType"],
+            "application/vnd.oci.image.index.v1+json"
+        );
         let referrers = tag_index["manifests"].as_array().unwrap();
         let mut types: Vec<&str> = referrers
             .iter()
@@ -125,7 +137,10 @@ fn push_attaches_sbom_and_provenance_as_referrers_via_the_tag_schema() {
                 m["subject"]["mediaType"],
                 "application/vnd.oci.image.manifest.v1+json"
             );
-            assert_eq!(m["config"]["mediaType"], "application/vnd.oci.empty.v1+json");
+            assert_eq!(
+                m["config"]["mediaType"],
+                "application/vnd.oci.empty.v1+json"
+            );
             assert_eq!(m["config"]["size"], 2);
             assert_eq!(
                 get_blob(&reg, "att", m["config"]["digest"].as_str().unwrap()),
@@ -141,9 +156,17 @@ fn push_attaches_sbom_and_provenance_as_referrers_via_the_tag_schema() {
                 format!("{platform}.provenance.json")
             };
             let written = fs::read(dir.join("docs").join(&file)).unwrap();
-            assert_eq!(doc, written, "--sbom-output {file} is the attached document");
+            assert_eq!(
+                doc, written,
+                "--sbom-output {file} is the attached document"
+            );
             if kind == SPDX {
-                check_spdx(&dir.join("docs").join(&file), &json(&doc), &manifest, &platform);
+                check_spdx(
+                    &dir.join("docs").join(&file),
+                    &json(&doc),
+                    &manifest,
+                    &platform,
+                );
             } else {
                 check_provenance(&json(&doc), &manifest, &reg, &platform);
             }
@@ -221,8 +244,11 @@ fn check_spdx(path: &Path, doc: &Value, manifest: &str, platform: &str) {
     assert!(sums.iter().any(|(a, v)| *a == "SHA1" && v.len() == 40));
     assert_eq!(f["comment"], format!("size: {} bytes", hello.len()));
     let rels = doc["relationships"].as_array().unwrap();
-    assert!(rels.iter().any(|r| r["spdxElementId"] == "SPDXRef-DOCUMENT"
-        && r["relationshipType"] == "DESCRIBES"));
+    assert!(
+        rels.iter()
+            .any(|r| r["spdxElementId"] == "SPDXRef-DOCUMENT"
+                && r["relationshipType"] == "DESCRIBES")
+    );
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -258,8 +284,9 @@ fn check_provenance(doc: &Value, manifest: &str, reg: &Registry, platform: &str)
     let arch = platform.split('-').nth(1).unwrap();
     let hello = fs::read(fixtures().join("dist").join(arch).join("hello")).unwrap();
     assert!(
-        deps.iter().any(|d| d["digest"]["sha256"] == sha256_hex(&hello)
-            && d["name"] == format!("../fixtures/dist/{arch}/hello")),
+        deps.iter()
+            .any(|d| d["digest"]["sha256"] == sha256_hex(&hello)
+                && d["name"] == format!("../fixtures/dist/{arch}/hello")),
         "{deps:?}"
     );
     let builder = &doc["predicate"]["runDetails"]["builder"];
@@ -298,7 +325,10 @@ fn build_writes_the_referrers_into_the_layout() {
         let m = json(&read_blob(&dir.join("with"), e["digest"].as_str().unwrap()));
         assert_eq!(m["artifactType"], e["artifactType"]);
         assert!(subjects.contains(&m["subject"]["digest"].as_str().unwrap().to_string()));
-        let doc = read_blob(&dir.join("with"), m["layers"][0]["digest"].as_str().unwrap());
+        let doc = read_blob(
+            &dir.join("with"),
+            m["layers"][0]["digest"].as_str().unwrap(),
+        );
         json(&doc);
     }
     // The tagged image still copies (skopeo verifies every digest).
@@ -373,25 +403,38 @@ fn inspect_reports_platforms_config_and_referrers() {
     }
 
     // The same from an OCI layout (build --sbom spdx --provenance).
-    run_ok(imgbuild().current_dir(dir).env("SOURCE_DATE_EPOCH", "1700000000").args([
-        "build",
-        "-q",
-        "-f",
-        "build-specs/hello.toml",
-        "-o",
-        "lay",
-        "--sbom",
-        "spdx",
-        "--provenance",
-    ]));
-    let out = run_ok(imgbuild().current_dir(dir).args(["inspect", "--json", "oci:lay:latest"]));
+    run_ok(
+        imgbuild()
+            .current_dir(dir)
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .args([
+                "build",
+                "-q",
+                "-f",
+                "build-specs/hello.toml",
+                "-o",
+                "lay",
+                "--sbom",
+                "spdx",
+                "--provenance",
+            ]),
+    );
+    let out = run_ok(
+        imgbuild()
+            .current_dir(dir)
+            .args(["inspect", "--json", "oci:lay:latest"]),
+    );
     let local = json(&out.stdout);
     assert_eq!(local["digest"], digest.as_str());
     for p in local["platforms"].as_array().unwrap() {
         assert_eq!(p["referrers"].as_array().unwrap().len(), 2, "{p}");
     }
     // The table a terminal gets.
-    let out = run_ok(imgbuild().current_dir(dir).args(["inspect", "oci:lay:latest"]));
+    let out = run_ok(
+        imgbuild()
+            .current_dir(dir)
+            .args(["inspect", "oci:lay:latest"]),
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("linux/arm/v7"), "{table}");
     assert!(table.contains("referrer application/spdx+json"), "{table}");
@@ -402,7 +445,12 @@ fn a_failure_to_attach_is_exit_5_and_says_the_image_is_complete() {
     let reg = Registry::start();
     let ws = workspace(1_700_000_000);
     let dir = ws.path();
-    let digest = push(dir, &reg, "broken", &["--sbom", "none", "--provenance", "none"]);
+    let digest = push(
+        dir,
+        &reg,
+        "broken",
+        &["--sbom", "none", "--provenance", "none"],
+    );
     let index = json(&inspect_raw(&reg, &format!("broken@{digest}")));
     let (_, first) = platform_manifests(&index).remove(0);
     // Something that is not a referrers index already holds the referrers tag of the first
