@@ -59,8 +59,14 @@ pub struct ReferrerReport {
 /// Where to read from.
 #[derive(Debug)]
 enum Source {
-    Registry { puller: Puller, reference: String },
-    Layout { dir: PathBuf, tag: Option<String> },
+    Registry {
+        puller: Box<Puller>,
+        reference: String,
+    },
+    Layout {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
 }
 
 impl Source {
@@ -83,7 +89,7 @@ impl Source {
             RefTarget::Digest(d) => d.to_string(),
         };
         Ok(Source::Registry {
-            puller: Puller::connect(&r.repo, opts, progress).await?,
+            puller: Box::new(Puller::connect(&r.repo, opts, progress).await?),
             reference,
         })
     }
