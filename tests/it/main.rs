@@ -21,3 +21,4 @@ mod resolve;
 mod smoke;
 mod speed;
 mod static_base;
+mod supply;
