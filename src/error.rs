@@ -37,6 +37,8 @@ pub enum Error {
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Base(#[from] crate::base::BaseError),
+    #[error(transparent)]
+    Context(#[from] crate::context::ContextError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -66,6 +68,7 @@ impl Error {
             Error::Image(_) | Error::Io { .. } | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
+            Error::Context(e) => e.exit_code(),
         }
     }
 }

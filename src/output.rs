@@ -81,14 +81,44 @@ impl Summary<'_> {
 
 /// Write every requested output.
 pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
+    write_all(outputs, std::slice::from_ref(summary))
+}
+
+/// Write every requested output for one image pushed to several repositories (repeated
+/// `--repo`), `summaries[0]` being the first: the digest file holds the one index digest,
+/// `--image-refs` one line per repository (ko writes one per image), the metadata file keeps
+/// the first repository's fields and lists all under `destinations`, and GitHub gets
+/// `digest=`, `image=` (the first) and `images=` (all, comma-separated).
+pub fn write_all(outputs: &Outputs, summaries: &[Summary<'_>]) -> io::Result<()> {
+    let Some(summary) = summaries.first() else {
+        return Ok(());
+    };
     if let Some(p) = &outputs.digest_file {
         write_file(p, format!("{}\n", summary.digest()).as_bytes())?;
     }
     if let Some(p) = &outputs.image_refs {
-        write_file(p, format!("{}\n", summary.image_ref()).as_bytes())?;
+        let refs: String = summaries
+            .iter()
+            .map(|s| format!("{}\n", s.image_ref()))
+            .collect();
+        write_file(p, refs.as_bytes())?;
     }
     if let Some(p) = &outputs.metadata_file {
-        let mut text = serde_json::to_vec_pretty(&summary.metadata()).map_err(io::Error::other)?;
+        let mut meta = summary.metadata();
+        if summaries.iter().any(|s| s.repository.is_some()) {
+            meta["destinations"] = summaries
+                .iter()
+                .filter_map(|s| {
+                    let repository = s.repository.as_ref()?;
+                    Some(json!({
+                        "repository": repository,
+                        "image": s.image_ref(),
+                        "tags": s.tags,
+                    }))
+                })
+                .collect();
+        }
+        let mut text = serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?;
         text.push(b'\n');
         write_file(p, &text)?;
     }
@@ -97,6 +127,10 @@ pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
         let mut f = OpenOptions::new().create(true).append(true).open(p)?;
         writeln!(f, "digest={}", summary.digest())?;
         writeln!(f, "image={}", summary.image_ref())?;
+        if summaries.len() > 1 {
+            let all: Vec<String> = summaries.iter().map(Summary::image_ref).collect();
+            writeln!(f, "images={}", all.join(","))?;
+        }
     }
     Ok(())
 }

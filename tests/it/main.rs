@@ -6,6 +6,7 @@
 
 mod base;
 mod build;
+mod context;
 mod credentials;
 mod ecr;
 mod faults;
