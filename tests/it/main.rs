@@ -4,6 +4,7 @@
 // Test code panics on purpose when something is off.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod action;
 mod base;
 mod build;
 mod context;
@@ -12,7 +13,10 @@ mod ecr;
 mod faults;
 mod harness;
 mod inputs;
+mod newuser;
+mod promises;
 mod proxy;
 mod push;
+mod resolve;
 mod smoke;
 mod speed;
