@@ -404,9 +404,12 @@ struct TempRoot {
 
 impl TempRoot {
     fn new() -> io::Result<TempRoot> {
-        // tempfile makes it 0700 under TMPDIR (std::env::temp_dir).
+        // Private (0700) from the start, under TMPDIR (std::env::temp_dir): the context may
+        // hold what others on the machine should not read.
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::Builder::new()
             .prefix("imgbuild-context-")
+            .permissions(fs::Permissions::from_mode(0o700))
             .tempdir()?;
         LIVE.lock()
             .unwrap_or_else(PoisonError::into_inner)
