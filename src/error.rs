@@ -44,6 +44,10 @@ pub enum Error {
     #[error(transparent)]
     Context(#[from] crate::context::ContextError),
     #[error(transparent)]
+    Copy(#[from] crate::copy::CopyError),
+    #[error(transparent)]
+    StaticBase(#[from] crate::static_base::StaticBaseError),
+    #[error(transparent)]
     Resolve(#[from] crate::resolve::ResolveError),
     #[error(transparent)]
     Init(#[from] crate::init::InitError),
@@ -90,6 +94,8 @@ impl Error {
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
             Error::Context(e) => e.exit_code(),
+            Error::Copy(e) => e.exit_code(),
+            Error::StaticBase(e) => e.exit_code(),
         }
     }
 }
