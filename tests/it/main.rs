@@ -7,6 +7,7 @@
 mod action;
 mod base;
 mod build;
+mod context;
 mod copy;
 mod credentials;
 mod ecr;
