@@ -10,6 +10,7 @@ mod credentials;
 mod ecr;
 mod faults;
 mod harness;
+mod image;
 mod inputs;
 mod proxy;
 mod push;
