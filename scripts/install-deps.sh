@@ -5,7 +5,8 @@
 #   scripts/install-deps.sh build     C compiler/linker for rustc and the `ring` crate
 #   scripts/install-deps.sh test      build + docker-registry, skopeo, qemu-user-static,
 #                                     htpasswd, openssl, tar, zstd, ca-certificates, moto,
-#                                     and busybox-static amd64/arm64 binaries (cached, not installed)
+#                                     busybox-static amd64/arm64 binaries (cached, not installed),
+#                                     kubernetes-validate (own venv)
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
 #   scripts/install-deps.sh bench     test tools + buildah, pigz, zstd, GNU time, curl (bench/run.sh)
 #
@@ -135,6 +136,34 @@ install_busybox() {
     done
 }
 
+# kubernetes-validate (PyPI; offline schemas for many Kubernetes versions) in its own venv:
+# tests/it/k8s.rs validates deploy/k8s/ with it, and uses the venv's python (PyYAML, a
+# dependency of kubernetes-validate) to read the manifests.
+KUBEVAL_VENV="${IMGBUILD_TEST_KUBEVAL_VENV:-${HOME:-/root}/.cache/imgbuild-test/kubernetes-validate}"
+KUBEVAL_SPEC='kubernetes-validate==1.*'
+install_kubernetes_validate() {
+    if [[ -x "$KUBEVAL_VENV/bin/kubernetes-validate" ]] &&
+        "$KUBEVAL_VENV/bin/python" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+        log "kubernetes-validate: $KUBEVAL_VENV/bin/kubernetes-validate"
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        apt_install python3 python3-pip python3-venv
+    fi
+    rm -rf "$KUBEVAL_VENV"
+    mkdir -p "$(dirname "$KUBEVAL_VENV")"
+    if ! python3 -m venv "$KUBEVAL_VENV" >/dev/null 2>&1; then
+        rm -rf "$KUBEVAL_VENV"
+        apt_install python3-venv python3-pip
+        python3 -m venv "$KUBEVAL_VENV"
+    fi
+    log "installing $KUBEVAL_SPEC into $KUBEVAL_VENV"
+    "$KUBEVAL_VENV/bin/python" -m pip install -q --disable-pip-version-check "$KUBEVAL_SPEC"
+    [[ -x "$KUBEVAL_VENV/bin/kubernetes-validate" ]] ||
+        die "kubernetes-validate missing after install in $KUBEVAL_VENV"
+    log "kubernetes-validate: $KUBEVAL_VENV/bin/kubernetes-validate"
+}
+
 install_fixture_tools() {
     apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
 }
@@ -153,6 +182,7 @@ test)
     install_test_tools
     install_moto
     install_busybox
+    install_kubernetes_validate
     ;;
 fixtures)
     install_build
