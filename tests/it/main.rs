@@ -12,6 +12,7 @@ mod faults;
 mod harness;
 mod image;
 mod inputs;
+mod k8s;
 mod proxy;
 mod push;
 mod smoke;
