@@ -303,3 +303,109 @@ fn image_context_refuses_a_dynamic_binary_and_needs_a_binary() {
     let passwd = fs::read_to_string(dir.join("common/etc/passwd")).unwrap();
     assert!(passwd.contains("nonroot:x:65532:65532:"), "{passwd}");
 }
+
+/// The release form, no Docker needed: the context script with two static binaries (the
+/// checked-in amd64 and arm64 fixtures stand in for the musl builds) and
+/// `imgbuild build -f build-specs/imgbuild.toml --context DIR`, exactly as the release
+/// workflow calls them.
+#[test]
+fn release_image_builds_for_both_platforms_from_static_binaries() {
+    let work = tempfile::tempdir().unwrap();
+    let ctx = work.path().join("ctx");
+    let dist = crate::harness::fixtures().join("dist");
+    run_ok(
+        Command::new("bash")
+            .arg(repo_root().join("scripts/image-context.sh"))
+            .arg(&ctx)
+            .arg(dist.join("amd64/hello"))
+            .arg(dist.join("arm64/hello"))
+            .env_remove("IMGBUILD_IMAGE_BUNDLE_LIBS"),
+    );
+    let layout = work.path().join("layout");
+    let out = run_ok(
+        imgbuild()
+            .args(["build", "-f"])
+            .arg(repo_root().join("build-specs/imgbuild.toml"))
+            .arg("--context")
+            .arg(&ctx)
+            .arg("-o")
+            .arg(&layout),
+    );
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let digest = text(&out.stdout).trim().to_owned();
+    let index: serde_json::Value =
+        serde_json::from_slice(&crate::harness::read_blob(&layout, &digest)).unwrap();
+    let manifests = index["manifests"].as_array().unwrap();
+    let archs: Vec<&str> = manifests
+        .iter()
+        .map(|m| m["platform"]["architecture"].as_str().unwrap())
+        .collect();
+    assert_eq!(archs, ["amd64", "arm64"]);
+    let mut common_layers = Vec::new();
+    for m in manifests {
+        let manifest: serde_json::Value = serde_json::from_slice(&crate::harness::read_blob(
+            &layout,
+            m["digest"].as_str().unwrap(),
+        ))
+        .unwrap();
+        let config: serde_json::Value = serde_json::from_slice(&crate::harness::read_blob(
+            &layout,
+            manifest["config"]["digest"].as_str().unwrap(),
+        ))
+        .unwrap();
+        let c = &config["config"];
+        assert_eq!(c["User"], "65532:65532");
+        assert_eq!(
+            c["Entrypoint"],
+            serde_json::json!(["/usr/local/bin/imgbuild"])
+        );
+        assert_eq!(
+            c["Labels"]["org.opencontainers.image.version"],
+            env!("CARGO_PKG_VERSION"),
+            "build-specs/imgbuild.toml's version label must follow Cargo.toml"
+        );
+        let layers = manifest["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 2, "{manifest}");
+        common_layers.push(layers[0]["digest"].clone());
+        let listing: String = layers
+            .iter()
+            .map(|l| {
+                crate::harness::tar_listing(&crate::harness::blob_path(
+                    &layout,
+                    l["digest"].as_str().unwrap(),
+                ))
+            })
+            .collect();
+        // `tar -tv --numeric-owner`: "MODE UID/GID SIZE DATE TIME PATH".
+        let entry = |path: &str| {
+            listing
+                .lines()
+                .find(|l| l.split_whitespace().last() == Some(path))
+                .unwrap_or_else(|| panic!("{path} not in the image:\n{listing}"))
+                .to_owned()
+        };
+        for (path, mode, owner) in [
+            ("etc/passwd", "-rw-r--r--", "0/0"),
+            ("etc/group", "-rw-r--r--", "0/0"),
+            ("etc/nsswitch.conf", "-rw-r--r--", "0/0"),
+            ("etc/ssl/certs/ca-certificates.crt", "-rw-r--r--", "0/0"),
+            ("usr/local/bin/imgbuild", "-rwxr-xr-x", "0/0"),
+            ("tmp", "drwxr-xr-x", "65532/65532"),
+            ("cache", "drwxr-xr-x", "65532/65532"),
+            ("home/nonroot", "drwxr-xr-x", "65532/65532"),
+        ] {
+            let line = entry(path);
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!((fields[0], fields[1]), (mode, owner), "{line}");
+        }
+        assert!(
+            !listing.contains("bin/sh") && !listing.contains(" lib"),
+            "a shell or libraries in the release image:\n{listing}"
+        );
+    }
+    assert_eq!(
+        common_layers[0], common_layers[1],
+        "the common layer is one blob"
+    );
+}
