@@ -10,7 +10,7 @@ use std::path::PathBuf;
     name = "imgbuild",
     version,
     about = "Build deterministic multi-arch OCI images from prebuilt artifacts and push them, without a daemon",
-    after_help = "Exit codes: 0 ok, 1 internal error, 2 usage or spec error, 3 input artifact error, 4 authentication, 5 registry or network."
+    after_help = "Exit codes: 0 ok, 1 internal error, 2 usage or spec error, 3 input artifact error (also a base image tag or digest that does not exist), 4 authentication, 5 registry or network (the only one worth retrying), 6 TLS certificate not trusted, not valid for the name, or expired."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -57,6 +57,21 @@ pub struct CommonArgs {
     #[arg(short = 't', long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
 
+    /// No tag: push the image by digest only (as `tags = []`).
+    #[arg(long, conflicts_with_all = ["tags", "tag_from_git"])]
+    pub no_tag: bool,
+
+    /// Add tags from git, as docker/metadata-action does: branch feature/foo -> feature-foo,
+    /// tag v1.2.3 -> 1.2.3, 1.2, 1, latest; always sha-<7 hex>. Reads GITHUB_REF/GITHUB_SHA
+    /// in GitHub Actions, else git in the spec's directory. Adds to --tag; replaces `tags`.
+    #[arg(long)]
+    pub tag_from_git: bool,
+
+    /// Timestamp of every file and of the image config: seconds since 1970, or `git` for the
+    /// commit time of HEAD (overrides SOURCE_DATE_EPOCH).
+    #[arg(long, value_name = "SECONDS|git")]
+    pub source_date_epoch: Option<String>,
+
     /// Extra annotation on the manifests and index; repeatable.
     #[arg(long = "annotation", value_name = "KEY=VALUE")]
     pub annotations: Vec<String>,
@@ -102,7 +117,7 @@ pub struct CommonArgs {
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
 
-    /// More detail on stderr (-v, -vv).
+    /// More detail on stderr: each step, what was skipped or mounted and why, retries.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
@@ -121,9 +136,20 @@ pub struct BuildArgs {
     #[arg(short, long, value_name = "DIR")]
     pub output: Option<PathBuf>,
 
-    /// Also write the layout as a tar file.
+    /// Also write the image as a tar file (its directory is created).
     #[arg(long, value_name = "FILE")]
     pub tarball: Option<PathBuf>,
+
+    /// What --tarball holds: oci (the OCI layout, every platform; skopeo, crane, podman,
+    /// ctr import, Docker 25+) or docker (`docker save` format, the build machine's platform
+    /// or the first; every `docker load`).
+    #[arg(
+        long,
+        value_name = "oci|docker",
+        default_value = "oci",
+        requires = "tarball"
+    )]
+    pub tarball_format: imgbuild::layout::TarballFormat,
 
     /// Allow plain HTTP for this base image registry (after HTTPS fails); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]

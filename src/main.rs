@@ -30,6 +30,12 @@ fn main() -> std::process::ExitCode {
     match execute(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // The push succeeded: stdout still carries the reference (README "Outputs").
+            if let Some(Error::OutputsAfterPush { image_ref, .. }) =
+                e.chain().find_map(|c| c.downcast_ref::<Error>())
+            {
+                println!("{image_ref}");
+            }
             // One line: the chain joined with ": ", skipping causes the line already says
             // (many errors quote their io::Error in their own message).
             let mut line = String::new();
@@ -71,7 +77,20 @@ fn usage_error(e: &clap::Error) -> std::process::ExitCode {
         .collect();
     let line = parts.join(" ");
     let line = line.strip_prefix("error: ").unwrap_or(&line);
-    eprintln!("error: {line}; see imgbuild --help");
+    // Point at the help of the subcommand the error is about, when there is one.
+    let sub = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .filter(|a| {
+            <Cli as clap::CommandFactory>::command()
+                .get_subcommands()
+                .any(|s| s.get_name() == a)
+        });
+    let help = match sub {
+        Some(s) => format!("imgbuild {s} --help"),
+        None => "imgbuild --help".into(),
+    };
+    eprintln!("error: {line}; see {help}");
     std::process::ExitCode::from(ExitCode::Usage as u8)
 }
 
@@ -85,6 +104,11 @@ fn execute(cli: Cli) -> Result<()> {
 fn build(args: &BuildArgs) -> Result<()> {
     let c = &args.common;
     let progress = make_progress(c);
+    if c.image_refs.is_some() {
+        bail!(Error::Usage(
+            "--image-refs lists pushed references (REPO@sha256:...), and build pushes nothing; use --digest-file or --metadata-file, or push".into()
+        ));
+    }
     let (spec, options) = prepare(c)?;
     let repository = repository(c, &spec)?;
     let tags = tags(c, &spec)?;
@@ -103,13 +127,27 @@ fn build(args: &BuildArgs) -> Result<()> {
         },
         layout,
         tarball: args.tarball.clone(),
+        tarball_format: args.tarball_format,
         repository,
     };
     let image = run::build(&req, progress.as_ref())?;
     if !c.quiet {
         let dir = req.layout.display();
-        let tag = req.image.tags.first().map_or("", String::as_str);
-        eprintln!("wrote OCI layout {dir} (oci:{dir}:{tag})");
+        match req.image.tags.first() {
+            Some(tag) => eprintln!("wrote OCI layout {dir} (oci:{dir}:{tag})"),
+            None => eprintln!("wrote OCI layout {dir} (oci:{dir}, untagged)"),
+        }
+        if let (Some(t), imgbuild::layout::TarballFormat::Docker) =
+            (&req.tarball, req.tarball_format)
+            && let Some(one) = imgbuild::docker_archive::platform_image(&image)
+        {
+            eprintln!(
+                "wrote {} for docker load: {} only (docker load -i {})",
+                t.display(),
+                one.platform,
+                t.display()
+            );
+        }
     }
     println!("{}", image.index.digest);
     Ok(())
@@ -222,27 +260,24 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
     let platforms = if c.platforms.is_empty() {
         None
     } else {
-        let mut out = Vec::new();
-        for p in c.platforms.iter().filter(|p| !p.trim().is_empty()) {
-            out.push(
-                p.trim()
-                    .parse()
-                    .map_err(|e| Error::Usage(format!("--platform: {e}")))?,
-            );
-        }
-        if out.is_empty() {
-            bail!(Error::Usage(
-                "--platform: empty list; name at least one, e.g. linux/amd64".into()
-            ));
-        }
-        Some(out)
+        Some(
+            imgbuild::platform::parse_list(c.platforms.iter().map(String::as_str))
+                .map_err(|e| Error::Usage(format!("--platform: {e}")))?,
+        )
     };
-    let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-        Err(_) => 0,
-        Ok(v) if v.trim().is_empty() => 0,
-        Ok(v) => v.trim().parse::<u64>().map_err(|_| {
+    let epoch = match (c.source_date_epoch.as_deref(), std::env::var("SOURCE_DATE_EPOCH")) {
+        (Some("git"), _) => imgbuild::gitref::commit_time(&spec.context)
+            .map_err(|e| Error::Usage(e.to_string()))?,
+        (Some(v), _) => v.trim().parse::<u64>().map_err(|_| {
             Error::Usage(format!(
-                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970; unset it or set e.g. $(git log -1 --format=%ct)"
+                "--source-date-epoch {v:?}: give seconds since 1970 or `git` (the commit time of HEAD)"
+            ))
+        })?,
+        (None, Err(_)) => 0,
+        (None, Ok(v)) if v.trim().is_empty() => 0,
+        (None, Ok(v)) => v.trim().parse::<u64>().map_err(|_| {
+            Error::Usage(format!(
+                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970; unset it or set e.g. $(git log -1 --format=%ct), or pass --source-date-epoch git"
             ))
         })?,
     };
@@ -319,16 +354,35 @@ fn repository(c: &CommonArgs, spec: &Spec) -> Result<Option<Repository>> {
     })
 }
 
+/// `--no-tag` (none), else `--tag`s plus `--tag-from-git`'s, else the spec's `tags`.
 fn tags(c: &CommonArgs, spec: &Spec) -> Result<Vec<String>> {
-    if c.tags.is_empty() {
+    if c.no_tag {
+        return Ok(Vec::new());
+    }
+    if c.tags.is_empty() && !c.tag_from_git {
         return Ok(spec.tags.clone());
     }
     for t in &c.tags {
         validate_tag(t).map_err(Error::from).context("--tag")?;
     }
     let mut tags = c.tags.clone();
-    tags.dedup();
+    if c.tag_from_git {
+        tags.extend(git_refs(spec)?.image_tags());
+    }
+    let mut seen = std::collections::HashSet::new();
+    tags.retain(|t| seen.insert(t.clone()));
     Ok(tags)
+}
+
+/// In GitHub Actions (detached checkout) GITHUB_REF and GITHUB_SHA say what is built;
+/// elsewhere git is asked in the spec's directory.
+fn git_refs(spec: &Spec) -> Result<imgbuild::gitref::GitRefs> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let (Some(r), Some(sha)) = (env("GITHUB_REF"), env("GITHUB_SHA")) {
+        return Ok(imgbuild::gitref::GitRefs::from_github(&r, &sha));
+    }
+    imgbuild::gitref::GitRefs::from_git(&spec.context)
+        .map_err(|e| Error::Usage(e.to_string()).into())
 }
 
 fn outputs(c: &CommonArgs) -> Outputs {

@@ -433,6 +433,26 @@ impl Auth {
                     tried: format!("no credentials (looking them up failed: {e})"),
                 });
                 match ecr_error {
+                    // Say what the docker config lookup found (e.g. a credHelpers entry whose
+                    // helper is not installed), not only that AWS had nothing.
+                    Some(EcrError::NoCredentials {
+                        registry,
+                        imds,
+                        profile,
+                        ..
+                    }) if resolved.credential.is_none() => {
+                        let found = resolved.tried.as_str();
+                        let found = found
+                            .strip_prefix("no credentials (")
+                            .and_then(|f| f.strip_suffix(')'))
+                            .unwrap_or(found);
+                        Err(EcrError::NoCredentials {
+                            registry,
+                            imds,
+                            docker: format!(" ({found})"),
+                            profile,
+                        })
+                    }
                     Some(e) if resolved.credential.is_none() => Err(e),
                     _ => Ok(resolved),
                 }

@@ -788,6 +788,6 @@ fn base_on_a_tls_registry_needs_its_ca_for_build_too() {
         &format!("oci:{}:copy", ws.path().join("copied").display()),
     ]);
     let (code, err) = failure(&build("out-no-ca", &[]));
-    assert_eq!(code, Some(5), "{err}");
+    assert_eq!(code, Some(6), "an unknown CA is exit 6: {err}");
     assert!(err.contains("pass it with --ca-cert FILE"), "{err}");
 }

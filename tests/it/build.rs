@@ -293,8 +293,6 @@ fn digest_outputs_are_written() {
                 "127.0.0.1:5000/hello",
                 "--digest-file",
                 "d/digest",
-                "--image-refs",
-                "refs",
                 "--metadata-file",
                 "meta.json",
                 "--platform",
@@ -310,13 +308,10 @@ fn digest_outputs_are_written() {
         fs::read_to_string(ws.path().join("d/digest")).unwrap(),
         format!("{digest}\n")
     );
-    assert_eq!(
-        fs::read_to_string(ws.path().join("refs")).unwrap(),
-        format!("127.0.0.1:5000/hello@{digest}\n")
-    );
+    // Nothing was pushed: no image= (REPO@DIGEST would not resolve); the layout instead.
     assert_eq!(
         fs::read_to_string(&gh).unwrap(),
-        format!("earlier=step\ndigest={digest}\nimage=127.0.0.1:5000/hello@{digest}\n")
+        format!("earlier=step\ndigest={digest}\nlayout=out\n")
     );
     let meta: serde_json::Value =
         serde_json::from_slice(&fs::read(ws.path().join("meta.json")).unwrap()).unwrap();
@@ -394,7 +389,8 @@ fn architecture_check() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("fixtures/dist/amd64/hello: is an 64-bit x86-64 ELF file but the image is for linux/arm64 (which needs AArch64)"),
+        err.contains("build-specs/case.toml:3:")
+            && err.contains("fixtures/dist/amd64/hello is a 64-bit x86-64 ELF file but the image is for linux/arm64 (which needs AArch64)"),
         "{err}"
     );
     assert!(

@@ -406,7 +406,8 @@ fn tls_is_verified_on_loopback_too_and_a_failure_names_the_fix() {
         let out = push_many(ws.path(), &reg.addr, "tls", extra)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+        // An unknown CA is exit 6 (a certificate refused: no retry helps).
+        assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
         let line = error_line(&out);
         assert!(
             line.contains("TLS connection to https://") && line.contains("--ca-cert"),

@@ -314,7 +314,7 @@ fn files_written_follow_the_umask_and_are_never_world_writable() {
         let out = ws.path().join(format!("o{umask}"));
         let script = format!(
             "umask {umask}; exec \"$0\" build -q -f {spec} -o {o}/layout --tarball {o}/l.tar \
-             --digest-file {o}/d.txt --metadata-file {o}/m.json --image-refs {o}/r.txt",
+             --digest-file {o}/d.txt --metadata-file {o}/m.json",
             o = out.display()
         );
         run_ok(

@@ -14,6 +14,7 @@ mod harness;
 mod image;
 mod inputs;
 mod k8s;
+mod newuser;
 mod proxy;
 mod push;
 mod smoke;
