@@ -15,6 +15,7 @@ mod image;
 mod inputs;
 mod k8s;
 mod newuser;
+mod promises;
 mod proxy;
 mod push;
 mod smoke;
