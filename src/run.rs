@@ -113,6 +113,7 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
         repository: req.repository.as_ref().map(Repository::to_string),
         tags: Vec::new(),
         layout: Some(dir.clone()),
+        spec: Some(&req.image.spec.path),
         pushed: false,
     };
     write_outputs(&req.image.outputs, &summary)?;
@@ -195,6 +196,7 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
         repository: Some(repo.to_string()),
         tags: report.tags,
         layout: None,
+        spec: Some(&req.image.spec.path),
         pushed: true,
     };
     let image_ref = summary.image_ref();

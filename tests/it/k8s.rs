@@ -28,13 +28,14 @@ fn k8s_dir() -> PathBuf {
     repo_root().join("deploy/k8s")
 }
 
-/// The venv `scripts/install-deps.sh test` put kubernetes-validate (and PyYAML) into.
+/// The venv `scripts/install-deps.sh test` put kubernetes-validate (and PyYAML, its
+/// dependency) into.
 fn kubeval_venv() -> PathBuf {
-    let venv = std::env::var_os("IMGBUILD_TEST_KUBEVAL_VENV")
+    let venv = std::env::var_os("IMGBUILD_TEST_K8S_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                .join(".cache/imgbuild-test/kubernetes-validate")
+                .join(".cache/imgbuild-test/k8s-venv")
         });
     assert!(
         venv.join("bin/kubernetes-validate").is_file(),

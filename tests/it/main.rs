@@ -18,5 +18,6 @@ mod newuser;
 mod promises;
 mod proxy;
 mod push;
+mod resolve;
 mod smoke;
 mod speed;
