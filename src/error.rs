@@ -42,6 +42,8 @@ pub enum Error {
     #[error(transparent)]
     Base(#[from] crate::base::BaseError),
     #[error(transparent)]
+    Context(#[from] crate::context::ContextError),
+    #[error(transparent)]
     Resolve(#[from] crate::resolve::ResolveError),
     #[error(transparent)]
     Init(#[from] crate::init::InitError),
@@ -87,6 +89,7 @@ impl Error {
             | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
+            Error::Context(e) => e.exit_code(),
         }
     }
 }

@@ -7,6 +7,7 @@
 mod action;
 mod base;
 mod build;
+mod context;
 mod credentials;
 mod ecr;
 mod faults;
