@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use serde_json::Value;
 
 use crate::ecr::Moto;
-use crate::harness::{Registry, inspect_raw, moto_server_bin, repo_root, run_ok, skip_missing};
+use crate::harness::{Registry, inspect_raw, moto_server_bin, repo_root, run_ok};
 use crate::image::{docker_or_skip, imgbuild_image};
 
 fn text(b: &[u8]) -> String {
@@ -605,16 +605,6 @@ fn job_container_runs_under_docker_like_the_kubelet() {
     moto.take_calls(); // the S3 upload's
 
     let out = cmd.output().unwrap();
-    // An imgbuild without S3 contexts takes the URL for a directory and reports the spec's
-    // first src under it as missing. That is a missing feature, not a wrong manifest: the
-    // test says so (and fails under CI, see harness::skip_missing) instead of passing.
-    if !out.status.success() && text(&out.stderr).contains("src s3://") {
-        return skip_missing(
-            "s3-context",
-            "this imgbuild has no `--context s3://` (issue 9 section 4, branch h-context): the \
-             Job's container ran, but could not read its context",
-        );
-    }
     assert!(
         out.status.success(),
         "{cmd:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
