@@ -62,7 +62,7 @@ impl Error {
         match self {
             Error::Spec(_) | Error::Reference(_) | Error::Usage(_) => ExitCode::Usage,
             Error::Plan(e) => e.exit_code(),
-            Error::Layer(_) => ExitCode::Input,
+            Error::Layer(e) => e.exit_code(),
             Error::Image(_) | Error::Io { .. } | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),

@@ -151,13 +151,20 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
             ))
         });
         let image = pipeline::build(&req.image.spec, &opts, &store, &feed);
-        feed.close();
+        if image.is_ok() {
+            feed.close();
+        } else {
+            // Do not wait for uploads of an image that will not be pushed.
+            feed.abort();
+        }
         let session = uploader.join();
         (image, session)
     });
     // A build error comes first (it is the user's to fix before any registry one).
     let image = image?;
-    let session = session.map_err(|_| Error::UploadThreadPanicked)??;
+    let session = session
+        .map_err(|_| Error::UploadThreadPanicked)??
+        .ok_or(Error::UploadThreadPanicked)?;
     let report = runtime.block_on(session.push_image(&image, &store, &req.image.tags, progress))?;
     // Every blob of the image (layers, configs) is now in `repo`: record it for mounts.
     let blobs: Vec<_> = image

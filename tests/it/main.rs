@@ -7,6 +7,7 @@
 mod base;
 mod build;
 mod credentials;
+mod diskfull;
 mod ecr;
 mod faults;
 mod harness;
