@@ -15,6 +15,7 @@
 #![recursion_limit = "256"]
 
 pub mod base;
+pub mod baseconfig;
 pub mod cache;
 pub mod compress;
 pub mod digest;
@@ -33,5 +34,6 @@ pub mod registry;
 pub mod run;
 pub mod spec;
 pub mod store;
+pub mod untrusted;
 
 pub use error::{Error, ExitCode};

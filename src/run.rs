@@ -71,6 +71,7 @@ pub struct PushOutcome {
 /// Build the image into the layout `req.layout` (base layers included) and the tarball.
 pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, Error> {
     let dir = &req.layout;
+    layout::check_output_dir(dir).map_err(|e| Error::Usage(e.to_string()))?;
     let store =
         BlobStore::open(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let runtime = runtime()?;

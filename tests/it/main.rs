@@ -11,6 +11,7 @@ mod diskfull;
 mod ecr;
 mod faults;
 mod harness;
+mod hostile;
 mod inputs;
 mod proxy;
 mod push;
