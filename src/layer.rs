@@ -151,11 +151,7 @@ pub fn write_layer(
     let blob = encoder.finish().map_err(write_err)?;
     let (digest, size) = blob.commit().map_err(write_err)?;
     Ok(LayerInfo {
-        descriptor: Descriptor {
-            media_type: opts.compression.codec.media_type().to_string(),
-            digest,
-            size,
-        },
+        descriptor: Descriptor::new(opts.compression.codec.media_type(), digest, size),
         diff_id,
         created_by: layer.created_by.clone(),
     })
