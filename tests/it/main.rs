@@ -15,5 +15,6 @@ mod hostile;
 mod inputs;
 mod proxy;
 mod push;
+mod scale;
 mod smoke;
 mod speed;
