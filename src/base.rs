@@ -86,6 +86,15 @@ pub enum BaseError {
         platform: Platform,
         offered: Vec<String>,
     },
+    #[error(
+        "base {base}: {reference} not found in {repo}; check the base's tag or digest (skopeo list-tags docker://{repo} lists the tags), or push the base first"
+    )]
+    NotFound {
+        base: String,
+        /// `tag v1` or `manifest sha256:...`.
+        reference: String,
+        repo: String,
+    },
     #[error("base {base}: {reason}")]
     Invalid { base: String, reason: String },
     // The causes are part of the one-line message, not a `source()` chain: main prints the
@@ -111,11 +120,33 @@ impl BaseError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             BaseError::MissingPlatform { .. }
+            | BaseError::NotFound { .. }
             | BaseError::Invalid { .. }
             | BaseError::Layout { .. } => ExitCode::Input,
             BaseError::Registry { cause, .. } => cause.exit_code(),
             BaseError::Cache { .. } => ExitCode::Internal,
         }
+    }
+}
+
+/// A manifest the registry does not have (404: MANIFEST_UNKNOWN for a tag or digest,
+/// NAME_UNKNOWN for a repository) is a wrong input, not a registry failure: no retry finds it.
+fn manifest_error(
+    base: &str,
+    repo: &impl std::fmt::Display,
+    reference: &str,
+    cause: RegistryError,
+) -> BaseError {
+    match cause {
+        RegistryError::Protocol { status: 404, .. } => BaseError::NotFound {
+            base: base.to_string(),
+            reference: reference.to_string(),
+            repo: repo.to_string(),
+        },
+        cause => BaseError::Registry {
+            base: base.to_string(),
+            cause,
+        },
     }
 }
 
@@ -229,10 +260,7 @@ impl<'a> Source<'a> {
                     RefTarget::Tag(t) => {
                         let puller = kind.puller(&name, &opts, progress).await?;
                         let (top, d) = puller.manifest(t, progress).await.map_err(|source| {
-                            BaseError::Registry {
-                                base: name.clone(),
-                                cause: source,
-                            }
+                            manifest_error(&name, &r.repo, &format!("tag {t}"), source)
                         })?;
                         kind.remember(&top)?;
                         (top, d)
@@ -474,6 +502,10 @@ impl SourceKind<'_> {
             )));
             return Ok(Bytes::from(bytes));
         }
+        let repo = match self {
+            SourceKind::Registry { repo, .. } => repo.to_string(),
+            SourceKind::Layout(_) => String::new(),
+        };
         let puller = self.puller(name, opts, progress).await?;
         let registry = |source| BaseError::Registry {
             base: name.to_string(),
@@ -483,7 +515,7 @@ impl SourceKind<'_> {
             puller
                 .manifest(&digest.to_string(), progress)
                 .await
-                .map_err(registry)?
+                .map_err(|e| manifest_error(name, &repo, &format!("manifest {digest}"), e))?
                 .0
         } else {
             puller

@@ -10,7 +10,7 @@ use std::path::PathBuf;
     name = "imgbuild",
     version,
     about = "Build deterministic multi-arch OCI images from prebuilt artifacts and push them, without a daemon",
-    after_help = "Exit codes: 0 ok, 1 internal error, 2 usage or spec error, 3 input artifact error, 4 authentication, 5 registry or network."
+    after_help = "Exit codes: 0 ok, 1 internal error, 2 usage or spec error, 3 input artifact error (also a base image tag or digest that does not exist), 4 authentication, 5 registry or network (the only one worth retrying), 6 TLS certificate not trusted, not valid for the name, or expired."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -23,6 +23,11 @@ pub enum Command {
     Build(BuildArgs),
     /// Build the image and push it to a registry; prints REPO@sha256:<index digest>.
     Push(PushArgs),
+    /// Replace each `imgbuild://SPEC` in Kubernetes YAML or Helm values by REPO@sha256:...,
+    /// pushing each referenced spec once; prints the YAML (like ko resolve).
+    Resolve(ResolveArgs),
+    /// Write a starter build-specs/<package>.toml for the Cargo project here.
+    Init(InitArgs),
 }
 
 /// Flags shared by `build` and `push`.
@@ -56,6 +61,21 @@ pub struct CommonArgs {
     /// Tag; repeat for several (overrides `tags`).
     #[arg(short = 't', long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
+
+    /// No tag: push the image by digest only (as `tags = []`).
+    #[arg(long, conflicts_with_all = ["tags", "tag_from_git"])]
+    pub no_tag: bool,
+
+    /// Add tags from git, as docker/metadata-action does: branch feature/foo -> feature-foo,
+    /// tag v1.2.3 -> 1.2.3, 1.2, 1, latest; always sha-<7 hex>. Reads GITHUB_REF/GITHUB_SHA
+    /// in GitHub Actions, else git in the spec's directory. Adds to --tag; replaces `tags`.
+    #[arg(long)]
+    pub tag_from_git: bool,
+
+    /// Timestamp of every file and of the image config: seconds since 1970, or `git` for the
+    /// commit time of HEAD (overrides SOURCE_DATE_EPOCH).
+    #[arg(long, value_name = "SECONDS|git")]
+    pub source_date_epoch: Option<String>,
 
     /// Extra annotation on the manifests and index; repeatable.
     #[arg(long = "annotation", value_name = "KEY=VALUE")]
@@ -102,7 +122,7 @@ pub struct CommonArgs {
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
 
-    /// More detail on stderr (-v, -vv).
+    /// More detail on stderr: each step, what was skipped or mounted and why, retries.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
@@ -121,9 +141,20 @@ pub struct BuildArgs {
     #[arg(short, long, value_name = "DIR")]
     pub output: Option<PathBuf>,
 
-    /// Also write the layout as a tar file.
+    /// Also write the image as a tar file (its directory is created).
     #[arg(long, value_name = "FILE")]
     pub tarball: Option<PathBuf>,
+
+    /// What --tarball holds: oci (the OCI layout, every platform; skopeo, crane, podman,
+    /// ctr import, Docker 25+) or docker (`docker save` format, the build machine's platform
+    /// or the first; every `docker load`).
+    #[arg(
+        long,
+        value_name = "oci|docker",
+        default_value = "oci",
+        requires = "tarball"
+    )]
+    pub tarball_format: imgbuild::layout::TarballFormat,
 
     /// Allow plain HTTP for this base image registry (after HTTPS fails); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
@@ -207,4 +238,97 @@ pub struct PushArgs {
     /// First backoff step in milliseconds (doubled per retry); for tests.
     #[arg(long, hide = true, default_value_t = 500, value_name = "MS")]
     pub retry_base_ms: u64,
+}
+
+/// `imgbuild resolve`: ko's `resolve`, for specs.
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// YAML file, directory (every *.yaml/*.yml below it) or `-` for standard input; repeatable.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        visible_alias = "file",
+        value_name = "FILE|DIR|-",
+        required = true
+    )]
+    pub filenames: Vec<PathBuf>,
+
+    /// Take the image of a spec from an earlier push's --metadata-file instead of pushing it
+    /// (matched by spec name); repeatable.
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    pub metadata_files: Vec<PathBuf>,
+
+    /// Push each spec to PREFIX/<spec name> (overrides the spec's `repository`; ko's
+    /// KO_DOCKER_REPO).
+    #[arg(long, env = "IMGBUILD_REPO_PREFIX", value_name = "REGISTRY/PATH")]
+    pub repo_prefix: Option<String>,
+
+    /// Platforms to build for every spec, comma-separated or repeated (overrides `platforms`).
+    #[arg(
+        long = "platform",
+        value_name = "OS/ARCH[/VARIANT]",
+        value_delimiter = ','
+    )]
+    pub platforms: Vec<String>,
+
+    /// Layers compressed and blobs uploaded at once, per spec.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+
+    /// Layer compression: gzip or zstd.
+    #[arg(
+        long,
+        value_name = "gzip|zstd",
+        default_value = "gzip",
+        env = "IMGBUILD_COMPRESSION"
+    )]
+    pub compression: String,
+
+    /// Do not read or write the layer cache.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Do not check that ELF artifacts match each platform's architecture.
+    #[arg(long)]
+    pub no_arch_check: bool,
+
+    /// Allow plain HTTP for this registry; repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust this PEM CA certificate in addition to the system roots; repeatable.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    pub ca_certs: Vec<PathBuf>,
+
+    /// Connect to HOST:PORT at ADDR (curl's --resolve); repeatable.
+    #[arg(long = "resolve", value_name = "HOST:PORT:ADDR", value_parser = clap::value_parser!(imgbuild::registry::ResolveOverride))]
+    pub resolve: Vec<imgbuild::registry::ResolveOverride>,
+
+    /// ECR: assume this IAM role on top of the AWS credentials found.
+    #[arg(long, env = "IMGBUILD_AWS_ROLE_ARN", value_name = "ARN")]
+    pub aws_role_arn: Option<String>,
+
+    /// ECR: create repositories that do not exist.
+    #[arg(long)]
+    pub create_repository: bool,
+
+    /// Print only errors and warnings (stderr).
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// More detail on stderr.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// `imgbuild init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The package's Cargo.toml.
+    #[arg(long, value_name = "PATH", default_value = "Cargo.toml")]
+    pub manifest_path: PathBuf,
+
+    /// The binary target to make the entrypoint [default: the one named like the package].
+    #[arg(long, value_name = "NAME")]
+    pub bin: Option<String>,
 }

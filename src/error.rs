@@ -1,7 +1,8 @@
 //! The crate's top-level error and the documented process exit codes.
 //!
 //! Each stage has its own error enum carrying the file/line/field or URL it concerns; this
-//! module only sorts them into exit codes, in one place, so CI can retry on 5 and not on 2-4.
+//! module only sorts them into exit codes, in one place, so CI can retry on 5 and not on 2-4
+//! or 6.
 
 /// Process exit codes (README "Exit codes"). Stable: scripts depend on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,9 @@ pub enum ExitCode {
     Auth = 4,
     /// The registry or network still failed after retries.
     Registry = 5,
+    /// The registry's TLS certificate is not trusted (unknown CA), not valid for the name
+    /// used, or expired: no retry can fix it, so it is not 5.
+    Trust = 6,
 }
 
 /// Any failure of the pipeline.
@@ -37,6 +41,10 @@ pub enum Error {
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Base(#[from] crate::base::BaseError),
+    #[error(transparent)]
+    Resolve(#[from] crate::resolve::ResolveError),
+    #[error(transparent)]
+    Init(#[from] crate::init::InitError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -45,6 +53,14 @@ pub enum Error {
     },
     #[error("{0}")]
     Usage(String),
+    /// The push succeeded, but an output file could not be written; the caller still prints
+    /// `image_ref` (the image is in the registry).
+    #[error("pushed {image_ref}, but {source}")]
+    OutputsAfterPush {
+        image_ref: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// The thread that uploads layers during a push panicked (a bug).
     #[error("the upload thread panicked")]
     UploadThreadPanicked,
@@ -61,9 +77,14 @@ impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Error::Spec(_) | Error::Reference(_) | Error::Usage(_) => ExitCode::Usage,
+            Error::Resolve(_) => ExitCode::Usage,
+            Error::Init(e) => e.exit_code(),
             Error::Plan(e) => e.exit_code(),
             Error::Layer(e) => e.exit_code(),
-            Error::Image(_) | Error::Io { .. } | Error::UploadThreadPanicked => ExitCode::Internal,
+            Error::Image(_)
+            | Error::Io { .. }
+            | Error::OutputsAfterPush { .. }
+            | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
         }

@@ -2,9 +2,13 @@
 //! `index.json` and `blobs/sha256/...` — and optionally the same as a tar file.
 //!
 //! The build writes its blobs straight into the layout's `blobs/`, so this only adds the two
-//! small top-level files. `index.json` names the image index once, with
-//! `org.opencontainers.image.ref.name` set to the first tag, so both `skopeo inspect oci:DIR`
-//! and `oci:DIR:TAG` find it.
+//! small top-level files. `index.json` names the image index once per tag, each entry with
+//! `org.opencontainers.image.ref.name` set to that tag, so `oci:DIR:TAG` finds every tag (and
+//! once without a name when there is no tag, so `skopeo inspect oci:DIR` finds it).
+//!
+//! The tarball is this layout as a tar file (read by skopeo, crane, podman, containerd's
+//! `ctr import` and Docker Engine 25+), or with `--tarball-format docker` the `docker save`
+//! format of one platform (see [`crate::docker_archive`]), which every `docker load` reads.
 
 use crate::digest::Digest;
 use crate::image::{ANNOTATION_REF_NAME, BuiltImage, JsonBlob, MEDIA_TYPE_INDEX};
@@ -20,40 +24,51 @@ const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 /// The layout's `index.json`, canonical like every other JSON we write.
 pub fn layout_index(
     image: &BuiltImage,
-    tag: Option<&str>,
+    tags: &[String],
 ) -> Result<JsonBlob, crate::image::ImageError> {
-    let mut desc = json!({
+    let desc = json!({
         "mediaType": image.index.media_type,
         "digest": image.index.digest,
         "size": image.index.bytes.len(),
     });
-    if let Some(tag) = tag {
-        desc["annotations"] = json!({ ANNOTATION_REF_NAME: tag });
-    }
+    let manifests: Vec<_> = if tags.is_empty() {
+        vec![desc]
+    } else {
+        tags.iter()
+            .map(|tag| {
+                let mut d = desc.clone();
+                d["annotations"] = json!({ ANNOTATION_REF_NAME: tag });
+                d
+            })
+            .collect()
+    };
     let index = json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_INDEX,
-        "manifests": [desc],
+        "manifests": manifests,
     });
     JsonBlob::canonical(MEDIA_TYPE_INDEX, &index, "layout index.json")
 }
 
 /// Finish the layout whose blobs are already in `store` (rooted at the layout directory).
-/// Images already in its `index.json` under other tags are kept (the same tag is replaced),
+/// Images already in its `index.json` under other tags are kept (the same tags are replaced),
 /// as `skopeo copy` and `crane` do when they write into an existing layout.
-pub fn write_layout(image: &BuiltImage, store: &BlobStore, tag: Option<&str>) -> io::Result<()> {
-    let ours = layout_index(image, tag).map_err(io::Error::other)?;
+pub fn write_layout(image: &BuiltImage, store: &BlobStore, tags: &[String]) -> io::Result<()> {
+    let ours = layout_index(image, tags).map_err(io::Error::other)?;
     let path = store.root().join("index.json");
     let index = match existing_entries(&path)? {
         None => ours,
         Some(old) => {
             let mut doc: serde_json::Value =
                 serde_json::from_slice(&ours.bytes).map_err(io::Error::other)?;
-            let mine = doc["manifests"][0].clone();
+            let mine = doc["manifests"].as_array().cloned().unwrap_or_default();
             let name = |e: &serde_json::Value| e["annotations"][ANNOTATION_REF_NAME].clone();
-            let mut kept: Vec<serde_json::Value> =
-                old.into_iter().filter(|e| name(e) != name(&mine)).collect();
-            kept.push(mine);
+            let names: Vec<serde_json::Value> = mine.iter().map(name).collect();
+            let mut kept: Vec<serde_json::Value> = old
+                .into_iter()
+                .filter(|e| !names.contains(&name(e)))
+                .collect();
+            kept.extend(mine);
             doc["manifests"] = serde_json::Value::Array(kept);
             JsonBlob::canonical(MEDIA_TYPE_INDEX, &doc, "layout index.json")
                 .map_err(io::Error::other)?
@@ -163,12 +178,35 @@ pub fn referenced_blobs(image: &BuiltImage) -> BTreeSet<Digest> {
 pub fn write_tarball(
     image: &BuiltImage,
     store: &BlobStore,
-    tag: Option<&str>,
+    tags: &[String],
     out: &Path,
 ) -> io::Result<()> {
-    let index = layout_index(image, tag).map_err(io::Error::other)?;
-    let tmp = out.with_extension("partial");
-    let r = write_tarball_to(image, store, &index, &tmp).and_then(|()| fs::rename(&tmp, out));
+    let index = layout_index(image, tags).map_err(io::Error::other)?;
+    let (tmp, mut tar) = start_tar(out)?;
+    let r = (|| {
+        tar.append_data(
+            &mut header(OCI_LAYOUT.len() as u64, false),
+            "oci-layout",
+            OCI_LAYOUT,
+        )?;
+        tar.append_data(
+            &mut header(index.bytes.len() as u64, false),
+            "index.json",
+            &index.bytes[..],
+        )?;
+        tar.append_data(&mut header(0, true), "blobs", io::empty())?;
+        tar.append_data(&mut header(0, true), "blobs/sha256", io::empty())?;
+        for d in referenced_blobs(image) {
+            let f = store.open_blob(&d)?;
+            let size = f.metadata()?.len();
+            tar.append_data(
+                &mut header(size, false),
+                format!("blobs/sha256/{}", d.hex()),
+                f,
+            )?;
+        }
+        finish_tar(tar, &tmp, out)
+    })();
     if r.is_err() {
         // No half-written tarball is left behind (a full disk, an unreadable blob).
         let _ = fs::remove_file(&tmp);
@@ -176,47 +214,62 @@ pub fn write_tarball(
     r
 }
 
-fn write_tarball_to(
-    image: &BuiltImage,
-    store: &BlobStore,
-    index: &JsonBlob,
-    tmp: &Path,
-) -> io::Result<()> {
-    let mut tar = tar::Builder::new(BufWriter::new(crate::store::create_file(tmp)?));
-    let header = |size: u64, dir: bool| {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(if dir { 0o755 } else { 0o644 });
-        h.set_mtime(0);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_size(size);
-        h.set_entry_type(if dir {
-            tar::EntryType::Directory
-        } else {
-            tar::EntryType::Regular
-        });
-        h
-    };
-    tar.append_data(
-        &mut header(OCI_LAYOUT.len() as u64, false),
-        "oci-layout",
-        OCI_LAYOUT,
-    )?;
-    tar.append_data(
-        &mut header(index.bytes.len() as u64, false),
-        "index.json",
-        &index.bytes[..],
-    )?;
-    tar.append_data(&mut header(0, true), "blobs", io::empty())?;
-    tar.append_data(&mut header(0, true), "blobs/sha256", io::empty())?;
-    for d in referenced_blobs(image) {
-        let f = store.open_blob(&d)?;
-        let size = f.metadata()?.len();
-        tar.append_data(
-            &mut header(size, false),
-            format!("blobs/sha256/{}", d.hex()),
-            f,
-        )?;
+/// Which tar format `--tarball` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TarballFormat {
+    /// The OCI image layout, all platforms.
+    #[default]
+    Oci,
+    /// `docker save`'s format, one platform ([`crate::docker_archive`]).
+    Docker,
+}
+
+impl std::str::FromStr for TarballFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "oci" => Ok(TarballFormat::Oci),
+            "docker" | "docker-archive" => Ok(TarballFormat::Docker),
+            other => Err(format!(
+                "{other:?} is not a tarball format; use oci or docker"
+            )),
+        }
     }
-    tar.into_inner()?.flush()
+}
+
+/// A deterministic tar header: root-owned, mtime 0, 0644 files and 0755 directories.
+pub(crate) fn header(size: u64, dir: bool) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(if dir { 0o755 } else { 0o644 });
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(size);
+    h.set_entry_type(if dir {
+        tar::EntryType::Directory
+    } else {
+        tar::EntryType::Regular
+    });
+    h
+}
+
+pub(crate) type TarWriter = tar::Builder<BufWriter<fs::File>>;
+
+/// Open `out`'s temporary sibling for writing (its directory is created, as `-o` and the
+/// output files create theirs).
+pub(crate) fn start_tar(out: &Path) -> io::Result<(std::path::PathBuf, TarWriter)> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::store::create_dirs(dir)?;
+    }
+    let tmp = out.with_extension("partial");
+    let tar = tar::Builder::new(BufWriter::new(crate::store::create_file(&tmp)?));
+    Ok((tmp, tar))
+}
+
+/// Finish the tar and move it into place.
+pub(crate) fn finish_tar(tar: TarWriter, tmp: &Path, out: &Path) -> io::Result<()> {
+    let mut w = tar.into_inner()?;
+    w.flush()?;
+    drop(w);
+    fs::rename(tmp, out)
 }

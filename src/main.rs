@@ -5,7 +5,7 @@ mod cli;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cli::{BuildArgs, Cli, Command, CommonArgs, PushArgs};
+use cli::{BuildArgs, Cli, Command, CommonArgs, InitArgs, PushArgs, ResolveArgs};
 use imgbuild::base;
 use imgbuild::cache::LayerCache;
 use imgbuild::compress::{Codec, Compression};
@@ -30,6 +30,12 @@ fn main() -> std::process::ExitCode {
     match execute(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // The push succeeded: stdout still carries the reference (README "Outputs").
+            if let Some(Error::OutputsAfterPush { image_ref, .. }) =
+                e.chain().find_map(|c| c.downcast_ref::<Error>())
+            {
+                println!("{image_ref}");
+            }
             // One line: the chain joined with ": ", skipping causes the line already says
             // (many errors quote their io::Error in their own message).
             let mut line = String::new();
@@ -71,7 +77,20 @@ fn usage_error(e: &clap::Error) -> std::process::ExitCode {
         .collect();
     let line = parts.join(" ");
     let line = line.strip_prefix("error: ").unwrap_or(&line);
-    eprintln!("error: {line}; see imgbuild --help");
+    // Point at the help of the subcommand the error is about, when there is one.
+    let sub = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .filter(|a| {
+            <Cli as clap::CommandFactory>::command()
+                .get_subcommands()
+                .any(|s| s.get_name() == a)
+        });
+    let help = match sub {
+        Some(s) => format!("imgbuild {s} --help"),
+        None => "imgbuild --help".into(),
+    };
+    eprintln!("error: {line}; see {help}");
     std::process::ExitCode::from(ExitCode::Usage as u8)
 }
 
@@ -79,12 +98,19 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(args) => build(&args),
         Command::Push(args) => push(&args),
+        Command::Resolve(args) => resolve(&args),
+        Command::Init(args) => init(&args),
     }
 }
 
 fn build(args: &BuildArgs) -> Result<()> {
     let c = &args.common;
     let progress = make_progress(c);
+    if c.image_refs.is_some() {
+        bail!(Error::Usage(
+            "--image-refs lists pushed references (REPO@sha256:...), and build pushes nothing; use --digest-file or --metadata-file, or push".into()
+        ));
+    }
     let (spec, options) = prepare(c)?;
     let repository = repository(c, &spec)?;
     let tags = tags(c, &spec)?;
@@ -109,21 +135,43 @@ fn build(args: &BuildArgs) -> Result<()> {
         },
         layout,
         tarball: args.tarball.clone(),
+        tarball_format: args.tarball_format,
         repository,
     };
     let image = run::build(&req, progress.as_ref())?;
     if !c.quiet {
         let dir = req.layout.display();
-        let tag = req.image.tags.first().map_or("", String::as_str);
-        eprintln!("wrote OCI layout {dir} (oci:{dir}:{tag})");
+        match req.image.tags.first() {
+            Some(tag) => eprintln!("wrote OCI layout {dir} (oci:{dir}:{tag})"),
+            None => eprintln!("wrote OCI layout {dir} (oci:{dir}, untagged)"),
+        }
+        if let (Some(t), imgbuild::layout::TarballFormat::Docker) =
+            (&req.tarball, req.tarball_format)
+            && let Some(one) = imgbuild::docker_archive::platform_image(&image)
+        {
+            eprintln!(
+                "wrote {} for docker load: {} only (docker load -i {})",
+                t.display(),
+                one.platform,
+                t.display()
+            );
+        }
     }
     println!("{}", image.index.digest);
     Ok(())
 }
 
 fn push(args: &PushArgs) -> Result<()> {
+    let progress = make_progress(&args.common);
+    let req = push_request(args)?;
+    let pushed = run::push(&req, progress.as_ref())?;
+    println!("{}", pushed.image_ref);
+    Ok(())
+}
+
+/// The push that `args` asks for (spec loaded, options, credentials).
+fn push_request(args: &PushArgs) -> Result<run::PushRequest> {
     let c = &args.common;
-    let progress = make_progress(c);
     let (spec, options) = prepare(c)?;
     let repository = repository(c, &spec)?.ok_or_else(|| {
         Error::Usage(format!(
@@ -157,8 +205,103 @@ fn push(args: &PushArgs) -> Result<()> {
         },
         repository,
     };
-    let pushed = run::push(&req, progress.as_ref())?;
-    println!("{}", pushed.image_ref);
+    Ok(req)
+}
+
+/// `imgbuild resolve`: each referenced spec is pushed like `imgbuild push -f SPEC` with the
+/// resolve flags (to PREFIX/NAME with --repo-prefix, else the spec's `repository`), all at
+/// once; the YAML goes to stdout only when every push succeeded.
+fn resolve(args: &ResolveArgs) -> Result<()> {
+    use imgbuild::deploy;
+    let mut inputs = Vec::new();
+    let mut stdin_read = false;
+    for f in &args.filenames {
+        if f.as_os_str() == "-" {
+            if stdin_read {
+                bail!(Error::Usage("-f -: standard input can be read once".into()));
+            }
+            stdin_read = true;
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading YAML from standard input")?;
+            inputs.push(deploy::Input::new("-", text));
+        } else {
+            inputs.extend(deploy::read_inputs(f).map_err(Error::from)?);
+        }
+    }
+    let metadata = deploy::read_metadata(&args.metadata_files).map_err(Error::from)?;
+    let prefix = args
+        .repo_prefix
+        .as_deref()
+        .map(|p| p.trim().trim_end_matches('/'))
+        .filter(|p| !p.is_empty());
+    let plan = deploy::plan(inputs, &metadata, |p| p.is_file()).map_err(Error::from)?;
+    let out = deploy::resolve(plan, &metadata, |spec| resolve_push(args, prefix, spec))?;
+    print!("{out}");
+    Ok(())
+}
+
+/// Push one spec for `resolve`: the flags `imgbuild push` would get.
+fn resolve_push(
+    args: &ResolveArgs,
+    prefix: Option<&str>,
+    spec_path: &std::path::Path,
+) -> Result<imgbuild::resolve::Pushed> {
+    let repo = match prefix {
+        Some(p) => Some(format!("{p}/{}", imgbuild::resolve::spec_name(spec_path))),
+        None => {
+            let spec = spec::load(spec_path).map_err(Error::from)?;
+            if spec.repository.is_none() {
+                bail!(Error::Usage(format!(
+                    "{}: no `repository`; add one, or give --repo-prefix REGISTRY/PATH (or IMGBUILD_REPO_PREFIX) to push it to REGISTRY/PATH/{}",
+                    spec_path.display(),
+                    spec.name()
+                )));
+            }
+            None
+        }
+    };
+    // Start from `imgbuild push`'s defaults, so every flag resolve does not have keeps the
+    // meaning it has there.
+    let Command::Push(mut push) = Cli::try_parse_from(["imgbuild", "push"])?.command else {
+        bail!("internal: `imgbuild push` did not parse as a push");
+    };
+    let c = &mut push.common;
+    c.file = spec_path.to_path_buf();
+    c.repo = repo;
+    c.platforms = args.platforms.clone();
+    c.jobs = args.jobs;
+    c.compression = args.compression.clone();
+    c.no_cache = args.no_cache;
+    c.no_arch_check = args.no_arch_check;
+    c.quiet = args.quiet;
+    c.verbose = args.verbose;
+    push.insecure_registries = args.insecure_registries.clone();
+    push.ca_certs = args.ca_certs.clone();
+    push.resolve = args.resolve.clone();
+    push.aws_role_arn = args.aws_role_arn.clone();
+    push.create_repository = args.create_repository;
+    let progress = make_progress(&push.common);
+    let req = push_request(&push).with_context(|| spec_path.display().to_string())?;
+    let pushed = run::push(&req, progress.as_ref())
+        .map_err(anyhow::Error::from)
+        .with_context(|| spec_path.display().to_string())?;
+    Ok(imgbuild::resolve::Pushed {
+        repository: req.repository.to_string(),
+        digest: pushed.image.index.digest.to_string(),
+        tags: pushed.tags,
+    })
+}
+
+/// `imgbuild init`.
+fn init(args: &InitArgs) -> Result<()> {
+    let done = imgbuild::init::init(&imgbuild::init::InitRequest {
+        manifest: args.manifest_path.clone(),
+        bin: args.bin.clone(),
+    })
+    .map_err(Error::from)?;
+    print!("{}", done.next_steps());
     Ok(())
 }
 
@@ -228,27 +371,24 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
     let platforms = if c.platforms.is_empty() {
         None
     } else {
-        let mut out = Vec::new();
-        for p in c.platforms.iter().filter(|p| !p.trim().is_empty()) {
-            out.push(
-                p.trim()
-                    .parse()
-                    .map_err(|e| Error::Usage(format!("--platform: {e}")))?,
-            );
-        }
-        if out.is_empty() {
-            bail!(Error::Usage(
-                "--platform: empty list; name at least one, e.g. linux/amd64".into()
-            ));
-        }
-        Some(out)
+        Some(
+            imgbuild::platform::parse_list(c.platforms.iter().map(String::as_str))
+                .map_err(|e| Error::Usage(format!("--platform: {e}")))?,
+        )
     };
-    let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-        Err(_) => 0,
-        Ok(v) if v.trim().is_empty() => 0,
-        Ok(v) => v.trim().parse::<u64>().map_err(|_| {
+    let epoch = match (c.source_date_epoch.as_deref(), std::env::var("SOURCE_DATE_EPOCH")) {
+        (Some("git"), _) => imgbuild::gitref::commit_time(&spec.context)
+            .map_err(|e| Error::Usage(e.to_string()))?,
+        (Some(v), _) => v.trim().parse::<u64>().map_err(|_| {
             Error::Usage(format!(
-                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970; unset it or set e.g. $(git log -1 --format=%ct)"
+                "--source-date-epoch {v:?}: give seconds since 1970 or `git` (the commit time of HEAD)"
+            ))
+        })?,
+        (None, Err(_)) => 0,
+        (None, Ok(v)) if v.trim().is_empty() => 0,
+        (None, Ok(v)) => v.trim().parse::<u64>().map_err(|_| {
+            Error::Usage(format!(
+                "SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970; unset it or set e.g. $(git log -1 --format=%ct), or pass --source-date-epoch git"
             ))
         })?,
     };
@@ -325,16 +465,35 @@ fn repository(c: &CommonArgs, spec: &Spec) -> Result<Option<Repository>> {
     })
 }
 
+/// `--no-tag` (none), else `--tag`s plus `--tag-from-git`'s, else the spec's `tags`.
 fn tags(c: &CommonArgs, spec: &Spec) -> Result<Vec<String>> {
-    if c.tags.is_empty() {
+    if c.no_tag {
+        return Ok(Vec::new());
+    }
+    if c.tags.is_empty() && !c.tag_from_git {
         return Ok(spec.tags.clone());
     }
     for t in &c.tags {
         validate_tag(t).map_err(Error::from).context("--tag")?;
     }
     let mut tags = c.tags.clone();
-    tags.dedup();
+    if c.tag_from_git {
+        tags.extend(git_refs(spec)?.image_tags());
+    }
+    let mut seen = std::collections::HashSet::new();
+    tags.retain(|t| seen.insert(t.clone()));
     Ok(tags)
+}
+
+/// In GitHub Actions (detached checkout) GITHUB_REF and GITHUB_SHA say what is built;
+/// elsewhere git is asked in the spec's directory.
+fn git_refs(spec: &Spec) -> Result<imgbuild::gitref::GitRefs> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    if let (Some(r), Some(sha)) = (env("GITHUB_REF"), env("GITHUB_SHA")) {
+        return Ok(imgbuild::gitref::GitRefs::from_github(&r, &sha));
+    }
+    imgbuild::gitref::GitRefs::from_git(&spec.context)
+        .map_err(|e| Error::Usage(e.to_string()).into())
 }
 
 fn outputs(c: &CommonArgs) -> Outputs {

@@ -17,7 +17,8 @@ pub struct Outputs {
     pub image_refs: Option<PathBuf>,
     /// `--metadata-file`: JSON with the index digest, per-platform manifests, tags.
     pub metadata_file: Option<PathBuf>,
-    /// `$GITHUB_OUTPUT`: `digest=` and `image=` lines appended.
+    /// `$GITHUB_OUTPUT`: `digest=` and (after a push) `image=` lines appended; a build adds
+    /// `layout=` instead.
     pub github_output: Option<PathBuf>,
 }
 
@@ -31,6 +32,11 @@ pub struct Summary<'a> {
     pub tags: Vec<String>,
     /// The OCI layout written, for `build`.
     pub layout: Option<PathBuf>,
+    /// The build spec, as given; `imgbuild resolve --metadata-file` finds the image by its name.
+    pub spec: Option<&'a Path>,
+    /// Whether the image is in the registry: only then is `REPO@DIGEST` a reference that
+    /// resolves, and only then is it written (`image=`, `"image"`).
+    pub pushed: bool,
 }
 
 impl Summary<'_> {
@@ -70,7 +76,12 @@ impl Summary<'_> {
         });
         if let Some(r) = &self.repository {
             v["repository"] = json!(r);
-            v["image"] = json!(self.image_ref());
+            if self.pushed {
+                v["image"] = json!(self.image_ref());
+            }
+        }
+        if let Some(s) = self.spec {
+            v["spec"] = json!(s.display().to_string());
         }
         if let Some(l) = &self.layout {
             v["layout"] = json!(l.display().to_string());
@@ -79,33 +90,64 @@ impl Summary<'_> {
     }
 }
 
-/// Write every requested output.
+/// Write every requested output. An error names the flag or variable and the file.
 pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
     if let Some(p) = &outputs.digest_file {
-        write_file(p, format!("{}\n", summary.digest()).as_bytes())?;
+        write_file(
+            "--digest-file",
+            p,
+            format!("{}\n", summary.digest()).as_bytes(),
+        )?;
     }
     if let Some(p) = &outputs.image_refs {
-        write_file(p, format!("{}\n", summary.image_ref()).as_bytes())?;
+        // `REPO@DIGEST` only names something once it was pushed (a build refuses the flag).
+        if summary.pushed {
+            write_file(
+                "--image-refs",
+                p,
+                format!("{}\n", summary.image_ref()).as_bytes(),
+            )?;
+        }
     }
     if let Some(p) = &outputs.metadata_file {
         let mut text = serde_json::to_vec_pretty(&summary.metadata()).map_err(io::Error::other)?;
         text.push(b'\n');
-        write_file(p, &text)?;
+        write_file("--metadata-file", p, &text)?;
     }
     if let Some(p) = &outputs.github_output {
-        // GitHub's file is shared by all steps of the job: append, never truncate.
-        let mut f = OpenOptions::new().create(true).append(true).open(p)?;
-        writeln!(f, "digest={}", summary.digest())?;
-        writeln!(f, "image={}", summary.image_ref())?;
+        let mut lines = format!("digest={}\n", summary.digest());
+        if summary.pushed {
+            lines.push_str(&format!("image={}\n", summary.image_ref()));
+        }
+        if let Some(l) = &summary.layout {
+            lines.push_str(&format!("layout={}\n", l.display()));
+        }
+        // GitHub's file is shared by all steps of the job: append, never truncate. It is the
+        // runner's file: a missing directory is not created, but reported.
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .and_then(|mut f| f.write_all(lines.as_bytes()))
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot append the step outputs (digest=...) to GITHUB_OUTPUT={}: {e}; check the variable (the runner sets it to a file that exists)",
+                        p.display()
+                    ),
+                )
+            })?;
     }
     Ok(())
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn write_file(flag: &str, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{flag} {}: {e}", path.display()));
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        crate::store::create_dirs(dir)?;
+        crate::store::create_dirs(dir).map_err(named)?;
     }
     crate::store::create_file(path)
         .and_then(|mut f| f.write_all(bytes))
-        .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+        .map_err(named)
 }

@@ -103,8 +103,9 @@ pub enum PlanError {
         first: Location,
         second: Location,
     },
-    #[error("{}: is an {found} ELF file but the image is for {platform} (which needs {expected}); build it for {platform} or use --no-arch-check", path.display())]
+    #[error("{at}: {} is a {found} ELF file but the image is for {platform} (which needs {expected}); build it for {platform} or use --no-arch-check", path.display())]
     ArchMismatch {
+        at: Location,
         path: PathBuf,
         platform: Platform,
         found: String,
@@ -350,6 +351,14 @@ fn add_file(
     }
     // A directory: its contents go under `dest`, walked without following symlinks (so no
     // loops and nothing outside the context is read), sorted by name.
+    let empty_dir = fs::read_dir(&src)
+        .map_err(|source| PlanError::Unreadable {
+            at: at.clone(),
+            path: src.clone(),
+            source,
+        })?
+        .next()
+        .is_none();
     let walk = walkdir::WalkDir::new(&src)
         .follow_links(false)
         .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
@@ -375,7 +384,12 @@ fn add_file(
             Entry {
                 path,
                 kind: EntryKind::Dir,
-                mode: 0o755,
+                // `mode` on an empty source directory is the directory's own mode (a 1777
+                // `/tmp`); on a non-empty one it is the mode of the files inside.
+                mode: match file.mode {
+                    Some(m) if rel.as_os_str().is_empty() && empty_dir => m,
+                    _ => 0o755,
+                },
                 uid: file.uid,
                 gid: file.gid,
             }
@@ -511,6 +525,7 @@ fn check_elf(src: &Path, platform: &Platform, at: &Location) -> Result<Option<St
         if machine != expected || is_64 != platform.elf_is_64() {
             let bits = if is_64 { "64-bit" } else { "32-bit" };
             return Err(PlanError::ArchMismatch {
+                at: at.clone(),
                 path: src.to_path_buf(),
                 platform: platform.clone(),
                 found: format!("{bits} {}", elf_machine_name(machine)),

@@ -88,6 +88,30 @@ impl Platform {
     }
 }
 
+/// Parse a `--platform` list: blank items are skipped, each item is normalised, and a platform
+/// named twice (also through an alias: `linux/arm64/v8` is `linux/arm64`) is refused, as the
+/// spec's `platforms` are; an index must not list one platform twice.
+pub fn parse_list<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<Vec<Platform>, String> {
+    let mut out: Vec<(Platform, &str)> = Vec::new();
+    for item in items.into_iter().map(str::trim).filter(|i| !i.is_empty()) {
+        let p: Platform = item
+            .parse()
+            .map_err(|e: PlatformParseError| e.to_string())?;
+        if let Some((_, first)) = out.iter().find(|(q, _)| *q == p) {
+            return Err(if *first == item {
+                format!("{p} is listed twice")
+            } else {
+                format!("{first} and {item} are the same platform ({p}); name it once")
+            });
+        }
+        out.push((p, item));
+    }
+    if out.is_empty() {
+        return Err("empty list; name at least one, e.g. linux/amd64".into());
+    }
+    Ok(out.into_iter().map(|(p, _)| p).collect())
+}
+
 /// Placeholders a `src` may contain.
 pub const PLACEHOLDERS: &[&str] = &["{os}", "{arch}", "{variant}", "{uname_m}"];
 
@@ -175,6 +199,48 @@ mod tests {
         for (input, want) in cases {
             let got = input.parse::<Platform>().ok().map(|p| p.to_string());
             assert_eq!(got.as_deref(), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn list_table() {
+        let cases: [(&[&str], Result<&str, &str>); 6] = [
+            (
+                &["linux/amd64", "linux/arm64"],
+                Ok("linux/amd64 linux/arm64"),
+            ),
+            (
+                &["linux/amd64", " ", "linux/arm/v7"],
+                Ok("linux/amd64 linux/arm/v7"),
+            ),
+            (
+                &["linux/amd64", "linux/amd64"],
+                Err("linux/amd64 is listed twice"),
+            ),
+            (
+                &["linux/arm64/v8", "linux/arm64"],
+                Err(
+                    "linux/arm64/v8 and linux/arm64 are the same platform (linux/arm64); name it once",
+                ),
+            ),
+            (
+                &["linux/x86_64", "linux/amd64"],
+                Err("are the same platform (linux/amd64)"),
+            ),
+            (&["", " "], Err("empty list")),
+        ];
+        for (input, want) in cases {
+            let got = parse_list(input.iter().copied()).map(|l| {
+                l.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
+            match (got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w, "{input:?}"),
+                (Err(g), Err(w)) => assert!(g.contains(w), "{input:?}: {g}"),
+                (g, w) => panic!("{input:?}: got {g:?}, want {w:?}"),
+            }
         }
     }
 

@@ -39,7 +39,12 @@ pub enum Event<'a> {
     /// A request is being retried after a transient failure.
     Retry {
         what: &'a str,
+        /// This retry's number (1-based) ...
         attempt: u32,
+        /// ... of at most this many (`--retries`).
+        retries: u32,
+        /// The wait before it.
+        delay: std::time::Duration,
         reason: &'a str,
     },
     /// Free-form detail for `-v`.
@@ -104,14 +109,17 @@ impl Progress for Lines {
                 format!("skipped {} ({reason})", short(digest))
             }
             Event::BlobDone { digest } => format!("uploaded {}", short(digest)),
-            Event::ManifestPushed { reference, digest } => {
-                format!("pushed {reference} -> {digest}")
-            }
+            Event::ManifestPushed { reference, digest } => manifest_line(reference, digest),
             Event::Retry {
                 what,
                 attempt,
+                retries,
+                delay,
                 reason,
-            } => format!("retry {attempt} of {what}: {reason}"),
+            } => format!(
+                "retry {attempt} of {retries} in {:.1} s: {what}: {reason}",
+                delay.as_secs_f64()
+            ),
             Event::Debug(d) if verbose => d.to_string(),
             Event::Debug(_) => return,
         };
@@ -167,6 +175,15 @@ impl Progress for Bars {
                 self.multi.suspend(|| self.lines.event(other));
             }
         }
+    }
+}
+
+/// A manifest stored by its digest is "pushed DIGEST"; a tag is "tagged TAG -> DIGEST".
+fn manifest_line(reference: &str, digest: &Digest) -> String {
+    if reference == digest.to_string() {
+        format!("pushed {digest}")
+    } else {
+        format!("tagged {reference} -> {digest}")
     }
 }
 

@@ -7,6 +7,7 @@
 //! caller (`main.rs`) gathers the requests and prints the result.
 
 use crate::base::{self, BaseSource};
+use crate::docker_archive;
 use crate::error::Error;
 use crate::image::BuiltImage;
 use crate::layout;
@@ -45,6 +46,8 @@ pub struct BuildRequest {
     pub layout: PathBuf,
     /// Also write the layout as this tar file.
     pub tarball: Option<PathBuf>,
+    /// What `tarball` holds: the OCI layout, or one platform as `docker save` writes it.
+    pub tarball_format: layout::TarballFormat,
     /// Named in the outputs; nothing is pushed.
     pub repository: Option<Repository>,
 }
@@ -85,18 +88,34 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
         &req.pull,
         progress,
     ))?;
-    let tag = req.image.tags.first().map(String::as_str);
-    layout::write_layout(&image, &store, tag)
+    let tags = &req.image.tags;
+    layout::write_layout(&image, &store, tags)
         .map_err(|e| Error::io(format!("writing OCI layout {}", dir.display()), e))?;
     if let Some(t) = &req.tarball {
-        layout::write_tarball(&image, &store, tag, t)
-            .map_err(|e| Error::io(format!("writing {}", t.display()), e))?;
+        let written = match req.tarball_format {
+            layout::TarballFormat::Oci => layout::write_tarball(&image, &store, tags, t),
+            layout::TarballFormat::Docker => {
+                let one = docker_archive::platform_image(&image).ok_or_else(|| {
+                    Error::Usage("--tarball-format docker: the image has no platform".into())
+                })?;
+                // `docker load` tags the image only when it has a repository to name.
+                let repo_tags: Vec<String> = req
+                    .repository
+                    .iter()
+                    .flat_map(|r| tags.iter().map(move |t| format!("{r}:{t}")))
+                    .collect();
+                docker_archive::write(one, &store, &repo_tags, t)
+            }
+        };
+        written.map_err(|e| Error::io(format!("writing --tarball {}", t.display()), e))?;
     }
     let summary = Summary {
         image: &image,
         repository: req.repository.as_ref().map(Repository::to_string),
         tags: Vec::new(),
         layout: Some(dir.clone()),
+        spec: Some(&req.image.spec.path),
+        pushed: false,
     };
     write_outputs(&req.image.outputs, &summary)?;
     Ok(image)
@@ -185,9 +204,16 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
         repository: Some(repo.to_string()),
         tags: report.tags,
         layout: None,
+        spec: Some(&req.image.spec.path),
+        pushed: true,
     };
-    write_outputs(&req.image.outputs, &summary)?;
     let image_ref = summary.image_ref();
+    // The image is in the registry whatever happens now: an output that cannot be written
+    // is reported with the reference, which the caller still prints.
+    output::write(&req.image.outputs, &summary).map_err(|source| Error::OutputsAfterPush {
+        image_ref: image_ref.clone(),
+        source,
+    })?;
     let tags = summary.tags;
     Ok(PushOutcome {
         image,

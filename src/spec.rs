@@ -185,7 +185,7 @@ struct RawConfig {
     exposed_ports: Vec<Spanned<PortValue>>,
     #[serde(default)]
     annotations: BTreeMap<String, Spanned<String>>,
-    stop_signal: Option<String>,
+    stop_signal: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -271,15 +271,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         })
         .transpose()?;
 
+    // `tags = []` pushes by digest only (crane push without a tag, `--no-tag`).
     let tags = match raw.tags {
         None => vec!["latest".to_string()],
         Some(tags) => {
-            if tags.is_empty() {
-                return Err(loc.err(
-                    0..0,
-                    "tags: the list is empty; remove the key to get [\"latest\"]",
-                ));
-            }
             let mut out = Vec::new();
             for t in tags {
                 validate_tag(t.get_ref()).map_err(|e| loc.err(t.span(), format!("tags: {e}")))?;
@@ -335,9 +330,13 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
         entrypoint: raw_config.entrypoint,
         cmd: raw_config.cmd,
         user: None,
-        stop_signal: raw_config.stop_signal,
+        stop_signal: None,
         ..Default::default()
     };
+    if let Some(sig) = raw_config.stop_signal {
+        check_stop_signal(sig.get_ref()).map_err(|m| loc.err(sig.span(), m))?;
+        config.stop_signal = Some(sig.into_inner());
+    }
     if let Some(user) = raw_config.user {
         if user.get_ref().is_empty() {
             return Err(loc.err(
@@ -345,6 +344,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Spec, SpecError> {
                 "config.user: empty; use e.g. \"65532:65532\" or \"0:0\" for root",
             ));
         }
+        check_user(user.get_ref()).map_err(|m| loc.err(user.span(), m))?;
         config.user = Some(user.into_inner());
     }
     if let Some(w) = raw_config.workdir {
@@ -422,6 +422,12 @@ fn checked_map(
 ) -> Result<BTreeMap<String, String>, SpecError> {
     let mut out = BTreeMap::new();
     for (k, v) in map {
+        if k.trim().is_empty() {
+            return Err(loc.err(
+                v.span(),
+                format!("{field}: a key is empty; name it, e.g. org.opencontainers.image.title"),
+            ));
+        }
         if v.get_ref().len() > MAX_VALUE_BYTES {
             return Err(loc.err(
                 v.span(),
@@ -485,6 +491,8 @@ fn file_spec(loc: &Locator<'_>, f: RawFile) -> Result<FileSpec, SpecError> {
         .mode
         .map(|m| {
             let span = m.span();
+            let raw = loc.text.get(span.clone()).unwrap_or("");
+            check_decimal_mode(raw).map_err(|msg| loc.err(span.clone(), msg))?;
             parse_mode(m.into_inner()).map_err(|msg| loc.err(span, msg))
         })
         .transpose()?;
@@ -537,6 +545,71 @@ pub fn normalize_dest(dest: &str) -> Result<String, String> {
         return Err("layer.files.dest: contains a NUL byte".into());
     }
     Ok(format!("/{}", parts.join("/")))
+}
+
+/// TOML has no bare octal: `mode = 755` is the decimal 755 (0o1363, sticky and odd bits),
+/// never what was meant. A bare integer of two or more digits, all 0-7, is refused; decimal
+/// with an 8 or 9 (`493` = 0o755) and the `0o`/string forms are taken as written.
+fn check_decimal_mode(raw: &str) -> Result<(), String> {
+    let raw = raw.trim();
+    let looks_octal = raw.len() >= 2 && raw.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    if !looks_octal {
+        return Ok(());
+    }
+    let value: u32 = raw.parse().unwrap_or(0);
+    Err(format!(
+        "layer.files.mode: {raw} is the decimal number {raw} (0o{value:o}), not the mode {raw}; write 0o{raw} or \"0{raw}\""
+    ))
+}
+
+/// `config.user`: `USER`, `UID`, `USER:GROUP` or `UID:GID` (image-spec config.md `User`);
+/// no whitespace or control characters, which no runtime can resolve.
+fn check_user(user: &str) -> Result<(), String> {
+    if user.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "config.user: {user:?} holds whitespace or a control character; write USER, UID, USER:GROUP or UID:GID, e.g. \"65532:65532\""
+        ));
+    }
+    let mut parts = user.split(':');
+    let (name, group, extra) = (parts.next(), parts.next(), parts.next());
+    if name.is_some_and(str::is_empty) || group.is_some_and(str::is_empty) || extra.is_some() {
+        return Err(format!(
+            "config.user: {user:?} is not USER, UID, USER:GROUP or UID:GID; e.g. \"65532:65532\""
+        ));
+    }
+    Ok(())
+}
+
+/// Signal names Linux knows (signal(7)), without the `SIG` prefix.
+const SIGNALS: &[&str] = &[
+    "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "IOT", "BUS", "FPE", "KILL", "USR1", "SEGV",
+    "USR2", "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU",
+    "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "POLL", "PWR", "SYS", "RTMIN", "RTMAX",
+];
+
+/// `config.stop_signal` as runtimes parse it (moby's `signal.ParseSignal`): a number 1-64, or
+/// a name with or without `SIG`, or `RTMIN+N` / `RTMAX-N`.
+fn check_stop_signal(sig: &str) -> Result<(), String> {
+    let upper = sig.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let ok = match name.parse::<u32>() {
+        Ok(n) => (1..=64).contains(&n),
+        Err(_) => {
+            SIGNALS.contains(&name)
+                || [("RTMIN+", 30), ("RTMAX-", 30)].iter().any(|(p, max)| {
+                    name.strip_prefix(p)
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .is_some_and(|n| n <= *max)
+                })
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "config.stop_signal: {sig:?} is not a signal; use a name like \"SIGTERM\" or \"SIGQUIT\", or a number 1-64"
+        ))
+    }
 }
 
 fn parse_mode(m: ModeValue) -> Result<u32, String> {
@@ -706,6 +779,47 @@ mode = "0644"
                 format!("[config]\nworkdir = \"app\"\n{layer}"),
                 "config.workdir: must be an absolute path",
             ),
+            // A bare 755 is decimal (0o1363): refused with the two spellings that work.
+            (
+                "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", mode = 755}]\n".into(),
+                "s.toml:2:42: layer.files.mode: 755 is the decimal number 755 (0o1363), not the mode 755; write 0o755 or \"0755\"",
+            ),
+            (
+                "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", mode = 644}]\n".into(),
+                "(0o1204), not the mode 644; write 0o644 or \"0644\"",
+            ),
+            (
+                "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\", mode = 1777}]\n".into(),
+                "write 0o1777 or \"01777\"",
+            ),
+            (
+                format!("[config]\nlabels = {{ \"\" = \"x\" }}\n{layer}"),
+                "s.toml:2:17: config.labels: a key is empty",
+            ),
+            (
+                format!("[config]\nannotations = {{ \" \" = \"x\" }}\n{layer}"),
+                "config.annotations: a key is empty",
+            ),
+            (
+                format!("[config]\nstop_signal = \"SIGFOO\"\n{layer}"),
+                "s.toml:2:15: config.stop_signal: \"SIGFOO\" is not a signal",
+            ),
+            (
+                format!("[config]\nstop_signal = \"65\"\n{layer}"),
+                "config.stop_signal: \"65\" is not a signal",
+            ),
+            (
+                format!("[config]\nuser = \"0\\n1\"\n{layer}"),
+                "s.toml:2:8: config.user: \"0\\n1\" holds whitespace or a control character",
+            ),
+            (
+                format!("[config]\nuser = \"0:\"\n{layer}"),
+                "config.user: \"0:\" is not USER, UID, USER:GROUP or UID:GID",
+            ),
+            (
+                format!("[config]\nuser = \"a:b:c\"\n{layer}"),
+                "config.user: \"a:b:c\" is not USER",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(&text, Path::new("s.toml"))
@@ -772,6 +886,38 @@ mode = "0644"
             }
         );
         assert_eq!(spec.config.user.as_deref(), Some("0"));
+    }
+
+    /// The spellings that are accepted as they are: `0o` and string modes, decimal with an 8
+    /// or 9, a single digit; signals as moby parses them; users with and without a group.
+    #[test]
+    fn accepts_good_values() {
+        let layer = "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n";
+        let modes = [
+            ("0o755", 0o755),
+            ("\"0755\"", 0o755),
+            ("\"755\"", 0o755),
+            ("0o1777", 0o1777),
+            ("493", 0o755),
+            ("7", 0o7),
+        ];
+        for (m, want) in modes {
+            let text = format!("[[layer]]\nfiles = [{{src = \"a\", dest = \"/a\", mode = {m}}}]\n");
+            let spec = parse(&text, Path::new("s.toml")).unwrap_or_else(|e| panic!("{m}: {e}"));
+            assert_eq!(spec.layers[0].files[0].mode, Some(want), "{m}");
+        }
+        for sig in ["SIGTERM", "TERM", "sigquit", "9", "SIGRTMIN+3", "RTMAX-1"] {
+            let text = format!("[config]\nstop_signal = \"{sig}\"\n{layer}");
+            let spec = parse(&text, Path::new("s.toml")).unwrap_or_else(|e| panic!("{sig}: {e}"));
+            assert_eq!(spec.config.stop_signal.as_deref(), Some(sig));
+        }
+        for user in ["65532:65532", "nonroot", "0", "app:staff"] {
+            let text = format!("[config]\nuser = \"{user}\"\n{layer}");
+            let spec = parse(&text, Path::new("s.toml")).unwrap_or_else(|e| panic!("{user}: {e}"));
+            assert_eq!(spec.config.user.as_deref(), Some(user));
+        }
+        let spec = parse(&format!("tags = []\n{layer}"), Path::new("s.toml")).unwrap();
+        assert!(spec.tags.is_empty(), "tags = [] pushes by digest only");
     }
 
     #[test]

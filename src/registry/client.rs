@@ -184,6 +184,7 @@ impl Client {
                 }
             })
             .await
+            .map_err(|e| e.in_context(plain_ok, &opts.ca_certs))
     }
 
     /// `GET /v2/`: 200 means we may go on (anonymously or with the header `send` settled on).
@@ -241,7 +242,12 @@ impl Client {
     where
         F: FnMut(&reqwest::Client) -> Result<RequestBuilder, RegistryError>,
     {
-        let mut reauthenticated = false;
+        // The first 401 picks the scheme and credentials (a request starts anonymous); a
+        // second 401, with those credentials, lets `Auth` try something fresh if it has one
+        // (ECR: one new token per run). `Auth` answers false when nothing changed, so this
+        // is bounded: at most two re-sends.
+        const MAX_REAUTHS: u8 = 2;
+        let mut reauths = 0u8;
         loop {
             let (client, request) = make(&self.http)?.build_split();
             let mut request = request.map_err(|e| RegistryError::Client {
@@ -257,8 +263,8 @@ impl Client {
                 .await
                 .map_err(|e| transport_error(&url, e, self.timeout))?;
             match response.status() {
-                StatusCode::UNAUTHORIZED if !reauthenticated => {
-                    reauthenticated = true;
+                StatusCode::UNAUTHORIZED if reauths < MAX_REAUTHS => {
+                    reauths += 1;
                     let challenges = challenges(response.headers());
                     if self
                         .auth
@@ -340,13 +346,13 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// A rustls error anywhere in the chain. io::Error hides its inner error from `source()`
 /// (and hyper-util nests io errors two deep), so look inside each io::Error too.
-fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<rustls::Error> {
     let mut next = Some(e);
     while let Some(err) = next {
         let mut inner = err;
         loop {
             if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
-                return Some(tls.to_string());
+                return Some(tls.clone());
             }
             match inner
                 .downcast_ref::<std::io::Error>()
@@ -374,15 +380,76 @@ pub(crate) fn transport_error(url: &Url, e: reqwest::Error, timeout: Duration) -
             url: shown,
             reason: root_cause(&e),
         }
-    } else if let Some(reason) = tls_error(&e) {
-        RegistryError::Tls { url: shown, reason }
+    } else if let Some(tls) = tls_error(&e) {
+        let (certificate, advice) = tls_advice(&tls, url);
+        RegistryError::Tls {
+            url: shown,
+            reason: tls.to_string(),
+            advice,
+            certificate,
+        }
     } else {
+        let reason = if refused(&e) {
+            format!(
+                "nothing listens on {}:{} (connection refused)",
+                url.host_str().unwrap_or("?"),
+                url.port_or_known_default().unwrap_or(0)
+            )
+        } else {
+            root_cause(&e)
+        };
         RegistryError::Unreachable {
             url: shown,
-            reason: root_cause(&e),
-            source: e,
+            reason,
+            hint: "check the registry address and that it is running (plain http is tried only for loopback and --insecure-registry hosts)".into(),
+            cause: std::sync::Arc::new(e),
         }
     }
+}
+
+/// Was the connection refused (an io::Error of that kind anywhere in the chain)?
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let mut inner = err;
+        while let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+            match io.get_ref() {
+                Some(wrapped) => inner = wrapped,
+                None => break,
+            }
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// Whether a TLS failure is the registry's certificate being refused (exit 6: no retry helps),
+/// and what to do about it. `--ca-cert` is suggested only for an unknown issuer.
+fn tls_advice(e: &rustls::Error, url: &Url) -> (bool, String) {
+    use rustls::CertificateError as C;
+    let host = url.host_str().unwrap_or("the registry");
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return (
+            false,
+            "check that a TLS registry answers at this address and port (or allow plain http with --insecure-registry HOST:PORT)".into(),
+        );
+    };
+    let advice = match cert {
+        C::UnknownIssuer | C::BadSignature => {
+            "if the registry uses a private CA, pass it with --ca-cert FILE (or allow plain http with --insecure-registry HOST:PORT)".to_string()
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+            "the certificate does not name {host}: reach the registry by a name its certificate lists (--resolve NAME:PORT:ADDR reaches that name at another address), or reissue the certificate with {host} in its subjectAltName"
+        ),
+        C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => {
+            "the certificate is outside its validity period: renew it, or check this machine's clock".to_string()
+        }
+        _ => format!("the certificate of {host} was refused; inspect it with `openssl s_client -connect HOST:PORT`"),
+    };
+    (true, advice)
 }
 
 /// Turn a response we did not expect into [`RegistryError::Protocol`], with the first 200

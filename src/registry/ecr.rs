@@ -36,7 +36,7 @@ use aws_config::sts::AssumeRoleProvider;
 use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_ecr::config::Region;
-use aws_sdk_ecr::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ecr::error::{ProvideErrorMetadata, SdkError};
 use base64::Engine as _;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
@@ -117,9 +117,17 @@ pub fn parse_host(registry: &str) -> Option<EcrHost> {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EcrError {
     #[error(
-        "no AWS credentials for the ECR registry {registry}: tried environment variables (AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY), the shared config and credentials files (AWS_PROFILE, ~/.aws/config, ~/.aws/credentials), web identity (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE), container credentials (AWS_CONTAINER_CREDENTIALS_FULL_URI/RELATIVE_URI), EC2 instance metadata{imds}, and the docker config; provide one of them (README \"Credentials\"), or pipe `aws ecr get-login-password` into --username AWS --password-stdin"
+        "no AWS credentials for the ECR registry {registry}: tried environment variables (AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY), the shared config and credentials files (AWS_PROFILE, ~/.aws/config, ~/.aws/credentials), web identity (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE), container credentials (AWS_CONTAINER_CREDENTIALS_FULL_URI/RELATIVE_URI), EC2 instance metadata{imds}, and the docker config{docker}{profile}; provide one of them (README \"Credentials\"), or pipe `aws ecr get-login-password` into --username AWS --password-stdin"
     )]
-    NoCredentials { registry: String, imds: String },
+    NoCredentials {
+        registry: String,
+        imds: String,
+        /// What the docker config lookup found, e.g. ` (…: its credential helper could not
+        /// be run (is it installed?))`; empty when not known.
+        docker: String,
+        /// `; AWS_PROFILE=x is defined in neither …` when the named profile does not exist.
+        profile: String,
+    },
     #[error(
         "AWS credentials for the ECR registry {registry} could not be obtained: {reason}; check the AWS profile, role ARN or web identity token"
     )]
@@ -194,16 +202,18 @@ where
                     } else {
                         String::new()
                     },
+                    docker: String::new(),
+                    profile: missing_profile(),
                 },
                 other => EcrError::Credentials {
                     registry: registry.into(),
-                    reason: one_line(&DisplayErrorContext(other).to_string()),
+                    reason: error_text(other),
                 },
             };
         }
         next = e.source();
     }
-    let reason = one_line(&DisplayErrorContext(err).to_string());
+    let reason = error_text(err);
     match err {
         SdkError::ServiceError(s) if s.err().code().is_some_and(|c| AUTH_CODES.contains(&c)) => {
             EcrError::Denied {
@@ -225,6 +235,70 @@ where
             transient: true,
         },
     }
+}
+
+/// An error and its sources, Display only (the SDK's `DisplayErrorContext` appends the whole
+/// Debug dump, hundreds of characters of Rust structs), each once, on one line.
+fn error_text(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let msg = one_line(&e.to_string());
+        if !msg.is_empty() && !out.contains(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+        next = e.source();
+    }
+    out
+}
+
+/// `AWS_PROFILE` names a profile that no shared file defines: the SDK then says only "no
+/// credentials"; say which profile is missing and where it was looked for.
+fn missing_profile() -> String {
+    let Some(profile) = std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty()) else {
+        return String::new();
+    };
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let file = |var: &str, default: &str| {
+        std::env::var_os(var)
+            .map(std::path::PathBuf::from)
+            .or_else(|| home.as_ref().map(|h| h.join(default)))
+    };
+    let config = file("AWS_CONFIG_FILE", ".aws/config");
+    let credentials = file("AWS_SHARED_CREDENTIALS_FILE", ".aws/credentials");
+    let defined = |path: &Option<std::path::PathBuf>, config: bool| {
+        let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) else {
+            return false;
+        };
+        text.lines().any(|l| {
+            let Some(name) = l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')) else {
+                return false;
+            };
+            let name = name.trim();
+            // The config file names profiles `[profile x]` (and `[default]`), the
+            // credentials file `[x]` (AWS CLI "Configuration and credential file settings").
+            let name = match name.strip_prefix("profile ") {
+                Some(n) if config => n.trim(),
+                _ => name,
+            };
+            name == profile
+        })
+    };
+    if defined(&config, true) || defined(&credentials, false) {
+        return String::new();
+    }
+    let shown = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map_or("(no HOME)".to_string(), |p| p.display().to_string())
+    };
+    format!(
+        "; AWS_PROFILE={profile} names a profile defined in neither {} nor {}: fix the name, or unset AWS_PROFILE",
+        shown(&config),
+        shown(&credentials)
+    )
 }
 
 fn imds_disabled() -> bool {
@@ -603,9 +677,18 @@ where
             Some(ecr)
         }
         (None, true) => {
-            progress.event(Event::Warning(&format!(
-                "--create-repository applies to Amazon ECR only; {registry} is not an ECR registry (it is left to create {path} itself)"
-            )));
+            // `connect` and the image push both come here: warn once per registry and run.
+            static WARNED: std::sync::Mutex<std::collections::BTreeSet<String>> =
+                std::sync::Mutex::new(std::collections::BTreeSet::new());
+            let first = WARNED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(format!("{registry}/{path}"));
+            if first {
+                progress.event(Event::Warning(&format!(
+                    "--create-repository applies to Amazon ECR only; {registry} is not an ECR registry (it is left to create {path} itself)"
+                )));
+            }
             None
         }
         (_, false) => None,
@@ -632,6 +715,18 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A credential provider's failure (e.g. instance metadata answering garbage) is shown by
+    /// its Display chain, never the SDK's Debug dump.
+    #[test]
+    fn credential_errors_are_display_only() {
+        let e = CredentialsError::provider_error(std::io::Error::other(
+            "instance metadata answered HTTP 500",
+        ));
+        let t = error_text(&e);
+        assert!(t.ends_with("instance metadata answered HTTP 500"), "{t}");
+        assert!(!t.contains("ProviderError") && !t.contains('{'), "{t}");
+    }
 
     #[test]
     fn ecr_hosts() {
@@ -810,6 +905,8 @@ mod tests {
                 EcrError::NoCredentials {
                     registry: "r".into(),
                     imds: String::new(),
+                    docker: String::new(),
+                    profile: String::new(),
                 },
                 ExitCode::Auth,
             ),

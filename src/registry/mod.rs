@@ -237,26 +237,33 @@ impl Session {
 /// do, and never holds a secret (URLs are shown without query strings).
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error(
-        "cannot connect to {url}: {reason}; check the registry address and that it is running (plain http is tried only for loopback and --insecure-registry hosts)"
-    )]
+    #[error("cannot connect to {url}: {reason}; {hint}")]
     Unreachable {
         url: String,
-        /// The innermost cause, e.g. `Connection refused (os error 111)`.
+        /// `nothing listens on HOST:PORT (connection refused)`, or the innermost cause.
         reason: String,
-        #[source]
-        source: reqwest::Error,
+        /// What was tried and what to check.
+        hint: String,
+        /// Kept for library users; not a `source()`: its chain is long and says nothing the
+        /// reason does not (main prints every source).
+        cause: std::sync::Arc<reqwest::Error>,
     },
-    #[error(
-        "TLS connection to {url} failed: {reason}; if the registry uses a private CA, pass it with --ca-cert FILE (or allow plain http with --insecure-registry HOST:PORT)"
-    )]
-    Tls { url: String, reason: String },
+    #[error("TLS connection to {url} failed: {reason}; {advice}")]
+    Tls {
+        url: String,
+        reason: String,
+        /// What to do, for this kind of failure and the `--ca-cert` files given.
+        advice: String,
+        /// The registry's certificate was refused (unknown CA, wrong name, expired): exit 6.
+        certificate: bool,
+    },
     #[error(
         "no progress talking to {url} for {secs} s; the registry or the network stalled (try again, or raise the timeout)"
     )]
     Timeout { url: String, secs: u64 },
     #[error(
-        "authentication to {registry} failed (HTTP {status}) using {tried}; log in with `docker login {registry}` or pass --username and --password-stdin"
+        "authentication to {registry} failed (HTTP {status}) using {tried}; {}",
+        unauthorized_advice(registry, tried)
     )]
     Unauthorized {
         registry: String,
@@ -331,6 +338,9 @@ impl RegistryError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             RegistryError::Unauthorized { .. } | RegistryError::Denied { .. } => ExitCode::Auth,
+            RegistryError::Tls {
+                certificate: true, ..
+            } => ExitCode::Trust,
             RegistryError::Unreachable { .. }
             | RegistryError::Tls { .. }
             | RegistryError::Timeout { .. }
@@ -357,6 +367,42 @@ impl RegistryError {
         }
     }
 
+    /// Say what this connection attempt tried: plain http after https (`http_tried`), and the
+    /// `--ca-cert` files given (a TLS failure's advice must not ask for them again).
+    pub(crate) fn in_context(self, http_tried: bool, ca_certs: &[PathBuf]) -> Self {
+        match self {
+            RegistryError::Unreachable {
+                url, reason, cause, ..
+            } if http_tried => RegistryError::Unreachable {
+                url,
+                reason,
+                hint: "plain http was tried too; check the registry address and that it is running"
+                    .into(),
+                cause,
+            },
+            RegistryError::Tls {
+                url,
+                reason,
+                certificate: true,
+                ..
+            } if !ca_certs.is_empty()
+                && (reason.contains("UnknownIssuer") || reason.contains("BadSignature")) =>
+            {
+                let files: Vec<String> = ca_certs.iter().map(|p| p.display().to_string()).collect();
+                RegistryError::Tls {
+                    url,
+                    reason,
+                    advice: format!(
+                        "the certificate is signed neither by a system CA nor by the --ca-cert file(s) given ({}); check that they hold the CA that issued the registry's certificate (openssl verify -CAfile FILE CERT)",
+                        files.join(", ")
+                    ),
+                    certificate: true,
+                }
+            }
+            other => other,
+        }
+    }
+
     /// A failure below HTTP: no answer at all (refused, TLS, stalled).
     pub(crate) fn is_transport(&self) -> bool {
         matches!(
@@ -368,9 +414,43 @@ impl RegistryError {
     }
 }
 
+/// What to do after a 401: with `--username` given, check what was given (not "pass
+/// --username"); otherwise log in, and `push` (only) also takes the flags for its target.
+fn unauthorized_advice(registry: &str, tried: &str) -> String {
+    if tried.contains("given with --username") {
+        "check the user name given with --username and the password or token piped to --password-stdin (for ECR: --username AWS and `aws ecr get-login-password`)".into()
+    } else {
+        format!(
+            "log in with `docker login {registry}` (or give REGISTRY_AUTH_FILE); for the registry `push` pushes to, --username with --password-stdin also works"
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unauthorized_advice_fits_what_was_tried() {
+        let given = RegistryError::Unauthorized {
+            registry: "r:5000".into(),
+            tried: "the credentials given with --username".into(),
+            status: 401,
+        }
+        .to_string();
+        assert!(
+            given.contains("check the user name given with --username"),
+            "{given}"
+        );
+        assert!(!given.contains("pass --username"), "{given}");
+        let none = RegistryError::Unauthorized {
+            registry: "r:5000".into(),
+            tried: "no credentials (no --username, and none for r:5000 in /h/config.json)".into(),
+            status: 401,
+        }
+        .to_string();
+        assert!(none.contains("log in with `docker login r:5000`"), "{none}");
+    }
 
     /// `push` can run on a multi-threaded runtime's spawned task (its future is `Send`).
     #[allow(dead_code)]
@@ -413,7 +493,18 @@ mod tests {
             (
                 RegistryError::Tls {
                     url: "u".into(),
-                    reason: "r".into(),
+                    reason: "invalid peer certificate: UnknownIssuer".into(),
+                    advice: "a".into(),
+                    certificate: true,
+                },
+                ExitCode::Trust,
+            ),
+            (
+                RegistryError::Tls {
+                    url: "u".into(),
+                    reason: "received fatal alert: HandshakeFailure".into(),
+                    advice: "a".into(),
+                    certificate: false,
                 },
                 ExitCode::Registry,
             ),

@@ -103,6 +103,8 @@ impl Retrier {
                     progress.event(Event::Retry {
                         what,
                         attempt,
+                        retries: self.policy.retries,
+                        delay,
                         reason: &e.to_string(),
                     });
                     tokio::time::sleep(delay).await;

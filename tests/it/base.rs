@@ -303,7 +303,10 @@ fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
     fs::write(&data, &bytes).unwrap();
 
     if !docker_available() {
-        return skip("docker not available: the amd64 image was not run");
+        return skip_missing(
+            "docker",
+            "no Docker Engine answers: the amd64 image was not run",
+        );
     }
     let image = format!("{}/app@{digest}", reg.addr);
     let out = Command::new("docker")
@@ -788,6 +791,6 @@ fn base_on_a_tls_registry_needs_its_ca_for_build_too() {
         &format!("oci:{}:copy", ws.path().join("copied").display()),
     ]);
     let (code, err) = failure(&build("out-no-ca", &[]));
-    assert_eq!(code, Some(5), "{err}");
+    assert_eq!(code, Some(6), "an unknown CA is exit 6: {err}");
     assert!(err.contains("pass it with --ca-cert FILE"), "{err}");
 }

@@ -4,6 +4,7 @@
 // Test code panics on purpose when something is off.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod action;
 mod base;
 mod build;
 mod credentials;
@@ -13,8 +14,11 @@ mod faults;
 mod harness;
 mod hostile;
 mod inputs;
+mod newuser;
+mod promises;
 mod proxy;
 mod push;
+mod resolve;
 mod scale;
 mod smoke;
 mod speed;

@@ -40,7 +40,8 @@ pub enum Fault {
     /// Hold the request for [`ProxyOpts::stall`] (beyond the client's timeout), then close.
     Stall,
     /// 401 with a fresh challenge although the request's token was valid (a token that
-    /// expired mid-push). Bearer mode only; elsewhere, and twice in a row, a 503 instead.
+    /// expired mid-push). Bearer mode only (elsewhere a 503 instead); never twice in a row
+    /// for one request key (that request passes and the next fault is the 401).
     Unauthorized,
 }
 
@@ -89,6 +90,15 @@ pub struct ProxyOpts {
     /// Read this many bytes of a blob-upload PUT body, then stop reading (and answering)
     /// until the client gives up (a registry that stops reading).
     pub stop_reading_after: Option<usize>,
+    /// Answer every manifest PUT `403 DENIED` (a credential that may upload blobs but not
+    /// write manifests or tags): an authorization failure in the middle of a push.
+    pub deny_manifest_puts: bool,
+    /// Answer every blob-upload POST `404 NAME_UNKNOWN` (what ECR answers for a repository
+    /// that does not exist).
+    pub name_unknown: bool,
+    /// Read request bodies larger than 64 KiB in 64 KiB pieces, pausing this long after
+    /// each: a slow link on which an upload keeps making progress.
+    pub throttle: Option<Duration>,
 }
 
 impl Default for ProxyOpts {
@@ -107,6 +117,9 @@ impl Default for ProxyOpts {
             lose_puts: 0,
             read_rate: None,
             stop_reading_after: None,
+            deny_manifest_puts: false,
+            name_unknown: false,
+            throttle: None,
         }
     }
 }
@@ -127,6 +140,18 @@ pub struct Seen {
     pub key: String,
     pub authorization: Option<String>,
     pub fault: Option<Fault>,
+    /// When the request's head arrived.
+    pub at: std::time::Instant,
+}
+
+/// One request to the token endpoint: method, Authorization header, body (the form of a POST).
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub method: String,
+    pub target: String,
+    pub authorization: Option<String>,
+    pub body: String,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +162,7 @@ struct State {
     last_was_401: HashSet<String>,
     faults: usize,
     tokens: Vec<String>,
+    token_requests: Vec<TokenRequest>,
     redirected: bool,
     lost: usize,
 }
@@ -195,6 +221,11 @@ impl Proxy {
     /// Tokens the token endpoint handed out.
     pub fn tokens(&self) -> Vec<String> {
         self.state.lock().unwrap().tokens.clone()
+    }
+
+    /// Every request to the token endpoint.
+    pub fn token_requests(&self) -> Vec<TokenRequest> {
+        self.state.lock().unwrap().token_requests.clone()
     }
 }
 
@@ -301,6 +332,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         307 => "Temporary Redirect",
+        403 => "Forbidden",
         401 => "Unauthorized",
         404 => "Not Found",
         429 => "Too Many Requests",
@@ -384,15 +416,23 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             && st.faults_per_key.get(&key).copied().unwrap_or(0) < opts.max_per_key
             && hash3(opts.seed, &key, n) % opts.one_in == 0
         {
-            let mut kind = opts.kinds[st.faults % opts.kinds.len()];
-            if kind == Fault::Unauthorized
-                && (opts.bearer.is_none() || st.last_was_401.contains(&key))
-            {
-                kind = Fault::Status(503);
+            let mut kind = Some(opts.kinds[st.faults % opts.kinds.len()]);
+            if kind == Some(Fault::Unauthorized) {
+                if opts.bearer.is_none() {
+                    kind = Some(Fault::Status(503));
+                } else if st.last_was_401.contains(&key) {
+                    // Not twice in a row for one request: this one passes, and the 401
+                    // stays next in the cycle. (Substituting another kind here would make
+                    // which kinds a run sees depend on arrival order: with the cycle
+                    // untouched, any run with at least `kinds.len()` faults sees them all.)
+                    kind = None;
+                }
             }
-            st.faults += 1;
-            *st.faults_per_key.entry(key.clone()).or_default() += 1;
-            fault = Some(kind);
+            if let Some(kind) = kind {
+                st.faults += 1;
+                *st.faults_per_key.entry(key.clone()).or_default() += 1;
+                fault = Some(kind);
+            }
         }
         if fault == Some(Fault::Unauthorized) {
             st.last_was_401.insert(key.clone());
@@ -405,6 +445,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             key: key.clone(),
             authorization: authorization.clone(),
             fault,
+            at: std::time::Instant::now(),
         });
         (seq, fault, valid_token)
     };
@@ -423,20 +464,26 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
     }
     let mut body = vec![0; req.content_length];
     let upload_put = req.method == "PUT" && req.target.contains("/blobs/uploads/");
-    match (opts.stop_reading_after, opts.read_rate) {
-        (Some(n), _) if upload_put && req.content_length > n => {
+    match (opts.stop_reading_after, opts.read_rate, opts.throttle) {
+        (Some(n), _, _) if upload_put && req.content_length > n => {
             reader.read_exact(&mut body[..n])?;
             while !shared.stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(20));
             }
             return Ok(());
         }
-        (_, Some(rate)) => {
+        (_, Some(rate), _) => {
             // 10 slices a second, each rate/10 bytes.
             let slice = usize::try_from(rate / 10).unwrap_or(usize::MAX).max(1);
             for part in body.chunks_mut(slice) {
                 reader.read_exact(part)?;
                 std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        (_, _, Some(pause)) if body.len() > 64 << 10 => {
+            for piece in body.chunks_mut(64 << 10) {
+                reader.read_exact(piece)?;
+                std::thread::sleep(pause);
             }
         }
         _ => reader.read_exact(&mut body)?,
@@ -449,6 +496,17 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         return Ok(());
     }
     if is_token {
+        shared
+            .state
+            .lock()
+            .unwrap()
+            .token_requests
+            .push(TokenRequest {
+                method: req.method.clone(),
+                target: req.target.clone(),
+                authorization: authorization.clone(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
         if let Some(Some((user, pass))) = &opts.bearer {
             use base64::Engine as _;
             let want = format!(
@@ -517,6 +575,26 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             return Ok(());
         }
         _ => {}
+    }
+    if opts.name_unknown && req.method == "POST" && req.target.contains("/blobs/uploads/") {
+        let ct = ("Content-Type", "application/json".to_string());
+        respond(
+            &mut conn,
+            404,
+            &[ct],
+            b"{\"errors\":[{\"code\":\"NAME_UNKNOWN\",\"message\":\"The repository with name 'missing/app' does not exist in the registry with id '123456789012'\"}]}",
+        );
+        return Ok(());
+    }
+    if opts.deny_manifest_puts && req.method == "PUT" && req.target.contains("/manifests/") {
+        let ct = ("Content-Type", "application/json".to_string());
+        respond(
+            &mut conn,
+            403,
+            &[ct],
+            b"{\"errors\":[{\"code\":\"DENIED\",\"message\":\"requested access to the resource is denied\"}]}",
+        );
+        return Ok(());
     }
     if let Some(to) = &opts.redirect_blob_head_to
         && req.method == "HEAD"
