@@ -73,6 +73,8 @@ install_test_tools() {
     # (independent digest checks), touch/id (coreutils), python3 (moto's venv, below).
     apt_install docker-registry skopeo qemu-user-static apache2-utils openssl tar zstd \
         ca-certificates curl util-linux binutils coreutils gzip
+    # tests/it/static_base.rs links a static HTTPS client (OpenSSL) to run on base "static".
+    apt_install libssl-dev
     install_docker
 }
 

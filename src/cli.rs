@@ -28,6 +28,12 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// Write a starter build-specs/<package>.toml for the Cargo project here.
     Init(InitArgs),
+    /// Copy an image or index (every platform, its referrers) to another repository or
+    /// registry, digest unchanged; prints DST-REPO@sha256:<digest>.
+    Copy(CopyArgs),
+    /// Point more tags at an image in a registry (its manifest is put unchanged); prints
+    /// REPO@sha256:<digest>.
+    Tag(TagArgs),
 }
 
 /// Flags shared by `build` and `push`.
@@ -130,6 +136,11 @@ pub struct CommonArgs {
     /// (overrides `base`; `[base_overrides]` still apply).
     #[arg(long, value_name = "IMAGE")]
     pub base: Option<String>,
+
+    /// The CA bundle (PEM) put into the built-in base `static` [default:
+    /// /etc/ssl/certs/ca-certificates.crt].
+    #[arg(long, env = "IMGBUILD_STATIC_CA_BUNDLE", value_name = "PEM")]
+    pub static_ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -331,4 +342,100 @@ pub struct InitArgs {
     /// The binary target to make the entrypoint [default: the one named like the package].
     #[arg(long, value_name = "NAME")]
     pub bin: Option<String>,
+}
+
+/// How `copy` and `tag` reach registries: push's flags (they apply to the source and the
+/// destination alike, as crane's do), plus quiet/verbose and jobs.
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// Allow plain HTTP for this registry (after HTTPS fails to connect); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust this PEM CA certificate in addition to the system roots; repeatable.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    pub ca_certs: Vec<PathBuf>,
+
+    /// Destination registry user name (with --password-stdin); also used for the source
+    /// when it is on the same registry.
+    #[arg(short, long, requires = "password_stdin")]
+    pub username: Option<String>,
+
+    /// Read the destination registry's password or token from standard input.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+
+    /// Give up on a request that sends or receives nothing for this many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub timeout: u64,
+
+    /// Connect to HOST:PORT at ADDR instead of what DNS says (curl's --resolve); TLS is still
+    /// verified for HOST. Repeatable.
+    #[arg(long = "resolve", value_name = "HOST:PORT:ADDR", value_parser = clap::value_parser!(imgbuild::registry::ResolveOverride))]
+    pub resolve: Vec<imgbuild::registry::ResolveOverride>,
+
+    /// ECR: assume this IAM role for the destination (tag: the image's registry).
+    #[arg(long, env = "IMGBUILD_AWS_ROLE_ARN", value_name = "ARN")]
+    pub aws_role_arn: Option<String>,
+
+    /// Retry a failed request (5xx, 429, reset, stall) this many times, with backoff.
+    #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_RETRIES, value_name = "N")]
+    pub retries: u32,
+
+    /// Start no retry later than this many seconds after the command began.
+    #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_DEADLINE.as_secs(), value_name = "SECONDS")]
+    pub deadline: u64,
+
+    /// First backoff step in milliseconds (doubled per retry); for tests.
+    #[arg(long, hide = true, default_value_t = 500, value_name = "MS")]
+    pub retry_base_ms: u64,
+
+    /// Blobs copied at once.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+
+    /// Print only errors and warnings.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// More detail on stderr.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The image or index to copy: REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...
+    #[arg(value_name = "SRC")]
+    pub source: String,
+
+    /// Where to: REGISTRY/REPO[:TAG] (no tag: the source's tag; none for a source named by
+    /// digest).
+    #[arg(value_name = "DST")]
+    pub destination: String,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+
+    /// ECR: assume this IAM role for the source registry (env IMGBUILD_SRC_AWS_ROLE_ARN).
+    #[arg(long, env = "IMGBUILD_SRC_AWS_ROLE_ARN", value_name = "ARN")]
+    pub src_aws_role_arn: Option<String>,
+
+    /// ECR: create the destination repository if it does not exist.
+    #[arg(long)]
+    pub create_repository: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    /// The image: REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...
+    #[arg(value_name = "REF")]
+    pub image: String,
+
+    /// New tags for it (in the same repository).
+    #[arg(value_name = "TAG", required = true)]
+    pub tags: Vec<String>,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }

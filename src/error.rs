@@ -42,6 +42,10 @@ pub enum Error {
     #[error(transparent)]
     Base(#[from] crate::base::BaseError),
     #[error(transparent)]
+    Copy(#[from] crate::copy::CopyError),
+    #[error(transparent)]
+    StaticBase(#[from] crate::static_base::StaticBaseError),
+    #[error(transparent)]
     Resolve(#[from] crate::resolve::ResolveError),
     #[error(transparent)]
     Init(#[from] crate::init::InitError),
@@ -87,6 +91,8 @@ impl Error {
             | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
+            Error::Copy(e) => e.exit_code(),
+            Error::StaticBase(e) => e.exit_code(),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `imgbuild init`: a starter build spec for a Cargo project. Reads `Cargo.toml` (`[package]`
 //! name, description, version, license, repository; `[[bin]]` targets and the binaries Cargo
 //! infers from `src/main.rs` and `src/bin/`), and writes `build-specs/<name>.toml`: the
-//! static musl binaries cargo-zigbuild produces for linux/amd64 and linux/arm64, on scratch,
+//! static musl binaries cargo-zigbuild produces for linux/amd64 and linux/arm64, on the built-in
+//! base `static` (users, CA certificates, /tmp),
 //! as user 65532, with OCI labels from the package. One binary is the entrypoint; the others
 //! are written out commented, for the user to pick.
 //!
@@ -255,9 +256,11 @@ pub fn render_spec(project: &Project, entrypoint: &str, target: &str) -> String 
     }
     s.push_str("platforms = [\"linux/amd64\", \"linux/arm64\"]\n");
     s.push_str(
-        "# No shell, no libc, nothing but the files below: the binaries must be static (musl).\n",
+        "# No shell, no libc: the binaries must be static (musl). The built-in base \"static\" adds\n\
+         # /etc/passwd (nonroot 65532), CA certificates (from this machine's ca-certificates;\n\
+         # --static-ca-bundle for another bundle) and /tmp; \"scratch\" is nothing at all.\n",
     );
-    s.push_str("base = \"scratch\"\n\n[config]\n");
+    s.push_str("base = \"static\"\n\n[config]\n");
     s.push_str("# The binary targets of this package; one is the entrypoint.\n");
     s.push_str(&format!(
         "entrypoint = [{}]\n",
@@ -291,11 +294,6 @@ pub fn render_spec(project: &Project, entrypoint: &str, target: &str) -> String 
         s.push_str(&format!("  # {},\n", artifact(other)));
     }
     s.push_str("]\n\n");
-    s.push_str(
-        "# A program that speaks HTTPS needs CA certificates, which scratch lacks, e.g.:\n\
-         # [[layer]]\n\
-         # files = [{ src = \"/etc/ssl/certs/ca-certificates.crt\", dest = \"/etc/ssl/certs/ca-certificates.crt\" }]\n",
-    );
     s
 }
 
@@ -517,7 +515,7 @@ path = "src/admin.rs"
                 .collect::<Vec<_>>(),
             ["linux/amd64", "linux/arm64"]
         );
-        assert_eq!(spec.base, crate::spec::Base::Scratch);
+        assert_eq!(spec.base, crate::spec::Base::Static);
         assert_eq!(
             spec.config.entrypoint.as_deref(),
             Some(&["/usr/local/bin/hello".to_string()][..])

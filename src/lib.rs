@@ -18,6 +18,7 @@ pub mod base;
 pub mod baseconfig;
 pub mod cache;
 pub mod compress;
+pub mod copy;
 pub mod deploy;
 pub mod digest;
 pub mod docker_archive;
@@ -38,6 +39,7 @@ pub mod registry;
 pub mod resolve;
 pub mod run;
 pub mod spec;
+pub mod static_base;
 pub mod store;
 pub mod untrusted;
 

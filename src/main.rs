@@ -5,7 +5,10 @@ mod cli;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cli::{BuildArgs, Cli, Command, CommonArgs, InitArgs, PushArgs, ResolveArgs};
+use cli::{
+    BuildArgs, Cli, Command, CommonArgs, CopyArgs, InitArgs, PushArgs, RemoteArgs, ResolveArgs,
+    TagArgs,
+};
 use imgbuild::base;
 use imgbuild::cache::LayerCache;
 use imgbuild::compress::{Codec, Compression};
@@ -100,6 +103,8 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Push(args) => push(&args),
         Command::Resolve(args) => resolve(&args),
         Command::Init(args) => init(&args),
+        Command::Copy(args) => copy(&args),
+        Command::Tag(args) => tag(&args),
     }
 }
 
@@ -305,9 +310,91 @@ fn init(args: &InitArgs) -> Result<()> {
     Ok(())
 }
 
+/// `imgbuild copy SRC DST`.
+fn copy(args: &CopyArgs) -> Result<()> {
+    let r = &args.remote;
+    let progress = remote_progress(r);
+    let dst = remote_options(r, args.create_repository)?;
+    let mut src = dst.clone();
+    src.aws = AwsOptions {
+        role_arn: args
+            .src_aws_role_arn
+            .clone()
+            .filter(|a| !a.trim().is_empty()),
+        ..AwsOptions::default()
+    };
+    let req = imgbuild::copy::CopyRequest {
+        source: args.source.clone(),
+        destination: args.destination.clone(),
+        source_opts: src,
+        destination_opts: dst,
+    };
+    let copied = imgbuild::copy::copy(&req, progress.as_ref())?;
+    println!("{}", copied.image_ref);
+    Ok(())
+}
+
+/// `imgbuild tag REF TAG...`.
+fn tag(args: &TagArgs) -> Result<()> {
+    let r = &args.remote;
+    let progress = remote_progress(r);
+    let req = imgbuild::copy::TagRequest {
+        image: args.image.clone(),
+        tags: args.tags.clone(),
+        opts: remote_options(r, false)?,
+    };
+    let tagged = imgbuild::copy::tag(&req, progress.as_ref())?;
+    println!("{}", tagged.image_ref);
+    Ok(())
+}
+
+fn remote_progress(r: &RemoteArgs) -> Box<dyn Progress> {
+    let verbosity = match (r.quiet, r.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (false, 0) => Verbosity::Normal,
+        _ => Verbosity::Verbose,
+    };
+    if verbosity == Verbosity::Quiet {
+        Box::new(progress::Silent)
+    } else if std::io::stderr().is_terminal() {
+        Box::new(progress::Bars::new(verbosity))
+    } else {
+        Box::new(progress::Lines::new(verbosity))
+    }
+}
+
+/// Push's connection options from `copy`/`tag` flags.
+fn remote_options(r: &RemoteArgs, create_repository: bool) -> Result<PushOptions> {
+    let credentials = read_password(r.username.as_deref(), r.password_stdin)?;
+    Ok(PushOptions {
+        jobs: usize::from(r.jobs),
+        insecure_registries: r.insecure_registries.clone(),
+        ca_certs: r.ca_certs.clone(),
+        credentials,
+        timeout: Duration::from_secs(r.timeout.max(1)),
+        resolve: r.resolve.clone(),
+        aws: AwsOptions {
+            role_arn: r.aws_role_arn.clone().filter(|a| !a.trim().is_empty()),
+            create_repository,
+            ..AwsOptions::default()
+        },
+        retry: RetryPolicy {
+            retries: r.retries,
+            base_delay: Duration::from_millis(r.retry_base_ms),
+            deadline: Duration::from_secs(r.deadline),
+        },
+        ..PushOptions::default()
+    })
+}
+
 /// `--username` with the password from standard input (`--password-stdin`).
 fn credentials(args: &PushArgs) -> Result<Option<Credentials>> {
-    if !args.password_stdin {
+    read_password(args.username.as_deref(), args.password_stdin)
+}
+
+/// The password from standard input for `username`, when `--password-stdin` was given.
+fn read_password(username: Option<&str>, password_stdin: bool) -> Result<Option<Credentials>> {
+    if !password_stdin {
         return Ok(None);
     }
     let mut password = String::new();
@@ -321,7 +408,7 @@ fn credentials(args: &PushArgs) -> Result<Option<Credentials>> {
         ));
     }
     Ok(Some(Credentials {
-        username: args.username.clone().unwrap_or_default(),
+        username: username.unwrap_or_default().to_string(),
         password: Secret::new(password),
     }))
 }
@@ -347,6 +434,7 @@ fn image_request(
         base_cache: base::default_cache_dir(),
         tags,
         outputs: outputs(c),
+        static_ca_bundle: c.static_ca_bundle.clone(),
     })
 }
 

@@ -40,6 +40,15 @@ pub struct Puller {
 }
 
 impl Puller {
+    /// A puller over a client already connected (the copy command's source, registry/copy.rs).
+    pub(super) fn from_client(client: Client) -> Puller {
+        Puller { client }
+    }
+
+    pub(super) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Reach `repo`'s registry (same scheme rules, credentials and token flow as a push; the
     /// token asked for is `repository:<path>:pull,push`, which token servers narrow to pull).
     pub async fn connect(

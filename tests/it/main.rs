@@ -7,6 +7,7 @@
 mod action;
 mod base;
 mod build;
+mod copy;
 mod credentials;
 mod diskfull;
 mod ecr;
@@ -22,3 +23,4 @@ mod resolve;
 mod scale;
 mod smoke;
 mod speed;
+mod static_base;
