@@ -79,7 +79,7 @@ impl ResolvedBase {
 pub enum BaseError {
     #[error(
         "base {base} has no {platform} image; it offers {}; pick another base, remove the platform, or set [base_overrides] \"{platform}\"",
-        offered.join(", ")
+        crate::untrusted::shown_list(offered, 20, 64)
     )]
     MissingPlatform {
         base: String,
@@ -341,7 +341,8 @@ impl<'a> Source<'a> {
             (self.top.clone(), self.top_digest.clone())
         } else {
             return Err(invalid(format!(
-                "unsupported manifest type {top_type:?}; supported: {}",
+                "unsupported manifest type \"{}\"; supported: {}",
+                crate::untrusted::shown(&top_type, 100),
                 [INDEX_TYPES, MANIFEST_TYPES].concat().join(", ")
             )));
         };
@@ -350,10 +351,32 @@ impl<'a> Source<'a> {
         let mt = media_type(&manifest);
         if !MANIFEST_TYPES.contains(&mt.as_str()) {
             return Err(invalid(format!(
-                "{manifest_digest} is a {mt:?}, not an image manifest"
+                "{manifest_digest} is a \"{}\", not an image manifest",
+                crate::untrusted::shown(&mt, 100)
             )));
         }
         let descriptor = |v: &Value| -> Result<Descriptor, BaseError> {
+            let bad = |field: &str| invalid(format!("manifest {manifest_digest}: {field}"));
+            // `urls` and `annotations` are kept exactly (descriptor.md): a layer's
+            // non-distributable location or its annotations belong to it.
+            let urls = match &v["urls"] {
+                Value::Null => Vec::new(),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|u| u.as_str().map(String::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("urls holds a non-string"))?,
+                _ => return Err(bad("urls is not an array")),
+            };
+            let annotations = match &v["annotations"] {
+                Value::Null => std::collections::BTreeMap::new(),
+                Value::Object(o) => o
+                    .iter()
+                    .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad("an annotation value is not a string"))?,
+                _ => return Err(bad("annotations is not an object")),
+            };
             Ok(Descriptor {
                 media_type: v["mediaType"].as_str().unwrap_or_default().to_string(),
                 digest: v["digest"]
@@ -364,6 +387,8 @@ impl<'a> Source<'a> {
                 size: v["size"]
                     .as_u64()
                     .ok_or_else(|| invalid(format!("manifest {manifest_digest}: no size")))?,
+                urls,
+                annotations,
             })
         };
         let config_desc = descriptor(&manifest["config"])?;
@@ -378,6 +403,12 @@ impl<'a> Source<'a> {
             .await?;
         let config: Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| invalid(format!("config {} is not JSON ({e})", config_desc.digest)))?;
+        crate::baseconfig::validate(&config).map_err(|e| {
+            invalid(format!(
+                "config {} breaks the image spec: {e}; the result would not be a valid image",
+                config_desc.digest
+            ))
+        })?;
         // A single-platform base must be for this platform (an index entry already is).
         if MANIFEST_TYPES.contains(&top_type.as_str()) && !matches(&config, platform) {
             return Err(BaseError::MissingPlatform {
@@ -456,12 +487,7 @@ impl SourceKind<'_> {
         progress: &dyn Progress,
     ) -> Result<Bytes, BaseError> {
         if let SourceKind::Layout(store) = self {
-            let path = store.path(digest);
-            let bytes = std::fs::read(&path).map_err(|source| BaseError::Layout {
-                base: name.to_string(),
-                path,
-                cause: source,
-            })?;
+            let bytes = read_layout_json(name, &store.path(digest))?;
             verify_layout_blob(name, digest, &bytes)?;
             return Ok(Bytes::from(bytes));
         }
@@ -517,11 +543,7 @@ fn verify_layout_blob(name: &str, digest: &Digest, bytes: &[u8]) -> Result<(), B
 /// The layout's image for `tag` (`org.opencontainers.image.ref.name`), or its only image.
 fn layout_top(name: &str, dir: &Path, tag: Option<&str>) -> Result<(Bytes, Digest), BaseError> {
     let path = dir.join("index.json");
-    let text = std::fs::read(&path).map_err(|source| BaseError::Layout {
-        base: name.to_string(),
-        path: path.clone(),
-        cause: source,
-    })?;
+    let text = read_layout_json(name, &path)?;
     let invalid = |reason: String| BaseError::Invalid {
         base: name.to_string(),
         reason,
@@ -570,12 +592,53 @@ fn layout_top(name: &str, dir: &Path, tag: Option<&str>) -> Result<(Bytes, Diges
         .parse()
         .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     let blob = dir.join("blobs/sha256").join(digest.hex());
-    let bytes = std::fs::read(&blob).map_err(|source| BaseError::Layout {
-        base: name.to_string(),
-        path: blob,
-        cause: source,
-    })?;
+    let bytes = read_layout_json(name, &blob)?;
     Ok((Bytes::from(bytes), digest))
+}
+
+/// Open a file of an `oci:` layout for reading: only a regular file (symlinks followed). A
+/// FIFO would block the build forever, a device such as `/dev/zero` never ends.
+fn open_layout_file(name: &str, path: &Path) -> Result<std::fs::File, BaseError> {
+    let layout_err = |cause| BaseError::Layout {
+        base: name.to_string(),
+        path: path.to_path_buf(),
+        cause,
+    };
+    let meta = std::fs::metadata(path).map_err(layout_err)?;
+    if !meta.is_file() {
+        return Err(layout_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a FIFO, device or directory)",
+        )));
+    }
+    std::fs::File::open(path).map_err(layout_err)
+}
+
+/// `index.json`, a manifest or a config of an `oci:` layout, capped like a registry
+/// manifest ([`crate::registry::pull::MAX_JSON_BYTES`]) so a huge or endless file cannot
+/// exhaust the memory.
+fn read_layout_json(name: &str, path: &Path) -> Result<Vec<u8>, BaseError> {
+    use std::io::Read as _;
+    let max = crate::registry::pull::MAX_JSON_BYTES;
+    let mut bytes = Vec::new();
+    open_layout_file(name, path)?
+        .take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|cause| BaseError::Layout {
+            base: name.to_string(),
+            path: path.to_path_buf(),
+            cause,
+        })?;
+    if bytes.len() > max {
+        return Err(BaseError::Invalid {
+            base: name.to_string(),
+            reason: format!(
+                "{} is over {max} bytes, more than any index, manifest or config needs",
+                path.display()
+            ),
+        });
+    }
+    Ok(bytes)
 }
 
 /// `mediaType`, or for documents without one (allowed in OCI), what their shape says.
@@ -666,9 +729,23 @@ fn copy_verified(
         path: to.root().to_path_buf(),
         cause: source,
     };
-    let mut file = std::fs::File::open(&src).map_err(layout_err)?;
+    use std::io::{Read as _, Write as _};
+    let mut file = open_layout_file(name, &src)?.take(layer.size + 1);
     let mut writer = to.writer().map_err(cache_err)?;
-    std::io::copy(&mut file, &mut writer).map_err(layout_err)?;
+    // At most `size` + 1 bytes: enough to tell a longer blob from the right one. Read and
+    // write errors are told apart: a full disk is ours (exit 1), not the layout's.
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(layout_err(e)),
+        };
+        if n == 0 {
+            break;
+        }
+        writer.write_all(&buf[..n]).map_err(cache_err)?;
+    }
     let (got, size) = writer.commit().map_err(cache_err)?;
     if got != layer.digest || size != layer.size {
         if got != layer.digest {

@@ -243,11 +243,7 @@ impl LayerCache {
             link_or_copy(&blob, &store.path(&record.digest))?;
         }
         Ok(Some(LayerInfo {
-            descriptor: Descriptor {
-                media_type: record.media_type,
-                digest: record.digest,
-                size: record.size,
-            },
+            descriptor: Descriptor::new(record.media_type, record.digest, record.size),
             diff_id: record.diff_id,
             created_by: layer.created_by.clone(),
         }))

@@ -244,6 +244,23 @@ pub struct BuildArgs {
     /// Trust this PEM CA certificate for base image registries; repeatable.
     #[arg(long = "ca-cert", value_name = "PEM")]
     pub ca_certs: Vec<PathBuf>,
+
+    /// Base image registries: give up on a request that sends or receives nothing for this
+    /// many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub timeout: u64,
+
+    /// Base image registries: retry a failed request (5xx, 429, reset, stall) this many times.
+    #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_RETRIES, value_name = "N")]
+    pub retries: u32,
+
+    /// Base image registries: start no retry later than this many seconds after the start.
+    #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_DEADLINE.as_secs(), value_name = "SECONDS")]
+    pub deadline: u64,
+
+    /// First backoff step in milliseconds (doubled per retry); for tests.
+    #[arg(long, hide = true, default_value_t = 500, value_name = "MS")]
+    pub retry_base_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -208,6 +208,10 @@ pub struct ParGzWriter<W: Write> {
     jobs: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Done>,
     workers: Vec<JoinHandle<()>>,
+    /// The first error: every later call returns it at once. After a failed write the block
+    /// sequence has a hole, and waiting for that block again would wait forever (a full disk
+    /// hung builds this way: `BufWriter` and `tar::Builder` write again when dropped).
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl<W: Write> fmt::Debug for ParGzWriter<W> {
@@ -240,7 +244,12 @@ impl<W: Write> ParGzWriter<W> {
                             .prev
                             .as_deref()
                             .map(|p| &p[p.len() - DICT.min(p.len())..]);
-                        let out = deflate_block(level, dict, &job.data, job.last);
+                        // A panic must not lose the block silently (the writer would wait
+                        // for it forever): it becomes that block's error.
+                        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            deflate_block(level, dict, &job.data, job.last)
+                        }))
+                        .unwrap_or_else(|_| Err(io::Error::other("a gzip worker thread panicked")));
                         if done_tx.send((job.seq, out)).is_err() {
                             return;
                         }
@@ -263,7 +272,22 @@ impl<W: Write> ParGzWriter<W> {
             jobs: Some(jobs),
             done,
             workers,
+            failed: None,
         }
+    }
+
+    /// Run `f` unless an earlier call failed; remember its failure.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> io::Result<T>) -> io::Result<T> {
+        if let Some((kind, msg)) = &self.failed {
+            return Err(io::Error::new(*kind, msg.clone()));
+        }
+        let r = f(self);
+        if let Err(e) = &r {
+            self.failed = Some((e.kind(), e.to_string()));
+            // Stop the workers now: nothing more will be written.
+            self.jobs = None;
+        }
+        r
     }
 
     fn submit(&mut self, last: bool) -> io::Result<()> {
@@ -320,15 +344,17 @@ impl<W: Write> ParGzWriter<W> {
 
     /// Compress what is left, write the trailer, stop the workers; return the inner writer.
     pub fn finish(mut self) -> io::Result<W> {
-        self.submit(true)?;
-        while self.next_write < self.next_seq {
-            self.write_one()?;
-        }
-        let crc = std::mem::take(&mut self.crc).finalize();
-        // ISIZE is the input size modulo 2^32 (RFC 1952 2.3.1).
-        let isize = (self.isize & 0xffff_ffff) as u32;
-        self.inner.write_all(&crc.to_le_bytes())?;
-        self.inner.write_all(&isize.to_le_bytes())?;
+        self.guarded(|w| {
+            w.submit(true)?;
+            while w.next_write < w.next_seq {
+                w.write_one()?;
+            }
+            let crc = std::mem::take(&mut w.crc).finalize();
+            // ISIZE is the input size modulo 2^32 (RFC 1952 2.3.1).
+            let isize = (w.isize & 0xffff_ffff) as u32;
+            w.inner.write_all(&crc.to_le_bytes())?;
+            w.inner.write_all(&isize.to_le_bytes())
+        })?;
         self.jobs = None;
         for w in self.workers.drain(..) {
             let _ = w.join();
@@ -342,7 +368,9 @@ impl<W: Write> Write for ParGzWriter<W> {
         if self.buf.len() == GZIP_BLOCK {
             // A full block is sent only once more input exists: the last block must be the
             // one `finish` ends with `Finish`.
-            self.submit(false)?;
+            self.guarded(|w| w.submit(false))?;
+        } else if self.failed.is_some() {
+            self.guarded(|_| Ok(()))?;
         }
         let n = buf.len().min(GZIP_BLOCK - self.buf.len());
         self.buf.extend_from_slice(&buf[..n]);
@@ -529,6 +557,64 @@ mod tests {
             crate::digest::Digest::of(&one).to_string(),
             "sha256:b302883d34f0ec64b00730746e2212734c15015dbe7791aceee3ad7b6967959c"
         );
+    }
+
+    /// A sink that fails like a full disk after `room` bytes.
+    struct Full {
+        room: usize,
+    }
+    impl Write for Full {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failing_sink_ends_the_encoder_and_every_later_call() {
+        // Every call after the first error must return (no wait for a block that was lost),
+        // including the writes a BufWriter makes when it is dropped.
+        for codec in [Codec::Gzip, Codec::Zstd] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let c = Compression::new(codec, None).unwrap();
+                let data = sample(40 * GZIP_BLOCK);
+                let e = Encoder::new(Full { room: 100_000 }, c, 2).unwrap();
+                let mut e = io::BufWriter::with_capacity(1 << 20, e);
+                let first = data
+                    .chunks(8192)
+                    .find_map(|p| e.write_all(p).err())
+                    .or_else(|| e.flush().err());
+                // zstd may hold all of this input in its first job: then the error comes
+                // from `finish`, and there is no later call to check.
+                let again = first.as_ref().map(|_| {
+                    e.write_all(&data[..GZIP_BLOCK * 3])
+                        .and_then(|()| e.flush())
+                });
+                let finished = e
+                    .into_inner()
+                    .map_err(|e| e.into_error())
+                    .and_then(|e| e.finish());
+                let first = first.or(finished.as_ref().err().map(|e| io::Error::from(e.kind())));
+                let _ = tx.send((
+                    first.map(|e| e.kind()),
+                    again.is_none_or(|r| r.is_err()),
+                    finished.is_err(),
+                ));
+            });
+            let (first, again, finished) = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("{codec}: the encoder hangs after a write error"));
+            assert_eq!(first, Some(io::ErrorKind::StorageFull), "{codec}");
+            assert!(again && finished, "{codec}: a later call succeeded");
+        }
     }
 
     #[test]

@@ -838,6 +838,9 @@ fn descriptor(v: &Value, within: &Digest) -> Result<Descriptor, WalkError> {
         size: v["size"]
             .as_u64()
             .ok_or_else(|| invalid("a descriptor without size"))?,
+        // copy only walks the graph; what it sends is the source's bytes, unchanged.
+        urls: Vec::new(),
+        annotations: Default::default(),
     })
 }
 

@@ -96,7 +96,7 @@ impl Error {
             Error::Resolve(_) => ExitCode::Usage,
             Error::Init(e) => e.exit_code(),
             Error::Plan(e) => e.exit_code(),
-            Error::Layer(_) => ExitCode::Input,
+            Error::Layer(e) => e.exit_code(),
             Error::Image(_)
             | Error::Io { .. }
             | Error::OutputsAfterPush { .. }

@@ -37,6 +37,26 @@ pub struct Descriptor {
     pub media_type: String,
     pub digest: Digest,
     pub size: u64,
+    /// Where else the blob may be fetched (descriptor.md `urls`): kept exactly as a base
+    /// image lists it for its layers; empty for ours.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    /// The descriptor's `annotations`, likewise kept from a base image; empty for ours.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Descriptor {
+    /// A descriptor with no `urls` and no `annotations` (all of ours).
+    pub fn new(media_type: impl Into<String>, digest: Digest, size: u64) -> Self {
+        Descriptor {
+            media_type: media_type.into(),
+            digest,
+            size,
+            urls: Vec::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
 }
 
 /// JSON bytes fixed once, with their digest and media type.
@@ -83,11 +103,11 @@ impl JsonBlob {
     }
 
     pub fn descriptor(&self) -> Descriptor {
-        Descriptor {
-            media_type: self.media_type.clone(),
-            digest: self.digest.clone(),
-            size: self.bytes.len() as u64,
-        }
+        Descriptor::new(
+            self.media_type.clone(),
+            self.digest.clone(),
+            self.bytes.len() as u64,
+        )
     }
 }
 
@@ -180,11 +200,13 @@ fn oci_descriptor(d: &Descriptor) -> Result<oci::Descriptor, ImageError> {
         .to_string()
         .parse()
         .map_err(oci_err("descriptor"))?;
-    Ok(oci::Descriptor::new(
-        oci::MediaType::from(d.media_type.as_str()),
-        d.size,
-        digest,
-    ))
+    let mut out = oci::Descriptor::new(oci::MediaType::from(d.media_type.as_str()), d.size, digest);
+    if !d.urls.is_empty() {
+        out.set_urls(Some(d.urls.clone()));
+    }
+    // A HashMap here, but the manifest goes through canonical JSON (sorted keys).
+    out.set_annotations(hashmap(&d.annotations));
+    Ok(out)
 }
 
 fn oci_arch(p: &Platform) -> oci::Arch {
@@ -474,11 +496,7 @@ mod tests {
             "history": [{"created_by": "base 1"}, {"created_by": "base 2"}]
         });
         let layer = LayerInfo {
-            descriptor: Descriptor {
-                media_type: MEDIA_TYPE_LAYER_GZIP.into(),
-                digest: Digest::of(b"l"),
-                size: 1,
-            },
+            descriptor: Descriptor::new(MEDIA_TYPE_LAYER_GZIP, Digest::of(b"l"), 1),
             diff_id: Digest::of(b"d"),
             created_by: "ours".into(),
         };

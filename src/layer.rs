@@ -65,6 +65,17 @@ pub enum LayerError {
     },
 }
 
+impl LayerError {
+    /// A source that cannot be read or changed is the user's input (3); a blob that cannot be
+    /// written (a full disk, a read-only store) is a local failure (1), not the input's fault.
+    pub fn exit_code(&self) -> crate::error::ExitCode {
+        match self {
+            LayerError::Read { .. } | LayerError::Changed { .. } => crate::error::ExitCode::Input,
+            LayerError::Write { .. } => crate::error::ExitCode::Internal,
+        }
+    }
+}
+
 /// Write one layer into `store`; return its descriptor and diff_id.
 pub fn write_layer(
     layer: &LayerPlan,
@@ -113,9 +124,9 @@ pub fn write_layer(
                     remaining: *size,
                 };
                 tar.append_data(&mut h, &entry.path, reader).map_err(|e| {
-                    // A short read shows up here as our own error kind; anything else is
+                    // A size change shows up here as our own marker; anything else is
                     // either reading the source or writing the blob.
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                    if e.get_ref().is_some_and(|i| i.is::<SizeChanged>()) {
                         LayerError::Changed {
                             path: src.clone(),
                             planned: *size,
@@ -140,11 +151,7 @@ pub fn write_layer(
     let blob = encoder.finish().map_err(write_err)?;
     let (digest, size) = blob.commit().map_err(write_err)?;
     Ok(LayerInfo {
-        descriptor: Descriptor {
-            media_type: opts.compression.codec.media_type().to_string(),
-            digest,
-            size,
-        },
+        descriptor: Descriptor::new(opts.compression.codec.media_type(), digest, size),
         diff_id,
         created_by: layer.created_by.clone(),
     })
@@ -155,8 +162,14 @@ pub fn write_layer(
 #[error("{0}")]
 struct ReadFailure(io::Error);
 
-/// Reads exactly `remaining` bytes: a file that shrank since planning is an error
-/// (`UnexpectedEof`) rather than a corrupt tar; one that grew is cut at the planned size.
+/// Marker for a source file whose size is not the planned one.
+#[derive(Debug, thiserror::Error)]
+#[error("file changed size while it was read")]
+struct SizeChanged;
+
+/// Reads exactly `remaining` bytes, then checks that the file ends there: a file that shrank
+/// or grew since planning is an error ([`SizeChanged`]) rather than a corrupt or silently
+/// truncated layer (the tar header already holds the planned size).
 struct ExactReader {
     inner: File,
     remaining: u64,
@@ -165,6 +178,14 @@ struct ExactReader {
 impl Read for ExactReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.remaining == 0 {
+            let mut probe = [0u8; 1];
+            let n = self
+                .inner
+                .read(&mut probe)
+                .map_err(|e| io::Error::new(e.kind(), ReadFailure(e)))?;
+            if n > 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, SizeChanged));
+            }
             return Ok(0);
         }
         let max = buf
@@ -175,7 +196,7 @@ impl Read for ExactReader {
             .read(&mut buf[..max])
             .map_err(|e| io::Error::new(e.kind(), ReadFailure(e)))?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank"));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, SizeChanged));
         }
         self.remaining -= n as u64;
         Ok(n)
@@ -279,17 +300,27 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn shrunk_file_is_an_error() {
-        let src = tempfile::tempdir().unwrap();
-        let mut plan = entries(src.path());
-        if let EntryKind::File { size, .. } = &mut plan.entries[1].kind {
-            *size = 100;
+    fn a_file_that_shrank_or_grew_is_an_error_naming_it() {
+        // The file holds 6 bytes; planned larger = it shrank, planned smaller = it grew.
+        for planned in [100, 3, 0] {
+            let src = tempfile::tempdir().unwrap();
+            let mut plan = entries(src.path());
+            if let EntryKind::File { size, .. } = &mut plan.entries[1].kind {
+                *size = planned;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::open(dir.path()).unwrap();
+            let err = write_layer(&plan, &store, &LayerOptions::default()).unwrap_err();
+            assert!(
+                matches!(&err, LayerError::Changed { planned: p, path } if *p == planned && path.ends_with("f")),
+                "planned {planned}: {err}"
+            );
+            assert_eq!(err.exit_code(), crate::error::ExitCode::Input);
+            // Nothing is left in the store: no blob, no temporary file.
+            let left = std::fs::read_dir(dir.path().join("blobs/sha256"))
+                .unwrap()
+                .count();
+            assert_eq!(left, 0, "planned {planned}");
         }
-        let store = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
-        let err = write_layer(&plan, &store, &LayerOptions::default()).unwrap_err();
-        assert!(
-            matches!(err, LayerError::Changed { planned: 100, .. }),
-            "{err}"
-        );
     }
 }

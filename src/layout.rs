@@ -51,16 +51,114 @@ pub fn layout_index(
 }
 
 /// Finish the layout whose blobs are already in `store` (rooted at the layout directory).
+/// Images already in its `index.json` under other tags are kept (the same tags are replaced),
+/// as `skopeo copy` and `crane` do when they write into an existing layout.
 pub fn write_layout(image: &BuiltImage, store: &BlobStore, tags: &[String]) -> io::Result<()> {
-    let index = layout_index(image, tags).map_err(io::Error::other)?;
+    let ours = layout_index(image, tags).map_err(io::Error::other)?;
+    let path = store.root().join("index.json");
+    let index = match existing_entries(&path)? {
+        None => ours,
+        Some(old) => {
+            let mut doc: serde_json::Value =
+                serde_json::from_slice(&ours.bytes).map_err(io::Error::other)?;
+            let mine = doc["manifests"].as_array().cloned().unwrap_or_default();
+            let name = |e: &serde_json::Value| e["annotations"][ANNOTATION_REF_NAME].clone();
+            let names: Vec<serde_json::Value> = mine.iter().map(name).collect();
+            let mut kept: Vec<serde_json::Value> = old
+                .into_iter()
+                .filter(|e| !names.contains(&name(e)))
+                .collect();
+            kept.extend(mine);
+            doc["manifests"] = serde_json::Value::Array(kept);
+            JsonBlob::canonical(MEDIA_TYPE_INDEX, &doc, "layout index.json")
+                .map_err(io::Error::other)?
+        }
+    };
     write_atomic(&store.root().join("oci-layout"), OCI_LAYOUT)?;
     write_atomic(&store.root().join("index.json"), &index.bytes)
 }
 
+/// The `manifests` of an existing layout `index.json`, or None when there is none. One that
+/// cannot be read as an image index is an error: overwriting it would lose what it names.
+fn existing_entries(path: &Path) -> io::Result<Option<Vec<serde_json::Value>>> {
+    use std::io::Read as _;
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(with_path(e, path)),
+    };
+    let invalid = |why: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: {why}; it is not an OCI layout index this build can add to (choose another --output, or remove it)",
+                path.display()
+            ),
+        )
+    };
+    if !meta.is_file() {
+        return Err(invalid("not a regular file"));
+    }
+    let max = crate::registry::pull::MAX_JSON_BYTES;
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(max as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|e| with_path(e, path))?;
+    if bytes.len() > max {
+        return Err(invalid("over 4 MiB"));
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| invalid("not JSON"))?;
+    match doc["manifests"].as_array() {
+        Some(m) if doc["schemaVersion"] == 2 => Ok(Some(m.clone())),
+        _ => Err(invalid("no schemaVersion 2 and manifests list")),
+    }
+}
+
+/// Refuse to write a layout into `dir` when it holds anything but a layout (`oci-layout`,
+/// `index.json`, `blobs/`, maybe left by an earlier or failed build): a build must not mix
+/// blobs into, say, a source directory named by mistake.
+pub fn check_output_dir(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(with_path(e, dir)),
+    };
+    let foreign: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !matches!(n.as_str(), "oci-layout" | "index.json" | "blobs"))
+        .collect();
+    if foreign.is_empty() {
+        // An index.json that cannot be added to is refused now, before any blob is written.
+        existing_entries(&dir.join("index.json")).map(|_| ())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} is not empty and not an OCI layout (it holds {}); choose a new or empty --output directory",
+                dir.display(),
+                crate::untrusted::shown_list(&foreign, 5, 60)
+            ),
+        ))
+    }
+}
+
+/// Write `bytes` to a temporary name and rename it to `path`; on any failure (a full disk)
+/// the temporary file is removed and `path` keeps what it held.
 fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    crate::store::create_file(&tmp)?.write_all(bytes)?;
-    fs::rename(&tmp, path)
+    let r = crate::store::create_file(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r.map_err(|e| with_path(e, path))
+}
+
+/// `e` with the file it concerns in its message (an io::Error alone names no path).
+fn with_path(e: io::Error, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// Every blob the image references, each once, in a stable order.
@@ -85,28 +183,35 @@ pub fn write_tarball(
 ) -> io::Result<()> {
     let index = layout_index(image, tags).map_err(io::Error::other)?;
     let (tmp, mut tar) = start_tar(out)?;
-    tar.append_data(
-        &mut header(OCI_LAYOUT.len() as u64, false),
-        "oci-layout",
-        OCI_LAYOUT,
-    )?;
-    tar.append_data(
-        &mut header(index.bytes.len() as u64, false),
-        "index.json",
-        &index.bytes[..],
-    )?;
-    tar.append_data(&mut header(0, true), "blobs", io::empty())?;
-    tar.append_data(&mut header(0, true), "blobs/sha256", io::empty())?;
-    for d in referenced_blobs(image) {
-        let f = store.open_blob(&d)?;
-        let size = f.metadata()?.len();
+    let r = (|| {
         tar.append_data(
-            &mut header(size, false),
-            format!("blobs/sha256/{}", d.hex()),
-            f,
+            &mut header(OCI_LAYOUT.len() as u64, false),
+            "oci-layout",
+            OCI_LAYOUT,
         )?;
+        tar.append_data(
+            &mut header(index.bytes.len() as u64, false),
+            "index.json",
+            &index.bytes[..],
+        )?;
+        tar.append_data(&mut header(0, true), "blobs", io::empty())?;
+        tar.append_data(&mut header(0, true), "blobs/sha256", io::empty())?;
+        for d in referenced_blobs(image) {
+            let f = store.open_blob(&d)?;
+            let size = f.metadata()?.len();
+            tar.append_data(
+                &mut header(size, false),
+                format!("blobs/sha256/{}", d.hex()),
+                f,
+            )?;
+        }
+        finish_tar(tar, &tmp, out)
+    })();
+    if r.is_err() {
+        // No half-written tarball is left behind (a full disk, an unreadable blob).
+        let _ = fs::remove_file(&tmp);
     }
-    finish_tar(tar, &tmp, out)
+    r
 }
 
 /// Which tar format `--tarball` writes.

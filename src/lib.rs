@@ -15,6 +15,7 @@
 #![recursion_limit = "256"]
 
 pub mod base;
+pub mod baseconfig;
 pub mod cache;
 pub mod compress;
 pub mod context;
@@ -45,5 +46,6 @@ pub mod spec;
 pub mod static_base;
 pub mod store;
 pub mod supply;
+pub mod untrusted;
 
 pub use error::{Error, ExitCode};

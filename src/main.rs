@@ -180,6 +180,12 @@ fn build(args: &BuildArgs) -> Result<()> {
             insecure_registries: args.insecure_registries.clone(),
             ca_certs: args.ca_certs.clone(),
             jobs: usize::from(c.jobs),
+            timeout: Duration::from_secs(args.timeout.max(1)),
+            retry: RetryPolicy {
+                retries: args.retries,
+                base_delay: Duration::from_millis(args.retry_base_ms),
+                deadline: Duration::from_secs(args.deadline),
+            },
             ..PushOptions::default()
         },
         layout,

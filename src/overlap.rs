@@ -17,7 +17,7 @@ use crate::registry::{RegistryError, Session};
 use crate::store::BlobStore;
 use futures::StreamExt as _;
 use std::sync::{Mutex, PoisonError};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 type Layer = (Digest, u64);
 
@@ -26,6 +26,8 @@ pub struct LayerFeed<'a> {
     inner: &'a dyn Progress,
     /// One sender per uploader (one per destination repository); empty once closed.
     tx: Mutex<Vec<mpsc::UnboundedSender<Layer>>>,
+    /// Set by [`LayerFeed::abort`]: the uploader drops what it is doing and returns.
+    abort: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for LayerFeed<'_> {
@@ -36,14 +38,18 @@ impl std::fmt::Debug for LayerFeed<'_> {
 
 /// The receiving end of a [`LayerFeed`].
 #[derive(Debug)]
-pub struct LayerQueue(mpsc::UnboundedReceiver<Layer>);
+pub struct LayerQueue {
+    rx: mpsc::UnboundedReceiver<Layer>,
+    abort: watch::Receiver<bool>,
+}
 
 impl<'a> LayerFeed<'a> {
     pub fn new(inner: &'a dyn Progress) -> (Self, LayerQueue) {
         let (feed, mut queues) = Self::fan_out(inner, 1);
-        let queue = queues
-            .pop()
-            .unwrap_or_else(|| LayerQueue(mpsc::unbounded_channel().1));
+        let queue = queues.pop().unwrap_or_else(|| LayerQueue {
+            rx: mpsc::unbounded_channel().1,
+            abort: feed.abort.subscribe(),
+        });
         (feed, queue)
     }
 
@@ -51,11 +57,28 @@ impl<'a> LayerFeed<'a> {
     /// of a push to several (the layer is built once, uploaded to each).
     pub fn fan_out(inner: &'a dyn Progress, n: usize) -> (Self, Vec<LayerQueue>) {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        let (abort, _) = watch::channel(false);
+        let queues = rxs
+            .into_iter()
+            .map(|rx| LayerQueue {
+                rx,
+                abort: abort.subscribe(),
+            })
+            .collect();
         let feed = LayerFeed {
             inner,
             tx: Mutex::new(txs),
+            abort,
         };
-        (feed, rxs.into_iter().map(LayerQueue).collect())
+        (feed, queues)
+    }
+
+    /// The build failed: the uploader stops at once (uploads in flight are dropped, their
+    /// upload sessions left to expire on the registry), so the run ends with the build's error
+    /// instead of waiting for layers nobody will tag.
+    pub fn abort(&self) {
+        self.close();
+        self.abort.send_replace(true);
     }
 
     /// No more layers: the uploader finishes what it has and returns.
@@ -81,10 +104,35 @@ impl Progress for LayerFeed<'_> {
 
 /// Connect (`connect`), then push each layer from `queue` as it arrives, `jobs` at a time,
 /// until the feed is closed. Returns the session for the image push, or why it could not
-/// connect. Upload failures are left for the image push to retry and report.
+/// connect, or None when the feed was aborted (the build failed). Upload failures are left
+/// for the image push to retry and report.
 pub async fn upload_as_built<F>(
     connect: F,
     queue: LayerQueue,
+    store: &BlobStore,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Option<Session>, RegistryError>
+where
+    F: Future<Output = Result<Session, RegistryError>>,
+{
+    let LayerQueue { rx, mut abort } = queue;
+    let aborted = async move {
+        // The sender lives as long as the feed; if it is gone, nobody can abort.
+        if abort.wait_for(|a| *a).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        biased;
+        () = aborted => Ok(None),
+        r = upload(connect, rx, store, jobs, progress) => r.map(Some),
+    }
+}
+
+async fn upload<F>(
+    connect: F,
+    rx: mpsc::UnboundedReceiver<Layer>,
     store: &BlobStore,
     jobs: usize,
     progress: &dyn Progress,
@@ -93,7 +141,7 @@ where
     F: Future<Output = Result<Session, RegistryError>>,
 {
     let session = connect.await?;
-    let layers = futures::stream::unfold(queue.0, |mut rx| async move {
+    let layers = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|layer| (layer, rx))
     });
     let session_ref = &session;

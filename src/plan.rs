@@ -113,6 +113,52 @@ pub enum PlanError {
     },
     #[error("{}: starts like an ELF file but is not a valid one ({reason}); rebuild it, or use --no-arch-check if it is data", path.display())]
     InvalidElf { path: PathBuf, reason: String },
+    /// A path in the image that runtimes would mangle (see [`check_image_path`]).
+    #[error("{at}: /{} {reason}", crate::untrusted::shown(&path.to_string_lossy(), 120))]
+    BadImagePath {
+        at: Location,
+        path: PathBuf,
+        reason: String,
+        /// The spec's own `dest` (a spec error) rather than a name found in a directory.
+        in_spec: bool,
+    },
+}
+
+/// Longest name component Linux file systems store (NAME_MAX).
+const NAME_MAX: usize = 255;
+/// Longest path Linux system calls accept (PATH_MAX, including the terminating NUL).
+const PATH_MAX: usize = 4096;
+
+/// Why `path` (relative, as in the tar) cannot go into a layer, if it cannot:
+/// - a component starting with `.wh.` is an OCI whiteout (image-spec layer.md "Whiteouts"):
+///   runtimes would delete files of the layers below instead of creating it;
+/// - a component over NAME_MAX or a path over PATH_MAX - 2 bytes (with its leading `/` and
+///   NUL) cannot be created by any runtime's extractor, whatever the tar format says.
+pub fn check_image_path(path: &Path) -> Option<String> {
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() + 2 > PATH_MAX {
+        return Some(format!(
+            "is {} bytes long; extracting it fails over {} (PATH_MAX): shorten the path",
+            bytes.len(),
+            PATH_MAX - 2
+        ));
+    }
+    for c in path.components() {
+        let name = c.as_os_str().as_bytes();
+        if name.starts_with(b".wh.") {
+            return Some(format!(
+                "has a component starting with .wh. ({}), which OCI layers reserve for whiteouts (deletions); rename it",
+                crate::untrusted::shown(&String::from_utf8_lossy(name), 60)
+            ));
+        }
+        if name.len() > NAME_MAX {
+            return Some(format!(
+                "has a component of {} bytes; file systems store at most {NAME_MAX} (NAME_MAX): shorten it",
+                name.len()
+            ));
+        }
+    }
+    None
 }
 
 fn for_platform(p: &Option<Platform>) -> String {
@@ -125,6 +171,7 @@ impl PlanError {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             PlanError::DuplicateDest { .. } => ExitCode::Usage,
+            PlanError::BadImagePath { in_spec: true, .. } => ExitCode::Usage,
             _ => ExitCode::Input,
         }
     }
@@ -238,7 +285,16 @@ fn add_file(
         }
     };
     let dest = PathBuf::from(file.dest.trim_start_matches('/'));
+    let spec_dest = dest.clone();
     let mut add = |entry: Entry, source: &Path| -> Result<(), PlanError> {
+        if let Some(reason) = check_image_path(&entry.path) {
+            return Err(PlanError::BadImagePath {
+                at: at.clone(),
+                in_spec: spec_dest.starts_with(&entry.path),
+                path: entry.path,
+                reason,
+            });
+        }
         if !matches!(entry.kind, EntryKind::Dir) {
             if let Some(first) = written.get(&entry.path) {
                 return Err(PlanError::DuplicateDest {
@@ -549,5 +605,32 @@ mod tests {
                 "usr/local/bin/x"
             ]
         );
+    }
+
+    #[test]
+    fn paths_runtimes_would_mangle_are_refused() {
+        let long_name = "n".repeat(256);
+        let deep = vec!["d".repeat(200); 21].join("/");
+        let cases: &[(&str, Option<&str>)] = &[
+            ("usr/bin/app", None),
+            (&"n".repeat(255), None),
+            ("etc/.wh.passwd", Some("whiteouts")),
+            (".wh..wh..opq", Some("whiteouts")),
+            ("a/.wh.x/b", Some("whiteouts")),
+            ("a/x.wh.y", None),
+            (&long_name, Some("NAME_MAX")),
+            (&deep, Some("PATH_MAX")),
+        ];
+        for (path, want) in cases {
+            let got = check_image_path(Path::new(path));
+            match (want, &got) {
+                (None, None) => {}
+                (Some(w), Some(g)) if g.contains(w) => {}
+                _ => panic!(
+                    "{}: got {got:?}, want {want:?}",
+                    &path[..path.len().min(40)]
+                ),
+            }
+        }
     }
 }

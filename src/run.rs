@@ -80,6 +80,7 @@ pub struct PushOutcome {
 /// Build the image into the layout `req.layout` (base layers included) and the tarball.
 pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, Error> {
     let dir = &req.layout;
+    layout::check_output_dir(dir).map_err(|e| Error::Usage(e.to_string()))?;
     let store =
         BlobStore::open(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let runtime = runtime()?;
@@ -238,7 +239,12 @@ pub fn push_many(
             runtime.block_on(futures::future::join_all(uploads))
         });
         let built = pipeline::build_with_plan(&req.image.spec, &opts, &store, &feed);
-        feed.close();
+        if built.is_ok() {
+            feed.close();
+        } else {
+            // Do not wait for uploads of an image that will not be pushed.
+            feed.abort();
+        }
         let sessions = uploader.join();
         (built, sessions)
     });
@@ -247,6 +253,7 @@ pub fn push_many(
     let sessions = sessions
         .map_err(|_| Error::UploadThreadPanicked)?
         .into_iter()
+        .map(|s| s?.ok_or(Error::UploadThreadPanicked))
         .collect::<Result<Vec<_>, _>>()?;
     // The documents are made before anything is tagged: a local failure leaves no half push.
     // They name the repository, so each destination gets its own.

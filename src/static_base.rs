@@ -156,11 +156,7 @@ pub fn layer_from_bundle(bundle: &[u8], store: &BlobStore) -> io::Result<StaticL
     blob.flush()?;
     let (digest, size) = blob.commit()?;
     Ok(StaticLayer {
-        descriptor: Descriptor {
-            media_type: Codec::Gzip.media_type().to_string(),
-            digest,
-            size,
-        },
+        descriptor: Descriptor::new(Codec::Gzip.media_type(), digest, size),
         diff_id,
     })
 }

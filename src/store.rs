@@ -20,7 +20,9 @@ impl BlobStore {
     /// Open (creating if needed) the store rooted at `root`.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
-        create_dirs(&root.join("blobs").join("sha256"))?;
+        let dir = root.join("blobs").join("sha256");
+        create_dirs(&dir)?;
+        remove_stale_temporaries(&dir);
         Ok(BlobStore { root })
     }
 
@@ -43,7 +45,7 @@ impl BlobStore {
     /// Start writing a blob whose digest is not known yet.
     pub fn writer(&self) -> io::Result<BlobWriter> {
         let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&temp_prefix())
             .tempfile_in(self.root.join("blobs").join("sha256"))?;
         Ok(BlobWriter {
             inner: HashingWriter::new(BufWriter::with_capacity(256 * 1024, tmp)),
@@ -61,6 +63,39 @@ impl BlobStore {
     /// Open a stored blob for reading.
     pub fn open_blob(&self, digest: &Digest) -> io::Result<File> {
         File::open(self.path(digest))
+    }
+}
+
+/// Temporary blob files are named `.tmp-<pid>-<random>`: a process killed before it could
+/// remove its own (SIGKILL, a power cut) leaves them behind, and the next process to open the
+/// store can tell they are nobody's any more.
+fn temp_prefix() -> String {
+    format!(".tmp-{}-", std::process::id())
+}
+
+/// Remove the temporary files of processes that no longer run (checked in `/proc`), so
+/// killed runs do not fill the disk over time. Files of live processes (concurrent runs
+/// sharing a cache) are kept. Best effort: a failure only leaves the file.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let proc = Path::new("/proc/self");
+    if !proc.exists() {
+        // No way to tell a live process from a dead one here.
+        return;
+    }
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".tmp-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_file(e.path());
+        }
     }
 }
 
@@ -165,5 +200,24 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+    }
+
+    #[test]
+    fn temporaries_of_dead_processes_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let sha = dir.path().join("blobs/sha256");
+        // A pid above the kernel's limit (4194304) never runs; ours does.
+        let dead = sha.join(".tmp-4194400-abc");
+        let live = sha.join(format!(".tmp-{}-abc", std::process::id()));
+        let other = sha.join(".tmp-x");
+        for p in [&dead, &live, &other] {
+            fs::write(p, b"partial").unwrap();
+        }
+        let w = store.writer().unwrap();
+        BlobStore::open(dir.path()).unwrap();
+        assert!(!dead.exists(), "a dead process's temporary file is kept");
+        assert!(live.exists() && other.exists());
+        drop(w);
     }
 }

@@ -297,11 +297,7 @@ mod tests {
     #[test]
     fn referrer_manifest_layout() {
         let p = Platform::new("linux", "amd64", None);
-        let subject = Descriptor {
-            media_type: MEDIA_TYPE_MANIFEST.into(),
-            digest: Digest::of(b"m"),
-            size: 1,
-        };
+        let subject = Descriptor::new(MEDIA_TYPE_MANIFEST, Digest::of(b"m"), 1);
         let a = attachment(&p, Kind::Sbom, &subject, b"{\"a\":1}".to_vec(), 0).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&a.manifest.bytes).unwrap();
         assert_eq!(v["artifactType"], MEDIA_TYPE_SPDX);

@@ -592,7 +592,10 @@ impl Auth {
         let mut url = Url::parse(realm).map_err(|e| RegistryError::Protocol {
             url: self.registry.clone(),
             status: 401,
-            body_snippet: format!("the Bearer challenge's realm {realm:?} is not a URL ({e})"),
+            body_snippet: format!(
+                "the Bearer challenge's realm \"{}\" is not a URL ({e})",
+                crate::untrusted::shown(realm, 100)
+            ),
             retry_after: None,
         })?;
         let shown = super::client::display_url(&url);
@@ -667,10 +670,9 @@ impl Auth {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| super::client::transport_error(&url, e, self.timeout))?;
+        // Capped like a manifest: a token server's answer is a few KiB, and one that keeps
+        // sending must not fill the memory.
+        let bytes = super::pull::read_limited(&url, response, self.timeout).await?;
         let parsed: Option<TokenResponse> = serde_json::from_slice(&bytes).ok();
         parsed
             .and_then(|t| t.token.filter(|t| !t.is_empty()).or(t.access_token))

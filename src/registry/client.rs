@@ -527,27 +527,15 @@ pub(crate) fn snippet(body: &[u8], html: bool) -> String {
     }
 }
 
+/// Runs of whitespace and control characters become one space; the rest is shown through
+/// the shared rule for server text ([`crate::untrusted::shown`]: escaped, at most 200
+/// characters).
 fn clip(text: &str) -> String {
-    let mut out = String::new();
-    let mut count = 0;
-    for word in text
+    let collapsed: Vec<&str> = text
         .split(|c: char| c.is_whitespace() || c.is_control())
         .filter(|w| !w.is_empty())
-    {
-        if !out.is_empty() {
-            out.push(' ');
-            count += 1;
-        }
-        for c in word.chars() {
-            if count >= 200 {
-                out.push('…');
-                return out;
-            }
-            out.push(c);
-            count += 1;
-        }
-    }
-    out
+        .collect();
+    crate::untrusted::shown(&collapsed.join(" "), crate::untrusted::MAX_SHOWN)
 }
 
 #[cfg(test)]
@@ -601,7 +589,11 @@ mod tests {
                 "an HTML page, not a registry API answer: <html> <body> Bad Gateway</body></html>".into(),
             ),
             (b"plain\x1b[31m text", false, "plain [31m text".into()),
-            (long.as_bytes(), false, format!("{}…", "x".repeat(200))),
+            (
+                long.as_bytes(),
+                false,
+                format!("{}… ({} more characters)", "x".repeat(200), long.len() - 200),
+            ),
         ];
         for (body, html, want) in cases {
             assert_eq!(snippet(body, html), want);

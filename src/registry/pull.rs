@@ -99,7 +99,7 @@ impl Puller {
                 match expected {
                     Some(e) if e != digest.to_string() => Err(RegistryError::ContentMismatch {
                         url: display_url(&url),
-                        expected: e.chars().take(100).collect(),
+                        expected: crate::untrusted::shown(&e, 100),
                         got: digest.to_string(),
                     }),
                     _ => Ok((bytes, digest)),
@@ -156,11 +156,20 @@ impl Puller {
                     secs: timeout.as_secs(),
                 };
                 // A chunk at least every `timeout`, or the source stalled.
+                let mut received: u64 = 0;
                 while let Some(chunk) = tokio::time::timeout(timeout, stream.try_next())
                     .await
                     .map_err(|_| stalled())?
                     .map_err(|e| super::client::transport_error(&url, e, timeout))?
                 {
+                    received += chunk.len() as u64;
+                    if received > desc.size {
+                        // Never more than the descriptor says (image-spec descriptor.md:
+                        // `size` lets a client verify before processing): a registry that
+                        // keeps sending does not fill the disk. The temporary file goes with
+                        // `writer`.
+                        return Err(too_long(&url, desc.size));
+                    }
                     writer.write_all(&chunk).map_err(io)?;
                 }
                 let (got, size) = writer.commit().map_err(io)?;
@@ -184,7 +193,16 @@ impl Puller {
     /// another host, client.rs).
     async fn get_blob(&self, digest: &Digest) -> Result<reqwest::Response, RegistryError> {
         let url = self.client.repo_url(&format!("blobs/{digest}"));
-        let response = self.client.send(|http| Ok(http.get(url.clone()))).await?;
+        // The headers must come within the timeout (the body is watched chunk by chunk by
+        // the callers): a registry that accepts the request and says nothing is a stall.
+        let timeout = self.client.timeout();
+        let response =
+            tokio::time::timeout(timeout, self.client.send(|http| Ok(http.get(url.clone()))))
+                .await
+                .map_err(|_| RegistryError::Timeout {
+                    url: display_url(&url),
+                    secs: timeout.as_secs(),
+                })??;
         if response.status() != StatusCode::OK {
             return Err(unexpected(&url, response).await);
         }
@@ -307,16 +325,31 @@ fn mismatch(url: &reqwest::Url, expected: &Digest, got: &Digest) -> RegistryErro
     }
 }
 
-/// The body of `response`, refused past [`MAX_JSON_BYTES`].
-pub(super) async fn read_limited(
+/// A blob body longer than its descriptor's `size`.
+fn too_long(url: &reqwest::Url, size: u64) -> RegistryError {
+    RegistryError::Protocol {
+        url: display_url(url),
+        status: 200,
+        body_snippet: format!("the blob is longer than the {size} bytes its descriptor lists"),
+        retry_after: None,
+    }
+}
+
+/// The body of `response` (a manifest, config or token answer), refused past
+/// [`MAX_JSON_BYTES`] without reading further; a chunk must arrive at least
+/// every `timeout`.
+pub(crate) async fn read_limited(
     url: &reqwest::Url,
     mut response: reqwest::Response,
     timeout: std::time::Duration,
 ) -> Result<Bytes, RegistryError> {
     let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
+    while let Some(chunk) = tokio::time::timeout(timeout, response.chunk())
         .await
+        .map_err(|_| RegistryError::Timeout {
+            url: display_url(url),
+            secs: timeout.as_secs(),
+        })?
         .map_err(|e| super::client::transport_error(url, e, timeout))?
     {
         body.extend_from_slice(&chunk);
@@ -324,7 +357,9 @@ pub(super) async fn read_limited(
             return Err(RegistryError::Protocol {
                 url: display_url(url),
                 status: 200,
-                body_snippet: format!("a manifest or config over {MAX_JSON_BYTES} bytes"),
+                body_snippet: format!(
+                    "an answer over {MAX_JSON_BYTES} bytes (manifests, configs and tokens are capped there)"
+                ),
                 retry_after: None,
             });
         }

@@ -277,11 +277,7 @@ mod tests {
     #[test]
     fn merge_keeps_other_tools_and_replaces_ours() {
         let p = Platform::new("linux", "amd64", None);
-        let subject = Descriptor {
-            media_type: MEDIA_TYPE_MANIFEST.into(),
-            digest: Digest::of(b"m"),
-            size: 1,
-        };
+        let subject = Descriptor::new(MEDIA_TYPE_MANIFEST, Digest::of(b"m"), 1);
         let old = attachment(&p, Kind::Sbom, &subject, b"{\"v\":1}".to_vec(), 0).unwrap();
         let new = attachment(&p, Kind::Sbom, &subject, b"{\"v\":2}".to_vec(), 0).unwrap();
         let prov = attachment(&p, Kind::Provenance, &subject, b"{}".to_vec(), 0).unwrap();

@@ -416,12 +416,20 @@ async fn put_file(
         tokio::pin!(send);
         let timeout = client.timeout();
         let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut taken: u64 = 0;
         loop {
             tokio::select! {
                 result = &mut send => break result,
                 Some(n) = rx.recv() => {
                     progress.event(Event::BlobProgress { digest, n });
+                    taken += n;
                     deadline = tokio::time::Instant::now() + timeout;
+                    if taken >= blob.size {
+                        // Everything is taken, but up to the socket buffers' worth (tens of
+                        // MB on Linux) may not be read by the registry yet: a registry reading
+                        // slowly but steadily still has it to read before it answers.
+                        deadline += drain_allowance(blob.size);
+                    }
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     break Err(RegistryError::Timeout { url: display_url(url), secs: timeout.as_secs() });
@@ -447,6 +455,18 @@ async fn put_file(
         });
     }
     result
+}
+
+/// The slowest steady reading rate a registry may have without being called stalled.
+const SLOWEST_READ_BYTES_PER_SEC: u64 = 1_000_000;
+/// At most this much of a body can sit in kernel socket buffers (Linux: `tcp_wmem` 4 MiB +
+/// `tcp_rmem` up to 32 MiB by default) after we have handed it over.
+const MAX_IN_FLIGHT: u64 = 36 << 20;
+
+/// Extra time, after the last byte of a `size`-byte body was handed to the connection, for
+/// a registry reading at [`SLOWEST_READ_BYTES_PER_SEC`] to read what is still in flight.
+fn drain_allowance(size: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(size.min(MAX_IN_FLIGHT) * 1000 / SLOWEST_READ_BYTES_PER_SEC)
 }
 
 fn file_body(

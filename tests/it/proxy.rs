@@ -85,6 +85,11 @@ pub struct ProxyOpts {
     /// Answer this many blob-upload PUTs `201 Created` with the right digest but drop them
     /// (a registry that loses what it acknowledged).
     pub lose_puts: usize,
+    /// Read request bodies at most this many bytes per second (a slow registry).
+    pub read_rate: Option<u64>,
+    /// Read this many bytes of a blob-upload PUT body, then stop reading (and answering)
+    /// until the client gives up (a registry that stops reading).
+    pub stop_reading_after: Option<usize>,
     /// Answer every manifest PUT `403 DENIED` (a credential that may upload blobs but not
     /// write manifests or tags): an authorization failure in the middle of a push.
     pub deny_manifest_puts: bool,
@@ -110,6 +115,8 @@ impl Default for ProxyOpts {
             redirect_blob_head_to: None,
             hang_from: None,
             lose_puts: 0,
+            read_rate: None,
+            stop_reading_after: None,
             deny_manifest_puts: false,
             name_unknown: false,
             throttle: None,
@@ -456,8 +463,24 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         return Ok(());
     }
     let mut body = vec![0; req.content_length];
-    match opts.throttle {
-        Some(pause) if body.len() > 64 << 10 => {
+    let upload_put = req.method == "PUT" && req.target.contains("/blobs/uploads/");
+    match (opts.stop_reading_after, opts.read_rate, opts.throttle) {
+        (Some(n), _, _) if upload_put && req.content_length > n => {
+            reader.read_exact(&mut body[..n])?;
+            while !shared.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return Ok(());
+        }
+        (_, Some(rate), _) => {
+            // 10 slices a second, each rate/10 bytes.
+            let slice = usize::try_from(rate / 10).unwrap_or(usize::MAX).max(1);
+            for part in body.chunks_mut(slice) {
+                reader.read_exact(part)?;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        (_, _, Some(pause)) if body.len() > 64 << 10 => {
             for piece in body.chunks_mut(64 << 10) {
                 reader.read_exact(piece)?;
                 std::thread::sleep(pause);
