@@ -80,7 +80,14 @@ pub struct PushOutcome {
 /// Build the image into the layout `req.layout` (base layers included) and the tarball.
 pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, Error> {
     let dir = &req.layout;
-    layout::check_output_dir(dir).map_err(|e| Error::Usage(e.to_string()))?;
+    // A directory that is not a layout (or an index.json that cannot be added to) is the
+    // user's choice to fix (exit 2); failing to read the directory is local I/O (exit 1).
+    layout::check_output_dir(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::InvalidData => {
+            Error::Usage(e.to_string())
+        }
+        _ => Error::io("--output", e),
+    })?;
     let store =
         BlobStore::open(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let runtime = runtime()?;

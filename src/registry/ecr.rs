@@ -117,7 +117,7 @@ pub fn parse_host(registry: &str) -> Option<EcrHost> {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EcrError {
     #[error(
-        "no AWS credentials for the ECR registry {registry}: tried environment variables (AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY), the shared config and credentials files (AWS_PROFILE, ~/.aws/config, ~/.aws/credentials), web identity (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE), container credentials (AWS_CONTAINER_CREDENTIALS_FULL_URI/RELATIVE_URI), EC2 instance metadata{imds}, and the docker config{docker}{profile}; provide one of them (README \"Credentials\"), or pipe `aws ecr get-login-password` into --username AWS --password-stdin"
+        "no AWS credentials for the ECR registry {registry}: tried environment variables (AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY), the shared config and credentials files (AWS_PROFILE, ~/.aws/config, ~/.aws/credentials), web identity (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE), container credentials (AWS_CONTAINER_CREDENTIALS_FULL_URI/RELATIVE_URI), EC2 instance metadata{imds}, and the docker config{docker}{profile}; provide one of them (README \"Credentials\"), or, for the registry `push` pushes to, pipe `aws ecr get-login-password` into --username AWS --password-stdin"
     )]
     NoCredentials {
         registry: String,
