@@ -232,7 +232,7 @@ impl Endpoint {
             .await?;
         let index = match api {
             Some(bytes) => bytes,
-            None => match self.manifest(&fallback_tag(digest), progress).await? {
+            None => match self.manifest(&super::referrers::tag_for(digest), progress).await? {
                 Some(m) => m.bytes,
                 None => return Ok(Vec::new()),
             },
@@ -255,7 +255,7 @@ impl Endpoint {
         entries: &[Value],
         progress: &dyn Progress,
     ) -> Result<(), RegistryError> {
-        let tag = fallback_tag(subject);
+        let tag = super::referrers::tag_for(subject);
         let mut doc: Value = match self.manifest(&tag, progress).await? {
             Some(m) => serde_json::from_slice(&m.bytes).unwrap_or(Value::Null),
             None => Value::Null,
@@ -336,10 +336,6 @@ impl Endpoint {
     }
 }
 
-/// The referrers fallback tag of a manifest: `sha256-<hex>` (spec.md "Referrers Tag Schema").
-pub fn fallback_tag(digest: &Digest) -> String {
-    format!("{}-{}", digest.algorithm(), digest.hex())
-}
 
 /// Run `op` against the destination `repo`, taking care of ECR repositories as a push does
 /// (`--create-repository`; a missing repository named with the command that creates it).
