@@ -7,6 +7,8 @@
 //!   layers/<key hex>     record of a built layer: descriptor, diff_id, the blob's stat identity
 //!   files/<id hex>       content digest of a source file, keyed by its stat identity
 //!   pushed/<registry hex>/<digest hex>   repositories of that registry a push put the blob in
+//!   locks/<digest hex>   leases: a run's shared flock on each blob it uses (crate::lease)
+//!   bases/blobs/sha256/<hex>   base-image blobs (crate::base), leased the same way
 //! ```
 //!
 //! **Push records** feed cross-repo mounts: after a push, each of its blobs is recorded as
@@ -34,12 +36,17 @@
 //! digest of every uploaded blob.)
 //!
 //! Every file here is written to a temporary name and renamed, so concurrent runs sharing one
-//! cache see whole entries or none. There is no eviction yet: delete the directory to reclaim it.
+//! cache see whole entries or none, and a run killed mid-write leaves only a `.tmp-*` file,
+//! which no name refers to. A lookup never deletes a blob it finds bad (a concurrent run may
+//! just have renamed a good one over it); the rebuild replaces it. Every blob a run uses is
+//! leased (`locks/`, [`crate::lease`]) so that eviction ([`crate::prune`]: `imgbuild cache
+//! prune`, `IMGBUILD_CACHE_MAX_SIZE`) never deletes it under the run.
 
 use crate::compress::Compression;
 use crate::digest::{Digest, HashingWriter};
 use crate::image::{Descriptor, LayerInfo};
 use crate::layer::{LayerError, LayerOptions};
+use crate::lease::Leases;
 use crate::plan::{EntryKind, LayerPlan};
 use crate::reference::Repository;
 use crate::store::BlobStore;
@@ -53,6 +60,9 @@ use std::path::{Path, PathBuf};
 /// Bumped whenever the tar or compressed bytes for the same inputs change (a new block size,
 /// a different deflate backend, tar header changes): old entries are then simply not found.
 const KEY_VERSION: &str = "imgbuild-layer-cache v1";
+
+/// The lock files of the cache's blobs ([`crate::lease`]), beside `blobs/`.
+pub const LOCKS: &str = "locks";
 
 /// The cache directory: `$IMGBUILD_CACHE`, else `$XDG_CACHE_HOME/imgbuild`, else
 /// `$HOME/.cache/imgbuild` (the XDG base directory spec); None when none is set. Base images
@@ -91,7 +101,7 @@ impl LayerCache {
     /// Open (creating if needed) the cache at `root`.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
-        let store = BlobStore::open(&root)?;
+        let store = BlobStore::open(&root)?.with_leases(Leases::open(root.join(LOCKS))?);
         fs::create_dir_all(root.join("layers"))?;
         fs::create_dir_all(root.join("files"))?;
         Ok(LayerCache { root, store })
@@ -163,6 +173,7 @@ impl LayerCache {
             .ok()
             .and_then(|s| s.trim().parse::<Digest>().ok())
         {
+            touch(&index);
             return Ok(d);
         }
         let mut w = HashingWriter::new(io::sink());
@@ -200,6 +211,8 @@ impl LayerCache {
         else {
             return Ok(None);
         };
+        // Leased before it is checked: from here on no prune deletes it during this run.
+        self.store.lease(&record.digest)?;
         let blob = self.store.path(&record.digest);
         let good = match fs::metadata(&blob) {
             Err(_) => false,
@@ -219,11 +232,12 @@ impl LayerCache {
             }
         };
         if !good {
-            // Corrupted or gone: drop both, so the rebuild writes a fresh blob.
-            let _ = fs::remove_file(&blob);
-            let _ = fs::remove_file(&record_path);
+            // Corrupted or gone: rebuild. The blob is not deleted: a concurrent run may have
+            // just renamed a good one over it (the rebuild replaces it atomically anyway),
+            // and the record is replaced by the rebuild's.
             return Ok(None);
         }
+        touch(&record_path);
         if store.root() != self.store.root() {
             link_or_copy(&blob, &store.path(&record.digest))?;
         }
@@ -364,6 +378,14 @@ impl LayerCache {
                 (!others.is_empty()).then_some((d, others))
             })
             .collect()
+    }
+}
+
+/// Mark a record used now: its mtime is its "last used" time for eviction (`crate::prune`).
+/// Best effort: a record that looks older is only evicted sooner.
+fn touch(path: &Path) {
+    if let Ok(f) = fs::OpenOptions::new().write(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
     }
 }
 

@@ -98,6 +98,78 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(args) => build(&args),
         Command::Push(args) => push(&args),
+        Command::Cache(cmd) => cache_command(&cmd),
+    }
+}
+
+/// `imgbuild cache du|prune`: prints to stdout (the sizes, or what was removed).
+fn cache_command(cmd: &cli::CacheCommand) -> Result<()> {
+    use imgbuild::prune::{self, human};
+    let root = imgbuild::cache::default_dir().ok_or_else(|| {
+        Error::Usage("no cache directory: set IMGBUILD_CACHE, XDG_CACHE_HOME or HOME".into())
+    })?;
+    let io = |what: &str| {
+        let what = format!("{what} the cache {}", root.display());
+        move |e| Error::io(what, e)
+    };
+    match cmd {
+        cli::CacheCommand::Du => {
+            let usage = prune::du(&root).map_err(io("reading"))?;
+            for (section, size, n) in &usage.sections {
+                println!("{:<10} {:>10}  {n} entries", section.name(), human(*size));
+            }
+            println!("{:<10} {:>10}  {}", "total", human(usage.total), root.display());
+        }
+        cli::CacheCommand::Prune(a) => {
+            let policy = match (a.max_size, a.older_than) {
+                (None, None) => prune::Policy {
+                    max_size: Some(0),
+                    older_than: None,
+                },
+                (max_size, older_than) => prune::Policy {
+                    max_size,
+                    older_than,
+                },
+            };
+            let r = prune::prune(&root, policy, true).map_err(io("pruning"))?;
+            let in_use = match r.in_use {
+                0 => String::new(),
+                n => format!("; kept {n} blobs a running build or push uses"),
+            };
+            println!(
+                "removed {} entries, freed {}; cache now {}{in_use}",
+                r.removed,
+                human(r.freed),
+                human(r.remaining)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// After a build or push that used the cache: prune it to `IMGBUILD_CACHE_MAX_SIZE` (a
+/// warning, never an error: the run itself succeeded or failed on its own).
+fn prune_after_run(cache: Option<&std::path::Path>, c: &CommonArgs) {
+    let Some(root) = cache else { return };
+    let max = match imgbuild::prune::parse_max_size_env(
+        std::env::var("IMGBUILD_CACHE_MAX_SIZE").ok().as_deref(),
+    ) {
+        Ok(Some(max)) => max,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("warning: {e}; the cache was not pruned");
+            return;
+        }
+    };
+    match imgbuild::prune::after_run(root, max) {
+        Ok(r) if r.removed > 0 && !c.quiet => eprintln!(
+            "pruned the cache to {} (IMGBUILD_CACHE_MAX_SIZE): removed {} entries, freed {}",
+            imgbuild::prune::human(r.remaining),
+            r.removed,
+            imgbuild::prune::human(r.freed)
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: pruning the cache {}: {e}", root.display()),
     }
 }
 
@@ -116,7 +188,7 @@ fn build(args: &BuildArgs) -> Result<()> {
         .output
         .clone()
         .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
-    let req = run::BuildRequest {
+    let mut req = run::BuildRequest {
         image: image_request(c, spec, options, tags)?,
         // Reaching base image registries: like push, without --username.
         pull: PushOptions {
@@ -130,7 +202,12 @@ fn build(args: &BuildArgs) -> Result<()> {
         tarball_format: args.tarball_format,
         repository,
     };
-    let image = run::build(&req, progress.as_ref())?;
+    let cache_root = req.image.options.cache.as_ref().map(|c| c.root().to_path_buf());
+    let image = run::build(&req, progress.as_ref());
+    // The run's leases are released with the request, before the prune.
+    drop(req.image.options.cache.take());
+    prune_after_run(cache_root.as_deref(), c);
+    let image = image?;
     if !c.quiet {
         let dir = req.layout.display();
         match req.image.tags.first() {
@@ -165,7 +242,7 @@ fn push(args: &PushArgs) -> Result<()> {
     })?;
     let tags = tags(c, &spec)?;
     let credentials = credentials(args)?;
-    let req = run::PushRequest {
+    let mut req = run::PushRequest {
         image: image_request(c, spec, options, tags)?,
         push: PushOptions {
             jobs: usize::from(c.jobs),
@@ -189,7 +266,12 @@ fn push(args: &PushArgs) -> Result<()> {
         },
         repository,
     };
-    let pushed = run::push(&req, progress.as_ref())?;
+    let cache_root = req.image.options.cache.as_ref().map(|c| c.root().to_path_buf());
+    let pushed = run::push(&req, progress.as_ref());
+    // The run's leases are released with the request, before the prune.
+    drop(req.image.options.cache.take());
+    prune_after_run(cache_root.as_deref(), c);
+    let pushed = pushed?;
     println!("{}", pushed.image_ref);
     Ok(())
 }

@@ -9,11 +9,16 @@ use crate::digest::{Digest, HashingWriter};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use crate::lease::Leases;
 
 /// A directory holding `blobs/sha256/<hex>` files.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// In a cache: the run's leases, taken on every blob it writes or looks at
+    /// ([`crate::lease`]), so that a concurrent prune leaves them alone.
+    leases: Option<Arc<Leases>>,
 }
 
 impl BlobStore {
@@ -21,7 +26,23 @@ impl BlobStore {
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
         create_dirs(&root.join("blobs").join("sha256"))?;
-        Ok(BlobStore { root })
+        Ok(BlobStore { root, leases: None })
+    }
+
+    /// The same store, leasing every blob this run writes, checks for or leases explicitly
+    /// (a shared cache, see [`crate::lease`]).
+    pub fn with_leases(mut self, leases: Arc<Leases>) -> Self {
+        self.leases = Some(leases);
+        self
+    }
+
+    /// Keep a concurrent prune from deleting `digest` until this run ends (a no-op outside a
+    /// cache). Take it before checking that the blob is there.
+    pub fn lease(&self, digest: &Digest) -> io::Result<()> {
+        match &self.leases {
+            Some(l) => l.hold(digest.hex()),
+            None => Ok(()),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -36,8 +57,9 @@ impl BlobStore {
             .join(digest.hex())
     }
 
+    /// Whether the blob is there; in a cache, it is leased first, so it stays there.
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.path(digest).is_file()
+        self.lease(digest).is_ok() && self.path(digest).is_file()
     }
 
     /// Start writing a blob whose digest is not known yet.
@@ -45,6 +67,9 @@ impl BlobStore {
         let tmp = tempfile::Builder::new()
             .prefix(".tmp-")
             .tempfile_in(self.root.join("blobs").join("sha256"))?;
+        // Locked while it is written: a prune deletes temporary files only when no one holds
+        // them (what a killed run left behind).
+        tmp.as_file().lock()?;
         Ok(BlobWriter {
             inner: HashingWriter::new(BufWriter::with_capacity(256 * 1024, tmp)),
             store: self.clone(),
@@ -80,6 +105,8 @@ impl BlobWriter {
         let (buf, digest, size) = self.inner.finish();
         let tmp = buf.into_inner().map_err(|e| e.into_error())?;
         let dest = self.store.path(&digest);
+        // Leased before it has its name, so no prune can take it between the two.
+        self.store.lease(&digest)?;
         tmp.persist(&dest).map_err(|e| e.error)?;
         // tempfile creates 0600; a blob is not a secret, give it the umask's default
         // like any other file we write (issue 5: never world-writable, never narrower).
