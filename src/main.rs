@@ -147,6 +147,17 @@ fn cache_command(cmd: &cli::CacheCommand) -> Result<()> {
     Ok(())
 }
 
+/// `-v`: how many bytes were read from input files (tarring and hashing them): equal to the
+/// inputs' size on a cold cache, 0 on a warm one (README "Layer cache").
+fn report_input_bytes(c: &CommonArgs) {
+    if c.verbose > 0 && !c.quiet {
+        eprintln!(
+            "read {} bytes from input files",
+            imgbuild::layer::input_bytes_read()
+        );
+    }
+}
+
 /// After a build or push that used the cache: prune it to `IMGBUILD_CACHE_MAX_SIZE` (a
 /// warning, never an error: the run itself succeeded or failed on its own).
 fn prune_after_run(cache: Option<&std::path::Path>, c: &CommonArgs) {
@@ -207,6 +218,7 @@ fn build(args: &BuildArgs) -> Result<()> {
     // The run's leases are released with the request, before the prune.
     drop(req.image.options.cache.take());
     prune_after_run(cache_root.as_deref(), c);
+    report_input_bytes(c);
     let image = image?;
     if !c.quiet {
         let dir = req.layout.display();
@@ -271,6 +283,7 @@ fn push(args: &PushArgs) -> Result<()> {
     // The run's leases are released with the request, before the prune.
     drop(req.image.options.cache.take());
     prune_after_run(cache_root.as_deref(), c);
+    report_input_bytes(c);
     let pushed = pushed?;
     println!("{}", pushed.image_ref);
     Ok(())

@@ -226,6 +226,7 @@ fn scan(root: &Path) -> io::Result<Vec<Entry>> {
     }
     let mut record_dirs = vec![
         (root.join("layers"), Section::Layers),
+        (root.join(crate::cache::SHAPES), Section::Layers),
         (root.join("files"), Section::Files),
     ];
     for (path, _, meta) in list(&root.join("pushed"))? {

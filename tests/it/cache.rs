@@ -286,3 +286,59 @@ fn prune_while_a_push_runs_keeps_its_blobs_and_du_and_max_size_bound_the_cache()
         .unwrap();
     assert!(!total.contains("KiB") || kib <= 1.0, "{du}");
 }
+
+/// The "read N bytes from input files" figure of a `-v` run.
+fn input_bytes(stderr: &[u8]) -> u64 {
+    let err = text(stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("read ") && l.ends_with(" bytes from input files"))
+        .unwrap_or_else(|| panic!("no input byte count in: {err}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_cold_cache_reads_each_input_once_and_a_fresh_checkout_only_hashes() {
+    let ws = big_workspace(8);
+    let input_size = (8u64 << 20) + "small\n".len() as u64;
+    let cache = tempfile::tempdir().unwrap();
+    // Files changed within two seconds are not remembered ("racily clean", src/cache.rs).
+    let settle = || std::thread::sleep(Duration::from_secs(3));
+    settle();
+    let build = |dir: &Path| {
+        let out = run_ok(
+            imgbuild()
+                .current_dir(dir)
+                .env("IMGBUILD_CACHE", cache.path())
+                .args(["build", "-v", "-f", "build-specs/hello.toml", "-o", "out"]),
+        );
+        let cached = text(&out.stderr)
+            .lines()
+            .filter(|l| l.contains(", cached)"))
+            .count();
+        (input_bytes(&out.stderr), cached, text(&out.stdout))
+    };
+    // Cold: every byte read once (hashed while tarred), not twice.
+    let (cold, cached, digest) = build(ws.path());
+    assert_eq!((cold, cached), (input_size, 0));
+    // Warm: nothing read.
+    let (warm, cached, again) = build(ws.path());
+    assert_eq!((warm, cached, &again), (0, 2, &digest));
+    // A fresh checkout of the same inputs (new inodes): hashed once, nothing built.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(ws.path().join("build-specs"), copy.path().join("build-specs"));
+    fs::copy(ws.path().join("big.bin"), copy.path().join("big.bin")).unwrap();
+    fs::copy(ws.path().join("small.txt"), copy.path().join("small.txt")).unwrap();
+    settle();
+    let (fresh, cached, same) = build(copy.path());
+    assert_eq!((fresh, cached, &same), (input_size, 2, &digest));
+    // Same sizes, other content: hashed, missed, built (the one case that reads twice).
+    let mut big = fs::read(copy.path().join("big.bin")).unwrap();
+    big[0] ^= 1;
+    fs::write(copy.path().join("big.bin"), big).unwrap();
+    let (changed, cached, other) = build(copy.path());
+    assert_eq!(cached, 1, "small.txt's layer is still cached");
+    // The big file: hashed (a miss), then tarred.
+    assert_eq!(changed, 2 * (8u64 << 20));
+    assert_ne!(other, digest);
+}
