@@ -240,10 +240,10 @@ impl<'a> Source<'a> {
     ) -> Result<Source<'a>, BaseError> {
         let name = base.to_string();
         let (kind, top, top_digest) = match base {
-            Base::Scratch => {
+            Base::Scratch | Base::Static => {
                 return Err(BaseError::Invalid {
                     base: name,
-                    reason: "scratch has nothing to resolve".into(),
+                    reason: "a built-in base has nothing to resolve".into(),
                 });
             }
             Base::Registry(r) => {

@@ -31,8 +31,8 @@
 //!
 //! **File contents** are hashed once: the content digest is remembered under the file's stat
 //! identity (path, device, inode, size, mtime and ctime in nanoseconds) and reused while that
-//! identity is unchanged. A file modified within the last two seconds is hashed but not
-//! remembered ("racily clean", as git calls it: a second write in the same timestamp tick
+//! identity is unchanged. A file modified within the last two seconds ([`RACY_WINDOW`]) is
+//! hashed but not remembered ("racily clean", as git calls it: a second write in the same timestamp tick
 //! would go unseen).
 //!
 //! **Verification** before reuse: the record holds the blob's (inode, size, mtime) from when it
@@ -88,11 +88,17 @@ pub fn default_dir() -> Option<PathBuf> {
         .or_else(|| var("HOME").map(|h| h.join(".cache").join("imgbuild")))
 }
 
+/// How recently a file may have changed and still not be remembered by its stat identity
+/// (see "File contents" above).
+pub const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A layer cache directory.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     root: PathBuf,
     store: BlobStore,
+    /// [`RACY_WINDOW`] unless a test sets another with [`LayerCache::with_racy_window`].
+    racy_window: std::time::Duration,
 }
 
 /// What a cached layer's record holds.
@@ -114,7 +120,19 @@ impl LayerCache {
         let store = BlobStore::open(&root)?.with_leases(Leases::open(root.join(LOCKS))?);
         fs::create_dir_all(root.join("layers"))?;
         fs::create_dir_all(root.join("files"))?;
-        Ok(LayerCache { root, store })
+        Ok(LayerCache {
+            root,
+            store,
+            racy_window: RACY_WINDOW,
+        })
+    }
+
+    /// Remember a file's content digest only when its mtime and ctime are more than `window`
+    /// in the past (default [`RACY_WINDOW`]). Tests use a zero window to exercise the
+    /// identity shortcut deterministically, with no sleeping.
+    pub fn with_racy_window(mut self, window: std::time::Duration) -> Self {
+        self.racy_window = window;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -189,12 +207,9 @@ impl LayerCache {
     }
 
     /// Remember `digest` for the file whose index entry is `index` and stat `meta`, unless it
-    /// was modified within the last two seconds ("racily clean", see the module docs).
-    fn remember_digest(index: &Path, meta: &fs::Metadata, digest: &Digest) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        if meta.mtime() < now - 2 && meta.ctime() < now - 2 {
+    /// was modified within the racy window ("racily clean", see the module docs).
+    fn remember_digest(&self, index: &Path, meta: &fs::Metadata, digest: &Digest) {
+        if settled(meta, self.racy_window, std::time::SystemTime::now()) {
             // Best effort: a failed write only means hashing again next time.
             let _ = write_atomic(index, digest.to_string().as_bytes());
         }
@@ -222,7 +237,7 @@ impl LayerCache {
             });
         }
         let digest = w.finish().1;
-        Self::remember_digest(&index, &meta, &digest);
+        self.remember_digest(&index, &meta, &digest);
         Ok(digest)
     }
 
@@ -323,7 +338,8 @@ fn key_text(layer: &LayerPlan, opts: &LayerOptions, digests: Option<&[Option<Dig
             EntryKind::Symlink { target } => {
                 format!("symlink {}", hex::encode(target.as_os_str().as_bytes()))
             }
-            EntryKind::File { size, .. } => match digests.and_then(|d| d.get(i).cloned().flatten()) {
+            EntryKind::File { size, .. } => match digests.and_then(|d| d.get(i).cloned().flatten())
+            {
                 Some(d) => format!("file {size} {d}"),
                 None => format!("file {size}"),
             },
@@ -409,14 +425,14 @@ pub fn write_layer_cached(
                 if let (EntryKind::File { src, size }, Some(d)) = (&e.kind, d)
                     && let Ok((index, meta)) = cache.file_index(src, *size)
                 {
-                    LayerCache::remember_digest(&index, &meta, d);
+                    cache.remember_digest(&index, &meta, d);
                 }
             }
             key_text(layer, opts, Some(&digests))
         }
     };
-    let _ = fs::create_dir_all(cache.root.join(SHAPES))
-        .and_then(|()| write_atomic(&shape_path, b""));
+    let _ =
+        fs::create_dir_all(cache.root.join(SHAPES)).and_then(|()| write_atomic(&shape_path, b""));
     if let Err(e) = cache.insert(&key, &info, store) {
         warning = Some(format!(
             "layer cache {}: {e}; continuing without caching this layer",
@@ -494,6 +510,17 @@ fn touch(path: &Path) {
     if let Ok(f) = fs::OpenOptions::new().write(true).open(path) {
         let _ = f.set_modified(std::time::SystemTime::now());
     }
+}
+
+/// Are `meta`'s mtime and ctime both more than `window` before `now`? A file changed more
+/// recently may change again within the same timestamp tick, unseen by its stat identity.
+fn settled(meta: &fs::Metadata, window: std::time::Duration, now: std::time::SystemTime) -> bool {
+    let now_ns = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    let ctime_ns = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
+    let limit = now_ns - window.as_nanos() as i128;
+    mtime_ns(meta) < limit && ctime_ns < limit
 }
 
 fn mtime_ns(m: &fs::Metadata) -> i128 {
@@ -590,5 +617,124 @@ mod tests {
         // Content: same size, other bytes.
         fs::write(dir.path().join("f"), b"HELLO\n").unwrap();
         assert_ne!(cache.key(&base, &opts).unwrap(), key, "content");
+    }
+
+    /// The number of remembered file digests (`files/`).
+    fn remembered(cache: &LayerCache) -> usize {
+        fs::read_dir(cache.root().join("files")).unwrap().count()
+    }
+
+    /// The file-identity shortcut, made deterministic with a zero racy window instead of
+    /// sleeping past the real one.
+    #[test]
+    fn file_identity_shortcut_hits_without_reading_and_misses_on_new_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = crate::layer::tests::entries(dir.path());
+        let f = dir.path().join("f");
+        let opts = LayerOptions::default();
+        let set_mtime = |secs: u64| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            File::options()
+                .write(true)
+                .open(&f)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        };
+        set_mtime(1_600_000_000);
+
+        // With the real window, a file changed just now (its ctime is now) is hashed every
+        // time and never remembered.
+        let fresh = LayerCache::open(dir.path().join("c1")).unwrap();
+        let key = fresh.key(&plan, &opts).unwrap();
+        assert_eq!(fresh.key(&plan, &opts).unwrap(), key);
+        assert_eq!(remembered(&fresh), 0, "a fresh file was remembered");
+
+        // Zero window: the digest is remembered under the file's stat identity ...
+        let cache = LayerCache::open(dir.path().join("c2"))
+            .unwrap()
+            .with_racy_window(std::time::Duration::ZERO);
+        assert_eq!(cache.key(&plan, &opts).unwrap(), key);
+        let entries: Vec<_> = fs::read_dir(cache.root().join("files"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        let want = Digest::of(b"hello\n");
+        assert_eq!(
+            fs::read_to_string(&entries[0]).unwrap().trim(),
+            want.to_string()
+        );
+
+        // ... and a hit does not read the file: a doctored entry shows through.
+        let doctored = Digest::of(b"not the file's bytes");
+        fs::write(&entries[0], doctored.to_string()).unwrap();
+        let hit = cache.key(&plan, &opts).unwrap();
+        assert_ne!(
+            hit, key,
+            "the file was read again instead of trusting its identity"
+        );
+        fs::write(&entries[0], want.to_string()).unwrap();
+        assert_eq!(cache.key(&plan, &opts).unwrap(), key, "entry restored");
+
+        // Same size, new content, another mtime: the identity differs, the file is read.
+        fs::write(&f, b"HELLO\n").unwrap();
+        set_mtime(1_600_000_001);
+        let changed = cache.key(&plan, &opts).unwrap();
+        assert_ne!(changed, key, "stale digest reused for new content");
+        let reference = LayerCache::open(dir.path().join("c3")).unwrap();
+        assert_eq!(changed, reference.key(&plan, &opts).unwrap());
+        assert_eq!(remembered(&cache), 2);
+    }
+
+    /// Either a recent mtime or a recent ctime keeps a file out of the index.
+    #[test]
+    fn settled_needs_both_times_outside_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        fs::write(&f, b"x").unwrap();
+        let meta = fs::metadata(&f).unwrap();
+        let ctime = std::time::UNIX_EPOCH
+            + std::time::Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32);
+        let hour = std::time::Duration::from_secs(3600);
+        let cases = [
+            (
+                "now, real window",
+                std::time::SystemTime::now(),
+                RACY_WINDOW,
+                false,
+            ),
+            (
+                "an hour later, real window",
+                ctime + hour,
+                RACY_WINDOW,
+                true,
+            ),
+            (
+                "an hour later, two-hour window",
+                ctime + hour,
+                2 * hour,
+                false,
+            ),
+            (
+                "ctime itself, zero window",
+                ctime,
+                std::time::Duration::ZERO,
+                false,
+            ),
+        ];
+        for (what, now, window, want) in cases {
+            assert_eq!(settled(&meta, window, now), want, "{what}");
+        }
+        // An old ctime does not help a recent mtime.
+        let t = std::time::SystemTime::now() + hour;
+        File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        let meta = fs::metadata(&f).unwrap();
+        assert!(!settled(&meta, RACY_WINDOW, ctime + hour), "future mtime");
     }
 }

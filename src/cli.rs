@@ -23,6 +23,17 @@ pub enum Command {
     Build(BuildArgs),
     /// Build the image and push it to a registry; prints REPO@sha256:<index digest>.
     Push(PushArgs),
+    /// Replace each `imgbuild://SPEC` in Kubernetes YAML or Helm values by REPO@sha256:...,
+    /// pushing each referenced spec once; prints the YAML (like ko resolve).
+    Resolve(ResolveArgs),
+    /// Write a starter build-specs/<package>.toml for the Cargo project here.
+    Init(InitArgs),
+    /// Copy an image or index (every platform, its referrers) to another repository or
+    /// registry, digest unchanged; prints DST-REPO@sha256:<digest>.
+    Copy(CopyArgs),
+    /// Point more tags at an image in a registry (its manifest is put unchanged); prints
+    /// REPO@sha256:<digest>.
+    Tag(TagArgs),
     /// Show or shrink the cache (IMGBUILD_CACHE, default ~/.cache/imgbuild).
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -151,6 +162,11 @@ pub struct CommonArgs {
     /// (overrides `base`; `[base_overrides]` still apply).
     #[arg(long, value_name = "IMAGE")]
     pub base: Option<String>,
+
+    /// The CA bundle (PEM) put into the built-in base `static` [default:
+    /// /etc/ssl/certs/ca-certificates.crt].
+    #[arg(long, env = "IMGBUILD_STATIC_CA_BUNDLE", value_name = "PEM")]
+    pub static_ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -242,4 +258,193 @@ pub struct PushArgs {
     /// First backoff step in milliseconds (doubled per retry); for tests.
     #[arg(long, hide = true, default_value_t = 500, value_name = "MS")]
     pub retry_base_ms: u64,
+}
+
+/// `imgbuild resolve`: ko's `resolve`, for specs.
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// YAML file, directory (every *.yaml/*.yml below it) or `-` for standard input; repeatable.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        visible_alias = "file",
+        value_name = "FILE|DIR|-",
+        required = true
+    )]
+    pub filenames: Vec<PathBuf>,
+
+    /// Take the image of a spec from an earlier push's --metadata-file instead of pushing it
+    /// (matched by spec name); repeatable.
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    pub metadata_files: Vec<PathBuf>,
+
+    /// Push each spec to PREFIX/<spec name> (overrides the spec's `repository`; ko's
+    /// KO_DOCKER_REPO).
+    #[arg(long, env = "IMGBUILD_REPO_PREFIX", value_name = "REGISTRY/PATH")]
+    pub repo_prefix: Option<String>,
+
+    /// Platforms to build for every spec, comma-separated or repeated (overrides `platforms`).
+    #[arg(
+        long = "platform",
+        value_name = "OS/ARCH[/VARIANT]",
+        value_delimiter = ','
+    )]
+    pub platforms: Vec<String>,
+
+    /// Layers compressed and blobs uploaded at once, per spec.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+
+    /// Layer compression: gzip or zstd.
+    #[arg(
+        long,
+        value_name = "gzip|zstd",
+        default_value = "gzip",
+        env = "IMGBUILD_COMPRESSION"
+    )]
+    pub compression: String,
+
+    /// Do not read or write the layer cache.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Do not check that ELF artifacts match each platform's architecture.
+    #[arg(long)]
+    pub no_arch_check: bool,
+
+    /// Allow plain HTTP for this registry; repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust this PEM CA certificate in addition to the system roots; repeatable.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    pub ca_certs: Vec<PathBuf>,
+
+    /// Connect to HOST:PORT at ADDR (curl's --resolve); repeatable.
+    #[arg(long = "resolve", value_name = "HOST:PORT:ADDR", value_parser = clap::value_parser!(imgbuild::registry::ResolveOverride))]
+    pub resolve: Vec<imgbuild::registry::ResolveOverride>,
+
+    /// ECR: assume this IAM role on top of the AWS credentials found.
+    #[arg(long, env = "IMGBUILD_AWS_ROLE_ARN", value_name = "ARN")]
+    pub aws_role_arn: Option<String>,
+
+    /// ECR: create repositories that do not exist.
+    #[arg(long)]
+    pub create_repository: bool,
+
+    /// Print only errors and warnings (stderr).
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// More detail on stderr.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// `imgbuild init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The package's Cargo.toml.
+    #[arg(long, value_name = "PATH", default_value = "Cargo.toml")]
+    pub manifest_path: PathBuf,
+
+    /// The binary target to make the entrypoint [default: the one named like the package].
+    #[arg(long, value_name = "NAME")]
+    pub bin: Option<String>,
+}
+
+/// How `copy` and `tag` reach registries: push's flags (they apply to the source and the
+/// destination alike, as crane's do), plus quiet/verbose and jobs.
+#[derive(Debug, Args)]
+pub struct RemoteArgs {
+    /// Allow plain HTTP for this registry (after HTTPS fails to connect); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust this PEM CA certificate in addition to the system roots; repeatable.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    pub ca_certs: Vec<PathBuf>,
+
+    /// Destination registry user name (with --password-stdin); also used for the source
+    /// when it is on the same registry.
+    #[arg(short, long, requires = "password_stdin")]
+    pub username: Option<String>,
+
+    /// Read the destination registry's password or token from standard input.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
+
+    /// Give up on a request that sends or receives nothing for this many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub timeout: u64,
+
+    /// Connect to HOST:PORT at ADDR instead of what DNS says (curl's --resolve); TLS is still
+    /// verified for HOST. Repeatable.
+    #[arg(long = "resolve", value_name = "HOST:PORT:ADDR", value_parser = clap::value_parser!(imgbuild::registry::ResolveOverride))]
+    pub resolve: Vec<imgbuild::registry::ResolveOverride>,
+
+    /// ECR: assume this IAM role for the destination (tag: the image's registry).
+    #[arg(long, env = "IMGBUILD_AWS_ROLE_ARN", value_name = "ARN")]
+    pub aws_role_arn: Option<String>,
+
+    /// Retry a failed request (5xx, 429, reset, stall) this many times, with backoff.
+    #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_RETRIES, value_name = "N")]
+    pub retries: u32,
+
+    /// Start no retry later than this many seconds after the command began.
+    #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_DEADLINE.as_secs(), value_name = "SECONDS")]
+    pub deadline: u64,
+
+    /// First backoff step in milliseconds (doubled per retry); for tests.
+    #[arg(long, hide = true, default_value_t = 500, value_name = "MS")]
+    pub retry_base_ms: u64,
+
+    /// Blobs copied at once.
+    #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+
+    /// Print only errors and warnings.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// More detail on stderr.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The image or index to copy: REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...
+    #[arg(value_name = "SRC")]
+    pub source: String,
+
+    /// Where to: REGISTRY/REPO[:TAG] (no tag: the source's tag; none for a source named by
+    /// digest).
+    #[arg(value_name = "DST")]
+    pub destination: String,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+
+    /// ECR: assume this IAM role for the source registry (env IMGBUILD_SRC_AWS_ROLE_ARN).
+    #[arg(long, env = "IMGBUILD_SRC_AWS_ROLE_ARN", value_name = "ARN")]
+    pub src_aws_role_arn: Option<String>,
+
+    /// ECR: create the destination repository if it does not exist.
+    #[arg(long)]
+    pub create_repository: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    /// The image: REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:...
+    #[arg(value_name = "REF")]
+    pub image: String,
+
+    /// New tags for it (in the same repository).
+    #[arg(value_name = "TAG", required = true)]
+    pub tags: Vec<String>,
+
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }

@@ -41,6 +41,14 @@ pub enum Error {
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Base(#[from] crate::base::BaseError),
+    #[error(transparent)]
+    Copy(#[from] crate::copy::CopyError),
+    #[error(transparent)]
+    StaticBase(#[from] crate::static_base::StaticBaseError),
+    #[error(transparent)]
+    Resolve(#[from] crate::resolve::ResolveError),
+    #[error(transparent)]
+    Init(#[from] crate::init::InitError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -73,6 +81,8 @@ impl Error {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Error::Spec(_) | Error::Reference(_) | Error::Usage(_) => ExitCode::Usage,
+            Error::Resolve(_) => ExitCode::Usage,
+            Error::Init(e) => e.exit_code(),
             Error::Plan(e) => e.exit_code(),
             Error::Layer(_) => ExitCode::Input,
             Error::Image(_)
@@ -81,6 +91,8 @@ impl Error {
             | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
             Error::Base(e) => e.exit_code(),
+            Error::Copy(e) => e.exit_code(),
+            Error::StaticBase(e) => e.exit_code(),
         }
     }
 }

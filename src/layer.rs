@@ -140,23 +140,24 @@ pub fn write_layer_hashing(
                     remaining: *size,
                     hasher: hash_files.then(|| HashingWriter::new(io::sink())),
                 };
-                tar.append_data(&mut h, &entry.path, &mut reader).map_err(|e| {
-                    // A short read shows up here as our own error kind; anything else is
-                    // either reading the source or writing the blob.
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        LayerError::Changed {
-                            path: src.clone(),
-                            planned: *size,
+                tar.append_data(&mut h, &entry.path, &mut reader)
+                    .map_err(|e| {
+                        // A short read shows up here as our own error kind; anything else is
+                        // either reading the source or writing the blob.
+                        if e.kind() == io::ErrorKind::UnexpectedEof {
+                            LayerError::Changed {
+                                path: src.clone(),
+                                planned: *size,
+                            }
+                        } else if e.get_ref().is_some_and(|i| i.is::<ReadFailure>()) {
+                            LayerError::Read {
+                                path: src.clone(),
+                                source: e,
+                            }
+                        } else {
+                            write_err(e)
                         }
-                    } else if e.get_ref().is_some_and(|i| i.is::<ReadFailure>()) {
-                        LayerError::Read {
-                            path: src.clone(),
-                            source: e,
-                        }
-                    } else {
-                        write_err(e)
-                    }
-                })?;
+                    })?;
                 file_digests.push(reader.hasher.map(|h| h.finish().1));
                 continue;
             }

@@ -17,11 +17,14 @@
 pub mod base;
 pub mod cache;
 pub mod compress;
+pub mod copy;
+pub mod deploy;
 pub mod digest;
 pub mod docker_archive;
 pub mod error;
 pub mod gitref;
 pub mod image;
+pub mod init;
 pub mod layer;
 pub mod layout;
 pub mod lease;
@@ -34,8 +37,10 @@ pub mod progress;
 pub mod prune;
 pub mod reference;
 pub mod registry;
+pub mod resolve;
 pub mod run;
 pub mod spec;
+pub mod static_base;
 pub mod store;
 
 pub use error::{Error, ExitCode};

@@ -5,7 +5,10 @@ mod cli;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use cli::{BuildArgs, Cli, Command, CommonArgs, PushArgs};
+use cli::{
+    BuildArgs, Cli, Command, CommonArgs, CopyArgs, InitArgs, PushArgs, RemoteArgs, ResolveArgs,
+    TagArgs,
+};
 use imgbuild::base;
 use imgbuild::cache::LayerCache;
 use imgbuild::compress::{Codec, Compression};
@@ -98,6 +101,10 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(args) => build(&args),
         Command::Push(args) => push(&args),
+        Command::Resolve(args) => resolve(&args),
+        Command::Init(args) => init(&args),
+        Command::Copy(args) => copy(&args),
+        Command::Tag(args) => tag(&args),
         Command::Cache(cmd) => cache_command(&cmd),
     }
 }
@@ -118,7 +125,12 @@ fn cache_command(cmd: &cli::CacheCommand) -> Result<()> {
             for (section, size, n) in &usage.sections {
                 println!("{:<10} {:>10}  {n} entries", section.name(), human(*size));
             }
-            println!("{:<10} {:>10}  {}", "total", human(usage.total), root.display());
+            println!(
+                "{:<10} {:>10}  {}",
+                "total",
+                human(usage.total),
+                root.display()
+            );
         }
         cli::CacheCommand::Prune(a) => {
             let policy = match (a.max_size, a.older_than) {
@@ -213,7 +225,12 @@ fn build(args: &BuildArgs) -> Result<()> {
         tarball_format: args.tarball_format,
         repository,
     };
-    let cache_root = req.image.options.cache.as_ref().map(|c| c.root().to_path_buf());
+    let cache_root = req
+        .image
+        .options
+        .cache
+        .as_ref()
+        .map(|c| c.root().to_path_buf());
     let image = run::build(&req, progress.as_ref());
     // The run's leases are released with the request, before the prune.
     drop(req.image.options.cache.take());
@@ -243,8 +260,28 @@ fn build(args: &BuildArgs) -> Result<()> {
 }
 
 fn push(args: &PushArgs) -> Result<()> {
+    let progress = make_progress(&args.common);
+    let req = push_request(args)?;
+    let mut req = req;
+    let cache_root = req
+        .image
+        .options
+        .cache
+        .as_ref()
+        .map(|c| c.root().to_path_buf());
+    let pushed = run::push(&req, progress.as_ref());
+    // The run's leases are released with the request, before the prune.
+    drop(req.image.options.cache.take());
+    prune_after_run(cache_root.as_deref(), &args.common);
+    report_input_bytes(&args.common);
+    let pushed = pushed?;
+    println!("{}", pushed.image_ref);
+    Ok(())
+}
+
+/// The push that `args` asks for (spec loaded, options, credentials).
+fn push_request(args: &PushArgs) -> Result<run::PushRequest> {
     let c = &args.common;
-    let progress = make_progress(c);
     let (spec, options) = prepare(c)?;
     let repository = repository(c, &spec)?.ok_or_else(|| {
         Error::Usage(format!(
@@ -254,7 +291,7 @@ fn push(args: &PushArgs) -> Result<()> {
     })?;
     let tags = tags(c, &spec)?;
     let credentials = credentials(args)?;
-    let mut req = run::PushRequest {
+    let req = run::PushRequest {
         image: image_request(c, spec, options, tags)?,
         push: PushOptions {
             jobs: usize::from(c.jobs),
@@ -278,20 +315,191 @@ fn push(args: &PushArgs) -> Result<()> {
         },
         repository,
     };
-    let cache_root = req.image.options.cache.as_ref().map(|c| c.root().to_path_buf());
-    let pushed = run::push(&req, progress.as_ref());
-    // The run's leases are released with the request, before the prune.
-    drop(req.image.options.cache.take());
-    prune_after_run(cache_root.as_deref(), c);
-    report_input_bytes(c);
-    let pushed = pushed?;
-    println!("{}", pushed.image_ref);
+    Ok(req)
+}
+
+/// `imgbuild resolve`: each referenced spec is pushed like `imgbuild push -f SPEC` with the
+/// resolve flags (to PREFIX/NAME with --repo-prefix, else the spec's `repository`), all at
+/// once; the YAML goes to stdout only when every push succeeded.
+fn resolve(args: &ResolveArgs) -> Result<()> {
+    use imgbuild::deploy;
+    let mut inputs = Vec::new();
+    let mut stdin_read = false;
+    for f in &args.filenames {
+        if f.as_os_str() == "-" {
+            if stdin_read {
+                bail!(Error::Usage("-f -: standard input can be read once".into()));
+            }
+            stdin_read = true;
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading YAML from standard input")?;
+            inputs.push(deploy::Input::new("-", text));
+        } else {
+            inputs.extend(deploy::read_inputs(f).map_err(Error::from)?);
+        }
+    }
+    let metadata = deploy::read_metadata(&args.metadata_files).map_err(Error::from)?;
+    let prefix = args
+        .repo_prefix
+        .as_deref()
+        .map(|p| p.trim().trim_end_matches('/'))
+        .filter(|p| !p.is_empty());
+    let plan = deploy::plan(inputs, &metadata, |p| p.is_file()).map_err(Error::from)?;
+    let out = deploy::resolve(plan, &metadata, |spec| resolve_push(args, prefix, spec))?;
+    print!("{out}");
     Ok(())
+}
+
+/// Push one spec for `resolve`: the flags `imgbuild push` would get.
+fn resolve_push(
+    args: &ResolveArgs,
+    prefix: Option<&str>,
+    spec_path: &std::path::Path,
+) -> Result<imgbuild::resolve::Pushed> {
+    let repo = match prefix {
+        Some(p) => Some(format!("{p}/{}", imgbuild::resolve::spec_name(spec_path))),
+        None => {
+            let spec = spec::load(spec_path).map_err(Error::from)?;
+            if spec.repository.is_none() {
+                bail!(Error::Usage(format!(
+                    "{}: no `repository`; add one, or give --repo-prefix REGISTRY/PATH (or IMGBUILD_REPO_PREFIX) to push it to REGISTRY/PATH/{}",
+                    spec_path.display(),
+                    spec.name()
+                )));
+            }
+            None
+        }
+    };
+    // Start from `imgbuild push`'s defaults, so every flag resolve does not have keeps the
+    // meaning it has there.
+    let Command::Push(mut push) = Cli::try_parse_from(["imgbuild", "push"])?.command else {
+        bail!("internal: `imgbuild push` did not parse as a push");
+    };
+    let c = &mut push.common;
+    c.file = spec_path.to_path_buf();
+    c.repo = repo;
+    c.platforms = args.platforms.clone();
+    c.jobs = args.jobs;
+    c.compression = args.compression.clone();
+    c.no_cache = args.no_cache;
+    c.no_arch_check = args.no_arch_check;
+    c.quiet = args.quiet;
+    c.verbose = args.verbose;
+    push.insecure_registries = args.insecure_registries.clone();
+    push.ca_certs = args.ca_certs.clone();
+    push.resolve = args.resolve.clone();
+    push.aws_role_arn = args.aws_role_arn.clone();
+    push.create_repository = args.create_repository;
+    let progress = make_progress(&push.common);
+    let req = push_request(&push).with_context(|| spec_path.display().to_string())?;
+    let pushed = run::push(&req, progress.as_ref())
+        .map_err(anyhow::Error::from)
+        .with_context(|| spec_path.display().to_string())?;
+    Ok(imgbuild::resolve::Pushed {
+        repository: req.repository.to_string(),
+        digest: pushed.image.index.digest.to_string(),
+        tags: pushed.tags,
+    })
+}
+
+/// `imgbuild init`.
+fn init(args: &InitArgs) -> Result<()> {
+    let done = imgbuild::init::init(&imgbuild::init::InitRequest {
+        manifest: args.manifest_path.clone(),
+        bin: args.bin.clone(),
+    })
+    .map_err(Error::from)?;
+    print!("{}", done.next_steps());
+    Ok(())
+}
+
+/// `imgbuild copy SRC DST`.
+fn copy(args: &CopyArgs) -> Result<()> {
+    let r = &args.remote;
+    let progress = remote_progress(r);
+    let dst = remote_options(r, args.create_repository)?;
+    let mut src = dst.clone();
+    src.aws = AwsOptions {
+        role_arn: args
+            .src_aws_role_arn
+            .clone()
+            .filter(|a| !a.trim().is_empty()),
+        ..AwsOptions::default()
+    };
+    let req = imgbuild::copy::CopyRequest {
+        source: args.source.clone(),
+        destination: args.destination.clone(),
+        source_opts: src,
+        destination_opts: dst,
+    };
+    let copied = imgbuild::copy::copy(&req, progress.as_ref())?;
+    println!("{}", copied.image_ref);
+    Ok(())
+}
+
+/// `imgbuild tag REF TAG...`.
+fn tag(args: &TagArgs) -> Result<()> {
+    let r = &args.remote;
+    let progress = remote_progress(r);
+    let req = imgbuild::copy::TagRequest {
+        image: args.image.clone(),
+        tags: args.tags.clone(),
+        opts: remote_options(r, false)?,
+    };
+    let tagged = imgbuild::copy::tag(&req, progress.as_ref())?;
+    println!("{}", tagged.image_ref);
+    Ok(())
+}
+
+fn remote_progress(r: &RemoteArgs) -> Box<dyn Progress> {
+    let verbosity = match (r.quiet, r.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (false, 0) => Verbosity::Normal,
+        _ => Verbosity::Verbose,
+    };
+    if verbosity == Verbosity::Quiet {
+        Box::new(progress::Silent)
+    } else if std::io::stderr().is_terminal() {
+        Box::new(progress::Bars::new(verbosity))
+    } else {
+        Box::new(progress::Lines::new(verbosity))
+    }
+}
+
+/// Push's connection options from `copy`/`tag` flags.
+fn remote_options(r: &RemoteArgs, create_repository: bool) -> Result<PushOptions> {
+    let credentials = read_password(r.username.as_deref(), r.password_stdin)?;
+    Ok(PushOptions {
+        jobs: usize::from(r.jobs),
+        insecure_registries: r.insecure_registries.clone(),
+        ca_certs: r.ca_certs.clone(),
+        credentials,
+        timeout: Duration::from_secs(r.timeout.max(1)),
+        resolve: r.resolve.clone(),
+        aws: AwsOptions {
+            role_arn: r.aws_role_arn.clone().filter(|a| !a.trim().is_empty()),
+            create_repository,
+            ..AwsOptions::default()
+        },
+        retry: RetryPolicy {
+            retries: r.retries,
+            base_delay: Duration::from_millis(r.retry_base_ms),
+            deadline: Duration::from_secs(r.deadline),
+        },
+        ..PushOptions::default()
+    })
 }
 
 /// `--username` with the password from standard input (`--password-stdin`).
 fn credentials(args: &PushArgs) -> Result<Option<Credentials>> {
-    if !args.password_stdin {
+    read_password(args.username.as_deref(), args.password_stdin)
+}
+
+/// The password from standard input for `username`, when `--password-stdin` was given.
+fn read_password(username: Option<&str>, password_stdin: bool) -> Result<Option<Credentials>> {
+    if !password_stdin {
         return Ok(None);
     }
     let mut password = String::new();
@@ -305,7 +513,7 @@ fn credentials(args: &PushArgs) -> Result<Option<Credentials>> {
         ));
     }
     Ok(Some(Credentials {
-        username: args.username.clone().unwrap_or_default(),
+        username: username.unwrap_or_default().to_string(),
         password: Secret::new(password),
     }))
 }
@@ -331,6 +539,7 @@ fn image_request(
         base_cache: base::default_cache_dir(),
         tags,
         outputs: outputs(c),
+        static_ca_bundle: c.static_ca_bundle.clone(),
     })
 }
 

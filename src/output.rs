@@ -32,6 +32,8 @@ pub struct Summary<'a> {
     pub tags: Vec<String>,
     /// The OCI layout written, for `build`.
     pub layout: Option<PathBuf>,
+    /// The build spec, as given; `imgbuild resolve --metadata-file` finds the image by its name.
+    pub spec: Option<&'a Path>,
     /// Whether the image is in the registry: only then is `REPO@DIGEST` a reference that
     /// resolves, and only then is it written (`image=`, `"image"`).
     pub pushed: bool,
@@ -77,6 +79,9 @@ impl Summary<'_> {
             if self.pushed {
                 v["image"] = json!(self.image_ref());
             }
+        }
+        if let Some(s) = self.spec {
+            v["spec"] = json!(s.display().to_string());
         }
         if let Some(l) = &self.layout {
             v["layout"] = json!(l.display().to_string());

@@ -351,7 +351,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits);
-    let bad = || format!("{s:?}: give a size such as 500M, 10G or 10GiB (powers of 1024), or bytes");
+    let bad =
+        || format!("{s:?}: give a size such as 500M, 10G or 10GiB (powers of 1024), or bytes");
     let num: u64 = num.parse().map_err(|_| bad())?;
     let unit = unit.trim().to_ascii_uppercase();
     let unit = unit.strip_suffix('B').unwrap_or(&unit);

@@ -18,6 +18,7 @@ use crate::progress::{Event, Progress};
 use crate::reference::Repository;
 use crate::registry::{self, PushOptions};
 use crate::spec::{self, Spec};
+use crate::static_base;
 use crate::store::BlobStore;
 use std::path::PathBuf;
 
@@ -34,6 +35,8 @@ pub struct ImageRequest {
     /// Tags to push; the first also names the image in a layout.
     pub tags: Vec<String>,
     pub outputs: Outputs,
+    /// The CA bundle of the built-in base `static` (default `static_base::DEFAULT_BUNDLE`).
+    pub static_ca_bundle: Option<PathBuf>,
 }
 
 /// `imgbuild build`.
@@ -77,7 +80,8 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
     let store =
         BlobStore::open(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let runtime = runtime()?;
-    let (opts, cache) = with_bases(&req.image, &req.pull, None, &runtime, progress)?;
+    let (mut opts, cache) = with_bases(&req.image, &req.pull, None, &runtime, progress)?;
+    add_static_bases(&req.image, &mut opts, &store)?;
     let image = pipeline::build(&req.image.spec, &opts, &store, progress)?;
     // The layout must be complete: the base's layers go into it too.
     runtime.block_on(base::fetch_layers(
@@ -113,6 +117,7 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
         repository: req.repository.as_ref().map(Repository::to_string),
         tags: Vec::new(),
         layout: Some(dir.clone()),
+        spec: Some(&req.image.spec.path),
         pushed: false,
     };
     write_outputs(&req.image.outputs, &summary)?;
@@ -145,7 +150,8 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
     };
     let runtime = runtime()?;
     let target = Some(repo.registry.as_str());
-    let (opts, _) = with_bases(&req.image, &push_opts, target, &runtime, progress)?;
+    let (mut opts, _) = with_bases(&req.image, &push_opts, target, &runtime, progress)?;
+    add_static_bases(&req.image, &mut opts, &store)?;
     // Base repositories on the target registry: their layers are mounted, so the
     // token must cover pulling from them (as registry::push does from the image).
     push_opts.mount_from = opts
@@ -195,6 +201,7 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
         repository: Some(repo.to_string()),
         tags: report.tags,
         layout: None,
+        spec: Some(&req.image.spec.path),
         pushed: true,
     };
     let image_ref = summary.image_ref();
@@ -238,12 +245,14 @@ fn with_bases(
         .platforms
         .clone()
         .unwrap_or_else(|| spec.platforms.clone());
-    let wanted = base::choose(
+    let mut wanted = base::choose(
         &spec.base,
         &spec.base_overrides,
         req.base.as_ref(),
         &platforms,
     );
+    // The built-in base is made locally (`add_static_bases`), not resolved.
+    wanted.retain(|(_, b)| **b != spec::Base::Static);
     if wanted.is_empty() {
         return Ok((opts, None));
     }
@@ -278,4 +287,50 @@ fn open_base_cache(dir: &std::path::Path) -> std::io::Result<BlobStore> {
         .unwrap_or(std::path::Path::new("."))
         .join(crate::cache::LOCKS);
     Ok(BlobStore::open(dir)?.with_leases(crate::lease::Leases::open(locks)?))
+}
+
+/// The platforms whose base is the built-in `static`: its layer is written into `store` (so
+/// the sinks treat it as one of ours: a push uploads it, a layout holds it) and its config
+/// goes into `opts.bases`. Nothing is downloaded.
+fn add_static_bases(
+    req: &ImageRequest,
+    opts: &mut BuildOptions,
+    store: &BlobStore,
+) -> Result<(), Error> {
+    let spec = &req.spec;
+    let platforms = opts
+        .platforms
+        .clone()
+        .unwrap_or_else(|| spec.platforms.clone());
+    let wanted: Vec<_> = base::choose(
+        &spec.base,
+        &spec.base_overrides,
+        req.base.as_ref(),
+        &platforms,
+    )
+    .into_iter()
+    .filter(|(_, b)| **b == spec::Base::Static)
+    .map(|(p, _)| p)
+    .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let layer = static_base::write_layer(req.static_ca_bundle.as_deref(), store)?;
+    for platform in wanted {
+        let config = static_base::config(&platform, &layer);
+        opts.bases.insert(
+            platform,
+            base::ResolvedBase {
+                name: static_base::NAME.to_string(),
+                // Not an image in a registry: its layer's digest names what it was made of
+                // (the same for every platform, so the index records it too).
+                digest: layer.descriptor.digest.clone(),
+                manifest_digest: layer.descriptor.digest.clone(),
+                layers: vec![layer.descriptor.clone()],
+                config,
+                source: BaseSource::Layout(store.root().to_path_buf()),
+            },
+        );
+    }
+    Ok(())
 }

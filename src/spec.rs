@@ -54,6 +54,8 @@ pub enum SpecError {
 pub enum Base {
     /// No base: the image holds only our layers.
     Scratch,
+    /// The built-in base (`static_base.rs`): users, CA certificates, /tmp; made locally.
+    Static,
     /// An image in a registry, by tag or digest.
     Registry(ImageRef),
     /// An OCI image layout directory (`oci:PATH[:TAG]`); `path` is already resolved against
@@ -74,6 +76,9 @@ impl Base {
         if text == "scratch" {
             return Ok(Base::Scratch);
         }
+        if text == crate::static_base::NAME {
+            return Ok(Base::Static);
+        }
         if let Some(rest) = text.strip_prefix("oci:") {
             // `oci:dir:tag`: the last `:` starts a tag only if what follows is a valid tag
             // (a path may itself hold `:`), as skopeo's oci: transport reads it.
@@ -93,7 +98,7 @@ impl Base {
             });
         }
         ImageRef::parse(text).map(Base::Registry).map_err(|e| {
-            format!("{e}; a base is \"scratch\", REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:... or oci:PATH[:TAG]")
+            format!("{e}; a base is \"scratch\", \"static\", REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:... or oci:PATH[:TAG]")
         })
     }
 }
@@ -102,6 +107,7 @@ impl fmt::Display for Base {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Base::Scratch => f.write_str("scratch"),
+            Base::Static => f.write_str(crate::static_base::NAME),
             Base::Registry(r) => write!(f, "{r}"),
             Base::Layout { text, .. } => f.write_str(text),
         }
@@ -839,6 +845,7 @@ mode = "0644"
         let dir = Path::new("specs");
         let cases: Vec<(String, Base)> = vec![
             ("scratch".into(), Base::Scratch),
+            ("static".into(), Base::Static),
             (
                 "oci:../layouts/base".into(),
                 Base::Layout {

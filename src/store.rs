@@ -6,11 +6,11 @@
 //! to their digest only when complete: a reader never sees a partial blob under a digest name.
 
 use crate::digest::{Digest, HashingWriter};
+use crate::lease::Leases;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use crate::lease::Leases;
 
 /// A directory holding `blobs/sha256/<hex>` files.
 #[derive(Debug, Clone)]

@@ -780,8 +780,41 @@ mod tests {
     #[test]
     fn challenge_parsing_never_panics_or_hangs() {
         let header = r#"Basic realm="a, \"b\"", Bearer realm=https://t/x ,scope="é,ü" , Negotiate abc==, x=="#;
-        for end in (0..=header.len()).filter(|&i| header.is_char_boundary(i)) {
-            let _ = parse_challenges([&header[..end], &header[end..]]);
+        // The parsing runs in a thread so that a hang fails the test instead of blocking the
+        // suite. The parse takes microseconds; the 30 s bound only tells "hangs" from "slow
+        // on a loaded machine".
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let splits: Vec<Vec<Challenge>> = (0..=header.len())
+                .filter(|&i| header.is_char_boundary(i))
+                .map(|end| parse_challenges([&header[..end], &header[end..]]))
+                .collect();
+            let _ = tx.send(splits);
+        });
+        let splits = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("parse_challenges panicked or did not return within 30 s");
+        assert_eq!(splits.len(), header.chars().count() + 1);
+        // The unsplit header (first and last split) parses to the same, complete answer.
+        let whole = vec![
+            ch("basic", &[("realm", r#"a, "b""#)]),
+            ch("bearer", &[("realm", "https://t/x"), ("scope", "é,ü")]),
+            ch("negotiate", &[]),
+        ];
+        assert_eq!(splits[0], whole);
+        assert_eq!(splits[splits.len() - 1], whole);
+        // Any split: only schemes of the header, lower-cased, and never more challenges than
+        // the two halves hold schemes.
+        for (i, parsed) in splits.iter().enumerate() {
+            assert!(parsed.len() <= 4, "split {i}: {parsed:?}");
+            for c in parsed {
+                assert!(
+                    !c.scheme.is_empty()
+                        && c.scheme.chars().all(|ch| !ch.is_ascii_uppercase())
+                        && header.to_ascii_lowercase().contains(&c.scheme),
+                    "split {i}: {c:?}"
+                );
+            }
         }
     }
 

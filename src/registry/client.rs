@@ -242,7 +242,12 @@ impl Client {
     where
         F: FnMut(&reqwest::Client) -> Result<RequestBuilder, RegistryError>,
     {
-        let mut reauthenticated = false;
+        // The first 401 picks the scheme and credentials (a request starts anonymous); a
+        // second 401, with those credentials, lets `Auth` try something fresh if it has one
+        // (ECR: one new token per run). `Auth` answers false when nothing changed, so this
+        // is bounded: at most two re-sends.
+        const MAX_REAUTHS: u8 = 2;
+        let mut reauths = 0u8;
         loop {
             let (client, request) = make(&self.http)?.build_split();
             let mut request = request.map_err(|e| RegistryError::Client {
@@ -258,8 +263,8 @@ impl Client {
                 .await
                 .map_err(|e| transport_error(&url, e, self.timeout))?;
             match response.status() {
-                StatusCode::UNAUTHORIZED if !reauthenticated => {
-                    reauthenticated = true;
+                StatusCode::UNAUTHORIZED if reauths < MAX_REAUTHS => {
+                    reauths += 1;
                     let challenges = challenges(response.headers());
                     if self
                         .auth

@@ -8,12 +8,14 @@
 //! - [`ecr`]: Amazon ECR hosts, AWS credentials, the token cache, create-on-push.
 //! - [`resolve`]: `--resolve HOST:PORT:ADDR` (curl's convention).
 //! - [`retry`]: which failures are retried, backoff with jitter, `Retry-After`, the deadline.
+//! - [`copy`]: manifests and blobs moved between repositories as they are (`imgbuild copy`, `tag`).
 //! - [`fuzzing`]: the response parsers' entry points for `fuzz/` and the property tests.
 //!
 //! Entry point: [`push`].
 
 mod auth;
 mod client;
+pub mod copy;
 mod ecr;
 pub mod pull;
 mod resolve;

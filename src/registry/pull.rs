@@ -40,6 +40,15 @@ pub struct Puller {
 }
 
 impl Puller {
+    /// A puller over a client already connected (the copy command's source, registry/copy.rs).
+    pub(super) fn from_client(client: Client) -> Puller {
+        Puller { client }
+    }
+
+    pub(super) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Reach `repo`'s registry (same scheme rules, credentials and token flow as a push; the
     /// token asked for is `repository:<path>:pull,push`, which token servers narrow to pull).
     pub async fn connect(
@@ -299,7 +308,7 @@ fn mismatch(url: &reqwest::Url, expected: &Digest, got: &Digest) -> RegistryErro
 }
 
 /// The body of `response`, refused past [`MAX_JSON_BYTES`].
-async fn read_limited(
+pub(super) async fn read_limited(
     url: &reqwest::Url,
     mut response: reqwest::Response,
     timeout: std::time::Duration,

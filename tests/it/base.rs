@@ -303,7 +303,10 @@ fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
     fs::write(&data, &bytes).unwrap();
 
     if !docker_available() {
-        return skip("docker not available: the amd64 image was not run");
+        return skip_missing(
+            "docker",
+            "no Docker Engine answers: the amd64 image was not run",
+        );
     }
     let image = format!("{}/app@{digest}", reg.addr);
     let out = Command::new("docker")

@@ -9,7 +9,7 @@ use std::process::Output;
 /// The index digest of `build-specs/hello.toml` over the committed fixtures with
 /// SOURCE_DATE_EPOCH unset. If this changes, every user's image digest changes: only update
 /// it for a deliberate format change, and say so in the commit.
-const GOLDEN_HELLO: &str =
+pub const GOLDEN_HELLO: &str =
     "sha256:db22f9ca56e38115d3b963085daeceb753b3f156b6e5f051bdc762364ce7f487";
 
 /// A copy of `build-specs/` and `fixtures/dist/` in a fresh directory, every mtime set to
@@ -161,7 +161,14 @@ fn layout_is_accepted_by_skopeo_and_has_the_expected_image() {
         .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64", "linux/arm/v7"]);
 
-    // Per platform: config fields, diff_ids match the layers, the shared layer is one blob.
+    // Digests and diff_ids recomputed by gzip and sha256sum, for all three platforms.
+    assert_eq!(
+        verify_digests_with_standard_tools(&out_dir, &digest),
+        (3, 6),
+        "every platform's two layers checked"
+    );
+
+    // Per platform: config fields, the shared layer is one blob.
     let mut second_layers = Vec::new();
     for (m, (arch, machine)) in index["manifests"].as_array().unwrap().iter().zip([
         ("amd64", "X86-64"),
@@ -248,7 +255,10 @@ fn layout_is_accepted_by_skopeo_and_has_the_expected_image() {
             );
             assert_eq!(stdout(&ran), "hello from imgbuild (aarch64)\n");
         }
-        None => skip("qemu-aarch64-static not installed: arm64 binary not run"),
+        None => skip_missing(
+            "qemu",
+            "qemu-aarch64-static not installed: arm64 binary not run",
+        ),
     }
 
     // The tarball is the same layout, as skopeo's oci-archive transport reads it.
@@ -377,6 +387,52 @@ fn build_spec(ws: &Path, spec: &str, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The `out-case` layout of a [`build_spec`] run holds one image for `platform` (architecture,
+/// variant) in the index, manifest and config, whose one layer holds exactly `/hello` with the
+/// bytes of `fixtures/dist/<fixture>`.
+fn assert_single_image(
+    ws: &Path,
+    out: &Output,
+    platform: (&str, Option<&str>),
+    fixture: &str,
+    what: &str,
+) {
+    let layout = ws.join("out-case");
+    let digest = stdout(out).trim().to_string();
+    let index: serde_json::Value = serde_json::from_slice(&read_blob(&layout, &digest)).unwrap();
+    let manifests = index["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 1, "{what}: {index}");
+    let p = &manifests[0]["platform"];
+    let (arch, variant) = platform;
+    assert_eq!(p["os"], "linux", "{what}: {p}");
+    assert_eq!(p["architecture"], arch, "{what}: {p}");
+    assert_eq!(p["variant"].as_str(), variant, "{what}: {p}");
+    let mdigest = manifests[0]["digest"].as_str().unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&read_blob(&layout, mdigest)).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&read_blob(
+        &layout,
+        manifest["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(config["architecture"], arch, "{what}");
+    assert_eq!(config["variant"].as_str(), variant, "{what}");
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{what}");
+    let listing = tar_listing(&blob_path(&layout, layers[0]["digest"].as_str().unwrap()));
+    let names: Vec<&str> = listing
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(names, ["hello"], "{what}: {listing}");
+    let root = ws.join(format!("root-{}", what.replace('/', "-")));
+    unpack_layers(&layout, mdigest, &root);
+    assert_eq!(
+        fs::read(root.join("hello")).unwrap(),
+        fs::read(fixtures().join("dist").join(fixture)).unwrap(),
+        "{what}: /hello is not {fixture}"
+    );
+}
+
 const HELLO_LAYER: &str =
     "[[layer]]\nfiles = [{ src = \"../fixtures/dist/{arch}/hello\", dest = \"/hello\" }]\n";
 
@@ -397,9 +453,16 @@ fn architecture_check() {
         !ws.path().join("out-case/index.json").exists(),
         "nothing written on error"
     );
-    // --no-arch-check lets it through.
+    // --no-arch-check lets it through: an arm64 image holding the amd64 program, as asked.
     let out = build_spec(ws.path(), wrong, &["--no-arch-check"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_single_image(
+        ws.path(),
+        &out,
+        ("arm64", None),
+        "amd64/hello",
+        "no-arch-check",
+    );
 
     // arm/v7 gets the 32-bit ARM program.
     let out = build_spec(
@@ -408,6 +471,7 @@ fn architecture_check() {
         &[],
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_single_image(ws.path(), &out, ("arm", Some("v7")), "arm/hello", "arm/v7");
 
     // A dynamically linked program on scratch: a warning, not an error.
     let dynamic = "platforms = [\"linux/amd64\"]\n[[layer]]\nfiles = [{ src = \"../fixtures/dist/amd64/hello-dynamic\", dest = \"/hello\" }]\n";

@@ -31,11 +31,7 @@ fn push_cmd(ws: &Path, cache: &Path, addr: &str, repo: &str) -> Command {
 
 fn finish(child: Child, what: &str) -> String {
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "{what} failed: {}", text(&out.stderr));
     let line = text(&out.stdout).trim().to_string();
     line.split_once('@').expect("REPO@DIGEST").1.to_string()
 }
@@ -172,15 +168,22 @@ fn a_push_killed_mid_write_leaves_nothing_trusted_and_the_next_one_succeeds() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut partial = false;
     while Instant::now() < deadline && !partial {
-        partial = fs::read_dir(&blobs).into_iter().flatten().flatten().any(|e| {
-            e.file_name().to_string_lossy().starts_with(".tmp")
-                && e.metadata().is_ok_and(|m| m.len() > (1 << 20))
-        });
+        partial = fs::read_dir(&blobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name().to_string_lossy().starts_with(".tmp")
+                    && e.metadata().is_ok_and(|m| m.len() > (1 << 20))
+            });
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
-    assert!(partial, "the push ended before its big layer was half written: {status}");
+    assert!(
+        partial,
+        "the push ended before its big layer was half written: {status}"
+    );
     assert_cache_consistent(cache.path());
 
     // The next run builds what is missing and pushes the right image.
@@ -252,11 +255,12 @@ fn prune_while_a_push_runs_keeps_its_blobs_and_du_and_max_size_bound_the_cache()
         .stdout,
     );
     assert!(du.contains("blobs") && du.contains("total"), "{du}");
-    run_ok(
-        imgbuild()
-            .env("IMGBUILD_CACHE", cache.path())
-            .args(["cache", "prune", "--older-than", "0s"]),
-    );
+    run_ok(imgbuild().env("IMGBUILD_CACHE", cache.path()).args([
+        "cache",
+        "prune",
+        "--older-than",
+        "0s",
+    ]));
     let left: Vec<_> = fs::read_dir(cache.path().join("blobs/sha256"))
         .unwrap()
         .collect();
@@ -265,7 +269,8 @@ fn prune_while_a_push_runs_keeps_its_blobs_and_du_and_max_size_bound_the_cache()
     // IMGBUILD_CACHE_MAX_SIZE: after the run the cache is pruned to 1 KiB (the tiny
     // greeting layer may stay; the hello binaries and JSON beyond 1 KiB go).
     let out = run_ok(
-        push_cmd(ws.path(), cache.path(), &reg1.addr, "bounded").env("IMGBUILD_CACHE_MAX_SIZE", "1K"),
+        push_cmd(ws.path(), cache.path(), &reg1.addr, "bounded")
+            .env("IMGBUILD_CACHE_MAX_SIZE", "1K"),
     );
     assert!(text(&out.stdout).contains(&first[7..]));
     let du = text(
@@ -278,12 +283,7 @@ fn prune_while_a_push_runs_keeps_its_blobs_and_du_and_max_size_bound_the_cache()
     );
     let total = du.lines().find(|l| l.starts_with("total")).unwrap();
     assert!(total.contains(" B ") || total.contains("KiB"), "{du}");
-    let kib: f64 = total
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let kib: f64 = total.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(!total.contains("KiB") || kib <= 1.0, "{du}");
 }
 
@@ -326,7 +326,10 @@ fn a_cold_cache_reads_each_input_once_and_a_fresh_checkout_only_hashes() {
     assert_eq!((warm, cached, &again), (0, 2, &digest));
     // A fresh checkout of the same inputs (new inodes): hashed once, nothing built.
     let copy = tempfile::tempdir().unwrap();
-    copy_dir(ws.path().join("build-specs"), copy.path().join("build-specs"));
+    copy_dir(
+        ws.path().join("build-specs"),
+        copy.path().join("build-specs"),
+    );
     fs::copy(ws.path().join("big.bin"), copy.path().join("big.bin")).unwrap();
     fs::copy(ws.path().join("small.txt"), copy.path().join("small.txt")).unwrap();
     settle();

@@ -6,7 +6,8 @@
 
 use crate::build::workspace;
 use crate::ecr::{
-    ECR_HOST, MOTO_PASSWORD, assert_no_secrets, ecr_registry, push_amd64, push_to_ecr_stand_in,
+    ECR_HOST, MOTO_PASSWORD, amd64_digest, assert_no_secrets, ecr_registry, push_amd64,
+    push_to_ecr_stand_in,
 };
 use crate::harness::*;
 use base64::Engine as _;
@@ -127,6 +128,7 @@ fn push_with(ws: &Path, reg: &Registry, repo: &str, case: &Case, home: &Path) ->
 fn credentials_from_docker_config_helpers_and_podman_auth_files() {
     let reg = Registry::start_htpasswd(USER, PASSWORD);
     let ws = workspace(1_000_000_000);
+    let expected = amd64_digest(ws.path());
     let cases = [
         Case {
             name: "auths basic",
@@ -225,8 +227,8 @@ fn credentials_from_docker_config_helpers_and_podman_auth_files() {
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(case.code), "{what}:\n{err}");
         if case.code == 0 {
-            let manifest = inspect_raw(&reg, &format!("{repo}:v1"));
-            assert!(!manifest.is_empty(), "{what}");
+            assert_eq!(pushed_digest(&out.stdout), expected, "{what}");
+            assert_serves(&reg, &format!("{repo}:v1"), &expected);
         } else {
             let last = err.lines().last().unwrap_or_default();
             assert!(
@@ -287,6 +289,232 @@ fn ecr_without_aws_credentials_uses_the_docker_config() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(!inspect_raw(&reg, "hello:v1").is_empty());
+    let expected = amd64_digest(ws.path());
+    assert_eq!(pushed_digest(&out.stdout), expected);
+    assert_serves(&reg, "hello:v1", &expected);
     assert_no_secrets(&out, &[MOTO_PASSWORD.into()], "ECR via docker config");
+}
+
+/// A credential file's JSON for the registry `server`.
+type Config = fn(&str) -> serde_json::Value;
+
+/// One precedence case: what each of the three files holds (None: no such file), helper
+/// programs (name, password they answer with), the exit code, and for a failure the file
+/// (relative to the case's home) the error must name.
+struct Precedence {
+    name: &'static str,
+    registry_auth_file: Option<Config>,
+    docker_config: Option<Config>,
+    podman: Option<Config>,
+    helpers: &'static [(&'static str, &'static str)],
+    code: i32,
+    names: &'static str,
+}
+
+const WRONG: &str = "wrong-password-7781";
+
+fn good(server: &str) -> serde_json::Value {
+    auths(server, USER, PASSWORD)
+}
+
+fn bad(server: &str) -> serde_json::Value {
+    auths(server, USER, WRONG)
+}
+
+fn other(_: &str) -> serde_json::Value {
+    auths("other.example.com", USER, PASSWORD)
+}
+
+#[test]
+fn credential_files_and_entries_are_used_in_the_documented_order() {
+    let reg = Registry::start_htpasswd(USER, PASSWORD);
+    let ws = workspace(1_000_000_000);
+    let expected = amd64_digest(ws.path());
+    let cases = [
+        Precedence {
+            name: "REGISTRY_AUTH_FILE before DOCKER_CONFIG and podman's file",
+            registry_auth_file: Some(good),
+            docker_config: Some(bad),
+            podman: Some(bad),
+            helpers: &[],
+            code: 0,
+            names: "",
+        },
+        Precedence {
+            name: "the first file with an entry wins, even a wrong one",
+            registry_auth_file: Some(bad),
+            docker_config: Some(good),
+            podman: Some(good),
+            helpers: &[],
+            code: 4,
+            names: "auth.json",
+        },
+        Precedence {
+            name: "a file without an entry for the registry is passed over",
+            registry_auth_file: Some(other),
+            docker_config: Some(good),
+            podman: Some(bad),
+            helpers: &[],
+            code: 0,
+            names: "",
+        },
+        Precedence {
+            name: "DOCKER_CONFIG before podman's file",
+            registry_auth_file: None,
+            docker_config: Some(bad),
+            podman: Some(good),
+            helpers: &[],
+            code: 4,
+            names: "docker/config.json",
+        },
+        Precedence {
+            name: "podman's file last",
+            registry_auth_file: None,
+            docker_config: Some(other),
+            podman: Some(good),
+            helpers: &[],
+            code: 0,
+            names: "",
+        },
+        Precedence {
+            name: "credHelpers before auths",
+            registry_auth_file: None,
+            docker_config: Some(|s| {
+                let mut v = bad(s);
+                v["credHelpers"] = serde_json::json!({ s: "imgtest" });
+                v
+            }),
+            podman: None,
+            helpers: &[("imgtest", PASSWORD)],
+            code: 0,
+            names: "",
+        },
+        Precedence {
+            name: "credHelpers before auths, even a wrong one",
+            registry_auth_file: None,
+            docker_config: Some(|s| {
+                let mut v = good(s);
+                v["credHelpers"] = serde_json::json!({ s: "imgtest" });
+                v
+            }),
+            podman: None,
+            helpers: &[("imgtest", WRONG)],
+            code: 4,
+            names: "docker/config.json",
+        },
+        Precedence {
+            name: "auths before credsStore",
+            registry_auth_file: None,
+            docker_config: Some(|s| {
+                let mut v = good(s);
+                v["credsStore"] = serde_json::json!("imgstore");
+                v
+            }),
+            podman: None,
+            helpers: &[("imgstore", WRONG)],
+            code: 0,
+            names: "",
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let what = case.name;
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path();
+        let bin = h.join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        for (helper, secret) in case.helpers {
+            write_helper(&bin, helper, &reg.addr, USER, secret);
+        }
+        let repo = format!("order{i}");
+        let mut cmd = push_amd64(ws.path(), &format!("{}/{repo}", reg.addr));
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+        cmd.env("PATH", path);
+        let files = [
+            (case.registry_auth_file, "auth.json", "REGISTRY_AUTH_FILE"),
+            (case.docker_config, "docker/config.json", "DOCKER_CONFIG"),
+            (case.podman, "run/containers/auth.json", "XDG_RUNTIME_DIR"),
+        ];
+        for (config, file, var) in files {
+            let Some(config) = config else { continue };
+            let p = h.join(file);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, config(&reg.addr).to_string()).unwrap();
+            let value = match var {
+                "REGISTRY_AUTH_FILE" => p.clone(),
+                "DOCKER_CONFIG" => h.join("docker"),
+                _ => h.join("run"),
+            };
+            cmd.env(var, value);
+        }
+        let out = cmd.output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(case.code), "{what}:\n{err}");
+        if case.code == 0 {
+            assert_eq!(pushed_digest(&out.stdout), expected, "{what}");
+            assert_serves(&reg, &format!("{repo}:v1"), &expected);
+        } else {
+            let last = err.lines().last().unwrap_or_default();
+            let file = h.join(case.names).display().to_string();
+            assert!(
+                last.starts_with("error: authentication to") && last.contains(&file),
+                "{what}: the error must name {file}: {last}"
+            );
+        }
+        if what == "auths before credsStore" {
+            assert!(
+                !h.join("bin/imgstore.calls").exists(),
+                "{what}: credsStore was asked although auths matched"
+            );
+        }
+        assert_no_secrets(&out, &[PASSWORD.into(), WRONG.into()], what);
+    }
+}
+
+#[test]
+fn a_failing_credential_helper_is_exit_4_and_its_output_stays_hidden() {
+    let reg = Registry::start_htpasswd(USER, PASSWORD);
+    let ws = workspace(1_000_000_000);
+    let home = tempfile::tempdir().unwrap();
+    let bin = home.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    // A helper that fails, printing something secret-looking on both streams (a real helper
+    // may print a token or a keychain dump in its error).
+    let helper = bin.join("docker-credential-leaky");
+    fs::write(
+        &helper,
+        "#!/bin/sh\n\
+         echo 'stdout-of-helper LEAKY-SECRET-5150'\n\
+         echo 'stderr-of-helper LEAKY-SECRET-5150' >&2\n\
+         exit 3\n",
+    )
+    .unwrap();
+    fs::set_permissions(&helper, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(
+        home.path().join("config.json"),
+        serde_json::json!({ "credHelpers": { reg.addr.clone(): "leaky" } }).to_string(),
+    )
+    .unwrap();
+    let out = push_amd64(ws.path(), &format!("{}/leaky", reg.addr))
+        .env("DOCKER_CONFIG", home.path())
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: authentication to")
+            && last.contains("credential helper")
+            && last.contains(&home.path().join("config.json").display().to_string()),
+        "{last}"
+    );
+    let all = format!("{}{err}", text(&out.stdout));
+    assert!(
+        !all.contains("LEAKY-SECRET-5150"),
+        "helper output shown:\n{all}"
+    );
+    assert!(!all.contains("-of-helper"), "helper output shown:\n{all}");
 }

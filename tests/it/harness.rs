@@ -5,8 +5,18 @@
 //! Only std, `tempfile`, `serde_json` and `base64` (regular dependencies of the crate) are
 //! used. The external tools come from `scripts/install-deps.sh test`.
 //!
-//! Tests that need an optional tool call [`skip`] and return, e.g.
-//! `if !docker_available() { return skip("docker not available"); }`.
+//! Skipping. A test that lacks a prerequisite (a tool or service it cannot do without) calls
+//! [`skip_missing`] with the prerequisite's name and returns, e.g.
+//! `if !docker_available() { return skip_missing("docker", "no Docker Engine answers"); }`.
+//! The older one-argument form `skip(reason)` still works: it derives the prerequisite from
+//! the reason's first word (`docker ...` -> `docker`, `qemu-aarch64-static ...` -> `qemu`).
+//! Prerequisite names: `docker`, `qemu`, `curl`, `setpriv`, `x86_64-host`.
+//! - When `CI` is set (not empty, `0` or `false`), a skip FAILS the test with a message saying
+//!   what to install, unless `IMGBUILD_TEST_ALLOW_SKIP` (a comma list such as `docker,qemu`,
+//!   or `all`) names that prerequisite: CI must not turn a missing tool into a silent pass.
+//! - Otherwise (and for an allowed skip in CI) the test passes, and the skip is appended to
+//!   the file named by `IMGBUILD_TEST_SKIP_LOG` (one line: prerequisite, test, reason, tab
+//!   separated), which `scripts/test.sh` sets and lists with a count at the end.
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
@@ -184,9 +194,105 @@ fn require_program(prog: &str) -> PathBuf {
 // Skipping, docker, misc
 // ---------------------------------------------------------------------------------------------
 
-/// Report a skipped test: prints `SKIPPED: <reason>` to stderr. The caller returns after it.
+/// Report a test skipped because `prereq` is missing (see the module docs for what happens
+/// in CI). The caller returns after it.
+pub fn skip_missing(prereq: &str, reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    match skip_decision(
+        prereq,
+        std::env::var("CI").ok().as_deref(),
+        std::env::var("IMGBUILD_TEST_ALLOW_SKIP").ok().as_deref(),
+    ) {
+        SkipDecision::Fail => panic!(
+            "{test}: {reason}. CI is set, so a missing prerequisite fails the test: install \
+             {prereq} ({}), or allow this skip with IMGBUILD_TEST_ALLOW_SKIP={prereq}",
+            install_hint_for(prereq)
+        ),
+        SkipDecision::Skip => {
+            eprintln!("SKIPPED [{prereq}]: {test}: {reason}");
+            if let Some(log) = std::env::var_os("IMGBUILD_TEST_SKIP_LOG") {
+                let line = format!("{prereq}\t{test}\t{}\n", reason.replace(['\n', '\t'], " "));
+                // One write of one short line with O_APPEND: lines of parallel tests do not
+                // interleave.
+                let written = fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+                if let Err(e) = written {
+                    panic!("record the skip in {}: {e}", Path::new(&log).display());
+                }
+            }
+        }
+    }
+}
+
+/// Report a skipped test; the prerequisite is derived from the reason's first word (see the
+/// module docs). Kept for callers that predate [`skip_missing`].
 pub fn skip(reason: &str) {
-    eprintln!("SKIPPED: {reason}");
+    skip_missing(&prereq_of(reason), reason)
+}
+
+/// The prerequisite a free-text skip reason is about: its first word, with the qemu binaries
+/// folded into `qemu` and "not an x86_64 host" into `x86_64-host`.
+pub fn prereq_of(reason: &str) -> String {
+    let lower = reason.to_ascii_lowercase();
+    let first = lower
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .find(|w| !w.is_empty())
+        .unwrap_or("unknown");
+    if lower.contains("x86_64 host") {
+        "x86_64-host".into()
+    } else if first.starts_with("qemu") {
+        "qemu".into()
+    } else if lower.contains("docker") {
+        "docker".into()
+    } else {
+        first.into()
+    }
+}
+
+/// What a skip does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipDecision {
+    Skip,
+    Fail,
+}
+
+/// A skip fails when `ci` is set (not empty, `0` or `false`) and `allow` (comma list, or
+/// `all`) does not name `prereq`.
+pub fn skip_decision(prereq: &str, ci: Option<&str>, allow: Option<&str>) -> SkipDecision {
+    let in_ci = ci.is_some_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
+    });
+    let allowed = allow.is_some_and(|list| {
+        list.split(',')
+            .map(str::trim)
+            .any(|p| p.eq_ignore_ascii_case(prereq) || p.eq_ignore_ascii_case("all"))
+    });
+    if in_ci && !allowed {
+        SkipDecision::Fail
+    } else {
+        SkipDecision::Skip
+    }
+}
+
+fn install_hint_for(prereq: &str) -> &'static str {
+    match prereq {
+        "docker" => {
+            "scripts/install-deps.sh test installs docker.io; the Docker Engine must also be \
+             running and reach 127.0.0.1 (docker info)"
+        }
+        "qemu" => "apt-get install qemu-user-static, or scripts/install-deps.sh test",
+        "curl" => "apt-get install curl, or scripts/install-deps.sh test",
+        "setpriv" => "apt-get install util-linux, or scripts/install-deps.sh test",
+        "x86_64-host" => "run the suite on an x86_64 machine",
+        _ => INSTALL_HINT,
+    }
 }
 
 /// Wait for `child` at most `timeout`; kill it (and return None) when it takes longer.
@@ -772,6 +878,32 @@ pub fn inspect_raw(reg: &Registry, reference: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// The digest of a push's one stdout line `REPO@sha256:...`.
+pub fn pushed_digest(stdout: &[u8]) -> String {
+    let line = String::from_utf8_lossy(stdout);
+    let (_, digest) = line
+        .trim()
+        .rsplit_once('@')
+        .unwrap_or_else(|| panic!("not REPO@DIGEST: {line:?}"));
+    assert!(digest.starts_with("sha256:"), "{line:?}");
+    digest.to_string()
+}
+
+/// Assert that `reference` on `reg` serves exactly the manifest or index `digest`: skopeo's
+/// bytes hashed by `sha256sum`.
+pub fn assert_serves(reg: &Registry, reference: &str, digest: &str) {
+    let raw = inspect_raw(reg, reference);
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    fs::write(file.path(), &raw).expect("write manifest");
+    assert_eq!(
+        sha256sum_of(file.path(), None),
+        digest,
+        "{reference} on {} serves another manifest: {}",
+        reg.addr,
+        String::from_utf8_lossy(&raw)
+    );
+}
+
 /// `skopeo copy --all --preserve-digests docker://<reg>/<reference> oci:<dest>:<tag>`: pulls
 /// everything and verifies every digest on the way. Returns skopeo's stdout.
 pub fn pull_oci(reg: &Registry, reference: &str, dest: &Path, tag: &str) -> String {
@@ -915,6 +1047,80 @@ pub fn unpack_layers(oci_dir: &Path, manifest_digest: &str, dest: &Path) {
     }
 }
 
+/// `sha256sum` of a file, as `sha256:<hex>`, or of `decompress -dc FILE` piped to `sha256sum`
+/// when `decompress` is given (`gzip`, `zstd`): digests computed by standard tools, not by
+/// the crate under test.
+pub fn sha256sum_of(file: &Path, decompress: Option<&str>) -> String {
+    let script = match decompress {
+        Some(tool) => format!("set -o pipefail; {tool} -dc -- \"$1\" | sha256sum"),
+        None => "sha256sum -- \"$1\"".to_string(),
+    };
+    let out = run_ok(
+        Command::new("bash")
+            .args(["-c", &script, "bash"])
+            .arg(file)
+            .stdin(Stdio::null()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text.split_whitespace().next().unwrap_or_default();
+    assert_eq!(hex.len(), 64, "sha256sum printed {text:?}");
+    format!("sha256:{hex}")
+}
+
+/// Check every image of the index `index_digest` in the OCI layout `oci_dir` with standard
+/// tools only: each layer blob's `sha256sum` is its digest, and `gzip -dc` / `zstd -dc` (by
+/// the layer's media type) piped to `sha256sum` is the config's `rootfs.diff_ids` entry at
+/// the same position; the config blob's `sha256sum` is the manifest's config digest. Returns
+/// (images, layers) checked, so callers can assert nothing was left out.
+pub fn verify_digests_with_standard_tools(oci_dir: &Path, index_digest: &str) -> (usize, usize) {
+    let json = |digest: &str| -> serde_json::Value {
+        let path = blob_path(oci_dir, digest);
+        assert_eq!(sha256sum_of(&path, None), digest, "blob {}", path.display());
+        serde_json::from_slice(&read_blob(oci_dir, digest))
+            .unwrap_or_else(|e| panic!("{digest} is not JSON: {e}"))
+    };
+    let index = json(index_digest);
+    let manifests = index["manifests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no manifests in {index}"));
+    let mut layers_checked = 0;
+    for m in manifests {
+        let manifest = json(m["digest"].as_str().expect("manifest digest"));
+        let config = json(
+            manifest["config"]["digest"]
+                .as_str()
+                .expect("config digest"),
+        );
+        let layers = manifest["layers"].as_array().expect("layers");
+        let diff_ids = config["rootfs"]["diff_ids"].as_array().expect("diff_ids");
+        assert_eq!(layers.len(), diff_ids.len(), "{manifest}\n{config}");
+        for (layer, diff_id) in layers.iter().zip(diff_ids) {
+            let digest = layer["digest"].as_str().expect("layer digest");
+            let blob = blob_path(oci_dir, digest);
+            assert_eq!(sha256sum_of(&blob, None), digest, "layer blob {digest}");
+            assert_eq!(
+                fs::metadata(&blob).unwrap().len(),
+                layer["size"].as_u64().expect("layer size"),
+                "size of {digest}"
+            );
+            let media_type = layer["mediaType"].as_str().expect("media type");
+            let tool = match media_type.rsplit_once('+') {
+                Some((_, "gzip")) => Some("gzip"),
+                Some((_, "zstd")) => Some("zstd"),
+                None => None,
+                Some((_, other)) => panic!("unknown layer compression {other} in {media_type}"),
+            };
+            assert_eq!(
+                sha256sum_of(&blob, tool),
+                diff_id.as_str().expect("diff_id"),
+                "diff_id of layer {digest} ({media_type})"
+            );
+            layers_checked += 1;
+        }
+    }
+    (manifests.len(), layers_checked)
+}
+
 /// `tar -tv --numeric-owner` of a layer blob (gzip, zstd or plain), in UTC and the C locale.
 pub fn tar_listing(layer_blob: &Path) -> String {
     let mut cmd = tar_command();
@@ -924,4 +1130,44 @@ pub fn tar_listing(layer_blob: &Path) -> String {
     }
     cmd.arg("-f").arg(layer_blob).arg("--numeric-owner");
     String::from_utf8_lossy(&run_ok(&mut cmd).stdout).into_owned()
+}
+
+/// The skip rules themselves: CI turns a skip into a failure unless allowed by name.
+#[test]
+fn harness_skips_fail_in_ci_unless_allowed() {
+    use SkipDecision::{Fail, Skip};
+    let cases: &[(&str, Option<&str>, Option<&str>, SkipDecision)] = &[
+        ("docker", None, None, Skip),
+        ("docker", Some(""), None, Skip),
+        ("docker", Some("false"), None, Skip),
+        ("docker", Some("0"), None, Skip),
+        ("docker", Some("true"), None, Fail),
+        ("docker", Some("1"), None, Fail),
+        ("docker", Some("true"), Some("docker"), Skip),
+        ("docker", Some("true"), Some("qemu, docker"), Skip),
+        ("docker", Some("true"), Some("all"), Skip),
+        ("docker", Some("true"), Some("qemu"), Fail),
+        ("docker", Some("true"), Some("dockerx"), Fail),
+        ("qemu", Some("true"), Some(""), Fail),
+    ];
+    for &(prereq, ci, allow, want) in cases {
+        assert_eq!(
+            skip_decision(prereq, ci, allow),
+            want,
+            "{prereq} {ci:?} {allow:?}"
+        );
+    }
+    for (reason, want) in [
+        (
+            "docker not available: the amd64 image was not run",
+            "docker",
+        ),
+        ("no Docker Engine answers", "docker"),
+        ("qemu-aarch64-static not installed", "qemu"),
+        ("curl not installed: TLS checked with skopeo only", "curl"),
+        ("not an x86_64 host", "x86_64-host"),
+        ("setpriv missing", "setpriv"),
+    ] {
+        assert_eq!(prereq_of(reason), want, "{reason}");
+    }
 }

@@ -105,7 +105,10 @@ fn bad_push_inputs_fail_with_one_line_the_right_exit_code_and_push_nothing() {
     };
     let mut unreadable_case = true;
     if root && setpriv.is_none() {
-        skip("running as root without setpriv: the unreadable-file case is not tested");
+        skip_missing(
+            "setpriv",
+            "running as root without setpriv: the unreadable-file case is not tested",
+        );
         unreadable_case = false;
     }
     if root {

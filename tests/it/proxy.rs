@@ -40,7 +40,8 @@ pub enum Fault {
     /// Hold the request for [`ProxyOpts::stall`] (beyond the client's timeout), then close.
     Stall,
     /// 401 with a fresh challenge although the request's token was valid (a token that
-    /// expired mid-push). Bearer mode only; elsewhere, and twice in a row, a 503 instead.
+    /// expired mid-push). Bearer mode only (elsewhere a 503 instead); never twice in a row
+    /// for one request key (that request passes and the next fault is the 401).
     Unauthorized,
 }
 
@@ -84,6 +85,15 @@ pub struct ProxyOpts {
     /// Answer this many blob-upload PUTs `201 Created` with the right digest but drop them
     /// (a registry that loses what it acknowledged).
     pub lose_puts: usize,
+    /// Answer every manifest PUT `403 DENIED` (a credential that may upload blobs but not
+    /// write manifests or tags): an authorization failure in the middle of a push.
+    pub deny_manifest_puts: bool,
+    /// Answer every blob-upload POST `404 NAME_UNKNOWN` (what ECR answers for a repository
+    /// that does not exist).
+    pub name_unknown: bool,
+    /// Read request bodies larger than 64 KiB in 64 KiB pieces, pausing this long after
+    /// each: a slow link on which an upload keeps making progress.
+    pub throttle: Option<Duration>,
 }
 
 impl Default for ProxyOpts {
@@ -100,6 +110,9 @@ impl Default for ProxyOpts {
             redirect_blob_head_to: None,
             hang_from: None,
             lose_puts: 0,
+            deny_manifest_puts: false,
+            name_unknown: false,
+            throttle: None,
         }
     }
 }
@@ -120,6 +133,18 @@ pub struct Seen {
     pub key: String,
     pub authorization: Option<String>,
     pub fault: Option<Fault>,
+    /// When the request's head arrived.
+    pub at: std::time::Instant,
+}
+
+/// One request to the token endpoint: method, Authorization header, body (the form of a POST).
+#[allow(dead_code)]
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub method: String,
+    pub target: String,
+    pub authorization: Option<String>,
+    pub body: String,
 }
 
 #[derive(Debug, Default)]
@@ -130,6 +155,7 @@ struct State {
     last_was_401: HashSet<String>,
     faults: usize,
     tokens: Vec<String>,
+    token_requests: Vec<TokenRequest>,
     redirected: bool,
     lost: usize,
 }
@@ -188,6 +214,11 @@ impl Proxy {
     /// Tokens the token endpoint handed out.
     pub fn tokens(&self) -> Vec<String> {
         self.state.lock().unwrap().tokens.clone()
+    }
+
+    /// Every request to the token endpoint.
+    pub fn token_requests(&self) -> Vec<TokenRequest> {
+        self.state.lock().unwrap().token_requests.clone()
     }
 }
 
@@ -294,6 +325,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         307 => "Temporary Redirect",
+        403 => "Forbidden",
         401 => "Unauthorized",
         404 => "Not Found",
         429 => "Too Many Requests",
@@ -377,15 +409,23 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             && st.faults_per_key.get(&key).copied().unwrap_or(0) < opts.max_per_key
             && hash3(opts.seed, &key, n) % opts.one_in == 0
         {
-            let mut kind = opts.kinds[st.faults % opts.kinds.len()];
-            if kind == Fault::Unauthorized
-                && (opts.bearer.is_none() || st.last_was_401.contains(&key))
-            {
-                kind = Fault::Status(503);
+            let mut kind = Some(opts.kinds[st.faults % opts.kinds.len()]);
+            if kind == Some(Fault::Unauthorized) {
+                if opts.bearer.is_none() {
+                    kind = Some(Fault::Status(503));
+                } else if st.last_was_401.contains(&key) {
+                    // Not twice in a row for one request: this one passes, and the 401
+                    // stays next in the cycle. (Substituting another kind here would make
+                    // which kinds a run sees depend on arrival order: with the cycle
+                    // untouched, any run with at least `kinds.len()` faults sees them all.)
+                    kind = None;
+                }
             }
-            st.faults += 1;
-            *st.faults_per_key.entry(key.clone()).or_default() += 1;
-            fault = Some(kind);
+            if let Some(kind) = kind {
+                st.faults += 1;
+                *st.faults_per_key.entry(key.clone()).or_default() += 1;
+                fault = Some(kind);
+            }
         }
         if fault == Some(Fault::Unauthorized) {
             st.last_was_401.insert(key.clone());
@@ -398,6 +438,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             key: key.clone(),
             authorization: authorization.clone(),
             fault,
+            at: std::time::Instant::now(),
         });
         (seq, fault, valid_token)
     };
@@ -415,7 +456,15 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         return Ok(());
     }
     let mut body = vec![0; req.content_length];
-    reader.read_exact(&mut body)?;
+    match opts.throttle {
+        Some(pause) if body.len() > 64 << 10 => {
+            for piece in body.chunks_mut(64 << 10) {
+                reader.read_exact(piece)?;
+                std::thread::sleep(pause);
+            }
+        }
+        _ => reader.read_exact(&mut body)?,
+    }
 
     if opts.html {
         let page = b"<!DOCTYPE html><html><head><title>Welcome</title></head><body>Welcome to our network. Please log in.</body></html>";
@@ -424,6 +473,17 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         return Ok(());
     }
     if is_token {
+        shared
+            .state
+            .lock()
+            .unwrap()
+            .token_requests
+            .push(TokenRequest {
+                method: req.method.clone(),
+                target: req.target.clone(),
+                authorization: authorization.clone(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
         if let Some(Some((user, pass))) = &opts.bearer {
             use base64::Engine as _;
             let want = format!(
@@ -492,6 +552,26 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             return Ok(());
         }
         _ => {}
+    }
+    if opts.name_unknown && req.method == "POST" && req.target.contains("/blobs/uploads/") {
+        let ct = ("Content-Type", "application/json".to_string());
+        respond(
+            &mut conn,
+            404,
+            &[ct],
+            b"{\"errors\":[{\"code\":\"NAME_UNKNOWN\",\"message\":\"The repository with name 'missing/app' does not exist in the registry with id '123456789012'\"}]}",
+        );
+        return Ok(());
+    }
+    if opts.deny_manifest_puts && req.method == "PUT" && req.target.contains("/manifests/") {
+        let ct = ("Content-Type", "application/json".to_string());
+        respond(
+            &mut conn,
+            403,
+            &[ct],
+            b"{\"errors\":[{\"code\":\"DENIED\",\"message\":\"requested access to the resource is denied\"}]}",
+        );
+        return Ok(());
     }
     if let Some(to) = &opts.redirect_blob_head_to
         && req.method == "HEAD"

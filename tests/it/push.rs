@@ -1,7 +1,7 @@
 //! `imgbuild push` against Debian's real docker-registry, checked with skopeo (an independent
 //! client that verifies every digest), tar, qemu and, where one answers, the Docker Engine.
 
-use crate::build::workspace;
+use crate::build::{GOLDEN_HELLO, workspace};
 use crate::harness::*;
 use std::fs;
 use std::io::Write;
@@ -99,6 +99,8 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
     // skopeo pulls everything and verifies every digest on the way.
     let pulled = ws.path().join("pulled");
     pull_oci(&reg, "hello:v1", &pulled, "v1");
+    // What the registry serves, recomputed with sha256sum and gzip -dc.
+    assert_eq!(verify_digests_with_standard_tools(&pulled, digest), (3, 6));
     for (m, arch) in index["manifests"]
         .as_array()
         .unwrap()
@@ -127,7 +129,7 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
             let ran = run_ok(Command::new(q).arg(ws.path().join("root-arm64/usr/local/bin/hello")));
             assert_eq!(text(&ran.stdout), "hello from imgbuild (aarch64)\n");
         }
-        None => skip("qemu-aarch64-static not installed"),
+        None => skip_missing("qemu", "qemu-aarch64-static not installed"),
     }
 
     // A second push of the same thing uploads nothing and gives the same digest.
@@ -141,7 +143,10 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
 
     // The Docker Engine pulls it and runs it.
     if !docker_available() {
-        skip("no Docker Engine answers: docker pull/run not tested");
+        skip_missing(
+            "docker",
+            "no Docker Engine answers: docker pull/run not tested",
+        );
         return;
     }
     let image = format!("{}/hello:v1", reg.addr);
@@ -152,12 +157,20 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
         .unwrap();
     if !pulled.status.success() {
         let err = text(&pulled.stderr);
-        // A daemon in another network namespace cannot see our loopback registry.
-        if err.contains("connection refused") || err.contains("dial tcp") {
-            skip(&format!(
-                "the Docker Engine cannot reach {}: {err}",
-                reg.addr
-            ));
+        // A daemon in another network namespace cannot see our loopback registry: its dial
+        // of exactly this address is refused. Any other failure (a bad manifest, a digest
+        // mismatch, another address) is a real pull failure.
+        if err.contains(&format!(
+            "dial tcp {}: connect: connection refused",
+            reg.addr
+        )) {
+            skip_missing(
+                "docker",
+                &format!(
+                    "the Docker Engine cannot reach {} (another network namespace): {err}",
+                    reg.addr
+                ),
+            );
             return;
         }
         panic!("docker pull failed: {err}");
@@ -210,6 +223,8 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
     // --username + --password-stdin.
     let out = push_with_password(ws.path(), &reg, "auth", "s3cret-pass-123", "-vv");
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(pushed_digest(&out.stdout), GOLDEN_HELLO);
+    assert_serves(&reg, "auth:latest", GOLDEN_HELLO);
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(!all.contains("s3cret-pass-123"), "password leaked: {all}");
     assert!(
@@ -242,6 +257,9 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The registry holds the image the build gives, under the spec's tag.
+    assert_eq!(pushed_digest(&out.stdout), GOLDEN_HELLO);
+    assert_serves(&reg, "auth2:latest", GOLDEN_HELLO);
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     for secret in ["s3cret-pass-123", "Y2ktdXNlcjpzM2NyZXQtcGFzcy0xMjM"] {
         assert!(!all.contains(secret), "secret leaked at -vv: {all}");
@@ -266,13 +284,79 @@ fn push_with_basic_auth_from_flags_and_docker_config() {
         "password leaked: {err}"
     );
 
-    // No credentials at all: also exit 4.
+    // No credentials at all: also exit 4, and nothing reached the repository.
     let out = push(ws.path(), &reg, "auth4", &[]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
-    assert_eq!(
-        count(&reg.log(), "\"PUT /v2/auth3/manifests/"),
-        0,
-        "nothing tagged after auth failure"
+    for repo in ["auth3", "auth4"] {
+        assert_eq!(
+            count(&reg.log(), &format!("\"PUT /v2/{repo}/manifests/")),
+            0,
+            "{repo}: a manifest was written after an auth failure"
+        );
+    }
+}
+
+/// The tags of `repo` on `reg`, from the registry's own API (`/v2/<repo>/tags/list`); empty
+/// when the repository does not exist.
+fn tags(reg: &Registry, repo: &str) -> Vec<String> {
+    let (status, raw) = http_get(&reg.addr, &format!("/v2/{repo}/tags/list"), None).unwrap();
+    if status == 404 {
+        return vec![];
+    }
+    assert_eq!(status, 200, "{raw}");
+    let body = &raw[raw.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["tags"]
+        .as_array()
+        .map(|t| t.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn authorization_refused_mid_push_leaves_no_tag_on_the_pushed_repository() {
+    use crate::proxy::{Proxy, ProxyOpts};
+    // Blobs go through; every manifest PUT is refused (403), as for a credential that may
+    // upload but not write manifests.
+    let reg = Registry::start();
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            deny_manifest_puts: true,
+            ..ProxyOpts::default()
+        },
+    );
+    let ws = workspace(1_000_000_000);
+    let out = imgbuild()
+        .current_dir(ws.path())
+        .args(["push", "-f", "build-specs/hello.toml", "--repo"])
+        .arg(format!("{}/midway", proxy.addr))
+        .args(["--tag", "v1", "--tag", "latest", "--retry-base-ms", "10"])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    // The failure came mid-push: the blobs are in the repository ...
+    let log = reg.log();
+    assert_eq!(count(&log, "\"POST /v2/midway/blobs/uploads/"), 7, "{log}");
+    let seen = proxy.seen();
+    assert!(
+        seen.iter()
+            .any(|r| r.method == "PUT" && r.target.contains("/v2/midway/manifests/")),
+        "no manifest PUT was tried: {seen:#?}"
+    );
+    // ... and no manifest, index or tag reached it.
+    assert_eq!(count(&log, "\"PUT /v2/midway/manifests/"), 0, "{log}");
+    assert_eq!(tags(&reg, "midway"), Vec::<String>::new());
+    let tagged = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &reg.docker_ref("midway:v1"),
+    ]);
+    assert!(
+        !tagged.status.success(),
+        "midway:v1 exists after a refused push"
     );
 }
 
@@ -285,6 +369,10 @@ fn push_over_tls_with_a_private_ca() {
     let digest = line.split_once('@').unwrap().1;
     let raw = inspect_raw(&reg, "tls:latest");
     assert_eq!(format!("sha256:{}", sha256_hex(&raw)), digest);
+    // The same with sha256sum, not the crate's own hasher.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    fs::write(file.path(), &raw).unwrap();
+    assert_eq!(sha256sum_of(file.path(), None), digest);
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -152,7 +152,7 @@ fn tls_registry_is_trusted_with_its_ca() {
             );
         }
     } else {
-        skip("curl not installed: TLS checked with skopeo only");
+        skip_missing("curl", "curl not installed: TLS checked with skopeo only");
     }
 }
 
@@ -282,7 +282,7 @@ fn run_fixture(runner: Option<&str>, arch_dir: &str, uname_m: &str) {
 #[test]
 fn amd64_fixture_runs() {
     if std::env::consts::ARCH != "x86_64" {
-        return skip("not an x86_64 host");
+        return skip_missing("x86_64-host", "not an x86_64 host");
     }
     run_fixture(None, "amd64", "x86_64");
 }
@@ -290,7 +290,7 @@ fn amd64_fixture_runs() {
 #[test]
 fn arm64_fixture_runs_under_qemu() {
     if find_program("qemu-aarch64-static").is_none() {
-        return skip("qemu-aarch64-static not installed (scripts/install-deps.sh test)");
+        return skip_missing("qemu", "qemu-aarch64-static not installed");
     }
     run_fixture(Some("qemu-aarch64-static"), "arm64", "aarch64");
 }
@@ -298,7 +298,7 @@ fn arm64_fixture_runs_under_qemu() {
 #[test]
 fn arm_fixture_runs_under_qemu() {
     if find_program("qemu-arm-static").is_none() {
-        return skip("qemu-arm-static not installed (scripts/install-deps.sh test)");
+        return skip_missing("qemu", "qemu-arm-static not installed");
     }
     run_fixture(Some("qemu-arm-static"), "arm", "armv7l");
 }

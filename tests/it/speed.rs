@@ -201,28 +201,83 @@ fn zstd_golden_digest_of_the_example() {
         "out",
     ]));
     assert_eq!(text(&out.stdout).trim(), GOLDEN_HELLO_ZSTD);
+    // zstd -dc | sha256sum gives every platform's diff_ids.
+    assert_eq!(
+        verify_digests_with_standard_tools(&ws.path().join("out"), GOLDEN_HELLO_ZSTD),
+        (3, 6)
+    );
+}
+
+/// A workspace for `spec.toml` with three platforms and six layers, each layer a different
+/// generated file per platform (`data/<arch>/part<N>.bin`, 96-640 KiB: several 128 KiB gzip
+/// blocks each), so 18 distinct layers compress at once with `--jobs 8`, one by one with 1.
+fn many_layers_workspace() -> tempfile::TempDir {
+    let ws = tempfile::tempdir().unwrap();
+    let mut spec =
+        String::from("platforms = [\"linux/amd64\", \"linux/arm64\", \"linux/arm/v7\"]\n");
+    for (a, arch) in ["amd64", "arm64", "arm"].iter().enumerate() {
+        fs::create_dir_all(ws.path().join("data").join(arch)).unwrap();
+        for n in 0..6 {
+            let len = (96 + 109 * n) << 10;
+            fs::write(
+                ws.path().join(format!("data/{arch}/part{n}.bin")),
+                generated(len, 1000 + (a * 10 + n) as u64),
+            )
+            .unwrap();
+        }
+    }
+    for n in 0..6 {
+        spec.push_str(&format!(
+            "[[layer]]\nfiles = [{{ src = \"data/{{arch}}/part{n}.bin\", dest = \"/opt/part{n}.bin\" }}]\n"
+        ));
+    }
+    fs::write(ws.path().join("spec.toml"), spec).unwrap();
+    set_mtime_recursive(ws.path(), 1_000_000_000);
+    ws
+}
+
+/// The sorted file names under `<layout>/blobs/sha256`.
+fn blob_names(layout: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
 }
 
 #[test]
 fn jobs_do_not_change_the_bytes() {
-    // --jobs changes how many layers compress at once; the per-layer thread count follows the
-    // machine (its independence is tested in src/compress.rs with 1-4 threads). Same digest
-    // either way, for both codecs.
-    let ws = data_workspace();
+    // --jobs changes how many layers compress at once (the per-layer thread count follows the
+    // machine; its independence is tested in src/compress.rs with 1-4 threads). With 18
+    // distinct layers over 3 platforms, --jobs 1 and --jobs 8 schedule them differently;
+    // the digests and every blob must be the same, for both codecs.
+    let ws = many_layers_workspace();
     for codec in ["gzip", "zstd"] {
-        let digests: Vec<String> = ["1", "8"]
+        let runs: Vec<(String, Vec<String>)> = ["1", "8"]
             .iter()
             .map(|jobs| {
-                let out = build(
-                    ws.path(),
-                    tempfile::tempdir().unwrap().path(),
-                    &["--compression", codec, "--jobs", jobs, "--no-cache"],
-                    &[],
+                let out_dir = format!("out-{codec}-{jobs}");
+                let out = run_ok(
+                    imgbuild()
+                        .current_dir(ws.path())
+                        .args(["build", "-f", "spec.toml", "--no-cache", "--output"])
+                        .arg(&out_dir)
+                        .args(["--compression", codec, "--jobs", jobs]),
                 );
-                text(&out.stdout).trim().to_string()
+                let digest = text(&out.stdout).trim().to_string();
+                (digest, blob_names(&ws.path().join(&out_dir)))
             })
             .collect();
-        assert_eq!(digests[0], digests[1], "{codec}");
+        assert_eq!(runs[0], runs[1], "{codec}: --jobs 1 and --jobs 8 differ");
+        // 18 layers + 3 configs + 3 manifests + the index.
+        assert_eq!(runs[0].1.len(), 18 + 3 + 3 + 1, "{codec}: {:?}", runs[0].1);
+        let layout = ws.path().join(format!("out-{codec}-8"));
+        assert_eq!(
+            verify_digests_with_standard_tools(&layout, &runs[0].0),
+            (3, 18),
+            "{codec}"
+        );
     }
 }
 
