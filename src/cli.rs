@@ -34,6 +34,9 @@ pub enum Command {
     /// Point more tags at an image in a registry (its manifest is put unchanged); prints
     /// REPO@sha256:<digest>.
     Tag(TagArgs),
+    /// Show an image: index digest, platforms, sizes, config summary, base, referrers (SBOM,
+    /// provenance). REF is REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:... or oci:DIR[:TAG].
+    Inspect(InspectArgs),
     /// Show or shrink the cache (IMGBUILD_CACHE, default ~/.cache/imgbuild).
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -60,6 +63,41 @@ pub struct PruneArgs {
     /// Remove entries not used for DURATION (90m, 72h, 30d, 2w).
     #[arg(long, value_name = "DURATION", value_parser = imgbuild::prune::parse_duration)]
     pub older_than: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The image: REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:... or oci:DIR[:TAG].
+    #[arg(value_name = "REF")]
+    pub reference: String,
+
+    /// Print the report as JSON.
+    #[arg(long, conflicts_with_all = ["sbom", "provenance"])]
+    pub json: bool,
+
+    /// Print the SPDX SBOM attached to this platform's manifest (e.g. linux/amd64).
+    #[arg(long, value_name = "PLATFORM", conflicts_with = "provenance")]
+    pub sbom: Option<String>,
+
+    /// Print the provenance statement attached to this platform's manifest.
+    #[arg(long, value_name = "PLATFORM")]
+    pub provenance: Option<String>,
+
+    /// Allow plain HTTP for this registry (after HTTPS fails to connect); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// Trust this PEM CA certificate in addition to the system roots; repeatable.
+    #[arg(long = "ca-cert", value_name = "PEM")]
+    pub ca_certs: Vec<PathBuf>,
+
+    /// Registry user name (with --password-stdin); else push's credential sources.
+    #[arg(short, long, requires = "password_stdin")]
+    pub username: Option<String>,
+
+    /// Read the registry password or token from standard input.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
 }
 
 /// Flags shared by `build` and `push`.
@@ -162,6 +200,22 @@ pub struct CommonArgs {
     /// (overrides `base`; `[base_overrides]` still apply).
     #[arg(long, value_name = "IMAGE")]
     pub base: Option<String>,
+
+    /// SBOM attached to each platform manifest as an OCI referrer: spdx (SPDX 2.3 JSON) or
+    /// none [default: spdx for push, none for build].
+    #[arg(long, value_name = "spdx|none", value_parser = ["spdx", "none"])]
+    pub sbom: Option<String>,
+
+    /// SLSA provenance v1 attached to each platform manifest as an OCI referrer; `none` turns
+    /// it off [default: on for push, off for build].
+    #[arg(long, value_name = "true|none", num_args = 0..=1, default_missing_value = "true",
+          value_parser = ["true", "none"])]
+    pub provenance: Option<String>,
+
+    /// Also write the SBOM and provenance documents here as plain JSON files
+    /// (<os>-<arch>.spdx.json, <os>-<arch>.provenance.json).
+    #[arg(long, value_name = "DIR")]
+    pub sbom_output: Option<PathBuf>,
 
     /// The CA bundle (PEM) put into the built-in base `static` [default:
     /// /etc/ssl/certs/ca-certificates.crt].

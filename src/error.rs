@@ -65,6 +65,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The image and its tags are pushed, but its SBOM/provenance referrers could not be
+    /// attached (exit 5: retrying the push is safe and attaches them).
+    #[error(
+        "pushed {image_ref} (the image itself is complete), but attaching its SBOM/provenance failed: {source}; push again to attach them, or use --sbom none --provenance none"
+    )]
+    AttachAfterPush {
+        image_ref: String,
+        #[source]
+        source: crate::registry::RegistryError,
+    },
     /// The thread that uploads layers during a push panicked (a bug).
     #[error("the upload thread panicked")]
     UploadThreadPanicked,
@@ -90,6 +100,7 @@ impl Error {
             | Error::OutputsAfterPush { .. }
             | Error::UploadThreadPanicked => ExitCode::Internal,
             Error::Registry(e) => e.exit_code(),
+            Error::AttachAfterPush { .. } => ExitCode::Registry,
             Error::Base(e) => e.exit_code(),
             Error::Copy(e) => e.exit_code(),
             Error::StaticBase(e) => e.exit_code(),

@@ -21,7 +21,7 @@ use imgbuild::registry::{AwsOptions, Credentials, PushOptions, RetryPolicy, Secr
 use imgbuild::spec::{self, Spec};
 use imgbuild::{Error, ExitCode, run};
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read};
+use std::io::{IsTerminal, Read, Write as _};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,8 +34,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The push succeeded: stdout still carries the reference (README "Outputs").
-            if let Some(Error::OutputsAfterPush { image_ref, .. }) =
-                e.chain().find_map(|c| c.downcast_ref::<Error>())
+            if let Some(
+                Error::OutputsAfterPush { image_ref, .. }
+                | Error::AttachAfterPush { image_ref, .. },
+            ) = e.chain().find_map(|c| c.downcast_ref::<Error>())
             {
                 println!("{image_ref}");
             }
@@ -101,6 +103,7 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(args) => build(&args),
         Command::Push(args) => push(&args),
+        Command::Inspect(args) => inspect(&args),
         Command::Resolve(args) => resolve(&args),
         Command::Init(args) => init(&args),
         Command::Copy(args) => copy(&args),
@@ -196,6 +199,47 @@ fn prune_after_run(cache: Option<&std::path::Path>, c: &CommonArgs) {
     }
 }
 
+/// `imgbuild inspect`: a table on a terminal, JSON with --json, or one attached document.
+fn inspect(args: &cli::InspectArgs) -> Result<()> {
+    let mut credentials = None;
+    if args.password_stdin {
+        let mut password = String::new();
+        std::io::stdin()
+            .read_to_string(&mut password)
+            .context("reading the password from standard input")?;
+        credentials = Some(Credentials {
+            username: args.username.clone().unwrap_or_default(),
+            password: Secret::new(password.trim_end_matches(['\n', '\r']).to_string()),
+        });
+    }
+    let opts = PushOptions {
+        insecure_registries: args.insecure_registries.clone(),
+        ca_certs: args.ca_certs.clone(),
+        credentials,
+        ..PushOptions::default()
+    };
+    let progress = progress::Silent;
+    use imgbuild::supply::Kind;
+    let wanted = match (&args.sbom, &args.provenance) {
+        (Some(p), _) => Some((p, Kind::Sbom)),
+        (_, Some(p)) => Some((p, Kind::Provenance)),
+        _ => None,
+    };
+    if let Some((platform, kind)) = wanted {
+        let doc = imgbuild::inspect::document(&args.reference, platform, kind, &opts, &progress)?;
+        std::io::stdout().write_all(&doc)?;
+        println!();
+        return Ok(());
+    }
+    let report = imgbuild::inspect::inspect(&args.reference, &opts, &progress)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", imgbuild::inspect::table(&report));
+    }
+    Ok(())
+}
+
 fn build(args: &BuildArgs) -> Result<()> {
     let c = &args.common;
     let progress = make_progress(c);
@@ -211,8 +255,10 @@ fn build(args: &BuildArgs) -> Result<()> {
         .output
         .clone()
         .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
+    let mut image = image_request(c, spec, options, tags)?;
+    image.supply = supply_options(c, false);
     let mut req = run::BuildRequest {
-        image: image_request(c, spec, options, tags)?,
+        image,
         // Reaching base image registries: like push, without --username.
         pull: PushOptions {
             insecure_registries: args.insecure_registries.clone(),
@@ -291,8 +337,10 @@ fn push_request(args: &PushArgs) -> Result<run::PushRequest> {
     })?;
     let tags = tags(c, &spec)?;
     let credentials = credentials(args)?;
+    let mut image = image_request(c, spec, options, tags)?;
+    image.supply = supply_options(c, true);
     let req = run::PushRequest {
-        image: image_request(c, spec, options, tags)?,
+        image,
         push: PushOptions {
             jobs: usize::from(c.jobs),
             insecure_registries: args.insecure_registries.clone(),
@@ -539,8 +587,28 @@ fn image_request(
         base_cache: base::default_cache_dir(),
         tags,
         outputs: outputs(c),
+        supply: imgbuild::supply::SupplyOptions::default(),
         static_ca_bundle: c.static_ca_bundle.clone(),
     })
+}
+
+/// `--sbom`, `--provenance`, `--sbom-output`, and the GitHub Actions variables provenance
+/// records; both documents are on by default for `push` (`on_by_default`), off for `build`.
+fn supply_options(c: &CommonArgs, on_by_default: bool) -> imgbuild::supply::SupplyOptions {
+    let github = std::env::vars()
+        .filter(|(k, v)| (k.starts_with("GITHUB_") || k == "RUNNER_ENVIRONMENT") && !v.is_empty())
+        // Tokens never go into a document (GITHUB_TOKEN is normally not in the environment).
+        .filter(|(k, _)| !k.contains("TOKEN"))
+        .collect();
+    imgbuild::supply::SupplyOptions {
+        sbom: c.sbom.as_deref().map_or(on_by_default, |s| s == "spdx"),
+        provenance: c
+            .provenance
+            .as_deref()
+            .map_or(on_by_default, |s| s != "none"),
+        output_dir: c.sbom_output.clone(),
+        github,
+    }
 }
 
 fn make_progress(c: &CommonArgs) -> Box<dyn Progress> {

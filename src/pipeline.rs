@@ -58,6 +58,17 @@ pub fn build(
     store: &BlobStore,
     progress: &dyn Progress,
 ) -> Result<BuiltImage, Error> {
+    build_with_plan(spec, opts, store, progress).map(|(image, _)| image)
+}
+
+/// [`build`], also returning the plan (which files each platform's layers hold: the SBOM's
+/// and provenance's input, `crate::supply`).
+pub fn build_with_plan(
+    spec: &Spec,
+    opts: &BuildOptions,
+    store: &BlobStore,
+    progress: &dyn Progress,
+) -> Result<(BuiltImage, plan::Plan), Error> {
     let platforms = opts
         .platforms
         .clone()
@@ -154,11 +165,14 @@ pub fn build(
     store
         .put_bytes(&index.bytes)
         .map_err(|e| Error::io(format!("writing to {}", store.root().display()), e))?;
-    Ok(BuiltImage {
-        images,
-        index,
-        remote_layers,
-    })
+    Ok((
+        BuiltImage {
+            images,
+            index,
+            remote_layers,
+        },
+        plan,
+    ))
 }
 
 /// Compress the unique layers on up to `jobs` threads; results in the same order.

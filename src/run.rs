@@ -20,6 +20,7 @@ use crate::registry::{self, PushOptions};
 use crate::spec::{self, Spec};
 use crate::static_base;
 use crate::store::BlobStore;
+use crate::supply::{self, BuildFacts, SupplyOptions};
 use std::path::PathBuf;
 
 /// What to build, shared by [`BuildRequest`] and [`PushRequest`].
@@ -35,6 +36,8 @@ pub struct ImageRequest {
     /// Tags to push; the first also names the image in a layout.
     pub tags: Vec<String>,
     pub outputs: Outputs,
+    /// SBOM and provenance referrers (`--sbom`, `--provenance`, `--sbom-output`).
+    pub supply: SupplyOptions,
     /// The CA bundle of the built-in base `static` (default `static_base::DEFAULT_BUNDLE`).
     pub static_ca_bundle: Option<PathBuf>,
 }
@@ -82,7 +85,7 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
     let runtime = runtime()?;
     let (mut opts, cache) = with_bases(&req.image, &req.pull, None, &runtime, progress)?;
     add_static_bases(&req.image, &mut opts, &store)?;
-    let image = pipeline::build(&req.image.spec, &opts, &store, progress)?;
+    let (image, plan) = pipeline::build_with_plan(&req.image.spec, &opts, &store, progress)?;
     // The layout must be complete: the base's layers go into it too.
     runtime.block_on(base::fetch_layers(
         &image.remote_layers,
@@ -94,6 +97,26 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
     let tags = &req.image.tags;
     layout::write_layout(&image, &store, tags)
         .map_err(|e| Error::io(format!("writing OCI layout {}", dir.display()), e))?;
+    // `--sbom spdx` / `--provenance`: the same referrers a push attaches, in the layout.
+    let name = req
+        .repository
+        .as_ref()
+        .map_or_else(|| req.image.spec.name(), Repository::to_string);
+    let attachments = supply::attachments(
+        &image,
+        &plan,
+        &BuildFacts {
+            spec: &req.image.spec,
+            image_name: &name,
+            repository: req.repository.as_ref().map(|_| name.as_str()),
+            tags,
+            epoch: opts.layer.epoch,
+            bases: &opts.bases,
+        },
+        &req.image.supply,
+    )?;
+    supply::write_to_layout(&store, &attachments)
+        .map_err(|e| Error::io(format!("writing referrers into {}", dir.display()), e))?;
     if let Some(t) = &req.tarball {
         let written = match req.tarball_format {
             layout::TarballFormat::Oci => layout::write_tarball(&image, &store, tags, t),
@@ -174,15 +197,40 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
                 progress,
             ))
         });
-        let image = pipeline::build(&req.image.spec, &opts, &store, &feed);
+        let built = pipeline::build_with_plan(&req.image.spec, &opts, &store, &feed);
         feed.close();
         let session = uploader.join();
-        (image, session)
+        (built, session)
     });
     // A build error comes first (it is the user's to fix before any registry one).
-    let image = image?;
+    let (image, plan) = image?;
     let session = session.map_err(|_| Error::UploadThreadPanicked)??;
+    // The documents are made before anything is tagged: a local failure leaves no half push.
+    let repo_name = repo.to_string();
+    let attachments = supply::attachments(
+        &image,
+        &plan,
+        &BuildFacts {
+            spec: &req.image.spec,
+            image_name: &repo_name,
+            repository: Some(&repo_name),
+            tags: &req.image.tags,
+            epoch: opts.layer.epoch,
+            bases: &opts.bases,
+        },
+        &req.image.supply,
+    )?;
     let report = runtime.block_on(session.push_image(&image, &store, &req.image.tags, progress))?;
+    // Referrers go after the image and its tags (issue 10): the image is usable whatever
+    // happens here, and the error says so.
+    if !attachments.is_empty() {
+        runtime
+            .block_on(session.attach(&attachments, progress))
+            .map_err(|source| Error::AttachAfterPush {
+                image_ref: format!("{repo}@{}", report.index_digest),
+                source,
+            })?;
+    }
     // Every blob of the image (layers, configs) is now in `repo`: record it for mounts.
     let blobs: Vec<_> = image
         .unique_layers()

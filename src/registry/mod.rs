@@ -18,6 +18,7 @@ mod client;
 pub mod copy;
 mod ecr;
 pub mod pull;
+pub mod referrers;
 mod resolve;
 pub mod retry;
 mod upload;
@@ -232,6 +233,18 @@ impl Session {
             .await
         })
         .await
+    }
+}
+
+impl Session {
+    /// Attach SBOM/provenance referrers to the pushed image's platform manifests
+    /// ([`referrers`]); call after [`Session::push_image`].
+    pub async fn attach(
+        &self,
+        attachments: &[crate::supply::Attachment],
+        progress: &dyn Progress,
+    ) -> Result<referrers::AttachReport, RegistryError> {
+        referrers::attach(&self.client, attachments, progress).await
     }
 }
 

@@ -166,6 +166,21 @@ pub(crate) async fn push_layer(
     push_blob(client, &blob, mount_from, progress).await
 }
 
+/// Make sure the registry has the small blob `bytes` (a referrer's document or empty config),
+/// like any other blob of a push; `Ok(true)` if it was uploaded.
+pub(crate) async fn push_bytes(
+    client: &Client,
+    blob: &JsonBlob,
+    progress: &dyn Progress,
+) -> Result<bool, RegistryError> {
+    let blob = Blob {
+        digest: blob.digest.clone(),
+        size: blob.bytes.len() as u64,
+        source: Source::Bytes(blob.bytes.clone()),
+    };
+    push_blob(client, &blob, None, progress).await
+}
+
 /// Make sure the registry has `blob`; `Ok(true)` if we uploaded it, `Ok(false)` if it was there.
 async fn push_blob(
     client: &Client,
@@ -452,7 +467,7 @@ fn file_body(
 
 /// `PUT /v2/<name>/manifests/<reference>` with the exact bytes we hashed (spec.md "Pushing
 /// manifests"); `reference` is the digest or a tag.
-async fn put_manifest(
+pub(crate) async fn put_manifest(
     client: &Client,
     manifest: &JsonBlob,
     reference: &str,

@@ -22,3 +22,4 @@ mod resolve;
 mod smoke;
 mod speed;
 mod static_base;
+mod supply;

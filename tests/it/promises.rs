@@ -48,6 +48,8 @@ fn push_writes_every_output_and_honours_the_environment() {
         .args(["--annotation", "com.example.promise=kept"])
         .args(["--digest-file", "digest.txt", "--image-refs", "refs.txt"])
         .args(["--metadata-file", "meta.json"])
+        // The request order checked below is the image's (referrers come after the tags).
+        .args(["--sbom", "none", "--provenance", "none"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -63,11 +63,21 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
     ]));
     let built_digest = text(&built.stdout).trim().to_string();
 
+    // Counted requests below are the image's own (referrers: tests/it/supply.rs).
     let line = push_ok(
         ws.path(),
         &reg,
         "hello",
-        &["--tag", "v1", "--tag", "latest"],
+        &[
+            "--tag",
+            "v1",
+            "--tag",
+            "latest",
+            "--sbom",
+            "none",
+            "--provenance",
+            "none",
+        ],
     );
     let (repo, digest) = line.split_once('@').expect("REPO@DIGEST");
     assert_eq!(repo, format!("{}/hello", reg.addr));
@@ -133,7 +143,12 @@ fn push_two_platforms_then_verify_with_skopeo_tar_qemu_and_docker() {
     }
 
     // A second push of the same thing uploads nothing and gives the same digest.
-    let again = push_ok(ws.path(), &reg, "hello", &["--tag", "v1"]);
+    let again = push_ok(
+        ws.path(),
+        &reg,
+        "hello",
+        &["--tag", "v1", "--sbom", "none", "--provenance", "none"],
+    );
     assert_eq!(again, line);
     assert_eq!(
         count(&reg.log(), "\"POST /v2/hello/blobs/uploads/"),

@@ -546,7 +546,17 @@ fn push_to(ws: &Path, cache: &Path, reg: &Registry, repo: &str) -> Output {
         imgbuild()
             .current_dir(ws)
             .env("IMGBUILD_CACHE", cache)
-            .args(["push", "-f", "spec.toml", "--repo"])
+            // The mount records cover the image's blobs; referrers are tests/it/supply.rs's.
+            .args([
+                "push",
+                "-f",
+                "spec.toml",
+                "--sbom",
+                "none",
+                "--provenance",
+                "none",
+            ])
+            .args(["--repo"])
             .arg(format!("{}/{repo}", reg.addr)),
     )
 }

@@ -1,0 +1,363 @@
+//! SPDX 2.3 JSON software bill of materials, one per platform manifest (SPDX 2.3 spec,
+//! clauses 6 document creation, 7 package, 8 file, 11 relationships).
+//!
+//! [`spdx`] is pure: file entries and the base image in, canonical JSON bytes out. The same
+//! inputs give the same bytes: the document namespace is derived from the manifest digest
+//! (no random UUID) and `created` is `SOURCE_DATE_EPOCH`. [`hash_files`] is the one I/O step:
+//! it reads each regular file a platform's layers put into the image and hashes it with
+//! SHA-256 and SHA-1 in one pass (SPDX clause 8.4 makes SHA-1 the one mandatory file
+//! checksum; pyspdxtools refuses a file without it).
+
+use crate::digest::Digest;
+use crate::image::rfc3339;
+use crate::plan::{EntryKind, LayerPlan};
+use crate::platform::Platform;
+use serde_json::{Value, json};
+use sha1::Digest as _;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// Media type of an SPDX JSON document (the referrer's `artifactType`).
+pub const MEDIA_TYPE_SPDX: &str = "application/spdx+json";
+
+/// One regular file imgbuild put into the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    /// In the image, relative with `./` (SPDX clause 8.1 wants a relative path).
+    pub path: String,
+    /// Where it was read from (for provenance's resolved dependencies).
+    pub src: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+    pub sha1: String,
+}
+
+/// The base image, as a package of the document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BasePackage {
+    /// As the user named it, e.g. `127.0.0.1:5000/base:1`.
+    pub name: String,
+    /// The base's manifest for this platform.
+    pub digest: Digest,
+}
+
+/// A crate compiled into a Rust binary (from its cargo-auditable `.dep-v0` section).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CratePackage {
+    pub name: String,
+    pub version: String,
+    /// `crates.io`, `git`, `local`, ... as cargo-auditable records it.
+    pub source: String,
+    /// The file (`./usr/local/bin/app`) that holds it.
+    pub binary: String,
+}
+
+/// Everything one platform's document says.
+#[derive(Debug, Clone)]
+pub struct SbomInput<'a> {
+    /// The image's name: the repository, or the spec's name for a local build.
+    pub image: &'a str,
+    pub platform: &'a Platform,
+    pub manifest_digest: &'a Digest,
+    pub epoch: u64,
+    pub files: &'a [FileEntry],
+    pub base: Option<&'a BasePackage>,
+    pub crates: &'a [CratePackage],
+}
+
+/// The SPDX 2.3 JSON document, canonical bytes (keys sorted, no whitespace).
+pub fn spdx(input: &SbomInput<'_>) -> Vec<u8> {
+    let hex = input.manifest_digest.hex();
+    let image_id = "SPDXRef-Image";
+    let mut packages = vec![json!({
+        "SPDXID": image_id,
+        "name": input.image,
+        "versionInfo": input.manifest_digest.to_string(),
+        "downloadLocation": "NOASSERTION",
+        "primaryPackagePurpose": "CONTAINER",
+        "filesAnalyzed": true,
+        // Clause 7.9: SHA-1 over the sorted SHA-1 values of the package's files.
+        "packageVerificationCode": {"packageVerificationCodeValue": verification_code(input.files)},
+        "checksums": [{"algorithm": "SHA256", "checksumValue": hex}],
+        "externalRefs": [purl_ref(&oci_purl(input.image, input.manifest_digest, Some(input.platform)))],
+    })];
+    let mut relationships = vec![json!({
+        "spdxElementId": "SPDXRef-DOCUMENT",
+        "relationshipType": "DESCRIBES",
+        "relatedSpdxElement": image_id,
+    })];
+    let mut files = Vec::new();
+    let mut file_ids = HashMap::new();
+    for (i, f) in input.files.iter().enumerate() {
+        let id = format!("SPDXRef-File-{}", i + 1);
+        files.push(json!({
+            "SPDXID": id,
+            "fileName": f.path,
+            "checksums": [
+                {"algorithm": "SHA1", "checksumValue": f.sha1},
+                {"algorithm": "SHA256", "checksumValue": f.sha256},
+            ],
+            // SPDX 2.3 has no size field for files: the size goes in the comment.
+            "comment": format!("size: {} bytes", f.size),
+        }));
+        relationships.push(json!({
+            "spdxElementId": image_id,
+            "relationshipType": "CONTAINS",
+            "relatedSpdxElement": id,
+        }));
+        file_ids.insert(f.path.as_str(), id);
+    }
+    if let Some(base) = input.base {
+        packages.push(json!({
+            "SPDXID": "SPDXRef-Base",
+            "name": base.name,
+            "versionInfo": base.digest.to_string(),
+            "downloadLocation": "NOASSERTION",
+            "filesAnalyzed": false,
+            "checksums": [{"algorithm": "SHA256", "checksumValue": base.digest.hex()}],
+            "externalRefs": [purl_ref(&oci_purl(&base.name, &base.digest, Some(input.platform)))],
+        }));
+        relationships.push(json!({
+            "spdxElementId": image_id,
+            "relationshipType": "DESCENDANT_OF",
+            "relatedSpdxElement": "SPDXRef-Base",
+        }));
+    }
+    for (i, c) in input.crates.iter().enumerate() {
+        let id = format!("SPDXRef-Crate-{}", i + 1);
+        packages.push(json!({
+            "SPDXID": id,
+            "name": c.name,
+            "versionInfo": c.version,
+            "downloadLocation": "NOASSERTION",
+            "filesAnalyzed": false,
+            "primaryPackagePurpose": "LIBRARY",
+            "comment": format!("source: {}; from the cargo-auditable data of {}", c.source, c.binary),
+            "externalRefs": [purl_ref(&format!("pkg:cargo/{}@{}", c.name, c.version))],
+        }));
+        if let Some(file) = file_ids.get(c.binary.as_str()) {
+            relationships.push(json!({
+                "spdxElementId": file,
+                "relationshipType": "CONTAINS",
+                "relatedSpdxElement": id,
+            }));
+        }
+    }
+    let doc = json!({
+        "spdxVersion": "SPDX-2.3",
+        "dataLicense": "CC0-1.0",
+        "SPDXID": "SPDXRef-DOCUMENT",
+        "name": format!("{} {} {}", input.image, input.platform, input.manifest_digest),
+        // Clause 6.5: unique per document; the manifest digest is (the same image gets the
+        // same namespace, a different one another).
+        "documentNamespace": format!(
+            "https://spdx.org/spdxdocs/imgbuild/{}/sha256-{hex}",
+            slug(input.image)
+        ),
+        "creationInfo": {
+            "created": rfc3339(input.epoch),
+            "creators": [format!("Tool: imgbuild-{}", env!("CARGO_PKG_VERSION"))],
+        },
+        "packages": packages,
+        "files": files,
+        "relationships": relationships,
+    });
+    canonical(&doc)
+}
+
+/// Canonical JSON: serde_json's maps are sorted (no `preserve_order`).
+pub(crate) fn canonical(v: &Value) -> Vec<u8> {
+    // Serializing a Value cannot fail (string keys only).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn purl_ref(purl: &str) -> Value {
+    json!({
+        "referenceCategory": "PACKAGE-MANAGER",
+        "referenceType": "purl",
+        "referenceLocator": purl,
+    })
+}
+
+/// `pkg:oci/NAME@DIGEST?arch=..&repository_url=..` (package-url's `oci` type: the name is
+/// the last path segment, lower case; the digest's `:` percent-encoded).
+pub fn oci_purl(image: &str, digest: &Digest, platform: Option<&Platform>) -> String {
+    // Drop a tag or digest from the name the user gave.
+    let repo = image.split('@').next().unwrap_or(image);
+    let repo = match repo.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => repo,
+    };
+    let name = repo.rsplit('/').next().unwrap_or(repo).to_lowercase();
+    let mut purl = format!("pkg:oci/{name}@sha256%3A{}", digest.hex());
+    let mut q = Vec::new();
+    if let Some(p) = platform {
+        q.push(format!("arch={}", p.arch));
+    }
+    if repo.contains('/') {
+        q.push(format!("repository_url={repo}"));
+    }
+    if !q.is_empty() {
+        purl.push('?');
+        purl.push_str(&q.join("&"));
+    }
+    purl
+}
+
+fn slug(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '/' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+fn verification_code(files: &[FileEntry]) -> String {
+    let mut sums: Vec<&str> = files.iter().map(|f| f.sha1.as_str()).collect();
+    sums.sort_unstable();
+    let mut h = sha1::Sha1::new();
+    for s in sums {
+        h.update(s.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Cache of file hashes by source path, so a file in several platforms' layers is read once.
+pub type HashCache = HashMap<PathBuf, (String, String)>;
+
+/// Every regular file of `layers` (path order within a layer, layers in order), hashed.
+/// Reads each source file once (SHA-256 and SHA-1 in the same pass), `size` bytes as planned.
+pub fn hash_files(layers: &[LayerPlan], cache: &mut HashCache) -> io::Result<Vec<FileEntry>> {
+    let mut out = Vec::new();
+    for layer in layers {
+        for e in &layer.entries {
+            let EntryKind::File { src, size } = &e.kind else {
+                continue;
+            };
+            let (sha256, sha1) = match cache.get(src) {
+                Some(h) => h.clone(),
+                None => {
+                    let h = hash_file(src, *size)?;
+                    cache.insert(src.clone(), h.clone());
+                    h
+                }
+            };
+            out.push(FileEntry {
+                path: format!("./{}", e.path.display()),
+                src: src.clone(),
+                size: *size,
+                sha256,
+                sha1,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn hash_file(path: &Path, size: u64) -> io::Result<(String, String)> {
+    let mut f = File::open(path)?.take(size);
+    let mut a = <sha2::Sha256 as sha2::Digest>::new();
+    let mut b = sha1::Sha1::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha2::Digest::update(&mut a, &buf[..n]);
+        b.update(&buf[..n]);
+    }
+    Ok((
+        hex::encode(sha2::Digest::finalize(a)),
+        hex::encode(b.finalize()),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, content: &[u8]) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            src: PathBuf::from(path),
+            size: content.len() as u64,
+            sha256: Digest::of(content).hex().to_string(),
+            sha1: hex::encode(sha1::Sha1::digest(content)),
+        }
+    }
+
+    #[test]
+    fn document_is_deterministic_and_complete() {
+        let p = Platform::new("linux", "arm64", None);
+        let d = Digest::of(b"manifest");
+        let files = [file("./usr/local/bin/hello", b"hi")];
+        let base = BasePackage {
+            name: "127.0.0.1:5000/base:1".into(),
+            digest: Digest::of(b"base"),
+        };
+        let input = SbomInput {
+            image: "127.0.0.1:5000/team/hello",
+            platform: &p,
+            manifest_digest: &d,
+            epoch: 86_400,
+            files: &files,
+            base: Some(&base),
+            crates: &[],
+        };
+        let a = spdx(&input);
+        assert_eq!(a, spdx(&input));
+        let v: Value = serde_json::from_slice(&a).unwrap();
+        assert_eq!(v["creationInfo"]["created"], "1970-01-02T00:00:00Z");
+        assert_eq!(
+            v["documentNamespace"],
+            format!(
+                "https://spdx.org/spdxdocs/imgbuild/127.0.0.1-5000/team/hello/sha256-{}",
+                d.hex()
+            )
+        );
+        assert_eq!(v["files"][0]["fileName"], "./usr/local/bin/hello");
+        assert_eq!(
+            v["files"][0]["checksums"][0]["checksumValue"],
+            "c22b5f9178342609428d6f51b2c5af4c0bde6a42"
+        );
+        assert_eq!(
+            v["packages"][1]["externalRefs"][0]["referenceLocator"],
+            format!(
+                "pkg:oci/base@sha256%3A{}?arch=arm64&repository_url=127.0.0.1:5000/base",
+                base.digest.hex()
+            )
+        );
+        let rels = v["relationships"].as_array().unwrap();
+        assert!(rels.iter().any(|r| r["relationshipType"] == "DESCRIBES"));
+        assert!(
+            rels.iter()
+                .any(|r| r["relationshipType"] == "DESCENDANT_OF")
+        );
+    }
+
+    #[test]
+    fn purls() {
+        let d = Digest::of(b"x");
+        let h = d.hex();
+        for (image, want) in [
+            ("hello", format!("pkg:oci/hello@sha256%3A{h}")),
+            (
+                "reg:5000/a/Hello:1.0",
+                format!("pkg:oci/hello@sha256%3A{h}?repository_url=reg:5000/a/Hello"),
+            ),
+            (
+                "reg/a/b@sha256:abc",
+                format!("pkg:oci/b@sha256%3A{h}?repository_url=reg/a/b"),
+            ),
+        ] {
+            assert_eq!(oci_purl(image, &d, None), want, "{image}");
+        }
+    }
+}
