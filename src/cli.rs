@@ -112,9 +112,19 @@ pub struct CommonArgs {
     )]
     pub file: PathBuf,
 
-    /// Directory that relative `src` paths are resolved against [default: the spec's directory].
-    #[arg(long, value_name = "DIR")]
-    pub context: Option<PathBuf>,
+    /// Where relative `src` paths are read from: a directory, a .tar/.tar.gz/.tar.zst file,
+    /// `-` (a tar on stdin) or s3://BUCKET/KEY; tarballs are unpacked into a private temporary
+    /// directory [default: the spec's directory].
+    #[arg(long, value_name = "DIR|TAR|-|s3://BUCKET/KEY", value_parser = clap::value_parser!(imgbuild::context::ContextSource))]
+    pub context: Option<imgbuild::context::ContextSource>,
+
+    /// Refuse a context tarball that unpacks to more than this (e.g. 512M, 4G).
+    #[arg(long, value_name = "SIZE", default_value = "4G", value_parser = imgbuild::context::parse_size)]
+    pub context_max_size: u64,
+
+    /// Refuse a context tarball with more entries than this.
+    #[arg(long, value_name = "N", default_value_t = imgbuild::context::DEFAULT_MAX_ENTRIES)]
+    pub context_max_entries: u64,
 
     /// Platforms to build, comma-separated or repeated (overrides `platforms`).
     #[arg(
@@ -124,9 +134,15 @@ pub struct CommonArgs {
     )]
     pub platforms: Vec<String>,
 
-    /// Repository, e.g. 127.0.0.1:5000/hello (overrides `repository`).
-    #[arg(long, env = "IMGBUILD_REPO", value_name = "REGISTRY/PATH")]
-    pub repo: Option<String>,
+    /// Repository, e.g. 127.0.0.1:5000/hello (overrides `repository`); repeat (or separate
+    /// with commas) to push one build to several repositories, even on other registries.
+    #[arg(
+        long,
+        env = "IMGBUILD_REPO",
+        value_name = "REGISTRY/PATH",
+        value_delimiter = ','
+    )]
+    pub repo: Vec<String>,
 
     /// Tag; repeat for several (overrides `tags`).
     #[arg(short = 't', long = "tag", value_name = "TAG")]

@@ -42,6 +42,8 @@ pub enum Error {
     #[error(transparent)]
     Base(#[from] crate::base::BaseError),
     #[error(transparent)]
+    Context(#[from] crate::context::ContextError),
+    #[error(transparent)]
     Copy(#[from] crate::copy::CopyError),
     #[error(transparent)]
     StaticBase(#[from] crate::static_base::StaticBaseError),
@@ -102,6 +104,7 @@ impl Error {
             Error::Registry(e) => e.exit_code(),
             Error::AttachAfterPush { .. } => ExitCode::Registry,
             Error::Base(e) => e.exit_code(),
+            Error::Context(e) => e.exit_code(),
             Error::Copy(e) => e.exit_code(),
             Error::StaticBase(e) => e.exit_code(),
         }

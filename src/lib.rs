@@ -17,6 +17,7 @@
 pub mod base;
 pub mod cache;
 pub mod compress;
+pub mod context;
 pub mod copy;
 pub mod deploy;
 pub mod digest;

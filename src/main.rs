@@ -12,6 +12,7 @@ use cli::{
 use imgbuild::base;
 use imgbuild::cache::LayerCache;
 use imgbuild::compress::{Codec, Compression};
+use imgbuild::context;
 use imgbuild::layer::LayerOptions;
 use imgbuild::output::Outputs;
 use imgbuild::pipeline::BuildOptions;
@@ -248,9 +249,12 @@ fn build(args: &BuildArgs) -> Result<()> {
             "--image-refs lists pushed references (REPO@sha256:...), and build pushes nothing; use --digest-file or --metadata-file, or push".into()
         ));
     }
-    let (spec, options) = prepare(c)?;
+    let (spec, mut options) = prepare(c)?;
     let repository = repository(c, &spec)?;
     let tags = tags(c, &spec)?;
+    // Lives until the build is done: an unpacked context is removed when it is dropped.
+    let context = open_context(c, None, false)?;
+    options.context = context.as_ref().map(|ctx| ctx.dir().to_path_buf());
     let layout = args
         .output
         .clone()
@@ -307,36 +311,54 @@ fn build(args: &BuildArgs) -> Result<()> {
 
 fn push(args: &PushArgs) -> Result<()> {
     let progress = make_progress(&args.common);
-    let req = push_request(args)?;
-    let mut req = req;
+    // `_context` lives until the push is done: an unpacked context is removed when dropped.
+    let (mut req, more, _context) = push_request(args)?;
     let cache_root = req
         .image
         .options
         .cache
         .as_ref()
         .map(|c| c.root().to_path_buf());
-    let pushed = run::push(&req, progress.as_ref());
+    let pushed = run::push_many(&req, &more, progress.as_ref());
     // The run's leases are released with the request, before the prune.
     drop(req.image.options.cache.take());
     prune_after_run(cache_root.as_deref(), &args.common);
     report_input_bytes(&args.common);
-    let pushed = pushed?;
-    println!("{}", pushed.image_ref);
+    // One line per repository, in the order given.
+    for pushed in pushed? {
+        println!("{}", pushed.image_ref);
+    }
     Ok(())
 }
 
-/// The push that `args` asks for (spec loaded, options, credentials).
-fn push_request(args: &PushArgs) -> Result<run::PushRequest> {
+/// The push that `args` asks for (spec loaded, options, credentials), the further
+/// repositories of a repeated `--repo`, and the opened `--context` (keep it until the push
+/// is done).
+fn push_request(
+    args: &PushArgs,
+) -> Result<(run::PushRequest, Vec<Repository>, Option<context::Context>)> {
     let c = &args.common;
-    let (spec, options) = prepare(c)?;
-    let repository = repository(c, &spec)?.ok_or_else(|| {
-        Error::Usage(format!(
+    let (spec, mut options) = prepare(c)?;
+    let repositories = repositories(c, &spec)?;
+    let Some((repository, more)) = repositories.split_first() else {
+        bail!(Error::Usage(format!(
             "no repository: give --repo REGISTRY/PATH, set IMGBUILD_REPO, or add `repository` to {}",
             spec.path.display()
-        ))
-    })?;
+        )));
+    };
+    if args.username.is_some()
+        && let Some(other) = more.iter().find(|r| r.registry != repository.registry)
+    {
+        bail!(Error::Usage(format!(
+            "--username/--password-stdin are for one registry ({}), but --repo {other} is on {}; log in to each registry instead (docker login, credential helpers, ECR through AWS credentials)",
+            repository.registry, other.registry
+        )));
+    }
     let tags = tags(c, &spec)?;
     let credentials = credentials(args)?;
+    let context = open_context(c, args.aws_role_arn.as_deref(), args.password_stdin)?;
+    options.context = context.as_ref().map(|ctx| ctx.dir().to_path_buf());
+    let repository = repository.clone();
     let mut image = image_request(c, spec, options, tags)?;
     image.supply = supply_options(c, true);
     let req = run::PushRequest {
@@ -363,7 +385,7 @@ fn push_request(args: &PushArgs) -> Result<run::PushRequest> {
         },
         repository,
     };
-    Ok(req)
+    Ok((req, more.to_vec(), context))
 }
 
 /// `imgbuild resolve`: each referenced spec is pushed like `imgbuild push -f SPEC` with the
@@ -427,7 +449,7 @@ fn resolve_push(
     };
     let c = &mut push.common;
     c.file = spec_path.to_path_buf();
-    c.repo = repo;
+    c.repo = repo.into_iter().collect();
     c.platforms = args.platforms.clone();
     c.jobs = args.jobs;
     c.compression = args.compression.clone();
@@ -441,7 +463,8 @@ fn resolve_push(
     push.aws_role_arn = args.aws_role_arn.clone();
     push.create_repository = args.create_repository;
     let progress = make_progress(&push.common);
-    let req = push_request(&push).with_context(|| spec_path.display().to_string())?;
+    let (req, _, _context) =
+        push_request(&push).with_context(|| spec_path.display().to_string())?;
     let pushed = run::push(&req, progress.as_ref())
         .map_err(anyhow::Error::from)
         .with_context(|| spec_path.display().to_string())?;
@@ -680,7 +703,8 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
         .map_err(|e| Error::Usage(format!("--compression: {e}")))?;
     let compression = Compression::new(codec, c.compression_level).map_err(Error::Usage)?;
     let opts = BuildOptions {
-        context: c.context.clone(),
+        // Set by the command once the context is open (it may have to be unpacked).
+        context: None,
         platforms,
         layer: LayerOptions {
             epoch,
@@ -715,15 +739,76 @@ fn open_cache(c: &CommonArgs) -> Option<LayerCache> {
     }
 }
 
+/// The one repository `build` names in its outputs.
 fn repository(c: &CommonArgs, spec: &Spec) -> Result<Option<Repository>> {
-    Ok(match &c.repo {
-        Some(r) => Some(
-            Repository::parse(r)
-                .map_err(Error::from)
-                .context("--repo")?,
-        ),
-        None => spec.repository.clone(),
-    })
+    let mut all = repositories(c, spec)?;
+    if all.len() > 1 {
+        bail!(Error::Usage(
+            "build: give one --repo (several are for push, which pushes one build to each)".into()
+        ));
+    }
+    Ok(all.pop())
+}
+
+/// `--repo` (repeated or comma-separated, also in IMGBUILD_REPO) in order without
+/// duplicates, else the spec's `repository`.
+fn repositories(c: &CommonArgs, spec: &Spec) -> Result<Vec<Repository>> {
+    let mut out: Vec<Repository> = Vec::new();
+    for r in c.repo.iter().map(|r| r.trim()).filter(|r| !r.is_empty()) {
+        let repo = Repository::parse(r)
+            .map_err(Error::from)
+            .context("--repo")?;
+        if !out.contains(&repo) {
+            out.push(repo);
+        }
+    }
+    if out.is_empty() {
+        out.extend(spec.repository.clone());
+    }
+    Ok(out)
+}
+
+/// `--context`: a directory is used as it is; a tarball (file, `-`, S3) is unpacked into a
+/// private temporary directory that lives as long as the returned value, and is removed on
+/// SIGINT/SIGTERM too. `None` without `--context` (the spec's directory).
+fn open_context(
+    c: &CommonArgs,
+    aws_role_arn: Option<&str>,
+    stdin_taken: bool,
+) -> Result<Option<context::Context>> {
+    let Some(source) = &c.context else {
+        return Ok(None);
+    };
+    if stdin_taken && *source == context::ContextSource::Stdin {
+        bail!(Error::Usage(
+            "--context - and --password-stdin both want standard input; pass the context as a file or s3:// URL".into()
+        ));
+    }
+    if !matches!(source, context::ContextSource::Path(p) if p.is_dir()) {
+        remove_unpacked_context_on_signal();
+    }
+    let limits = context::Limits {
+        max_size: c.context_max_size,
+        max_entries: c.context_max_entries,
+    };
+    let ctx = context::open(source, &limits, aws_role_arn, || Box::new(std::io::stdin()))
+        .map_err(Error::from)?;
+    Ok(Some(ctx))
+}
+
+/// Ctrl-C or a Job's SIGTERM while a tarball context is unpacked: remove it, then exit as
+/// the signal would have (128 + signal number).
+fn remove_unpacked_context_on_signal() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return; // no handler: the default (exit without cleanup) stays
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            context::remove_unpacked();
+            std::process::exit(128 + sig);
+        }
+    });
 }
 
 /// `--no-tag` (none), else `--tag`s plus `--tag-from-git`'s, else the spec's `tags`.

@@ -92,6 +92,18 @@ impl Summary<'_> {
 
 /// Write every requested output. An error names the flag or variable and the file.
 pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
+    write_all(outputs, std::slice::from_ref(summary))
+}
+
+/// Write every requested output for one image pushed to several repositories (repeated
+/// `--repo`), `summaries[0]` being the first: the digest file holds the one index digest,
+/// `--image-refs` one line per repository (ko writes one per image), the metadata file keeps
+/// the first repository's fields and lists all under `destinations`, and GitHub gets
+/// `digest=`, `image=` (the first) and, with several, `images=` (all, comma-separated).
+pub fn write_all(outputs: &Outputs, summaries: &[Summary<'_>]) -> io::Result<()> {
+    let Some(summary) = summaries.first() else {
+        return Ok(());
+    };
     if let Some(p) = &outputs.digest_file {
         write_file(
             "--digest-file",
@@ -102,15 +114,29 @@ pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
     if let Some(p) = &outputs.image_refs {
         // `REPO@DIGEST` only names something once it was pushed (a build refuses the flag).
         if summary.pushed {
-            write_file(
-                "--image-refs",
-                p,
-                format!("{}\n", summary.image_ref()).as_bytes(),
-            )?;
+            let refs: String = summaries
+                .iter()
+                .map(|s| format!("{}\n", s.image_ref()))
+                .collect();
+            write_file("--image-refs", p, refs.as_bytes())?;
         }
     }
     if let Some(p) = &outputs.metadata_file {
-        let mut text = serde_json::to_vec_pretty(&summary.metadata()).map_err(io::Error::other)?;
+        let mut meta = summary.metadata();
+        if summary.pushed {
+            meta["destinations"] = summaries
+                .iter()
+                .filter_map(|s| {
+                    let repository = s.repository.as_ref()?;
+                    Some(json!({
+                        "repository": repository,
+                        "image": s.image_ref(),
+                        "tags": s.tags,
+                    }))
+                })
+                .collect();
+        }
+        let mut text = serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?;
         text.push(b'\n');
         write_file("--metadata-file", p, &text)?;
     }
@@ -118,6 +144,10 @@ pub fn write(outputs: &Outputs, summary: &Summary<'_>) -> io::Result<()> {
         let mut lines = format!("digest={}\n", summary.digest());
         if summary.pushed {
             lines.push_str(&format!("image={}\n", summary.image_ref()));
+            if summaries.len() > 1 {
+                let all: Vec<String> = summaries.iter().map(Summary::image_ref).collect();
+                lines.push_str(&format!("images={}\n", all.join(",")));
+            }
         }
         if let Some(l) = &summary.layout {
             lines.push_str(&format!("layout={}\n", l.display()));

@@ -24,7 +24,8 @@ type Layer = (Digest, u64);
 /// A progress observer that also sends each finished layer to the uploader.
 pub struct LayerFeed<'a> {
     inner: &'a dyn Progress,
-    tx: Mutex<Option<mpsc::UnboundedSender<Layer>>>,
+    /// One sender per uploader (one per destination repository); empty once closed.
+    tx: Mutex<Vec<mpsc::UnboundedSender<Layer>>>,
 }
 
 impl std::fmt::Debug for LayerFeed<'_> {
@@ -39,12 +40,22 @@ pub struct LayerQueue(mpsc::UnboundedReceiver<Layer>);
 
 impl<'a> LayerFeed<'a> {
     pub fn new(inner: &'a dyn Progress) -> (Self, LayerQueue) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (feed, mut queues) = Self::fan_out(inner, 1);
+        let queue = queues
+            .pop()
+            .unwrap_or_else(|| LayerQueue(mpsc::unbounded_channel().1));
+        (feed, queue)
+    }
+
+    /// A feed whose every layer goes to each of `n` queues: one per destination repository
+    /// of a push to several (the layer is built once, uploaded to each).
+    pub fn fan_out(inner: &'a dyn Progress, n: usize) -> (Self, Vec<LayerQueue>) {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
         let feed = LayerFeed {
             inner,
-            tx: Mutex::new(Some(tx)),
+            tx: Mutex::new(txs),
         };
-        (feed, LayerQueue(rx))
+        (feed, rxs.into_iter().map(LayerQueue).collect())
     }
 
     /// No more layers: the uploader finishes what it has and returns.
@@ -52,17 +63,17 @@ impl<'a> LayerFeed<'a> {
         self.tx
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take();
+            .clear();
     }
 }
 
 impl Progress for LayerFeed<'_> {
     fn event(&self, event: Event<'_>) {
-        if let Event::LayerBuilt { digest, size, .. } = &event
-            && let Some(tx) = &*self.tx.lock().unwrap_or_else(PoisonError::into_inner)
-        {
-            // The uploader may have stopped (no connection): then the image push does it all.
-            let _ = tx.send(((*digest).clone(), *size));
+        if let Event::LayerBuilt { digest, size, .. } = &event {
+            for tx in &*self.tx.lock().unwrap_or_else(PoisonError::into_inner) {
+                // The uploader may have stopped (no connection): then the image push does it all.
+                let _ = tx.send(((*digest).clone(), *size));
+            }
         }
         self.inner.event(event);
     }

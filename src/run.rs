@@ -149,7 +149,28 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
 
 /// Build the image and push it to `req.repository` with `req.image.tags`.
 pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, Error> {
-    let repo = &req.repository;
+    // One repository in, one outcome out.
+    Ok(push_many(req, &[], progress)?.swap_remove(0))
+}
+
+/// Build the image once and push it to `req.repository` and to every repository of `more`
+/// (Kaniko's repeated `--destination`), which may be on other registries: layers are built
+/// once into one store and uploaded to each repository as they are finished, each registry
+/// over its own session with its own credentials (`req.push.credentials` are for
+/// `req.repository`'s registry only). One outcome per repository, in order; all share the
+/// index digest. The outputs list every destination ([`output::write_all`]).
+pub fn push_many(
+    req: &PushRequest,
+    more: &[Repository],
+    progress: &dyn Progress,
+) -> Result<Vec<PushOutcome>, Error> {
+    let first = &req.repository;
+    let mut repos: Vec<&Repository> = vec![first];
+    for r in more {
+        if !repos.contains(&r) {
+            repos.push(r);
+        }
+    }
     let cache = req.image.options.cache.as_ref();
     // Blobs go into the layer cache's store (kept for the next push), or without a
     // cache into a scratch store removed when the push ends.
@@ -166,105 +187,161 @@ pub fn push(req: &PushRequest, progress: &dyn Progress) -> Result<PushOutcome, E
             (store, Some(tmp))
         }
     };
-    let mut push_opts = PushOptions {
-        // Mount candidates: what the cache recorded for this registry (any of our blobs).
-        mount_sources: cache.map(|c| c.all_mount_sources(repo)).unwrap_or_default(),
-        ..req.push.clone()
-    };
-    let runtime = runtime()?;
-    let target = Some(repo.registry.as_str());
-    let (mut opts, _) = with_bases(&req.image, &push_opts, target, &runtime, progress)?;
-    add_static_bases(&req.image, &mut opts, &store)?;
-    // Base repositories on the target registry: their layers are mounted, so the
-    // token must cover pulling from them (as registry::push does from the image).
-    push_opts.mount_from = opts
-        .bases
-        .values()
-        .filter_map(|b| match &b.source {
-            BaseSource::Registry(r) if r.registry == repo.registry => Some(r.path.clone()),
-            _ => None,
+    let mut push_opts: Vec<PushOptions> = repos
+        .iter()
+        .map(|repo| PushOptions {
+            // Mount candidates: what the cache recorded for this registry (any of our blobs).
+            mount_sources: cache.map(|c| c.all_mount_sources(repo)).unwrap_or_default(),
+            // --username/--password-stdin belong to the first repository's registry.
+            credentials: req
+                .push
+                .credentials
+                .clone()
+                .filter(|_| repo.registry == first.registry),
+            ..req.push.clone()
         })
         .collect();
-    // Build on this thread; upload each layer as it is finished on another (issue 4).
-    let (feed, queue) = LayerFeed::new(progress);
-    let (image, session) = std::thread::scope(|s| {
+    let runtime = runtime()?;
+    let target = Some(first.registry.as_str());
+    let (mut opts, _) = with_bases(&req.image, &push_opts[0], target, &runtime, progress)?;
+    add_static_bases(&req.image, &mut opts, &store)?;
+    // Base repositories on each target registry: their layers are mounted, so the
+    // token must cover pulling from them (as registry::push does from the image).
+    for (repo, o) in repos.iter().zip(push_opts.iter_mut()) {
+        o.mount_from = opts
+            .bases
+            .values()
+            .filter_map(|b| match &b.source {
+                BaseSource::Registry(r) if r.registry == repo.registry => Some(r.path.clone()),
+                _ => None,
+            })
+            .collect();
+    }
+    // Build on this thread; upload each layer as it is finished on another (issue 4), to
+    // every repository at once.
+    let (feed, queues) = LayerFeed::fan_out(progress, repos.len());
+    let (image, sessions) = std::thread::scope(|s| {
         let uploader = s.spawn(|| {
-            runtime.block_on(overlap::upload_as_built(
-                registry::Session::connect(repo, &push_opts, progress),
-                queue,
-                &store,
-                push_opts.jobs,
-                progress,
-            ))
+            let uploads = repos
+                .iter()
+                .zip(&push_opts)
+                .zip(queues)
+                .map(|((repo, o), q)| {
+                    overlap::upload_as_built(
+                        registry::Session::connect(repo, o, progress),
+                        q,
+                        &store,
+                        o.jobs,
+                        progress,
+                    )
+                });
+            runtime.block_on(futures::future::join_all(uploads))
         });
         let built = pipeline::build_with_plan(&req.image.spec, &opts, &store, &feed);
         feed.close();
-        let session = uploader.join();
-        (built, session)
+        let sessions = uploader.join();
+        (built, sessions)
     });
     // A build error comes first (it is the user's to fix before any registry one).
     let (image, plan) = image?;
-    let session = session.map_err(|_| Error::UploadThreadPanicked)??;
+    let sessions = sessions
+        .map_err(|_| Error::UploadThreadPanicked)?
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
     // The documents are made before anything is tagged: a local failure leaves no half push.
-    let repo_name = repo.to_string();
-    let attachments = supply::attachments(
-        &image,
-        &plan,
-        &BuildFacts {
-            spec: &req.image.spec,
-            image_name: &repo_name,
-            repository: Some(&repo_name),
-            tags: &req.image.tags,
-            epoch: opts.layer.epoch,
-            bases: &opts.bases,
-        },
-        &req.image.supply,
-    )?;
-    let report = runtime.block_on(session.push_image(&image, &store, &req.image.tags, progress))?;
-    // Referrers go after the image and its tags (issue 10): the image is usable whatever
-    // happens here, and the error says so.
-    if !attachments.is_empty() {
+    // They name the repository, so each destination gets its own.
+    let attachments = repos
+        .iter()
+        .map(|repo| {
+            let repo_name = repo.to_string();
+            supply::attachments(
+                &image,
+                &plan,
+                &BuildFacts {
+                    spec: &req.image.spec,
+                    image_name: &repo_name,
+                    repository: Some(&repo_name),
+                    tags: &req.image.tags,
+                    epoch: opts.layer.epoch,
+                    bases: &opts.bases,
+                },
+                &req.image.supply,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let pushes = sessions
+        .iter()
+        .map(|session| session.push_image(&image, &store, &req.image.tags, progress));
+    let reports = runtime
+        .block_on(futures::future::join_all(pushes))
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    // Referrers go after the image and its tags: the image is usable whatever happens here,
+    // and the error says so.
+    for ((repo, session), (docs, report)) in repos
+        .iter()
+        .zip(&sessions)
+        .zip(attachments.iter().zip(&reports))
+    {
+        if docs.is_empty() {
+            continue;
+        }
         runtime
-            .block_on(session.attach(&attachments, progress))
+            .block_on(session.attach(docs, progress))
             .map_err(|source| Error::AttachAfterPush {
                 image_ref: format!("{repo}@{}", report.index_digest),
                 source,
             })?;
     }
-    // Every blob of the image (layers, configs) is now in `repo`: record it for mounts.
+    // Every blob of the image (layers, configs) is now in each repository: record it for
+    // mounts.
     let blobs: Vec<_> = image
         .unique_layers()
         .into_iter()
         .map(|d| d.digest)
         .chain(image.images.iter().map(|i| i.config.digest.clone()))
         .collect();
-    if let Some(cache) = cache
-        && let Err(e) = cache.record_pushed(repo, &blobs)
-    {
-        let warning = format!("layer cache {}: {e}", cache.root().display());
-        progress.event(Event::Warning(&warning));
+    if let Some(cache) = cache {
+        for repo in &repos {
+            if let Err(e) = cache.record_pushed(repo, &blobs) {
+                let warning = format!("layer cache {}: {e}", cache.root().display());
+                progress.event(Event::Warning(&warning));
+            }
+        }
     }
-    let summary = Summary {
-        image: &image,
-        repository: Some(repo.to_string()),
-        tags: report.tags,
-        layout: None,
-        spec: Some(&req.image.spec.path),
-        pushed: true,
-    };
-    let image_ref = summary.image_ref();
-    // The image is in the registry whatever happens now: an output that cannot be written
+    let summaries: Vec<Summary<'_>> = repos
+        .iter()
+        .zip(reports)
+        .map(|(repo, report)| Summary {
+            image: &image,
+            repository: Some(repo.to_string()),
+            tags: report.tags,
+            layout: None,
+            spec: Some(&req.image.spec.path),
+            pushed: true,
+        })
+        .collect();
+    // The image is in the registries whatever happens now: an output that cannot be written
     // is reported with the reference, which the caller still prints.
-    output::write(&req.image.outputs, &summary).map_err(|source| Error::OutputsAfterPush {
-        image_ref: image_ref.clone(),
-        source,
+    output::write_all(&req.image.outputs, &summaries).map_err(|source| {
+        Error::OutputsAfterPush {
+            image_ref: summaries
+                .iter()
+                .map(Summary::image_ref)
+                .collect::<Vec<_>>()
+                .join(" "),
+            source,
+        }
     })?;
-    let tags = summary.tags;
-    Ok(PushOutcome {
-        image,
-        image_ref,
-        tags,
-    })
+    let outcomes = summaries
+        .into_iter()
+        .map(|s| PushOutcome {
+            image_ref: s.image_ref(),
+            tags: s.tags,
+            image: image.clone(),
+        })
+        .collect();
+    Ok(outcomes)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {

@@ -403,6 +403,63 @@ pub(crate) struct EcrRegistry {
     ensured: Mutex<std::collections::HashSet<String>>,
 }
 
+/// The AWS SDK configuration of every AWS call imgbuild makes (ECR here, S3 for
+/// `--context s3://`): the default credential chain with a bounded IMDS, rustls+ring HTTPS,
+/// `AWS_ENDPOINT_URL*` as aws-config reads them, and `role_arn` assumed on top when given.
+pub(crate) async fn sdk_config(region: Region, role_arn: Option<&str>) -> aws_config::SdkConfig {
+    use aws_smithy_http_client::tls;
+    // No idle pool: a handful of calls per run, and this client outlives the
+    // tokio runtime of the call that made it (process-wide cache), where pooled
+    // connections would belong to a runtime that is gone.
+    let http = aws_smithy_http_client::Builder::new()
+        .pool_max_idle_per_host(0)
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let provider_config = ProviderConfig::default()
+        .with_http_client(http.clone())
+        .with_region(Some(region.clone()));
+    // One attempt, short timeouts: off EC2 nothing answers 169.254.169.254 and the
+    // default (retries) would make "no credentials" take several seconds.
+    let imds = aws_config::imds::Client::builder()
+        .configure(&provider_config)
+        .max_attempts(1)
+        .connect_timeout(Duration::from_secs(1))
+        .read_timeout(Duration::from_secs(1))
+        .build();
+    let chain = DefaultCredentialsChain::builder()
+        .configure(provider_config)
+        .region(region.clone())
+        .imds_client(imds)
+        .build()
+        .await;
+    let timeouts = aws_smithy_types::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .operation_attempt_timeout(Duration::from_secs(60))
+        .build();
+    let mut sdk = aws_config::defaults(BehaviorVersion::latest())
+        .region(region.clone())
+        .http_client(http)
+        .timeout_config(timeouts)
+        .credentials_provider(chain)
+        .load()
+        .await;
+    if let Some(arn) = role_arn {
+        let assume = AssumeRoleProvider::builder(arn)
+            .session_name(session_name())
+            .region(region)
+            .configure(&sdk)
+            .build()
+            .await;
+        sdk = sdk
+            .into_builder()
+            .credentials_provider(SharedCredentialsProvider::new(assume))
+            .build();
+    }
+    sdk
+}
+
 /// Every ECR registry this process talked to, so that a push and a base-image pull from the
 /// same registry (or two clients of one push) share one token fetch per run.
 static REGISTRIES: LazyLock<Mutex<HashMap<RegistryKey, Arc<EcrRegistry>>>> =
@@ -448,57 +505,8 @@ impl EcrRegistry {
     async fn client(&self) -> &aws_sdk_ecr::Client {
         self.client
             .get_or_init(|| async {
-                use aws_smithy_http_client::tls;
-                // No idle pool: a handful of calls per run, and this client outlives the
-                // tokio runtime of the call that made it (process-wide cache), where pooled
-                // connections would belong to a runtime that is gone.
-                let http = aws_smithy_http_client::Builder::new()
-                    .pool_max_idle_per_host(0)
-                    .tls_provider(tls::Provider::Rustls(
-                        tls::rustls_provider::CryptoMode::Ring,
-                    ))
-                    .build_https();
                 let region = Region::new(self.host.region.clone());
-                let provider_config = ProviderConfig::default()
-                    .with_http_client(http.clone())
-                    .with_region(Some(region.clone()));
-                // One attempt, short timeouts: off EC2 nothing answers 169.254.169.254 and the
-                // default (retries) would make "no credentials" take several seconds.
-                let imds = aws_config::imds::Client::builder()
-                    .configure(&provider_config)
-                    .max_attempts(1)
-                    .connect_timeout(Duration::from_secs(1))
-                    .read_timeout(Duration::from_secs(1))
-                    .build();
-                let chain = DefaultCredentialsChain::builder()
-                    .configure(provider_config)
-                    .region(region.clone())
-                    .imds_client(imds)
-                    .build()
-                    .await;
-                let timeouts = aws_smithy_types::timeout::TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
-                    .operation_attempt_timeout(Duration::from_secs(60))
-                    .build();
-                let mut sdk = aws_config::defaults(BehaviorVersion::latest())
-                    .region(region.clone())
-                    .http_client(http)
-                    .timeout_config(timeouts)
-                    .credentials_provider(chain)
-                    .load()
-                    .await;
-                if let Some(arn) = &self.opts.role_arn {
-                    let assume = AssumeRoleProvider::builder(arn)
-                        .session_name(session_name())
-                        .region(region)
-                        .configure(&sdk)
-                        .build()
-                        .await;
-                    sdk = sdk
-                        .into_builder()
-                        .credentials_provider(SharedCredentialsProvider::new(assume))
-                        .build();
-                }
+                let sdk = sdk_config(region, self.opts.role_arn.as_deref()).await;
                 let conf = aws_sdk_ecr::config::Builder::from(&sdk)
                     .use_fips(self.host.fips)
                     .use_dual_stack(self.host.dual_stack)

@@ -27,6 +27,8 @@ mod upload;
 pub mod fuzzing;
 
 pub use auth::{Credentials, Secret};
+/// The AWS SDK configuration ECR uses, shared with `--context s3://` (crate::context::s3).
+pub(crate) use ecr::sdk_config as aws_sdk_config;
 pub use ecr::{AwsOptions, EcrError, EcrHost, parse_host as parse_ecr_host};
 pub use resolve::{ResolveOverride, ResolveParseError};
 pub use retry::RetryPolicy;
