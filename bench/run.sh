@@ -178,6 +178,14 @@ measure imgbuild_build 'rm -rf "$IMGBUILD_CACHE" out-build' \
     "$IMGBUILD build -q --no-arch-check -f in/spec.toml -o out-build"
 rm -rf out-build
 
+log "1c. bytes read from input files by a cold push (-v counter): the inputs' size, not twice"
+fresh_registry
+rm -rf "$IMGBUILD_CACHE"
+input_read=$("$IMGBUILD" push -v --no-arch-check -f in/spec.toml --repo "127.0.0.1:$PORT/bench/reads" 2>&1 >/dev/null |
+    sed -n 's/^read \([0-9]*\) bytes from input files$/\1/p')
+input_size=$(find in/amd64 in/arm64 in/conf -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+log "cold push read ${input_read:-?} bytes from inputs of ${input_size} bytes"
+
 log "1b. imgbuild push --compression zstd, cold"
 measure imgbuild_cold_zstd 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
     "$IMGBUILD push -q --no-arch-check --compression zstd -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/zstd"
@@ -263,9 +271,10 @@ rm -rf in/big
 # --------------------------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------------------------
-python3 - "$RUNS" "$noop_blob_requests" "$rebuilt" <<'PY'
+python3 - "$RUNS" "$noop_blob_requests" "$rebuilt" "${input_read:-0}" "$input_size" <<'PY'
 import os, sys
 runs, noop_reqs, rebuilt = sys.argv[1], sys.argv[2], sys.argv[3].strip()
+input_read, input_size = int(sys.argv[4] or 0), int(sys.argv[5] or 1)
 def get(n):
     p = f"res/{n}.med"
     if not os.path.exists(p):
@@ -311,6 +320,7 @@ if noop:
     print(f"| no-op re-push wall s | {noop[0]:.2f} | <= 0.3 |")
 print(f"| blob upload requests during no-op re-pushes | {noop_reqs} | 0 |")
 print(f"| layers rebuilt per one-of-5 change (each run) | {rebuilt} | 1 |")
+print(f"| input bytes read per cold push / input size | {input_read / input_size:.2f} | 1.00 |")
 big = get("big")
 if big:
     print(f"| peak RSS, {os.environ.get('BIG_MIB', '1024')} MiB artifact, MiB | {big[1]:.0f} | <= 64 |")

@@ -494,6 +494,7 @@ impl SourceKind<'_> {
         if let SourceKind::Registry {
             cache: Some(cache), ..
         } = self
+            && cache.lease(digest).is_ok()
             && let Ok(bytes) = std::fs::read(cache.path(digest))
             && Digest::of(&bytes) == *digest
         {

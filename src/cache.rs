@@ -7,6 +7,9 @@
 //!   layers/<key hex>     record of a built layer: descriptor, diff_id, the blob's stat identity
 //!   files/<id hex>       content digest of a source file, keyed by its stat identity
 //!   pushed/<registry hex>/<digest hex>   repositories of that registry a push put the blob in
+//!   shapes/<shape hex>   a layer with this key minus file contents was cached (cold-build rule)
+//!   locks/<digest hex>   leases: a run's shared flock on each blob it uses (crate::lease)
+//!   bases/blobs/sha256/<hex>   base-image blobs (crate::base), leased the same way
 //! ```
 //!
 //! **Push records** feed cross-repo mounts: after a push, each of its blobs is recorded as
@@ -19,6 +22,12 @@
 //! the codec and level, `SOURCE_DATE_EPOCH`, and per entry its path, kind, mode, owner, symlink
 //! target, and for regular files the size and content digest. `created_by` is not in the key
 //! (it is config history, not layer bytes).
+//!
+//! **One read on a cold cache**: the key needs every file's content digest, which would mean
+//! reading each input twice (hash, then tar). When the file index does not know some of them
+//! and no layer of the same *shape* (the key without contents: paths, modes, owners, sizes,
+//! codec, epoch) was ever cached, no cached layer can match, so the layer is built at once
+//! and each file hashed while it is tarred; its key is computed afterwards.
 //!
 //! **File contents** are hashed once: the content digest is remembered under the file's stat
 //! identity (path, device, inode, size, mtime and ctime in nanoseconds) and reused while that
@@ -34,12 +43,17 @@
 //! digest of every uploaded blob.)
 //!
 //! Every file here is written to a temporary name and renamed, so concurrent runs sharing one
-//! cache see whole entries or none. There is no eviction yet: delete the directory to reclaim it.
+//! cache see whole entries or none, and a run killed mid-write leaves only a `.tmp-*` file,
+//! which no name refers to. A lookup never deletes a blob it finds bad (a concurrent run may
+//! just have renamed a good one over it); the rebuild replaces it. Every blob a run uses is
+//! leased (`locks/`, [`crate::lease`]) so that eviction ([`crate::prune`]: `imgbuild cache
+//! prune`, `IMGBUILD_CACHE_MAX_SIZE`) never deletes it under the run.
 
 use crate::compress::Compression;
 use crate::digest::{Digest, HashingWriter};
 use crate::image::{Descriptor, LayerInfo};
 use crate::layer::{LayerError, LayerOptions};
+use crate::lease::Leases;
 use crate::plan::{EntryKind, LayerPlan};
 use crate::reference::Repository;
 use crate::store::BlobStore;
@@ -53,6 +67,12 @@ use std::path::{Path, PathBuf};
 /// Bumped whenever the tar or compressed bytes for the same inputs change (a new block size,
 /// a different deflate backend, tar header changes): old entries are then simply not found.
 const KEY_VERSION: &str = "imgbuild-layer-cache v1";
+
+/// Markers of the layer shapes (key without contents) that were cached.
+pub const SHAPES: &str = "shapes";
+
+/// The lock files of the cache's blobs ([`crate::lease`]), beside `blobs/`.
+pub const LOCKS: &str = "locks";
 
 /// The cache directory: `$IMGBUILD_CACHE`, else `$XDG_CACHE_HOME/imgbuild`, else
 /// `$HOME/.cache/imgbuild` (the XDG base directory spec); None when none is set. Base images
@@ -97,7 +117,7 @@ impl LayerCache {
     /// Open (creating if needed) the cache at `root`.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
-        let store = BlobStore::open(&root)?;
+        let store = BlobStore::open(&root)?.with_leases(Leases::open(root.join(LOCKS))?);
         fs::create_dir_all(root.join("layers"))?;
         fs::create_dir_all(root.join("files"))?;
         Ok(LayerCache {
@@ -127,35 +147,42 @@ impl LayerCache {
     /// The key of `layer` built with `opts`. Reads (and hashes) only files whose stat identity
     /// is not known yet.
     pub fn key(&self, layer: &LayerPlan, opts: &LayerOptions) -> Result<Digest, LayerError> {
-        let Compression { codec, level } = opts.compression;
-        let mut text = format!(
-            "{KEY_VERSION}\ncompression {codec} {level}\nepoch {}\n",
-            opts.epoch
-        );
-        for e in &layer.entries {
-            let path = hex::encode(e.path.as_os_str().as_bytes());
-            let what = match &e.kind {
-                EntryKind::Dir => "dir".to_string(),
-                EntryKind::Symlink { target } => {
-                    format!("symlink {}", hex::encode(target.as_os_str().as_bytes()))
-                }
-                EntryKind::File { src, size } => {
-                    format!("file {size} {}", self.content_digest(src, *size)?)
-                }
-            };
-            text.push_str(&format!("{path} {:o} {} {} {what}\n", e.mode, e.uid, e.gid));
-        }
-        Ok(Digest::of(text.as_bytes()))
+        let digests = layer
+            .entries
+            .iter()
+            .map(|e| match &e.kind {
+                EntryKind::File { src, size } => self.content_digest(src, *size).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(key_text(layer, opts, Some(&digests)))
     }
 
-    /// The sha256 of `src`'s first `size` bytes (the planned size), from the file index when
-    /// its stat identity is unchanged.
-    fn content_digest(&self, src: &Path, size: u64) -> Result<Digest, LayerError> {
-        let read_err = |source| LayerError::Read {
+    /// The key's text without file contents: what every layer that could have this key shares
+    /// (paths, modes, owners, sizes, codec, epoch). `shapes/<it>` marks that one was cached.
+    fn shape(layer: &LayerPlan, opts: &LayerOptions) -> Digest {
+        key_text(layer, opts, None)
+    }
+
+    /// The content digest of `src` if the file index knows it (a stat, no read).
+    fn known_digest(&self, src: &Path, size: u64) -> Result<Option<Digest>, LayerError> {
+        let (index, _) = self.file_index(src, size)?;
+        let known = fs::read_to_string(&index)
+            .ok()
+            .and_then(|s| s.trim().parse::<Digest>().ok());
+        if known.is_some() {
+            touch(&index);
+        }
+        Ok(known)
+    }
+
+    /// Where the file index keeps `src`'s content digest, by its stat identity (path, device,
+    /// inode, size, mtime, ctime), and that stat.
+    fn file_index(&self, src: &Path, size: u64) -> Result<(PathBuf, fs::Metadata), LayerError> {
+        let meta = fs::metadata(src).map_err(|source| LayerError::Read {
             path: src.to_path_buf(),
             source,
-        };
-        let meta = fs::metadata(src).map_err(read_err)?;
+        })?;
         if meta.len() != size {
             return Err(LayerError::Changed {
                 path: src.to_path_buf(),
@@ -176,16 +203,33 @@ impl LayerCache {
             )
             .as_bytes(),
         );
-        let index = self.root.join("files").join(id.hex());
-        if let Some(d) = fs::read_to_string(&index)
-            .ok()
-            .and_then(|s| s.trim().parse::<Digest>().ok())
-        {
+        Ok((self.root.join("files").join(id.hex()), meta))
+    }
+
+    /// Remember `digest` for the file whose index entry is `index` and stat `meta`, unless it
+    /// was modified within the racy window ("racily clean", see the module docs).
+    fn remember_digest(&self, index: &Path, meta: &fs::Metadata, digest: &Digest) {
+        if settled(meta, self.racy_window, std::time::SystemTime::now()) {
+            // Best effort: a failed write only means hashing again next time.
+            let _ = write_atomic(index, digest.to_string().as_bytes());
+        }
+    }
+
+    /// The sha256 of `src`'s first `size` bytes (the planned size), from the file index when
+    /// its stat identity is unchanged.
+    fn content_digest(&self, src: &Path, size: u64) -> Result<Digest, LayerError> {
+        let read_err = |source| LayerError::Read {
+            path: src.to_path_buf(),
+            source,
+        };
+        if let Some(d) = self.known_digest(src, size)? {
             return Ok(d);
         }
+        let (index, meta) = self.file_index(src, size)?;
         let mut w = HashingWriter::new(io::sink());
         let copied = io::copy(&mut File::open(src).map_err(read_err)?.take(size), &mut w)
             .map_err(read_err)?;
+        crate::layer::count_input_bytes(copied);
         if copied != size {
             return Err(LayerError::Changed {
                 path: src.to_path_buf(),
@@ -193,10 +237,7 @@ impl LayerCache {
             });
         }
         let digest = w.finish().1;
-        if settled(&meta, self.racy_window, std::time::SystemTime::now()) {
-            // Best effort: a failed write only means hashing again next time.
-            let _ = write_atomic(&index, digest.to_string().as_bytes());
-        }
+        self.remember_digest(&index, &meta, &digest);
         Ok(digest)
     }
 
@@ -215,6 +256,8 @@ impl LayerCache {
         else {
             return Ok(None);
         };
+        // Leased before it is checked: from here on no prune deletes it during this run.
+        self.store.lease(&record.digest)?;
         let blob = self.store.path(&record.digest);
         let good = match fs::metadata(&blob) {
             Err(_) => false,
@@ -234,11 +277,12 @@ impl LayerCache {
             }
         };
         if !good {
-            // Corrupted or gone: drop both, so the rebuild writes a fresh blob.
-            let _ = fs::remove_file(&blob);
-            let _ = fs::remove_file(&record_path);
+            // Corrupted or gone: rebuild. The blob is not deleted: a concurrent run may have
+            // just renamed a good one over it (the rebuild replaces it atomically anyway),
+            // and the record is replaced by the rebuild's.
             return Ok(None);
         }
+        touch(&record_path);
         if store.root() != self.store.root() {
             link_or_copy(&blob, &store.path(&record.digest))?;
         }
@@ -272,6 +316,35 @@ impl LayerCache {
     }
 }
 
+/// The versioned key text of `layer` (see the module docs), hashed. `digests`: each entry's
+/// content digest (files; None for others); None leaves contents out (the layer's shape).
+fn key_text(layer: &LayerPlan, opts: &LayerOptions, digests: Option<&[Option<Digest>]>) -> Digest {
+    let Compression { codec, level } = opts.compression;
+    let mut text = format!(
+        "{KEY_VERSION}\ncompression {codec} {level}\nepoch {}\n",
+        opts.epoch
+    );
+    if digests.is_none() {
+        text.push_str("shape\n");
+    }
+    for (i, e) in layer.entries.iter().enumerate() {
+        let path = hex::encode(e.path.as_os_str().as_bytes());
+        let what = match &e.kind {
+            EntryKind::Dir => "dir".to_string(),
+            EntryKind::Symlink { target } => {
+                format!("symlink {}", hex::encode(target.as_os_str().as_bytes()))
+            }
+            EntryKind::File { size, .. } => match digests.and_then(|d| d.get(i).cloned().flatten())
+            {
+                Some(d) => format!("file {size} {d}"),
+                None => format!("file {size}"),
+            },
+        };
+        text.push_str(&format!("{path} {:o} {} {} {what}\n", e.mode, e.uid, e.gid));
+    }
+    Digest::of(text.as_bytes())
+}
+
 /// How a layer was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -297,16 +370,65 @@ pub fn write_layer_cached(
             None,
         ));
     };
-    let key = cache.key(layer, opts)?;
-    let mut warning = None;
-    match cache.lookup(&key, layer, store) {
-        Ok(Some(info)) => return Ok((info, Outcome::Hit, None)),
-        Ok(None) => {}
-        Err(e) => {
-            warning = Some(format!("layer cache {}: {e}", cache.root().display()));
-        }
+    let shape = LayerCache::shape(layer, opts);
+    let shape_path = cache.root.join(SHAPES).join(shape.hex());
+    let mut known = Vec::with_capacity(layer.entries.len());
+    let mut all_known = true;
+    for e in &layer.entries {
+        let d = match &e.kind {
+            EntryKind::File { src, size } => {
+                let d = cache.known_digest(src, *size)?;
+                all_known &= d.is_some();
+                d
+            }
+            _ => None,
+        };
+        known.push(d);
     }
-    let info = crate::layer::write_layer(layer, store, opts)?;
+    let mut warning = None;
+    // A content key can only hit if a layer of the same shape was cached. When none was and
+    // some contents are unknown (a cold cache), build at once and hash each file while it is
+    // tarred: one read per input. Otherwise hash first (a fresh checkout of cached inputs
+    // then costs one read and no compression).
+    let key = if all_known || shape_path.exists() {
+        let mut digests = Vec::with_capacity(known.len());
+        for (e, k) in layer.entries.iter().zip(known) {
+            digests.push(match (&e.kind, k) {
+                (EntryKind::File { src, size }, None) => Some(cache.content_digest(src, *size)?),
+                (_, k) => k,
+            });
+        }
+        let key = key_text(layer, opts, Some(&digests));
+        match cache.lookup(&key, layer, store) {
+            Ok(Some(info)) => {
+                touch(&shape_path);
+                return Ok((info, Outcome::Hit, None));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warning = Some(format!("layer cache {}: {e}", cache.root().display()));
+            }
+        }
+        Some(key)
+    } else {
+        None
+    };
+    let (info, digests) = crate::layer::write_layer_hashing(layer, store, opts, key.is_none())?;
+    let key = match key {
+        Some(key) => key,
+        None => {
+            for (e, d) in layer.entries.iter().zip(&digests) {
+                if let (EntryKind::File { src, size }, Some(d)) = (&e.kind, d)
+                    && let Ok((index, meta)) = cache.file_index(src, *size)
+                {
+                    cache.remember_digest(&index, &meta, d);
+                }
+            }
+            key_text(layer, opts, Some(&digests))
+        }
+    };
+    let _ =
+        fs::create_dir_all(cache.root.join(SHAPES)).and_then(|()| write_atomic(&shape_path, b""));
     if let Err(e) = cache.insert(&key, &info, store) {
         warning = Some(format!(
             "layer cache {}: {e}; continuing without caching this layer",
@@ -375,6 +497,14 @@ impl LayerCache {
                 (!others.is_empty()).then_some((d, others))
             })
             .collect()
+    }
+}
+
+/// Mark a record used now: its mtime is its "last used" time for eviction (`crate::prune`).
+/// Best effort: a record that looks older is only evicted sooner.
+fn touch(path: &Path) {
+    if let Ok(f) = fs::OpenOptions::new().write(true).open(path) {
+        let _ = f.set_modified(std::time::SystemTime::now());
     }
 }
 

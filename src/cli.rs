@@ -37,6 +37,32 @@ pub enum Command {
     /// Show an image: index digest, platforms, sizes, config summary, base, referrers (SBOM,
     /// provenance). REF is REGISTRY/REPO:TAG, REGISTRY/REPO@sha256:... or oci:DIR[:TAG].
     Inspect(InspectArgs),
+    /// Show or shrink the cache (IMGBUILD_CACHE, default ~/.cache/imgbuild).
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+/// `imgbuild cache ...`: the layer, base-image and push-record cache. After each build or
+/// push it is pruned to IMGBUILD_CACHE_MAX_SIZE (default 10G; `off` disables), least
+/// recently used first; blobs a running build or push uses are never removed.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Print the cache's size per section and in total.
+    Du,
+    /// Remove cache entries, least recently used first; without options, every entry no
+    /// running build or push uses (like `go clean -cache`).
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Shrink the cache to at most SIZE (500M, 10G, 10GiB: powers of 1024; or bytes).
+    #[arg(long, value_name = "SIZE", value_parser = imgbuild::prune::parse_size)]
+    pub max_size: Option<u64>,
+
+    /// Remove entries not used for DURATION (90m, 72h, 30d, 2w).
+    #[arg(long, value_name = "DURATION", value_parser = imgbuild::prune::parse_duration)]
+    pub older_than: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Args)]

@@ -439,9 +439,9 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 4 == 0 {
+            if x.is_multiple_of(4) {
                 out.extend_from_slice(&x.to_le_bytes()[..3]);
-            } else if x % 3 == 0 {
+            } else if x.is_multiple_of(3) {
                 // Decimal numbers: the kind of input that exposed reused-compressor state.
                 out.extend_from_slice(format!("{} ", x % 100_000).as_bytes());
             } else {

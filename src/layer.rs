@@ -21,6 +21,7 @@ use crate::store::BlobStore;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Input piece size handed to the encoder.
 const ENCODER_INPUT: usize = 1 << 20;
@@ -76,12 +77,38 @@ impl LayerError {
     }
 }
 
+/// Bytes read from input files by this process (tarring and, in [`crate::cache`], hashing
+/// them): what shows that a cold cache reads each input once (`-v` prints it).
+static INPUT_BYTES_READ: AtomicU64 = AtomicU64::new(0);
+
+/// See [`INPUT_BYTES_READ`].
+pub fn input_bytes_read() -> u64 {
+    INPUT_BYTES_READ.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_input_bytes(n: u64) {
+    INPUT_BYTES_READ.fetch_add(n, Ordering::Relaxed);
+}
+
 /// Write one layer into `store`; return its descriptor and diff_id.
 pub fn write_layer(
     layer: &LayerPlan,
     store: &BlobStore,
     opts: &LayerOptions,
 ) -> Result<LayerInfo, LayerError> {
+    write_layer_hashing(layer, store, opts, false).map(|(info, _)| info)
+}
+
+/// [`write_layer`], and with `hash_files` the sha256 of each regular file's content as it
+/// was read into the tar (None for other entries, and without `hash_files`): the layer
+/// cache's key needs them, and this way a cold cache reads each input once.
+pub fn write_layer_hashing(
+    layer: &LayerPlan,
+    store: &BlobStore,
+    opts: &LayerOptions,
+    hash_files: bool,
+) -> Result<(LayerInfo, Vec<Option<Digest>>), LayerError> {
+    let mut file_digests = Vec::with_capacity(layer.entries.len());
     let write_err = |source| LayerError::Write {
         dir: store.root().to_path_buf(),
         source,
@@ -119,29 +146,34 @@ pub fn write_layer(
                     path: src.clone(),
                     source,
                 })?;
-                let reader = ExactReader {
+                let mut reader = ExactReader {
                     inner: file,
                     remaining: *size,
+                    hasher: hash_files.then(|| HashingWriter::new(io::sink())),
                 };
-                tar.append_data(&mut h, &entry.path, reader).map_err(|e| {
-                    // A size change shows up here as our own marker; anything else is
-                    // either reading the source or writing the blob.
-                    if e.get_ref().is_some_and(|i| i.is::<SizeChanged>()) {
-                        LayerError::Changed {
-                            path: src.clone(),
-                            planned: *size,
+                tar.append_data(&mut h, &entry.path, &mut reader)
+                    .map_err(|e| {
+                        // A size change shows up here as our own marker; anything else is
+                        // either reading the source or writing the blob.
+                        if e.get_ref().is_some_and(|i| i.is::<SizeChanged>()) {
+                            LayerError::Changed {
+                                path: src.clone(),
+                                planned: *size,
+                            }
+                        } else if e.get_ref().is_some_and(|i| i.is::<ReadFailure>()) {
+                            LayerError::Read {
+                                path: src.clone(),
+                                source: e,
+                            }
+                        } else {
+                            write_err(e)
                         }
-                    } else if e.get_ref().is_some_and(|i| i.is::<ReadFailure>()) {
-                        LayerError::Read {
-                            path: src.clone(),
-                            source: e,
-                        }
-                    } else {
-                        write_err(e)
-                    }
-                })?;
+                    })?;
+                file_digests.push(reader.hasher.map(|h| h.finish().1));
+                continue;
             }
         }
+        file_digests.push(None);
     }
     let hashing = tar.into_inner().map_err(write_err)?;
     let (buffered, diff_id, _tar_size) = hashing.finish();
@@ -150,11 +182,12 @@ pub fn write_layer(
         .map_err(|e| write_err(e.into_error()))?;
     let blob = encoder.finish().map_err(write_err)?;
     let (digest, size) = blob.commit().map_err(write_err)?;
-    Ok(LayerInfo {
+    let info = LayerInfo {
         descriptor: Descriptor::new(opts.compression.codec.media_type(), digest, size),
         diff_id,
         created_by: layer.created_by.clone(),
-    })
+    };
+    Ok((info, file_digests))
 }
 
 /// Marker for read errors of a source file, so they are told apart from write errors.
@@ -173,6 +206,8 @@ struct SizeChanged;
 struct ExactReader {
     inner: File,
     remaining: u64,
+    /// Hashes what is read, when the caller wants the file's digest.
+    hasher: Option<HashingWriter<io::Sink>>,
 }
 
 impl Read for ExactReader {
@@ -199,6 +234,10 @@ impl Read for ExactReader {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, SizeChanged));
         }
         self.remaining -= n as u64;
+        count_input_bytes(n as u64);
+        if let Some(h) = &mut self.hasher {
+            h.write_all(&buf[..n])?;
+        }
         Ok(n)
     }
 }

@@ -109,6 +109,94 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Init(args) => init(&args),
         Command::Copy(args) => copy(&args),
         Command::Tag(args) => tag(&args),
+        Command::Cache(cmd) => cache_command(&cmd),
+    }
+}
+
+/// `imgbuild cache du|prune`: prints to stdout (the sizes, or what was removed).
+fn cache_command(cmd: &cli::CacheCommand) -> Result<()> {
+    use imgbuild::prune::{self, human};
+    let root = imgbuild::cache::default_dir().ok_or_else(|| {
+        Error::Usage("no cache directory: set IMGBUILD_CACHE, XDG_CACHE_HOME or HOME".into())
+    })?;
+    let io = |what: &str| {
+        let what = format!("{what} the cache {}", root.display());
+        move |e| Error::io(what, e)
+    };
+    match cmd {
+        cli::CacheCommand::Du => {
+            let usage = prune::du(&root).map_err(io("reading"))?;
+            for (section, size, n) in &usage.sections {
+                println!("{:<10} {:>10}  {n} entries", section.name(), human(*size));
+            }
+            println!(
+                "{:<10} {:>10}  {}",
+                "total",
+                human(usage.total),
+                root.display()
+            );
+        }
+        cli::CacheCommand::Prune(a) => {
+            let policy = match (a.max_size, a.older_than) {
+                (None, None) => prune::Policy {
+                    max_size: Some(0),
+                    older_than: None,
+                },
+                (max_size, older_than) => prune::Policy {
+                    max_size,
+                    older_than,
+                },
+            };
+            let r = prune::prune(&root, policy, true).map_err(io("pruning"))?;
+            let in_use = match r.in_use {
+                0 => String::new(),
+                n => format!("; kept {n} blobs a running build or push uses"),
+            };
+            println!(
+                "removed {} entries, freed {}; cache now {}{in_use}",
+                r.removed,
+                human(r.freed),
+                human(r.remaining)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `-v`: how many bytes were read from input files (tarring and hashing them): equal to the
+/// inputs' size on a cold cache, 0 on a warm one (README "Layer cache").
+fn report_input_bytes(c: &CommonArgs) {
+    if c.verbose > 0 && !c.quiet {
+        eprintln!(
+            "read {} bytes from input files",
+            imgbuild::layer::input_bytes_read()
+        );
+    }
+}
+
+/// After a build or push that used the cache: prune it to `IMGBUILD_CACHE_MAX_SIZE` (a
+/// warning, never an error: the run itself succeeded or failed on its own).
+fn prune_after_run(cache: Option<&std::path::Path>, c: &CommonArgs) {
+    let Some(root) = cache else { return };
+    let max = match imgbuild::prune::parse_max_size_env(
+        std::env::var("IMGBUILD_CACHE_MAX_SIZE").ok().as_deref(),
+    ) {
+        Ok(Some(max)) => max,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("warning: {e}; the cache was not pruned");
+            return;
+        }
+    };
+    match imgbuild::prune::after_run(root, max) {
+        Ok(r) if r.removed > 0 && !c.quiet => eprintln!(
+            "pruned the cache to {} (IMGBUILD_CACHE_MAX_SIZE): removed {} entries, freed {}",
+            imgbuild::prune::human(r.remaining),
+            r.removed,
+            imgbuild::prune::human(r.freed)
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("warning: pruning the cache {}: {e}", root.display()),
     }
 }
 
@@ -173,7 +261,7 @@ fn build(args: &BuildArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("out").join(spec.name()));
     let mut image = image_request(c, spec, options, tags)?;
     image.supply = supply_options(c, false);
-    let req = run::BuildRequest {
+    let mut req = run::BuildRequest {
         image,
         // Reaching base image registries: like push, without --username.
         pull: PushOptions {
@@ -193,7 +281,18 @@ fn build(args: &BuildArgs) -> Result<()> {
         tarball_format: args.tarball_format,
         repository,
     };
-    let image = run::build(&req, progress.as_ref())?;
+    let cache_root = req
+        .image
+        .options
+        .cache
+        .as_ref()
+        .map(|c| c.root().to_path_buf());
+    let image = run::build(&req, progress.as_ref());
+    // The run's leases are released with the request, before the prune.
+    drop(req.image.options.cache.take());
+    prune_after_run(cache_root.as_deref(), c);
+    report_input_bytes(c);
+    let image = image?;
     if !c.quiet {
         let dir = req.layout.display();
         match req.image.tags.first() {
@@ -219,9 +318,20 @@ fn build(args: &BuildArgs) -> Result<()> {
 fn push(args: &PushArgs) -> Result<()> {
     let progress = make_progress(&args.common);
     // `_context` lives until the push is done: an unpacked context is removed when dropped.
-    let (req, more, _context) = push_request(args)?;
+    let (mut req, more, _context) = push_request(args)?;
+    let cache_root = req
+        .image
+        .options
+        .cache
+        .as_ref()
+        .map(|c| c.root().to_path_buf());
+    let pushed = run::push_many(&req, &more, progress.as_ref());
+    // The run's leases are released with the request, before the prune.
+    drop(req.image.options.cache.take());
+    prune_after_run(cache_root.as_deref(), &args.common);
+    report_input_bytes(&args.common);
     // One line per repository, in the order given.
-    for pushed in run::push_many(&req, &more, progress.as_ref())? {
+    for pushed in pushed? {
         println!("{}", pushed.image_ref);
     }
     Ok(())

@@ -521,17 +521,17 @@ fn check_elf(src: &Path, platform: &Platform, at: &Location) -> Result<Option<St
         2 => true,
         _ => return Err(invalid("unknown ELF class")),
     };
-    if let Some(expected) = platform.elf_machine() {
-        if machine != expected || is_64 != platform.elf_is_64() {
-            let bits = if is_64 { "64-bit" } else { "32-bit" };
-            return Err(PlanError::ArchMismatch {
-                at: at.clone(),
-                path: src.to_path_buf(),
-                platform: platform.clone(),
-                found: format!("{bits} {}", elf_machine_name(machine)),
-                expected: elf_machine_name(expected),
-            });
-        }
+    if let Some(expected) = platform.elf_machine()
+        && (machine != expected || is_64 != platform.elf_is_64())
+    {
+        let bits = if is_64 { "64-bit" } else { "32-bit" };
+        return Err(PlanError::ArchMismatch {
+            at: at.clone(),
+            path: src.to_path_buf(),
+            platform: platform.clone(),
+            found: format!("{bits} {}", elf_machine_name(machine)),
+            expected: elf_machine_name(expected),
+        });
     }
     // Program headers, for PT_INTERP, through a read cache: only the ranges asked for are read.
     let cache = object::read::ReadCache::new(file);

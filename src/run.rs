@@ -400,7 +400,7 @@ fn with_bases(
         .iter()
         .any(|(_, b)| matches!(b, spec::Base::Registry(_)));
     let cache = match req.base_cache.as_ref().filter(|_| remote) {
-        Some(dir) => Some(BlobStore::open(dir).map_err(|e| {
+        Some(dir) => Some(open_base_cache(dir).map_err(|e| {
             Error::io(
                 format!("creating the base image cache {}", dir.display()),
                 e,
@@ -416,6 +416,16 @@ fn with_bases(
         progress,
     ))?;
     Ok((opts, cache))
+}
+
+/// The base image cache at `dir` (the cache's `bases/`), its blobs leased in the cache's
+/// `locks/` like the layer cache's, so a concurrent prune leaves them alone.
+fn open_base_cache(dir: &std::path::Path) -> std::io::Result<BlobStore> {
+    let locks = dir
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(crate::cache::LOCKS);
+    Ok(BlobStore::open(dir)?.with_leases(crate::lease::Leases::open(locks)?))
 }
 
 /// The platforms whose base is the built-in `static`: its layer is written into `store` (so

@@ -6,14 +6,19 @@
 //! to their digest only when complete: a reader never sees a partial blob under a digest name.
 
 use crate::digest::{Digest, HashingWriter};
+use crate::lease::Leases;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A directory holding `blobs/sha256/<hex>` files.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    /// In a cache: the run's leases, taken on every blob it writes or looks at
+    /// ([`crate::lease`]), so that a concurrent prune leaves them alone.
+    leases: Option<Arc<Leases>>,
 }
 
 impl BlobStore {
@@ -23,7 +28,23 @@ impl BlobStore {
         let dir = root.join("blobs").join("sha256");
         create_dirs(&dir)?;
         remove_stale_temporaries(&dir);
-        Ok(BlobStore { root })
+        Ok(BlobStore { root, leases: None })
+    }
+
+    /// The same store, leasing every blob this run writes, checks for or leases explicitly
+    /// (a shared cache, see [`crate::lease`]).
+    pub fn with_leases(mut self, leases: Arc<Leases>) -> Self {
+        self.leases = Some(leases);
+        self
+    }
+
+    /// Keep a concurrent prune from deleting `digest` until this run ends (a no-op outside a
+    /// cache). Take it before checking that the blob is there.
+    pub fn lease(&self, digest: &Digest) -> io::Result<()> {
+        match &self.leases {
+            Some(l) => l.hold(digest.hex()),
+            None => Ok(()),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -38,8 +59,9 @@ impl BlobStore {
             .join(digest.hex())
     }
 
+    /// Whether the blob is there; in a cache, it is leased first, so it stays there.
     pub fn contains(&self, digest: &Digest) -> bool {
-        self.path(digest).is_file()
+        self.lease(digest).is_ok() && self.path(digest).is_file()
     }
 
     /// Start writing a blob whose digest is not known yet.
@@ -47,6 +69,9 @@ impl BlobStore {
         let tmp = tempfile::Builder::new()
             .prefix(&temp_prefix())
             .tempfile_in(self.root.join("blobs").join("sha256"))?;
+        // Locked while it is written: a prune deletes temporary files only when no one holds
+        // them (what a killed run left behind).
+        tmp.as_file().lock()?;
         Ok(BlobWriter {
             inner: HashingWriter::new(BufWriter::with_capacity(256 * 1024, tmp)),
             store: self.clone(),
@@ -75,7 +100,10 @@ fn temp_prefix() -> String {
 
 /// Remove the temporary files of processes that no longer run (checked in `/proc`), so
 /// killed runs do not fill the disk over time. Files of live processes (concurrent runs
-/// sharing a cache) are kept. Best effort: a failure only leaves the file.
+/// sharing a cache) are kept, and so is any file someone holds locked: a run in another PID
+/// namespace (a container sharing the cache) may have a pid this process cannot see, but it
+/// holds its temporary files locked while it writes them ([`BlobStore::writer`]).
+/// Best effort: a failure only leaves the file.
 fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -93,7 +121,10 @@ fn remove_stale_temporaries(dir: &Path) {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+        if pid != std::process::id()
+            && !Path::new("/proc").join(pid.to_string()).exists()
+            && File::open(e.path()).is_ok_and(|f| f.try_lock().is_ok())
+        {
             let _ = fs::remove_file(e.path());
         }
     }
@@ -115,6 +146,8 @@ impl BlobWriter {
         let (buf, digest, size) = self.inner.finish();
         let tmp = buf.into_inner().map_err(|e| e.into_error())?;
         let dest = self.store.path(&digest);
+        // Leased before it has its name, so no prune can take it between the two.
+        self.store.lease(&digest)?;
         tmp.persist(&dest).map_err(|e| e.error)?;
         // tempfile creates 0600; a blob is not a secret, give it the umask's default
         // like any other file we write (issue 5: never world-writable, never narrower).

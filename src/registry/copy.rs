@@ -232,7 +232,10 @@ impl Endpoint {
             .await?;
         let index = match api {
             Some(bytes) => bytes,
-            None => match self.manifest(&super::referrers::tag_for(digest), progress).await? {
+            None => match self
+                .manifest(&super::referrers::tag_for(digest), progress)
+                .await?
+            {
                 Some(m) => m.bytes,
                 None => return Ok(Vec::new()),
             },
@@ -335,7 +338,6 @@ impl Endpoint {
         Ok(true)
     }
 }
-
 
 /// Run `op` against the destination `repo`, taking care of ECR repositories as a push does
 /// (`--create-repository`; a missing repository named with the command that creates it).

@@ -199,6 +199,16 @@ impl RegistryError {
             RegistryError::Unreachable { .. }
             | RegistryError::Timeout { .. }
             | RegistryError::BlobMissing { .. } => Some(backoff(attempt, base)),
+            // A manifest is sent only after every blob it names was confirmed (HEAD), so a
+            // registry calling one unknown is in a race, not a verdict: docker distribution
+            // rewrites a repository's blob link file in place when another client commits
+            // the same blob, and a manifest check that reads it meanwhile fails (seen with
+            // concurrent pushes of one image to one repository).
+            RegistryError::Protocol {
+                status: 400,
+                body_snippet,
+                ..
+            } if body_snippet.contains("MANIFEST_BLOB_UNKNOWN") => Some(backoff(attempt, base)),
             RegistryError::Protocol {
                 status,
                 retry_after,
@@ -252,6 +262,16 @@ mod tests {
             // A registry asking for minutes is down: give up (exit 5) rather than hang.
             (protocol(503, Some(3600)), 1, None),
             (protocol(400, None), 1, None),
+            (
+                RegistryError::Protocol {
+                    url: "u".into(),
+                    status: 400,
+                    body_snippet: "MANIFEST_BLOB_UNKNOWN: blob unknown to registry".into(),
+                    retry_after: None,
+                },
+                1,
+                Some((50 * MS, 100 * MS)),
+            ),
             (protocol(404, None), 1, None),
             (protocol(200, None), 1, None),
             // Capped at 30 s however many attempts.

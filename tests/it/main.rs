@@ -7,6 +7,7 @@
 mod action;
 mod base;
 mod build;
+mod cache;
 mod context;
 mod copy;
 mod credentials;

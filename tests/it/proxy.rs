@@ -414,7 +414,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             && !needs_auth
             && !opts.kinds.is_empty()
             && st.faults_per_key.get(&key).copied().unwrap_or(0) < opts.max_per_key
-            && hash3(opts.seed, &key, n) % opts.one_in == 0
+            && hash3(opts.seed, &key, n).is_multiple_of(opts.one_in)
         {
             let mut kind = Some(opts.kinds[st.faults % opts.kinds.len()]);
             if kind == Some(Fault::Unauthorized) {

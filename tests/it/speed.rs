@@ -56,7 +56,7 @@ fn generated(len: usize, seed: u64) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 3 == 0 {
+        if x.is_multiple_of(3) {
             out.extend_from_slice(format!("{} ", x % 100_000).as_bytes());
         } else {
             out.extend_from_slice(words[(x >> 20) as usize % words.len()].as_bytes());
