@@ -174,7 +174,7 @@ fn report_input_bytes(c: &CommonArgs) {
     }
 }
 
-/// After a build or push that used the cache: prune it to `IMGBUILD_CACHE_MAX_SIZE` (a
+/// After a successful build or push that used the cache: prune it to `IMGBUILD_CACHE_MAX_SIZE` (a
 /// warning, never an error: the run itself succeeded or failed on its own).
 fn prune_after_run(cache: Option<&std::path::Path>, c: &CommonArgs) {
     let Some(root) = cache else { return };
@@ -290,7 +290,10 @@ fn build(args: &BuildArgs) -> Result<()> {
     let image = run::build(&req, progress.as_ref());
     // The run's leases are released with the request, before the prune.
     drop(req.image.options.cache.take());
-    prune_after_run(cache_root.as_deref(), c);
+    // A failed run ends with its one error line: no prune (and no prune warning) after it.
+    if image.is_ok() {
+        prune_after_run(cache_root.as_deref(), c);
+    }
     report_input_bytes(c);
     let image = image?;
     if !c.quiet {
@@ -328,7 +331,10 @@ fn push(args: &PushArgs) -> Result<()> {
     let pushed = run::push_many(&req, &more, progress.as_ref());
     // The run's leases are released with the request, before the prune.
     drop(req.image.options.cache.take());
-    prune_after_run(cache_root.as_deref(), &args.common);
+    // A failed run ends with its one error line: no prune (and no prune warning) after it.
+    if pushed.is_ok() {
+        prune_after_run(cache_root.as_deref(), &args.common);
+    }
     report_input_bytes(&args.common);
     // One line per repository, in the order given.
     for pushed in pushed? {
