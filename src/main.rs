@@ -537,18 +537,7 @@ fn tag(args: &TagArgs) -> Result<()> {
 }
 
 fn remote_progress(r: &RemoteArgs) -> Box<dyn Progress> {
-    let verbosity = match (r.quiet, r.verbose) {
-        (true, _) => Verbosity::Quiet,
-        (false, 0) => Verbosity::Normal,
-        _ => Verbosity::Verbose,
-    };
-    if verbosity == Verbosity::Quiet {
-        Box::new(progress::Silent)
-    } else if std::io::stderr().is_terminal() {
-        Box::new(progress::Bars::new(verbosity))
-    } else {
-        Box::new(progress::Lines::new(verbosity))
-    }
+    progress_for(r.quiet, r.verbose)
 }
 
 /// Push's connection options from `copy`/`tag` flags.
@@ -647,7 +636,12 @@ fn supply_options(c: &CommonArgs, on_by_default: bool) -> imgbuild::supply::Supp
 }
 
 fn make_progress(c: &CommonArgs) -> Box<dyn Progress> {
-    let verbosity = match (c.quiet, c.verbose) {
+    progress_for(c.quiet, c.verbose)
+}
+
+/// Bars on a terminal, one line per event otherwise, nothing but errors with `--quiet`.
+fn progress_for(quiet: bool, verbose: u8) -> Box<dyn Progress> {
+    let verbosity = match (quiet, verbose) {
         (true, _) => Verbosity::Quiet,
         (false, 0) => Verbosity::Normal,
         _ => Verbosity::Verbose,
