@@ -68,7 +68,10 @@ pub(crate) async fn attach(
         }
     }
     for subject in subjects {
-        if has_referrers_api(client, subject, progress).await? {
+        if referrers_api_index(client, subject, progress)
+            .await?
+            .is_some()
+        {
             report.via_api.push(subject.clone());
             continue;
         }
@@ -105,28 +108,7 @@ pub async fn list(
     progress: &dyn Progress,
 ) -> Result<Vec<Value>, RegistryError> {
     let client = puller.client();
-    let url = client.repo_url(&format!("referrers/{subject}"));
-    let api = client
-        .retry(&format!("referrers of {subject}"), progress, || async {
-            let response = client
-                .send(|http| {
-                    Ok(http
-                        .get(url.clone())
-                        .header(ACCEPT, MEDIA_TYPE_INDEX)
-                        .timeout(client.timeout()))
-                })
-                .await?;
-            if response.status() == StatusCode::OK && !is_html(response.headers()) {
-                let body = response.bytes().await.unwrap_or_default();
-                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                return Ok(v["manifests"].is_array().then_some(v));
-            }
-            if no_referrers_api(response.status()) {
-                return Ok(None);
-            }
-            Err(unexpected(&url, response).await)
-        })
-        .await?;
+    let api = referrers_api_index(client, subject, progress).await?;
     let index = match api {
         Some(v) => Some(v),
         None => get_tag_index(client, &tag_for(subject), progress)
@@ -190,14 +172,14 @@ pub fn merge(existing: Option<&Value>, ours: &[&Attachment]) -> Value {
     index
 }
 
-/// `GET /v2/<name>/referrers/<digest>`: an image index means the registry has the API; 404
-/// (or any other client error: registries without the endpoint answer 400/404/405) means
-/// it does not.
-async fn has_referrers_api(
+/// `GET /v2/<name>/referrers/<digest>`: the image index it answers when the registry has the
+/// API; None when it does not (404, or any other client error: registries without the
+/// endpoint answer 400/404/405). Anything else (429, 5xx) goes to the retry policy.
+async fn referrers_api_index(
     client: &Client,
     subject: &Digest,
     progress: &dyn Progress,
-) -> Result<bool, RegistryError> {
+) -> Result<Option<Value>, RegistryError> {
     let url = client.repo_url(&format!("referrers/{subject}"));
     client
         .retry(&format!("referrers of {subject}"), progress, || async {
@@ -213,12 +195,10 @@ async fn has_referrers_api(
             if status == StatusCode::OK && !is_html(response.headers()) {
                 let body = response.bytes().await.unwrap_or_default();
                 let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                return Ok(v["manifests"].is_array());
+                return Ok(v["manifests"].is_array().then_some(v));
             }
-            // No referrers endpoint: 404 (distribution 2.8), or 400/405 from some proxies.
-            // Anything else (429, 5xx) goes to the retry policy.
             if no_referrers_api(status) {
-                return Ok(false);
+                return Ok(None);
             }
             Err(unexpected(&url, response).await)
         })
