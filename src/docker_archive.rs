@@ -9,7 +9,7 @@
 //! against the config's `rootfs.diff_ids`, which our config already holds.
 
 use crate::image::{BuiltImage, PlatformImage};
-use crate::layout::{finish_tar, header, start_tar};
+use crate::layout::{append_blob, finish_tar, header, start_tar};
 use crate::platform::Platform;
 use crate::store::BlobStore;
 use serde_json::json;
@@ -75,13 +75,7 @@ pub fn write(
         }
     }
     for d in blobs {
-        let f = store.open_blob(&d)?;
-        let size = f.metadata()?.len();
-        tar.append_data(
-            &mut header(size, false),
-            format!("blobs/sha256/{}", d.hex()),
-            f,
-        )?;
+        append_blob(&mut tar, store, &d)?;
     }
     finish_tar(tar, &tmp, out)
 }

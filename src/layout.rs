@@ -197,13 +197,7 @@ pub fn write_tarball(
         tar.append_data(&mut header(0, true), "blobs", io::empty())?;
         tar.append_data(&mut header(0, true), "blobs/sha256", io::empty())?;
         for d in referenced_blobs(image) {
-            let f = store.open_blob(&d)?;
-            let size = f.metadata()?.len();
-            tar.append_data(
-                &mut header(size, false),
-                format!("blobs/sha256/{}", d.hex()),
-                f,
-            )?;
+            append_blob(&mut tar, store, &d)?;
         }
         finish_tar(tar, &tmp, out)
     })();
@@ -254,6 +248,22 @@ pub(crate) fn header(size: u64, dir: bool) -> tar::Header {
 }
 
 pub(crate) type TarWriter = tar::Builder<BufWriter<fs::File>>;
+
+/// Stream the stored blob `digest` into `tar` as `blobs/sha256/<hex>` (both archive formats
+/// name blobs that way).
+pub(crate) fn append_blob(
+    tar: &mut TarWriter,
+    store: &BlobStore,
+    digest: &Digest,
+) -> io::Result<()> {
+    let f = store.open_blob(digest)?;
+    let size = f.metadata()?.len();
+    tar.append_data(
+        &mut header(size, false),
+        format!("blobs/sha256/{}", digest.hex()),
+        f,
+    )
+}
 
 /// Open `out`'s temporary sibling for writing (its directory is created, as `-o` and the
 /// output files create theirs).

@@ -13,7 +13,7 @@
 
 use super::client::{Client, display_url, is_html, unexpected};
 use super::pull::{MANIFEST_ACCEPT, Puller, read_limited};
-use super::upload::{Mount, blob_exists, mount};
+use super::upload::{Mount, mount};
 use super::{PushOptions, RegistryError};
 use crate::digest::Digest;
 use crate::image::Descriptor;
@@ -299,17 +299,7 @@ impl Endpoint {
         progress: &dyn Progress,
     ) -> Result<bool, RegistryError> {
         let target = self.client();
-        let exists = target
-            .retry(&format!("blob {}", desc.digest), progress, || {
-                blob_exists(target, &desc.digest)
-            })
-            .await?;
-        if exists {
-            progress.event(Event::BlobSkipped {
-                digest: &desc.digest,
-                size: desc.size,
-                reason: "already in the registry",
-            });
+        if super::upload::skip_if_present(target, desc, progress).await? {
             return Ok(false);
         }
         if source.repo.registry == self.repo.registry && source.repo.path != self.repo.path {

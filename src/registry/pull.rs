@@ -433,17 +433,7 @@ async fn transfer_one(
     desc: &Descriptor,
     progress: &dyn Progress,
 ) -> Result<(), RegistryError> {
-    let exists = target
-        .retry(&format!("blob {}", desc.digest), progress, || {
-            blob_exists(target, &desc.digest)
-        })
-        .await?;
-    if exists {
-        progress.event(Event::BlobSkipped {
-            digest: &desc.digest,
-            size: desc.size,
-            reason: "already in the registry",
-        });
+    if super::upload::skip_if_present(target, desc, progress).await? {
         return Ok(());
     }
     if source.repo.registry == target_repo.registry {

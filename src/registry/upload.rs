@@ -227,6 +227,28 @@ async fn push_blob(
         .await
 }
 
+/// HEAD the blob of `desc` (with retries); when the registry has it, report it skipped and
+/// answer true. Shared by the base-layer transfer and `copy`.
+pub(crate) async fn skip_if_present(
+    client: &Client,
+    desc: &crate::image::Descriptor,
+    progress: &dyn Progress,
+) -> Result<bool, RegistryError> {
+    let exists = client
+        .retry(&format!("blob {}", desc.digest), progress, || {
+            blob_exists(client, &desc.digest)
+        })
+        .await?;
+    if exists {
+        progress.event(Event::BlobSkipped {
+            digest: &desc.digest,
+            size: desc.size,
+            reason: "already in the registry",
+        });
+    }
+    Ok(exists)
+}
+
 /// `HEAD /v2/<name>/blobs/<digest>` (spec.md "Checking if content exists in the registry").
 pub(crate) async fn blob_exists(client: &Client, digest: &Digest) -> Result<bool, RegistryError> {
     let url = client.repo_url(&format!("blobs/{digest}"));
