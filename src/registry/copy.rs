@@ -21,7 +21,7 @@ use crate::progress::{Event, Progress};
 use crate::reference::Repository;
 use bytes::Bytes;
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_TYPE};
+use reqwest::header::ACCEPT;
 use serde_json::Value;
 
 /// The OCI image index media type (the referrers API answers with one).
@@ -161,32 +161,15 @@ impl Endpoint {
         let url = client.repo_url(&format!("manifests/{reference}"));
         let subject_processed = client
             .retry(&format!("manifest {reference}"), progress, || async {
-                let response = client
-                    .send(|http| {
-                        Ok(http
-                            .put(url.clone())
-                            .header(CONTENT_TYPE, &manifest.media_type)
-                            .body(manifest.bytes.clone())
-                            .timeout(client.timeout()))
-                    })
-                    .await?;
-                if !response.status().is_success() || is_html(response.headers()) {
-                    return Err(unexpected(&url, response).await);
-                }
-                let headers = response.headers();
-                if let Some(got) = headers
-                    .get("docker-content-digest")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::trim)
-                    && got != manifest.digest.to_string()
-                {
-                    return Err(RegistryError::DigestMismatch {
-                        url: display_url(&url),
-                        expected: manifest.digest.clone(),
-                        got: got.chars().take(100).collect(),
-                    });
-                }
-                Ok(headers.contains_key("oci-subject"))
+                let response = super::upload::send_manifest(
+                    client,
+                    &url,
+                    &manifest.media_type,
+                    &manifest.bytes,
+                    &manifest.digest,
+                )
+                .await?;
+                Ok(response.headers().contains_key("oci-subject"))
             })
             .await?;
         progress.event(Event::ManifestPushed {

@@ -519,19 +519,15 @@ pub(crate) async fn put_manifest(
     let what = format!("manifest {reference}");
     client
         .retry(&what, progress, || async {
-            let response = client
-                .send(|http| {
-                    Ok(http
-                        .put(url.clone())
-                        .header(CONTENT_TYPE, &manifest.media_type)
-                        .body(manifest.bytes.clone())
-                        .timeout(client.timeout()))
-                })
-                .await?;
-            if !response.status().is_success() || is_html(response.headers()) {
-                return Err(unexpected(&url, response).await);
-            }
-            check_digest(&url, &response, &manifest.digest)
+            send_manifest(
+                client,
+                &url,
+                &manifest.media_type,
+                &manifest.bytes,
+                &manifest.digest,
+            )
+            .await
+            .map(|_| ())
         })
         .await?;
     progress.event(Event::ManifestPushed {
@@ -542,6 +538,32 @@ pub(crate) async fn put_manifest(
 }
 
 /// The registry's `Docker-Content-Digest`, when it sends one, must be what we sent.
+/// One `PUT /v2/<name>/manifests/<reference>` attempt (`url`) with the exact bytes: an answer
+/// that is not a success, a web page, or a `Docker-Content-Digest` other than `digest` is an
+/// error. Shared by the image push and `copy`.
+pub(crate) async fn send_manifest(
+    client: &Client,
+    url: &Url,
+    media_type: &str,
+    bytes: &Bytes,
+    digest: &Digest,
+) -> Result<Response, RegistryError> {
+    let response = client
+        .send(|http| {
+            Ok(http
+                .put(url.clone())
+                .header(CONTENT_TYPE, media_type)
+                .body(bytes.clone())
+                .timeout(client.timeout()))
+        })
+        .await?;
+    if !response.status().is_success() || is_html(response.headers()) {
+        return Err(unexpected(url, response).await);
+    }
+    check_digest(url, &response, digest)?;
+    Ok(response)
+}
+
 fn check_digest(url: &Url, response: &Response, expected: &Digest) -> Result<(), RegistryError> {
     let got = response
         .headers()
