@@ -11,6 +11,16 @@
 # runs against a fresh local docker-registry (127.0.0.1 only), wall time and peak RSS from
 # /usr/bin/time; the table shows medians of BENCH_RUNS runs and the ratios imgbuild/peer.
 # The machine is shared and has 2 cores: figures are noisy, compare ratios from one run.
+#
+# Results: every measured row is appended to res/rows.tsv (key, median wall s, median peak RSS
+# MiB, runs) by `measure`, whatever section it is in; labels.tsv names the rows. At the end
+# bench/chart.py turns them into BENCH_RESULTS/latest.svg (the chart), latest.tsv and
+# latest.md, and puts latest.md into README.md's Benchmark section (BENCH_RESULTS, default
+# bench/results; set to another directory to leave the repository alone).
+#
+# The SETUP and CMD strings given to `measure` are evaluated there, per run: single quotes on
+# purpose ($PORT and $IMGBUILD_CACHE change between runs).
+# shellcheck disable=SC2016
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,6 +29,8 @@ WORK="${BENCH_DIR:-/tmp/imgbuild-bench}"
 SIZE_MIB="${BENCH_SIZE_MIB:-100}"
 export BIG_MIB="${BENCH_BIG_MIB:-1024}"
 IMGBUILD="$ROOT/target/release/imgbuild"
+RESULTS="${BENCH_RESULTS:-$ROOT/bench/results}"
+export BENCH_RUNS="$RUNS" BENCH_SIZE_MIB="$SIZE_MIB" BENCH_BIG_MIB="$BIG_MIB"
 
 log() { printf 'bench: %s\n' "$*" >&2; }
 for tool in docker-registry skopeo buildah pigz zstd python3 /usr/bin/time; do
@@ -159,6 +171,7 @@ rows = [l.split() for l in open(f"res/{name}.raw") if l.strip()]
 wall = statistics.median(float(r[0]) for r in rows)
 rss = statistics.median(int(r[1]) for r in rows) / 1024
 open(f"res/{name}.med", "w").write(f"{wall:.2f} {rss:.0f}\n")
+open("res/rows.tsv", "a").write(f"{name}\t{wall:.2f}\t{rss:.0f}\t{len(rows)}\n")
 PY
     log "$name: $(cat "res/$name.med") (wall s, peak RSS MiB; median of $runs)"
 }
@@ -297,6 +310,8 @@ rows = [
     ("imgbuild re-push, 1 of 5 layers changed", "onechange"),
     (f"imgbuild push, {os.environ.get('BIG_MIB', '1024')} MiB artifact (1 run)", "big"),
 ]
+with open("res/labels.tsv", "a") as f:
+    f.writelines(f"{key}\t{label}\n" for label, key, *_ in rows)
 print(f"\n| row (median of {runs}) | wall s | peak RSS MiB |")
 print("|---|---:|---:|")
 for label, key in rows:
@@ -325,3 +340,13 @@ big = get("big")
 if big:
     print(f"| peak RSS, {os.environ.get('BIG_MIB', '1024')} MiB artifact, MiB | {big[1]:.0f} | <= 64 |")
 PY
+
+# --------------------------------------------------------------------------------------------
+# Chart and README (keep this section last: it shows every row recorded above)
+# --------------------------------------------------------------------------------------------
+if [[ -n "${BENCH_RESULTS:-}" ]]; then
+    python3 "$ROOT/bench/chart.py" res "$RESULTS"
+else
+    python3 "$ROOT/bench/chart.py" res "$RESULTS" "$ROOT/README.md"
+fi
+log "chart: $RESULTS/latest.svg; table: $RESULTS/latest.md"

@@ -649,7 +649,10 @@ fn workflow_files() -> Vec<PathBuf> {
 
 /// The shell scripts of the action and the examples.
 fn shell_scripts() -> Vec<PathBuf> {
-    let mut files = vec![repo_root().join("scripts/action.sh")];
+    let mut files = vec![
+        repo_root().join("scripts/action.sh"),
+        repo_root().join("bench/run.sh"),
+    ];
     let d = repo_root().join("examples/scripts");
     for e in fs::read_dir(&d).unwrap_or_else(|e| panic!("read {}: {e}", d.display())) {
         let p = e.expect("dir entry").path();
