@@ -99,15 +99,17 @@ def inputs():
     size = env.get("BENCH_SIZE_MIB", "100")
     big = env.get("BENCH_BIG_MIB", "1024")
     runs = env.get("BENCH_RUNS", "3")
-    text = f"2 platforms x {size} MiB artifact, big row {big} MiB, median of {runs} runs"
+    median = "1 run per row" if runs == "1" else f"median of {runs} runs"
+    text = f"2 platforms x {size} MiB artifact, big row {big} MiB, {median}"
     if "BENCH_DELAY_MS" in env:
         text += f", {env['BENCH_DELAY_MS']} ms per request in the round-trip rows"
     return text
 
 
 def once(r):
-    """The row's label, saying when it is a single run (unless the label already does)."""
-    if r["runs"] == 1 and "1 run" not in r["label"]:
+    """The row's label, saying when it is a single run in a run of medians (unless the label
+    already does)."""
+    if r["runs"] == 1 and os.environ.get("BENCH_RUNS", "3") != "1" and "1 run" not in r["label"]:
         return f'{r["label"]} (1 run)'
     return r["label"]
 
@@ -251,7 +253,11 @@ def main(argv):
     res, out_dir = argv[1], argv[2]
     readme = argv[3] if len(argv) > 3 else None
     rows = read_rows(res)
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    # The run's date: when its last row was recorded (redrawing later does not change it).
+    rows_tsv = os.path.join(res, "rows.tsv")
+    stamp = os.path.getmtime(rows_tsv) if os.path.exists(rows_tsv) else None
+    when = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc) if stamp else None
+    when = when.strftime("%Y-%m-%d %H:%M UTC") if when else "no run"
     mach, inp = machine(), inputs()
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "latest.svg"), "w", encoding="utf-8") as f:
