@@ -160,11 +160,12 @@ fn https_to_http_is_refused_for_redirects_and_upload_locations_and_no_credential
     assert!(!reg.log().contains("PUT /v2/down/manifests/"));
 }
 
-/// A workspace with `spec.toml`: one platform, two layers of `mib` MiB of incompressible
+/// A workspace with `spec.toml`: one platform, three layers of `mib` MiB of incompressible
 /// bytes each (so each upload takes as long as the proxy makes it).
 fn noise_workspace(mib: usize) -> tempfile::TempDir {
     let ws = tempfile::tempdir().unwrap();
-    for (i, seed) in [(0, 11u64), (1, 23)] {
+    let mut spec = String::from("platforms = [\"linux/amd64\"]\ntags = [\"v1\"]\n");
+    for (i, seed) in [(0, 11u64), (1, 23), (2, 37)] {
         let mut x = seed;
         let mut bytes = Vec::with_capacity(mib << 20);
         while bytes.len() < mib << 20 {
@@ -175,14 +176,11 @@ fn noise_workspace(mib: usize) -> tempfile::TempDir {
             bytes.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
         }
         fs::write(ws.path().join(format!("noise{i}.bin")), bytes).unwrap();
+        spec.push_str(&format!(
+            "[[layer]]\nfiles = [{{ src = \"noise{i}.bin\", dest = \"/noise{i}.bin\" }}]\n"
+        ));
     }
-    fs::write(
-        ws.path().join("spec.toml"),
-        "platforms = [\"linux/amd64\"]\ntags = [\"v1\"]\n\
-         [[layer]]\nfiles = [{ src = \"noise0.bin\", dest = \"/noise0.bin\" }]\n\
-         [[layer]]\nfiles = [{ src = \"noise1.bin\", dest = \"/noise1.bin\" }]\n",
-    )
-    .unwrap();
+    fs::write(ws.path().join("spec.toml"), spec).unwrap();
     ws
 }
 
@@ -191,7 +189,8 @@ fn tokens_expiring_during_a_long_upload_are_renewed_once_per_expiry() {
     let reg = Registry::start();
     let ttl = Duration::from_secs(2);
     // 4 MiB per layer read in 64 KiB pieces, 50 ms apart: each upload takes over 3 s, longer
-    // than a token lives.
+    // than a token lives. Two uploads at a time: both find the token expired at about the
+    // same moment, and must share one new token.
     let proxy = Proxy::start(
         &reg.addr,
         ProxyOpts {
@@ -204,7 +203,7 @@ fn tokens_expiring_during_a_long_upload_are_renewed_once_per_expiry() {
     let ws = noise_workspace(4);
     let mut cmd = imgbuild();
     cmd.current_dir(ws.path())
-        .args(["push", "-vv", "-f", "spec.toml", "--jobs", "1", "--repo"])
+        .args(["push", "-vv", "-f", "spec.toml", "--jobs", "2", "--repo"])
         .arg(format!("{}/expiring", proxy.addr))
         .args(["--username", USER, "--password-stdin"]);
     let started = std::time::Instant::now();
@@ -244,11 +243,13 @@ fn tokens_expiring_during_a_long_upload_are_renewed_once_per_expiry() {
         tokens.len()
     );
     eprintln!(
-        "token expiry: push took {:.1} s, {} tokens (ttl {} s), {} requests",
+        "token expiry: push took {:.1} s, {} tokens (ttl {} s), {} requests, {} of them with an expired token ({} distinct)",
         took.as_secs_f64(),
         tokens.len(),
         ttl.as_secs(),
-        seen.len()
+        seen.len(),
+        seen.iter().filter(|s| s.expired).count(),
+        expired.len()
     );
     // -v says so; no token or password in any output at -vv.
     assert!(
@@ -384,19 +385,22 @@ fn ecr_may_push_but_not_describe_creates_the_repository_once_on_name_unknown() {
     );
     let port = proxy.addr.rsplit_once(':').unwrap().1;
     let ws = workspace(1_000_000_000);
-    let out = push_amd64(ws.path(), &format!("{ECR_HOST}:{port}/team/pushonly"))
-        .arg("--resolve")
-        .arg(format!("{ECR_HOST}:{port}:127.0.0.1"))
-        .arg("--ca-cert")
-        .arg(proxy.ca_cert())
-        .arg("--create-repository")
-        .env("AWS_ENDPOINT_URL", &deny.url)
-        .env("AWS_ACCESS_KEY_ID", "AKIAPUSHONLY00000001")
-        .env("AWS_SECRET_ACCESS_KEY", "push-only-secret")
-        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
-        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-        .output()
-        .unwrap();
+    let push = || {
+        push_amd64(ws.path(), &format!("{ECR_HOST}:{port}/team/pushonly"))
+            .arg("--resolve")
+            .arg(format!("{ECR_HOST}:{port}:127.0.0.1"))
+            .arg("--ca-cert")
+            .arg(proxy.ca_cert())
+            .arg("--create-repository")
+            .env("AWS_ENDPOINT_URL", &deny.url)
+            .env("AWS_ACCESS_KEY_ID", "AKIAPUSHONLY00000001")
+            .env("AWS_SECRET_ACCESS_KEY", "push-only-secret")
+            .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+            .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+            .output()
+            .unwrap()
+    };
+    let out = push();
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
 
@@ -440,6 +444,19 @@ fn ecr_may_push_but_not_describe_creates_the_repository_once_on_name_unknown() {
         &ws.path().join("pulled"),
         "v1",
     );
+
+    // The same push again: the repository exists, nothing is created.
+    let answers = proxy.name_unknown_answers();
+    let again = push();
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(pushed_digest(&again.stdout), digest);
+    let ops = deny.ops();
+    assert_eq!(
+        ops.iter().filter(|o| *o == "CreateRepository").count(),
+        1,
+        "{ops:?}"
+    );
+    assert_eq!(proxy.name_unknown_answers(), answers);
 }
 
 /// What the distribution spec lets a registry do, and what it does not (spec.md, "Pushing a
