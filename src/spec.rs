@@ -22,6 +22,9 @@ pub const DEFAULT_USER: &str = "65532:65532";
 /// (4 MiB in distribution) and huge values are nearly always a mistake.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 
+/// The conventional directory of build specs (see [`Spec::default_root`]).
+pub const SPEC_DIR_NAME: &str = "build-specs";
+
 /// A place in the spec file, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -153,6 +156,23 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The build context's root when no `--context` is given: the spec's project directory.
+    /// A spec in a directory named `build-specs` (the layout `imgbuild init` writes and
+    /// `imgbuild resolve` reads) belongs to the directory holding `build-specs/`, so it may
+    /// read `../target` or `../dist`; any other spec only what is beside and below it. It
+    /// depends on where the spec is, never on what it says: a spec changed by an untrusted
+    /// pull request cannot widen it.
+    pub fn default_root(&self) -> PathBuf {
+        if self.context.file_name().is_some_and(|n| n == SPEC_DIR_NAME) {
+            match self.context.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            }
+        } else {
+            self.context.clone()
+        }
+    }
+
     /// The name used for the default output directory: the spec file's stem.
     pub fn name(&self) -> String {
         self.path
