@@ -219,7 +219,7 @@ fn version_tag(version: &str) -> String {
 }
 
 /// The spec text. `entrypoint` is one of `project.bins`; `target` is the Cargo target
-/// directory relative to the spec's directory (`../target`, or further up in a workspace).
+/// directory relative to the spec's directory (`../target`).
 pub fn render_spec(project: &Project, entrypoint: &str, target: &str) -> String {
     let name = &project.name;
     let mut s = String::new();
@@ -384,13 +384,17 @@ pub fn init(req: &InitRequest) -> Result<Initialized, InitError> {
     } else {
         workspace_depth(dir).unwrap_or(0)
     };
-    let target = format!("..{}/target", "/..".repeat(ups));
-    let spec_dir = dir.join("build-specs");
+    // The spec goes into the project directory's build-specs/, beside the target directory:
+    // that directory is the spec's build context (`Spec::default_root`), so `../target` is
+    // inside it. A workspace member's project is the workspace (its target/ is shared).
+    let project_dir = (0..ups).fold(dir.to_path_buf(), |p, _| p.join(".."));
+    let target = "../target";
+    let spec_dir = project_dir.join(crate::spec::SPEC_DIR_NAME);
     let spec = spec_dir.join(format!("{}.toml", project.name));
     if spec.exists() {
         return Err(InitError::Exists { path: spec });
     }
-    let body = render_spec(&project, &entrypoint, &target);
+    let body = render_spec(&project, &entrypoint, target);
     let write = |e| InitError::Write {
         path: spec.clone(),
         source: e,
