@@ -325,3 +325,9 @@ big = get("big")
 if big:
     print(f"| peak RSS, {os.environ.get('BIG_MIB', '1024')} MiB artifact, MiB | {big[1]:.0f} | <= 64 |")
 PY
+
+# --------------------------------------------------------------------------------------------
+# Many small files (bench/many-files.sh; BENCH_FILES, default 100000): its own table
+# --------------------------------------------------------------------------------------------
+stop_registry
+IMGBUILD_BIN="$IMGBUILD" BENCH_DIR="$WORK" bash "$ROOT/bench/many-files.sh"
