@@ -947,6 +947,23 @@ mode = "0644"
         assert!(spec.tags.is_empty(), "tags = [] pushes by digest only");
     }
 
+    /// The build context's root without `--context`: the project for a spec in build-specs/.
+    #[test]
+    fn default_roots() {
+        let layer = "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n";
+        for (file, want) in [
+            ("build-specs/x.toml", "."),
+            ("svc/build-specs/x.toml", "svc"),
+            ("/abs/p/build-specs/x.toml", "/abs/p"),
+            ("x.toml", "."),
+            ("specs/x.toml", "specs"),
+            ("build-specs/more/x.toml", "build-specs/more"),
+        ] {
+            let spec = parse(layer, Path::new(file)).unwrap();
+            assert_eq!(spec.default_root(), Path::new(want), "{file}");
+        }
+    }
+
     #[test]
     fn dest_normalisation() {
         let cases = [
