@@ -10,14 +10,14 @@
 //! (`docs/spec/auth/oauth.md`).
 //!
 //! Credentials come from, in order: `--username/--password-stdin` ([`Credentials`] in
-//! `PushOptions`), then the docker config (`auths`, `credHelpers`, `credsStore`, through the
+//! `RegistryOptions`), then the docker config (`auths`, `credHelpers`, `credsStore`, through the
 //! `docker_credential` crate). They are looked up only when a registry asks for them.
 //!
 //! Secrets live in [`Secret`], whose `Debug` and `Display` print `<redacted>`, so no log line,
 //! error or `{:?}` can show them.
 
 use super::ecr::{EcrError, EcrRegistry};
-use super::{PushOptions, RegistryError};
+use super::{RegistryError, RegistryOptions};
 use base64::Engine as _;
 use reqwest::Url;
 use reqwest::header::HeaderValue;
@@ -362,7 +362,7 @@ pub(crate) struct Auth {
     insecure: Vec<String>,
     timeout: Duration,
     resolved: tokio::sync::OnceCell<Result<Resolved, EcrError>>,
-    /// Set when the registry is Amazon ECR: its token replaces the docker config (issue 3).
+    /// Set when the registry is Amazon ECR: its token replaces the docker config.
     ecr: Option<Arc<EcrRegistry>>,
     /// Whether the resolved credential is an ECR token (not a docker config fallback).
     ecr_in_use: std::sync::atomic::AtomicBool,
@@ -371,9 +371,9 @@ pub(crate) struct Auth {
 }
 
 impl Auth {
-    pub(crate) fn new(registry: &str, path: &str, opts: &PushOptions) -> Self {
+    pub(crate) fn new(registry: &str, path: &str, opts: &RegistryOptions) -> Self {
         // Cross-repository mounts need pull access to the source too, in the same token
-        // (token spec "Requesting a Token": several scopes; issue 6).
+        // (token spec "Requesting a Token": several scopes).
         let mut scope = format!("repository:{path}:pull,push");
         for from in opts.mount_from.iter().filter(|f| *f != path) {
             scope.push_str(&format!(" repository:{from}:pull"));
@@ -833,9 +833,9 @@ mod tests {
             format!("{:?}", Credential::IdentityToken(Secret::new("hunter2"))),
             format!(
                 "{:?}",
-                PushOptions {
+                RegistryOptions {
                     credentials: Some(creds.clone()),
-                    ..PushOptions::default()
+                    ..RegistryOptions::default()
                 }
             ),
         ];
@@ -846,7 +846,7 @@ mod tests {
         assert_eq!(creds.password.expose(), "hunter2");
     }
 
-    /// A push that mounts from other repositories asks one token for all of them (issue 6).
+    /// A push that mounts from other repositories asks one token for all of them.
     #[test]
     fn scopes_include_mount_sources() {
         let cases: &[(&[&str], &str)] = &[
@@ -857,9 +857,9 @@ mod tests {
             ),
         ];
         for (from, want) in cases {
-            let opts = PushOptions {
+            let opts = RegistryOptions {
                 mount_from: from.iter().map(|s| s.to_string()).collect(),
-                ..PushOptions::default()
+                ..RegistryOptions::default()
             };
             assert_eq!(Auth::new("r.example.com", "team/app", &opts).scope, *want);
         }

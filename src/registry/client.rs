@@ -5,7 +5,7 @@
 //! token and retry").
 
 use super::auth::{self, Auth};
-use super::{PushOptions, RegistryError};
+use super::{RegistryError, RegistryOptions};
 use crate::progress::{Event, Progress};
 use crate::reference::{Repository, host_of};
 use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -36,7 +36,7 @@ pub(crate) struct Client {
 ///   would cut off any upload slower than the timeout.
 /// - Redirects: at most 10; never from https to http. reqwest itself drops `Authorization`
 ///   when a redirect leaves the origin (blob GETs are redirected to object storage).
-pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, RegistryError> {
+pub(crate) fn build_http(opts: &RegistryOptions) -> Result<reqwest::Client, RegistryError> {
     // Another part of the process may have installed a provider already; either is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = Vec::new();
@@ -77,7 +77,7 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
 
 /// Why a redirect to `next` after visiting `previous` must not be followed, if it must not:
 /// from https to plain http (it would expose the request, and the token it may carry, to the
-/// network; issue #5 "Security"), or more than 10 hops. Dropping `Authorization` when the
+/// network), or more than 10 hops. Dropping `Authorization` when the
 /// redirect leaves the origin is reqwest's own rule (tested end to end in tests/it/faults.rs).
 pub(crate) fn redirect_refusal(previous: &[Url], next: &Url) -> Option<&'static str> {
     let downgrade = previous.iter().any(|p| p.scheme() == "https") && next.scheme() != "https";
@@ -133,7 +133,7 @@ impl Client {
     /// otherwise (e.g. wrong credentials, or a web page that is not a registry).
     pub(crate) async fn connect(
         repo: &Repository,
-        opts: &PushOptions,
+        opts: &RegistryOptions,
         progress: &dyn Progress,
     ) -> Result<Client, RegistryError> {
         let http = build_http(opts)?;

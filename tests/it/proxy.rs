@@ -1,4 +1,4 @@
-//! A fault-injecting HTTP proxy for the integration tests (issue #5): it sits between imgbuild
+//! A fault-injecting HTTP proxy for the integration tests: it sits between imgbuild
 //! and a real docker-registry and, by a seeded schedule, answers some requests itself with
 //! 5xx, 429 + `Retry-After`, a reset in the middle of the request or response body, a stall
 //! beyond the client's timeout, or a 401 on a request that carried a valid token.
