@@ -88,6 +88,16 @@ fn extracted(ws: &Path, what: &str) -> PathBuf {
     root.join("x")
 }
 
+/// (what, spec, src, flags, environment, expected)
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    String,
+    &'a [&'a str],
+    &'a [(&'a str, &'a str)],
+    Want,
+);
+
 enum Want {
     /// Built; `/x` (or `/x/<file>` for a directory) holds this text.
     Reads(&'static str, &'static str),
@@ -106,7 +116,7 @@ fn src_is_confined_to_the_context_unless_allowed() {
     let none: [&str; 0] = [];
     let env_allow = [("IMGBUILD_ALLOW_OUTSIDE_CONTEXT", "true")];
     #[rustfmt::skip]
-    let cases: Vec<(&str, &str, String, &[&str], &[(&str, &str)], Want)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         ("absolute", "build-specs/a.toml", abs_secret.clone(), &none, &[], Want::Refused("is an absolute path")),
         (".. out of the project", "build-specs/a.toml", "../../secret.txt".into(), &none, &[], Want::Refused("leads out of it with \"..\"")),
         ("symlink to an outside file", "build-specs/a.toml", "../link-out.txt".into(), &none, &[], Want::Refused("resolves (through a symlink) to")),

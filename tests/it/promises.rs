@@ -177,7 +177,12 @@ fn build_default_output_context_oci_base_and_exit_code_1() {
         text(&without.stderr)
     );
     // `../fixtures` from the context `build-specs` leads out of it: refused, unless allowed.
-    let ctx = ["-f", "elsewhere/deeper/hello.toml", "--context", "build-specs"];
+    let ctx = [
+        "-f",
+        "elsewhere/deeper/hello.toml",
+        "--context",
+        "build-specs",
+    ];
     let refused = build_in(dir, &[&ctx[..], &["-o", "out-ctx1"]].concat());
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
     assert!(
