@@ -368,6 +368,9 @@ pub(crate) struct Auth {
     ecr_in_use: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     refresh: tokio::sync::Mutex<()>,
+    /// What re-authentication did since the last [`Auth::take_notices`], for `-v` (the
+    /// request path has no progress sink; `Client::retry` passes these on).
+    notices: Mutex<Vec<String>>,
 }
 
 impl Auth {
@@ -395,7 +398,20 @@ impl Auth {
                 basic_override: None,
             }),
             refresh: tokio::sync::Mutex::new(()),
+            notices: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The re-authentications since the last call (one line each, no secrets).
+    pub(crate) fn take_notices(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notices.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn notice(&self, line: String) {
+        self.notices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(line);
     }
 
     /// The credential for this registry, looked up once, off the async threads (a credential
@@ -547,9 +563,15 @@ impl Auth {
                     if let Some(ecr) = &self.ecr
                         && let Some(fresh) = ecr.refresh().await?
                     {
-                        let mut state = self.state();
-                        state.basic_override = Some(fresh);
-                        state.generation += 1;
+                        {
+                            let mut state = self.state();
+                            state.basic_override = Some(fresh);
+                            state.generation += 1;
+                        }
+                        self.notice(format!(
+                            "re-authenticated to {}: it refused the ECR token; got a new one (GetAuthorizationToken)",
+                            self.registry
+                        ));
                         return Ok(true);
                     }
                     return Ok(false);
@@ -568,10 +590,24 @@ impl Auth {
                 let token = self
                     .fetch_token(http, realm, service.as_deref(), resolved)
                     .await?;
-                let mut state = self.state();
-                state.tokens.insert(self.scope.clone(), token);
-                state.scheme = scheme;
-                state.generation += 1;
+                let shown_realm = Url::parse(realm)
+                    .map(|u| super::client::display_url(&u))
+                    .unwrap_or_default();
+                let renewed = {
+                    let mut state = self.state();
+                    let renewed = state.tokens.insert(self.scope.clone(), token).is_some();
+                    state.scheme = scheme;
+                    state.generation += 1;
+                    renewed
+                };
+                // A 401 to a token we had (it expired, or was revoked): token spec "a client
+                // should request a new token"; say so at -v.
+                if renewed {
+                    self.notice(format!(
+                        "re-authenticated to {}: it refused the Bearer token (expired or revoked); got a new one from {shown_realm}",
+                        self.registry
+                    ));
+                }
                 Ok(true)
             }
             Scheme::Anonymous => Ok(false),
