@@ -342,6 +342,12 @@ if big:
 PY
 
 # --------------------------------------------------------------------------------------------
+# Many small files (bench/many-files.sh; BENCH_FILES, default 100000): its own table
+# --------------------------------------------------------------------------------------------
+stop_registry
+IMGBUILD_BIN="$IMGBUILD" BENCH_DIR="$WORK" bash "$ROOT/bench/many-files.sh"
+
+# --------------------------------------------------------------------------------------------
 # Chart and README (keep this section last: it shows every row recorded above)
 # --------------------------------------------------------------------------------------------
 if [[ -n "${BENCH_RESULTS:-}" ]]; then

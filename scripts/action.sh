@@ -7,7 +7,7 @@
 #   INPUT_REPO              REGISTRY/PATH (default: the spec's)        -> --repo
 #   INPUT_TAGS              newline- or comma-separated tags           -> --tag, each
 #   INPUT_PLATFORMS         newline- or comma-separated platforms      -> --platform
-#   INPUT_CONTEXT           directory `src` paths are relative to      -> --context
+#   INPUT_CONTEXT           directory `src` paths are relative to (and confined to) -> --context
 #   INPUT_AWS_ROLE_ARN      ECR: role assumed on top of the chain      -> --aws-role-arn
 #   INPUT_CREATE_REPOSITORY true/false (ECR create-on-push)            -> --create-repository
 #   INPUT_COMPRESSION       gzip or zstd                               -> --compression

@@ -219,7 +219,7 @@ fn version_tag(version: &str) -> String {
 }
 
 /// The spec text. `entrypoint` is one of `project.bins`; `target` is the Cargo target
-/// directory relative to the spec's directory (`../target`, or further up in a workspace).
+/// directory relative to the spec's directory (`../target`).
 pub fn render_spec(project: &Project, entrypoint: &str, target: &str) -> String {
     let name = &project.name;
     let mut s = String::new();
@@ -384,13 +384,17 @@ pub fn init(req: &InitRequest) -> Result<Initialized, InitError> {
     } else {
         workspace_depth(dir).unwrap_or(0)
     };
-    let target = format!("..{}/target", "/..".repeat(ups));
-    let spec_dir = dir.join("build-specs");
+    // The spec goes into the project directory's build-specs/, beside the target directory:
+    // that directory is the spec's build context (`Spec::default_root`), so `../target` is
+    // inside it. A workspace member's project is the workspace (its target/ is shared).
+    let project_dir = (0..ups).fold(dir.to_path_buf(), |p, _| p.join(".."));
+    let target = "../target";
+    let spec_dir = project_dir.join(crate::spec::SPEC_DIR_NAME);
     let spec = spec_dir.join(format!("{}.toml", project.name));
     if spec.exists() {
         return Err(InitError::Exists { path: spec });
     }
-    let body = render_spec(&project, &entrypoint, &target);
+    let body = render_spec(&project, &entrypoint, target);
     let write = |e| InitError::Write {
         path: spec.clone(),
         source: e,
@@ -587,5 +591,48 @@ path = "src/admin.rs"
                 .contains("the package has: hello-admin, hello, migrate, tool"),
             "{wrong}"
         );
+    }
+
+    /// A workspace member's spec goes into the workspace's build-specs/, beside the shared
+    /// target/, so that `../target` is inside its build context: it plans without
+    /// `--allow-outside-context`.
+    #[test]
+    fn a_workspace_member_spec_is_in_the_workspace_and_inside_its_context() {
+        let ws = tempfile::tempdir().unwrap();
+        let w = ws.path();
+        std::fs::write(w.join("Cargo.toml"), "[workspace]\nmembers = [\"svc\"]\n").unwrap();
+        std::fs::create_dir_all(w.join("svc/src")).unwrap();
+        std::fs::write(
+            w.join("svc/Cargo.toml"),
+            "[package]\nname = \"svc\"\nversion = \"0.1.0\"\n",
+        )
+        .unwrap();
+        std::fs::write(w.join("svc/src/main.rs"), "fn main() {}\n").unwrap();
+        let done = init(&InitRequest {
+            manifest: w.join("svc/Cargo.toml"),
+            bin: None,
+        })
+        .unwrap();
+        assert_eq!(
+            std::fs::canonicalize(&done.spec).unwrap(),
+            std::fs::canonicalize(w)
+                .unwrap()
+                .join("build-specs/svc.toml")
+        );
+        let spec = crate::spec::load(&done.spec).unwrap();
+        let src = &spec.layers[0].files[0].src;
+        assert!(src.starts_with("../target/"), "{src}");
+        // The binary as cargo-zigbuild leaves it: planned inside the default context.
+        let bin = w.join("target/x86_64-unknown-linux-musl/release/svc");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::write(&bin, b"not an ELF").unwrap();
+        let amd64 = crate::platform::Platform::new("linux", "amd64", None);
+        let opts = crate::plan::PlanOptions {
+            context: spec.context.clone(),
+            confine_to: Some(spec.default_root()),
+            arch_check: false,
+            based: vec![],
+        };
+        crate::plan::plan(&spec, &[amd64], &opts).unwrap();
     }
 }

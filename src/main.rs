@@ -718,6 +718,7 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
             ..LayerOptions::default()
         },
         arch_check: !c.no_arch_check,
+        allow_outside_context: c.allow_outside_context,
         annotations,
         jobs: usize::from(c.jobs),
         cache: open_cache(c),

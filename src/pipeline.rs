@@ -24,6 +24,9 @@ pub struct BuildOptions {
     /// `--platform`: overrides the spec's `platforms`.
     pub platforms: Option<Vec<Platform>>,
     pub arch_check: bool,
+    /// `--allow-outside-context`: `src` may name files outside the build context (off: a
+    /// spec reads only inside `context`, or the spec's project directory without it).
+    pub allow_outside_context: bool,
     /// Extra annotations (`--annotation`, GitHub Actions source/revision), over the spec's.
     pub annotations: BTreeMap<String, String>,
     /// Includes `SOURCE_DATE_EPOCH` (`layer.epoch`), which also dates the config and index.
@@ -42,6 +45,7 @@ impl Default for BuildOptions {
             context: None,
             platforms: None,
             arch_check: true,
+            allow_outside_context: false,
             annotations: BTreeMap::new(),
             layer: LayerOptions::default(),
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -83,6 +87,8 @@ pub fn build_with_plan(
         &platforms,
         &PlanOptions {
             context: opts.context.clone().unwrap_or_else(|| spec.context.clone()),
+            confine_to: (!opts.allow_outside_context)
+                .then(|| opts.context.clone().unwrap_or_else(|| spec.default_root())),
             arch_check: opts.arch_check,
             based: opts.bases.keys().cloned().collect(),
         },

@@ -78,6 +78,18 @@ pub enum PlanError {
         path: PathBuf,
         platform: Option<Platform>,
     },
+    /// `src` (or what its symlinks lead to) is not inside the build context: a spec must not
+    /// be able to copy e.g. the runner's credentials into an image it pushes.
+    #[error("{at}: src {} {why}, outside the build context {}; put the file inside the context (the spec's project directory, or --context DIR) and name it relative to it, or pass --allow-outside-context if this spec is trusted", shown_path(path), root.display())]
+    OutsideContext {
+        at: Location,
+        /// The src as written (placeholders expanded).
+        path: PathBuf,
+        /// How it leaves the context, e.g. "is an absolute path".
+        why: String,
+        /// The context's root, canonical.
+        root: PathBuf,
+    },
     #[error("{at}: src {} is a symlink to {}, which does not exist; fix the link or point src at the real file", path.display(), target.display())]
     DanglingSymlink {
         at: Location,
@@ -161,6 +173,10 @@ pub fn check_image_path(path: &Path) -> Option<String> {
     None
 }
 
+fn shown_path(p: &Path) -> String {
+    crate::untrusted::shown(&p.to_string_lossy(), 200)
+}
+
 fn for_platform(p: &Option<Platform>) -> String {
     p.as_ref()
         .map(|p| format!(" (for {p})"))
@@ -182,6 +198,9 @@ impl PlanError {
 pub struct PlanOptions {
     /// Directory relative `src` paths are resolved against.
     pub context: PathBuf,
+    /// The build context's root: every `src`, and every symlink it goes through, must stay
+    /// inside it. None (`--allow-outside-context`): any path is read.
+    pub confine_to: Option<PathBuf>,
     /// Check ELF machine types (on by default; `--no-arch-check` turns it off).
     pub arch_check: bool,
     /// Platforms built on a base image: a dynamic program's interpreter may come from the
@@ -196,6 +215,10 @@ pub fn plan(spec: &Spec, platforms: &[Platform], opts: &PlanOptions) -> Result<P
         warnings: Vec::new(),
     };
     let mut warnings = BTreeSet::new();
+    let root = match &opts.confine_to {
+        Some(dir) => Some(Root::new(dir, &spec.path)?),
+        None => None,
+    };
     for platform in platforms {
         let mut layers = Vec::new();
         let mut written: BTreeMap<PathBuf, Location> = BTreeMap::new();
@@ -207,6 +230,7 @@ pub fn plan(spec: &Spec, platforms: &[Platform], opts: &PlanOptions) -> Result<P
                     file,
                     platform,
                     opts,
+                    root.as_ref(),
                     &mut entries,
                     &mut written,
                     &mut interpreters,
@@ -247,10 +271,71 @@ pub fn plan(spec: &Spec, platforms: &[Platform], opts: &PlanOptions) -> Result<P
     Ok(out)
 }
 
+/// The build context's root, as given and canonical (symlinks resolved).
+struct Root {
+    given: PathBuf,
+    canonical: PathBuf,
+}
+
+impl Root {
+    fn new(dir: &Path, spec: &Path) -> Result<Root, PlanError> {
+        let canonical = fs::canonicalize(dir).map_err(|source| PlanError::Unreadable {
+            at: Location {
+                file: spec.to_path_buf(),
+                line: 1,
+                column: 1,
+            },
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(Root {
+            given: lexical_absolute(dir),
+            canonical,
+        })
+    }
+
+    /// Why `src` (`written` in the spec, `joined` to the context directory) is outside the
+    /// root before any file is looked at: an absolute path, or `..` leading out of it.
+    fn lexical(&self, written: &Path, joined: &Path) -> Option<String> {
+        if written.is_absolute() {
+            return Some("is an absolute path".into());
+        }
+        (!lexical_absolute(joined).starts_with(&self.given))
+            .then(|| "leads out of it with \"..\"".into())
+    }
+
+    /// Why the existing `src` is outside the root once every symlink on its way is resolved.
+    fn resolved(&self, src: &Path) -> Result<Option<String>, io::Error> {
+        let real = fs::canonicalize(src)?;
+        Ok((!real.starts_with(&self.canonical))
+            .then(|| format!("resolves (through a symlink) to {}", shown_path(&real))))
+    }
+}
+
+/// `path` made absolute (against the working directory) with `.` and `..` removed by text
+/// alone, as the spec's author reads it.
+fn lexical_absolute(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut parts: Vec<std::path::Component<'_>> = Vec::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                if parts.len() > 1 {
+                    parts.pop();
+                }
+            }
+            std::path::Component::CurDir => {}
+            c => parts.push(c),
+        }
+    }
+    parts.iter().collect()
+}
+
 fn add_file(
     file: &FileSpec,
     platform: &Platform,
     opts: &PlanOptions,
+    root: Option<&Root>,
     entries: &mut BTreeMap<Vec<u8>, Entry>,
     written: &mut BTreeMap<PathBuf, Location>,
     interpreters: &mut Vec<(PathBuf, PathBuf, String)>,
@@ -259,6 +344,15 @@ fn add_file(
     let src = opts.context.join(&expanded);
     let templated = expanded != file.src;
     let at = &file.at;
+    let outside = |why: String| PlanError::OutsideContext {
+        at: at.clone(),
+        path: PathBuf::from(&expanded),
+        why,
+        root: root.map(|r| r.canonical.clone()).unwrap_or_default(),
+    };
+    if let Some(why) = root.and_then(|r| r.lexical(Path::new(&expanded), &src)) {
+        return Err(outside(why));
+    }
     // `src` itself is followed if it is a symlink: the user named the file they mean.
     let meta = match fs::metadata(&src) {
         Ok(m) => m,
@@ -284,6 +378,22 @@ fn add_file(
             });
         }
     };
+    // Symlinks on the way to `src` (the file itself or a directory above it) are followed
+    // only while they stay inside the context. A directory's contents are walked below
+    // without following symlinks (they are stored as symlinks), so they stay inside too.
+    if let Some(r) = root {
+        match r.resolved(&src) {
+            Ok(None) => {}
+            Ok(Some(why)) => return Err(outside(why)),
+            Err(source) => {
+                return Err(PlanError::Unreadable {
+                    at: at.clone(),
+                    path: src,
+                    source,
+                });
+            }
+        }
+    }
     let dest = PathBuf::from(file.dest.trim_start_matches('/'));
     let spec_dest = dest.clone();
     let mut add = |entry: Entry, source: &Path| -> Result<(), PlanError> {
@@ -380,7 +490,9 @@ fn add_file(
             dest.join(rel)
         };
         let ft = item.file_type();
-        let entry = if ft.is_dir() {
+        // `src` itself may be a symlink to a directory (followed, as for a file; walkdir
+        // descends into it): it is the directory `dest`, not a symlink.
+        let entry = if ft.is_dir() || item.depth() == 0 {
             Entry {
                 path,
                 kind: EntryKind::Dir,

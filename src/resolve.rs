@@ -25,7 +25,7 @@ pub const SCHEME: &str = "imgbuild://";
 
 /// Directory (relative to the working directory) where a bare name is looked up:
 /// `imgbuild://hello` is `build-specs/hello.toml`.
-pub const SPEC_DIR: &str = "build-specs";
+pub const SPEC_DIR: &str = crate::spec::SPEC_DIR_NAME;
 
 /// What can go wrong before anything is built; every one is a usage error (exit code 2).
 #[derive(Debug, thiserror::Error)]

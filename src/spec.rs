@@ -37,6 +37,9 @@ pub struct RuntimeConfig {
 /// (4 MiB in distribution) and huge values are nearly always a mistake.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 
+/// The conventional directory of build specs (see [`Spec::default_root`]).
+pub const SPEC_DIR_NAME: &str = "build-specs";
+
 /// A place in the spec file, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -175,6 +178,23 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The build context's root when no `--context` is given: the spec's project directory.
+    /// A spec in a directory named `build-specs` (the layout `imgbuild init` writes and
+    /// `imgbuild resolve` reads) belongs to the directory holding `build-specs/`, so it may
+    /// read `../target` or `../dist`; any other spec only what is beside and below it. It
+    /// depends on where the spec is, never on what it says: a spec changed by an untrusted
+    /// pull request cannot widen it.
+    pub fn default_root(&self) -> PathBuf {
+        if self.context.file_name().is_some_and(|n| n == SPEC_DIR_NAME) {
+            match self.context.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            }
+        } else {
+            self.context.clone()
+        }
+    }
+
     /// The name used for the default output directory: the spec file's stem.
     pub fn name(&self) -> String {
         self.path
@@ -947,6 +967,23 @@ mode = "0644"
         }
         let spec = parse(&format!("tags = []\n{layer}"), Path::new("s.toml")).unwrap();
         assert!(spec.tags.is_empty(), "tags = [] pushes by digest only");
+    }
+
+    /// The build context's root without `--context`: the project for a spec in build-specs/.
+    #[test]
+    fn default_roots() {
+        let layer = "[[layer]]\nfiles = [{src = \"a\", dest = \"/a\"}]\n";
+        for (file, want) in [
+            ("build-specs/x.toml", "."),
+            ("svc/build-specs/x.toml", "svc"),
+            ("/abs/p/build-specs/x.toml", "/abs/p"),
+            ("x.toml", "."),
+            ("specs/x.toml", "specs"),
+            ("build-specs/more/x.toml", "build-specs/more"),
+        ] {
+            let spec = parse(layer, Path::new(file)).unwrap();
+            assert_eq!(spec.default_root(), Path::new(want), "{file}");
+        }
     }
 
     #[test]

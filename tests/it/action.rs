@@ -193,16 +193,23 @@ fn check_outputs(step: &Step, reg: &Registry, repo: &str, tags: &[&str], platfor
 fn action_pushes_with_the_imgbuild_on_path_and_writes_outputs() {
     let reg = Registry::start();
     let ws = workspace(1_000_000_000);
+    // `context: .` (the checkout): the spec's src paths are relative to it.
+    let spec = fs::read_to_string(ws.path().join("build-specs/hello.toml")).unwrap();
+    fs::write(
+        ws.path().join("build-specs/from-root.toml"),
+        spec.replace("\"../fixtures/", "\"fixtures/"),
+    )
+    .unwrap();
     // Mixed separators, blanks and empty items, as people write YAML block scalars.
     let mut step = Step::new(ws.path())
         .with_imgbuild_on_path()
-        .env("INPUT_SPEC", "build-specs/hello.toml")
+        .env("INPUT_SPEC", "build-specs/from-root.toml")
         .env("INPUT_REPO", format!("{}/action/hello", reg.addr))
         .env("INPUT_TAGS", "v1, latest\n\n  sha-0123abc \n")
         .env("INPUT_PLATFORMS", "linux/amd64\nlinux/arm64\n")
         .env("INPUT_CREATE_REPOSITORY", "false")
         .env("INPUT_COMPRESSION", "gzip")
-        .env("INPUT_CONTEXT", "build-specs")
+        .env("INPUT_CONTEXT", ".")
         .env("INPUT_VERSION", env!("CARGO_PKG_VERSION"));
     let out = step.run();
     assert_ok(&out, &reg);

@@ -56,7 +56,7 @@ exposed_ports = [8080]
 files = [{ src = "../fixtures/dist/{arch}/hello", dest = "/usr/local/bin/hello", mode = 0o755 }]
 "#;
 
-/// A workspace with `bb/<arch>/bin/{busybox,sh}`, `specs/base.toml`, `specs/app.toml` (no
+/// A workspace with `bb/<arch>/bin/{busybox,sh}`, `build-specs/base.toml`, `build-specs/app.toml` (no
 /// `base`: tests give `--base`, or write their own), and its own base image cache.
 fn base_workspace() -> tempfile::TempDir {
     let ws = workspace(1_000_000_000);
@@ -66,9 +66,9 @@ fn base_workspace() -> tempfile::TempDir {
         fs::copy(busybox(arch), bin.join("busybox")).unwrap();
         std::os::unix::fs::symlink("busybox", bin.join("sh")).unwrap();
     }
-    fs::create_dir_all(ws.path().join("specs")).unwrap();
-    fs::write(ws.path().join("specs/base.toml"), BASE_SPEC).unwrap();
-    fs::write(ws.path().join("specs/app.toml"), APP_SPEC).unwrap();
+    fs::create_dir_all(ws.path().join("build-specs")).unwrap();
+    fs::write(ws.path().join("build-specs/base.toml"), BASE_SPEC).unwrap();
+    fs::write(ws.path().join("build-specs/app.toml"), APP_SPEC).unwrap();
     ws
 }
 
@@ -79,14 +79,14 @@ fn cmd(ws: &Path) -> Command {
     c
 }
 
-/// `imgbuild build -q -f specs/app.toml -o <out> --base <base> <extra>` in `ws`.
+/// `imgbuild build -q -f build-specs/app.toml -o <out> --base <base> <extra>` in `ws`.
 fn build_on(ws: &Path, out: &str, base: &str, extra: &[&str]) -> Output {
     cmd(ws)
         .args([
             "build",
             "-q",
             "-f",
-            "specs/app.toml",
+            "build-specs/app.toml",
             "-o",
             out,
             "--base",
@@ -144,7 +144,7 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// What every image built on the busybox base with `specs/app.toml` must have.
+/// What every image built on the busybox base with `build-specs/app.toml` must have.
 fn assert_inherited(config: &Value) {
     let c = &config["config"];
     assert_eq!(
@@ -209,13 +209,20 @@ fn failure(out: &Output) -> (Option<i32>, String) {
 fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
     let ws = base_workspace();
     let reg = Registry::start();
-    let base_digest = push(ws.path(), "specs/base.toml", &reg, "base/busybox", "1", &[]);
+    let base_digest = push(
+        ws.path(),
+        "build-specs/base.toml",
+        &reg,
+        "base/busybox",
+        "1",
+        &[],
+    );
     let base_index = json_of(&inspect_raw(&reg, &format!("base/busybox@{base_digest}")));
     let base_ref = format!("{}/base/busybox:1", reg.addr);
 
     let digest = push(
         ws.path(),
-        "specs/app.toml",
+        "build-specs/app.toml",
         &reg,
         "app",
         "v1",
@@ -286,7 +293,7 @@ fn same_registry_base_is_mounted_inherited_annotated_and_runs_under_docker() {
     bytes[last] ^= 0xff;
     fs::write(&data, &bytes).unwrap();
     let out = cmd(ws.path())
-        .args(["build", "-f", "specs/app.toml", "-o", "out-corrupt"])
+        .args(["build", "-f", "build-specs/app.toml", "-o", "out-corrupt"])
         .args(["--base", &base_ref, "--platform", "linux/amd64"])
         .output()
         .unwrap();
@@ -346,7 +353,7 @@ fn docker_media_type_bases_from_another_registry_are_streamed_and_kept_as_is() {
     // already local is pushed from there instead of streamed from the source.
     push(
         ws.path(),
-        "specs/base.toml",
+        "build-specs/base.toml",
         &source,
         "base/busybox",
         "1",
@@ -391,7 +398,7 @@ fn docker_media_type_bases_from_another_registry_are_streamed_and_kept_as_is() {
         .collect();
     let digest = push(
         ws.path(),
-        "specs/app.toml",
+        "build-specs/app.toml",
         &target,
         "app",
         "v1",
@@ -436,7 +443,7 @@ fn docker_media_type_bases_from_another_registry_are_streamed_and_kept_as_is() {
     // Pushing again: the target has the base layers (HEAD), nothing is fetched.
     push(
         ws.path(),
-        "specs/app.toml",
+        "build-specs/app.toml",
         &target,
         "app",
         "v2",
@@ -492,7 +499,7 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
         "build",
         "-q",
         "-f",
-        "specs/base.toml",
+        "build-specs/base.toml",
         "-o",
         "base-layout",
         "--tag",
@@ -500,9 +507,15 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
     ]));
     // `oci:` in a spec is relative to the spec's directory.
     let spec = format!("base = \"oci:../base-layout:1\"\n{APP_SPEC}");
-    fs::write(ws.path().join("specs/app-layout.toml"), spec).unwrap();
-    let out =
-        run_ok(cmd(ws.path()).args(["build", "-q", "-f", "specs/app-layout.toml", "-o", "out"]));
+    fs::write(ws.path().join("build-specs/app-layout.toml"), spec).unwrap();
+    let out = run_ok(cmd(ws.path()).args([
+        "build",
+        "-q",
+        "-f",
+        "build-specs/app-layout.toml",
+        "-o",
+        "out",
+    ]));
     let digest = text(&out.stdout).trim().to_string();
     let out_dir = ws.path().join("out");
     // The layout is complete: skopeo copies all of it, verifying every blob.
@@ -546,12 +559,12 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
     // [base_overrides]: arm64 on the layout, amd64 on scratch; the index names no base then.
     let spec =
         format!("{APP_SPEC}\n[base_overrides]\n\"linux/arm64\" = \"oci:../base-layout:1\"\n");
-    fs::write(ws.path().join("specs/app-mixed.toml"), spec).unwrap();
+    fs::write(ws.path().join("build-specs/app-mixed.toml"), spec).unwrap();
     let out = run_ok(cmd(ws.path()).args([
         "build",
         "-q",
         "-f",
-        "specs/app-mixed.toml",
+        "build-specs/app-mixed.toml",
         "-o",
         "out-mixed",
     ]));
@@ -587,8 +600,9 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
         let spec = format!(
             "base = \"{base}\"\nplatforms = [\"linux/amd64\"]\n[[layer]]\nfiles = [{{ src = \"../fixtures/dist/amd64/hello-dynamic\", dest = \"/hello\" }}]\n"
         );
-        fs::write(ws.path().join("specs/dyn.toml"), spec).unwrap();
-        let out = run_ok(cmd(ws.path()).args(["build", "-f", "specs/dyn.toml", "-o", "out-dyn"]));
+        fs::write(ws.path().join("build-specs/dyn.toml"), spec).unwrap();
+        let out =
+            run_ok(cmd(ws.path()).args(["build", "-f", "build-specs/dyn.toml", "-o", "out-dyn"]));
         let err = text(&out.stderr);
         assert_eq!(
             err.contains("warning: ") && err.contains("is dynamically linked"),
@@ -618,7 +632,13 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
     bytes[0] ^= 0xff;
     fs::write(&blob, &bytes).unwrap();
     let out = cmd(ws.path())
-        .args(["build", "-f", "specs/app-layout.toml", "-o", "out-corrupt"])
+        .args([
+            "build",
+            "-f",
+            "build-specs/app-layout.toml",
+            "-o",
+            "out-corrupt",
+        ])
         .output()
         .unwrap();
     let (code, err) = failure(&out);
@@ -635,12 +655,26 @@ fn layout_base_builds_a_complete_layout_and_digest_pinned_bases_rebuild_offline(
 
     // A registry base pinned by digest: built once online, then again with the registry gone.
     let reg = Registry::start();
-    let base_digest = push(ws.path(), "specs/base.toml", &reg, "base/busybox", "1", &[]);
+    let base_digest = push(
+        ws.path(),
+        "build-specs/base.toml",
+        &reg,
+        "base/busybox",
+        "1",
+        &[],
+    );
     let pinned = format!("{}/base/busybox@{base_digest}", reg.addr);
     let tagged = format!("{}/base/busybox:1", reg.addr);
     let build = |out: &str, base: &str| build_on(ws.path(), out, base, &[]);
     // A push on a layout base uploads the base's layers like ours.
-    let pushed = push(ws.path(), "specs/app-layout.toml", &reg, "app", "v1", &[]);
+    let pushed = push(
+        ws.path(),
+        "build-specs/app-layout.toml",
+        &reg,
+        "app",
+        "v1",
+        &[],
+    );
     assert_eq!(pushed, digest, "build and push give the same image");
     pull_oci(
         &reg,
@@ -713,7 +747,7 @@ fn base_on_an_authenticated_registry_uses_the_push_credentials_and_mounts() {
     let reg = Registry::start_htpasswd("ci-user", "base-s3cret-42");
     push_with_password(
         ws.path(),
-        "specs/base.toml",
+        "build-specs/base.toml",
         &reg,
         "base/busybox",
         &["--tag", "1"],
@@ -721,7 +755,7 @@ fn base_on_an_authenticated_registry_uses_the_push_credentials_and_mounts() {
     let base_ref = format!("{}/base/busybox:1", reg.addr);
     let (digest, err) = push_with_password(
         ws.path(),
-        "specs/app.toml",
+        "build-specs/app.toml",
         &reg,
         "app",
         &["--base", &base_ref, "--platform", "linux/arm64"],
@@ -747,7 +781,7 @@ fn base_on_an_authenticated_registry_uses_the_push_credentials_and_mounts() {
         .args([
             "build",
             "-f",
-            "specs/app.toml",
+            "build-specs/app.toml",
             "-o",
             "out-noauth",
             "--base",
@@ -774,7 +808,7 @@ fn base_on_a_tls_registry_needs_its_ca_for_build_too() {
     let ca = ca.to_str().unwrap();
     push(
         ws.path(),
-        "specs/base.toml",
+        "build-specs/base.toml",
         &reg,
         "base/busybox",
         "1",

@@ -14,11 +14,11 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A workspace with `tree/` (files for the cases) and `specs/`; world-readable so that a test
+/// A workspace with `tree/` (files for the cases) and `build-specs/`; world-readable so that a test
 /// can run imgbuild as an unprivileged user.
 fn workspace() -> tempfile::TempDir {
     let ws = tempfile::tempdir().unwrap();
-    for d in ["tree", "specs"] {
+    for d in ["tree", "build-specs"] {
         fs::create_dir_all(ws.path().join(d)).unwrap();
     }
     fs::write(ws.path().join("tree/hello.txt"), "hello\n").unwrap();
@@ -26,7 +26,7 @@ fn workspace() -> tempfile::TempDir {
 }
 
 fn write_spec(ws: &Path, name: &str, body: &str) -> String {
-    let rel = format!("specs/{name}.toml");
+    let rel = format!("build-specs/{name}.toml");
     fs::write(
         ws.join(&rel),
         format!("platforms = [\"linux/amd64\"]\ntags = [\"v1\"]\n{body}"),
@@ -133,7 +133,7 @@ fn bad_push_inputs_fail_with_one_line_the_right_exit_code_and_push_nothing() {
             vec![],
             vec![],
             2,
-            "specs/big-label.toml:4:".into(),
+            "build-specs/big-label.toml:4:".into(),
         ),
         (
             "bad --retries",
@@ -153,7 +153,7 @@ fn bad_push_inputs_fail_with_one_line_the_right_exit_code_and_push_nothing() {
             vec!["--no-cache"],
             wrap.clone(),
             3,
-            "cannot read specs/../tree/locked: Permission denied".into(),
+            "cannot read build-specs/../tree/locked: Permission denied".into(),
         ));
     }
     let mut failures = Vec::new();

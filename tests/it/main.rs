@@ -8,6 +8,7 @@ mod action;
 mod base;
 mod build;
 mod cache;
+mod confine;
 mod context;
 mod copy;
 mod credentials;

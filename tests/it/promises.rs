@@ -176,13 +176,40 @@ fn build_default_output_context_oci_base_and_exit_code_1() {
         "the src paths do not exist next to the moved spec: {}",
         text(&without.stderr)
     );
+    // `../fixtures` from the context `build-specs` leads out of it: refused, unless allowed.
+    let ctx = [
+        "-f",
+        "elsewhere/deeper/hello.toml",
+        "--context",
+        "build-specs",
+    ];
+    let refused = build_in(dir, &[&ctx[..], &["-o", "out-ctx1"]].concat());
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("outside the build context"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let allowed = build_in(
+        dir,
+        &[&ctx[..], &["--allow-outside-context", "-o", "out-ctx2"]].concat(),
+    );
+    assert!(allowed.status.success(), "{}", text(&allowed.stderr));
+    assert_eq!(text(&allowed.stdout).trim(), GOLDEN_HELLO);
+    // The same spec with its src paths relative to the context `.`: the same image.
+    let spec = fs::read_to_string(dir.join("build-specs/hello.toml")).unwrap();
+    fs::write(
+        dir.join("elsewhere/deeper/hello.toml"),
+        spec.replace("\"../fixtures/", "\"fixtures/"),
+    )
+    .unwrap();
     let with = build_in(
         dir,
         &[
             "-f",
             "elsewhere/deeper/hello.toml",
             "--context",
-            "build-specs",
+            ".",
             "-o",
             "out-ctx",
         ],

@@ -6,12 +6,15 @@
 use crate::harness::*;
 use crate::proxy::{Proxy, ProxyOpts};
 use std::fs;
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Run `cmd` under `limit` (a hang fails the test), sampling its peak resident memory
-/// (`VmHWM` from /proc, in KiB). Returns the output, the time taken and the peak.
+/// (`VmHWM` from /proc, in KiB). Returns the output, the time taken and the peak. stdout and
+/// stderr are drained while it runs: a child that writes more than a pipe holds would
+/// otherwise block on the write and look hung.
 fn measured(cmd: &mut Command, limit: Duration, what: &str) -> (Output, Duration, u64) {
     let start = Instant::now();
     let mut child = cmd
@@ -19,9 +22,23 @@ fn measured(cmd: &mut Command, limit: Duration, what: &str) -> (Output, Duration
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
     let status = format!("/proc/{}/status", child.id());
     let mut peak = 0;
-    while child.try_wait().unwrap().is_none() {
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
         if let Some(kib) = fs::read_to_string(&status).ok().and_then(|s| {
             s.lines()
                 .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -31,23 +48,46 @@ fn measured(cmd: &mut Command, limit: Duration, what: &str) -> (Output, Duration
         }
         if start.elapsed() > limit {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("{what}: still running after {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-    (child.wait_with_output().unwrap(), start.elapsed(), peak)
+    };
+    let output = Output {
+        status: exit,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    (output, start.elapsed(), peak)
 }
 
-#[test]
-#[ignore = "the builds finish (figures printed) but the test did not return within 10 min on the shared machine after them; cause not found yet"]
-fn a_layer_of_100000_small_files_builds_in_bounded_memory_and_time() {
-    let ws = tempfile::tempdir().unwrap();
+/// Where a tree of many small files is made: tmpfs (`/dev/shm`) when there is one. On this
+/// machine's ext4, mounted with `discard`, every unlink of a non-empty file waits for a
+/// discard: removing the 100,000-file tree and the cache's 100,000 file records took over 10
+/// minutes after the builds had finished (the test that "hung"). The disk's cost is measured
+/// by bench/many-files.sh instead; these tests measure imgbuild.
+fn scratch_dir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let on_tmpfs = shm.is_dir() && tempfile::tempdir_in(shm).is_ok();
+    if on_tmpfs {
+        tempfile::tempdir_in(shm).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    }
+}
+
+/// A layer of `files` small files (100 directories), built cold and warm from the same tree:
+/// same image, every file in the layer, peak RSS under `max_rss_mib` and each build under
+/// `max_time`. Prints the figures.
+fn many_small_files(files: usize, max_time: Duration, max_rss_mib: u64) {
+    let ws = scratch_dir();
     let tree = ws.path().join("tree");
+    let per_dir = files / 100;
     for d in 0..100 {
         let dir = tree.join(format!("d{d:03}"));
         fs::create_dir_all(&dir).unwrap();
-        for f in 0..1000 {
-            fs::write(dir.join(format!("f{f:04}")), format!("{d} {f}\n")).unwrap();
+        for f in 0..per_dir {
+            fs::write(dir.join(format!("f{f:05}")), format!("{d} {f}\n")).unwrap();
         }
     }
     fs::write(
@@ -63,35 +103,40 @@ fn a_layer_of_100000_small_files_builds_in_bounded_memory_and_time() {
             .args(["build", "-q", "-f", "spec.toml", "-o", "out"]);
         cmd
     };
-    // Generous for a shared 2-core machine; measured ~ a few seconds when idle.
-    let limit = Duration::from_secs(300);
-    let (out, cold, cold_peak) = measured(&mut run(), limit, "100,000 files, cold cache");
+    // A hang fails the test instead of holding CI until its timeout.
+    let hang = Duration::from_secs(300);
+    let (out, cold, cold_peak) = measured(&mut run(), hang, "many files, cold cache");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (out2, warm, warm_peak) = measured(&mut run(), limit, "100,000 files, warm cache");
+    let (out2, warm, warm_peak) = measured(&mut run(), hang, "many files, warm cache");
     assert!(out2.status.success());
     assert_eq!(
         out.stdout, out2.stdout,
         "the same files give the same image"
     );
     eprintln!(
-        "FIGURES 100,000 files: cold {:.1} s, peak RSS {} MiB; cached {:.1} s, peak RSS {} MiB",
+        "FIGURES {files} files: cold {:.1} s ({:.0} files/s), peak RSS {} MiB; cached {:.1} s ({:.0} files/s), peak RSS {} MiB",
         cold.as_secs_f64(),
+        files as f64 / cold.as_secs_f64(),
         cold_peak / 1024,
         warm.as_secs_f64(),
+        files as f64 / warm.as_secs_f64(),
         warm_peak / 1024
     );
-    // Memory grows with the number of entries (the plan), never with their content: well
-    // under 256 MiB for 100,000 entries.
+    // Memory grows with the number of entries (the plan), never with their content.
     assert!(
-        cold_peak < 256 * 1024 && warm_peak < 256 * 1024,
-        "{cold_peak} / {warm_peak} KiB"
+        cold_peak < max_rss_mib * 1024 && warm_peak < max_rss_mib * 1024,
+        "peak RSS {cold_peak} / {warm_peak} KiB, bound {max_rss_mib} MiB"
+    );
+    assert!(
+        cold < max_time && warm < max_time,
+        "{cold:?} / {warm:?}, bound {max_time:?}"
     );
 
-    // Every file is in the layer (tar lists 100,000 files + 101 directories + /data's parent).
+    // Every file is in the layer (+ 100 directories + /data's own entry).
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(ws.path().join("out/index.json")).unwrap()).unwrap();
     let top = index["manifests"][0]["digest"]
@@ -109,7 +154,21 @@ fn a_layer_of_100000_small_files_builds_in_bounded_memory_and_time() {
     // Counted in process (a `tar -tv` of 100,000 entries through the harness was slow here).
     let gz = flate2::read::GzDecoder::new(fs::File::open(layer).unwrap());
     let entries = tar::Archive::new(gz).entries().unwrap().count();
-    assert_eq!(entries, 100_000 + 101, "entries in the layer");
+    assert_eq!(entries, 100 * per_dir + 101, "entries in the layer");
+}
+
+/// Runs in CI: 20,000 files (a debug build on a loaded 2-core machine).
+#[test]
+fn a_layer_of_20000_small_files_builds_in_bounded_memory_and_time() {
+    many_small_files(20_000, Duration::from_secs(60), 64);
+}
+
+/// The full 100,000 (`cargo test --test it 100000 -- --ignored --nocapture`); the figures of
+/// a release build are in bench/many-files.sh.
+#[test]
+#[ignore = "57 s in a debug build on the loaded 2-core machine (cold 28 s, warm 18 s, 128 MiB), too close to a minute for every CI run; CI runs the 20,000-file variant"]
+fn a_layer_of_100000_small_files_builds_in_bounded_memory_and_time() {
+    many_small_files(100_000, Duration::from_secs(240), 256);
 }
 
 /// A workspace with one 10 MB incompressible file.
