@@ -488,3 +488,158 @@ fn a_failure_to_attach_is_exit_5_and_says_the_image_is_complete() {
         inspect_raw(&reg, &format!("broken@{digest}"))
     );
 }
+
+/// The SPDX document `build --sbom spdx --sbom-output docs` wrote for linux/amd64, and stderr.
+fn build_amd64_sbom(dir: &Path, spec: &str, out: &str) -> (Value, String) {
+    let o = run_ok(
+        imgbuild()
+            .current_dir(dir)
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .args(["build", "-q", "-f", spec, "-o", out, "--sbom", "spdx"])
+            .args(["--sbom-output", &format!("{out}-docs")]),
+    );
+    let path = dir.join(format!("{out}-docs/linux-amd64.spdx.json"));
+    let out = Command::new(pyspdxtools())
+        .arg("-i")
+        .arg(&path)
+        .output()
+        .expect("run pyspdxtools");
+    assert!(
+        out.status.success(),
+        "pyspdxtools -i {}: {}\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        json(&fs::read(&path).unwrap()),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The SPDX id of the file entry named `name`.
+fn file_id(doc: &Value, name: &str) -> String {
+    doc["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fileName"] == name)
+        .unwrap_or_else(|| panic!("{name} not in the SBOM"))["SPDXID"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `(name, version, purl)` of the packages the file `name` CONTAINS.
+fn crates_in(doc: &Value, name: &str) -> Vec<(String, String, Option<String>)> {
+    let id = file_id(doc, name);
+    let packages = doc["packages"].as_array().unwrap();
+    let mut out: Vec<_> = doc["relationships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["spdxElementId"] == id.as_str() && r["relationshipType"] == "CONTAINS")
+        .map(|r| {
+            let p = packages
+                .iter()
+                .find(|p| p["SPDXID"] == r["relatedSpdxElement"])
+                .expect("relationship to a package of the document");
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["versionInfo"].as_str().unwrap().to_string(),
+                p["externalRefs"][0]["referenceLocator"]
+                    .as_str()
+                    .map(String::from),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn sbom_lists_the_crates_inside_a_cargo_auditable_binary() {
+    let ws = workspace(1_700_000_000);
+    let dir = ws.path();
+    // A copy of the fixture whose `.dep-v0` data is damaged (same size, zlib stream broken).
+    let good = fs::read(dir.join("fixtures/dist/amd64/hello-auditable")).unwrap();
+    let range = {
+        use object::{Object as _, ObjectSection as _};
+        let elf = object::File::parse(&*good).expect("ELF");
+        let s = elf.section_by_name(".dep-v0").expect(".dep-v0 section");
+        let (at, len) = s.file_range().unwrap();
+        at as usize..(at + len) as usize
+    };
+    let mut broken = good.clone();
+    for b in &mut broken[range.start + 2..range.end - 4] {
+        *b = 0xff;
+    }
+    fs::write(dir.join("fixtures/dist/amd64/broken-auditable"), &broken).unwrap();
+    set_mtime_recursive(&dir.join("fixtures"), 1_700_000_000);
+    fs::write(
+        dir.join("build-specs/rust.toml"),
+        r#"platforms = ["linux/amd64"]
+base = "scratch"
+[config]
+entrypoint = ["/usr/local/bin/app"]
+[[layer]]
+files = [
+  { src = "../fixtures/dist/amd64/hello-auditable", dest = "/usr/local/bin/app", mode = 0o755 },
+  { src = "../fixtures/dist/amd64/hello", dest = "/usr/local/bin/hello", mode = 0o755 },
+  { src = "../fixtures/dist/amd64/broken-auditable", dest = "/usr/local/bin/broken", mode = 0o755 },
+]
+"#,
+    )
+    .unwrap();
+
+    let (doc, stderr) = build_amd64_sbom(dir, "build-specs/rust.toml", "one");
+    let want = vec![
+        ("hello-auditable".to_string(), "0.1.0".to_string(), None),
+        (
+            "itoa".into(),
+            "1.0.11".into(),
+            Some("pkg:cargo/itoa@1.0.11".into()),
+        ),
+        (
+            "ryu".into(),
+            "1.0.18".into(),
+            Some("pkg:cargo/ryu@1.0.18".into()),
+        ),
+    ];
+    assert_eq!(crates_in(&doc, "./usr/local/bin/app"), want, "{doc}");
+    // A binary without the section, and one whose data is malformed: their files only.
+    assert_eq!(crates_in(&doc, "./usr/local/bin/hello"), []);
+    assert_eq!(crates_in(&doc, "./usr/local/bin/broken"), []);
+    assert_eq!(
+        stderr.matches("cargo-auditable").count(),
+        1,
+        "one warning, for the malformed data:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("./usr/local/bin/broken") && stderr.contains("cargo-auditable"),
+        "{stderr}"
+    );
+    // The root package depends on both crates.
+    let packages = doc["packages"].as_array().unwrap();
+    let id_of = |name: &str| {
+        packages.iter().find(|p| p["name"] == name).unwrap()["SPDXID"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let rels = doc["relationships"].as_array().unwrap();
+    for dep in ["itoa", "ryu"] {
+        assert!(
+            rels.iter()
+                .any(|r| r["spdxElementId"] == id_of("hello-auditable").as_str()
+                    && r["relationshipType"] == "DEPENDS_ON"
+                    && r["relatedSpdxElement"] == id_of(dep).as_str()),
+            "hello-auditable DEPENDS_ON {dep}"
+        );
+    }
+
+    // Again, the crate lists now from the layer cache: the same document, the same warning.
+    let (again, stderr) = build_amd64_sbom(dir, "build-specs/rust.toml", "two");
+    assert_eq!(again, doc);
+    assert_eq!(stderr.matches("cargo-auditable").count(), 1, "{stderr}");
+}
