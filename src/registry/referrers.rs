@@ -2,13 +2,14 @@
 //! referrers of each platform manifest (distribution-spec 1.1 "Pushing Manifests with
 //! Subject", "Listing Referrers", "Referrers Tag Schema").
 //!
-//! For each attachment: the empty config and the document blob (HEAD-skip, upload), then the
-//! referrer manifest by digest. Then, per subject: when `GET /v2/<name>/referrers/<digest>`
-//! answers with an image index, the registry keeps the list itself and nothing more is done.
-//! Otherwise the list lives in the tag `sha256-<hex>` of the subject: it is read, the entries
-//! imgbuild wrote for the same kind of document are replaced by the new ones, everything
-//! else (other tools' referrers) is kept, and the tag is written only if that changed
-//! anything — so pushing the same image again changes nothing.
+//! Per subject, the list of its referrers is read first: when `GET /v2/<name>/referrers/<digest>`
+//! answers with an image index, the registry keeps the list itself, and only the documents it
+//! does not list yet are pushed (the empty config and the document blob, HEAD-skip, upload,
+//! then the referrer manifest by digest). Otherwise the list lives in the tag `sha256-<hex>` of
+//! the subject: it is read, the entries imgbuild wrote for the same kind of document are
+//! replaced by the new ones, everything else (other tools' referrers) is kept, and only if that
+//! changed anything are the missing documents pushed and the tag written — so pushing the same
+//! image again writes nothing.
 
 use super::RegistryError;
 use super::client::{Client, display_url, is_html, unexpected};
@@ -34,7 +35,10 @@ pub struct AttachReport {
     pub tags_written: Vec<String>,
 }
 
-/// Push `attachments` and list them as referrers of their subjects.
+/// Push `attachments` and list them as referrers of their subjects. What a subject already
+/// lists (the same referrer manifests, by digest) is not pushed again: a re-push of the same
+/// image costs one GET per platform manifest (two for the first on a registry without the
+/// referrers API, which is asked once per run) and writes nothing.
 pub(crate) async fn attach(
     client: &Client,
     attachments: &[Attachment],
@@ -44,22 +48,6 @@ pub(crate) async fn attach(
     if attachments.is_empty() {
         return Ok(report);
     }
-    let mut blobs = vec![empty_config()];
-    blobs.extend(attachments.iter().map(|a| a.document.clone()));
-    let mut seen = HashSet::new();
-    for b in blobs.iter().filter(|b| seen.insert(b.digest.clone())) {
-        push_bytes(client, b, progress).await?;
-    }
-    for a in attachments {
-        put_manifest(
-            client,
-            &a.manifest,
-            &a.manifest.digest.to_string(),
-            progress,
-        )
-        .await?;
-        report.manifests.push(a.manifest.digest.clone());
-    }
     // Per subject, in the order of the attachments.
     let mut subjects: Vec<&Digest> = Vec::new();
     for a in attachments {
@@ -67,18 +55,36 @@ pub(crate) async fn attach(
             subjects.push(&a.subject.digest);
         }
     }
+    // Whether the registry has the referrers API: the first subject's answer tells.
+    let mut has_api: Option<bool> = None;
+    let mut pushed_blobs = HashSet::new();
     for subject in subjects {
-        if referrers_api_index(client, subject, progress)
-            .await?
-            .is_some()
-        {
-            report.via_api.push(subject.clone());
-            continue;
-        }
         let ours: Vec<&Attachment> = attachments
             .iter()
             .filter(|a| &a.subject.digest == subject)
             .collect();
+        if has_api != Some(false) {
+            let api = referrers_api_index(client, subject, progress).await?;
+            has_api = Some(api.is_some());
+            if let Some(index) = api {
+                // The registry keeps the list: push what it does not list yet.
+                let missing: Vec<&Attachment> = ours
+                    .iter()
+                    .copied()
+                    .filter(|a| !lists(&index, &a.manifest.digest))
+                    .collect();
+                if missing.is_empty() {
+                    progress.event(Event::Debug(&format!(
+                        "the referrers of {subject} already include these documents"
+                    )));
+                } else {
+                    push_documents(client, &missing, &mut pushed_blobs, &mut report, progress)
+                        .await?;
+                }
+                report.via_api.push(subject.clone());
+                continue;
+            }
+        }
         let tag = tag_for(subject);
         let existing = get_tag_index(client, &tag, progress).await?;
         let merged = merge(existing.as_ref().map(|(v, _)| v), &ours);
@@ -89,6 +95,17 @@ pub(crate) async fn attach(
             )));
             continue;
         }
+        // Our manifests the tag does not list yet go first: a tag never lists what is not there.
+        let missing: Vec<&Attachment> = ours
+            .iter()
+            .copied()
+            .filter(|a| {
+                !existing
+                    .as_ref()
+                    .is_some_and(|(v, _)| lists(v, &a.manifest.digest))
+            })
+            .collect();
+        push_documents(client, &missing, &mut pushed_blobs, &mut report, progress).await?;
         let index = JsonBlob {
             media_type: MEDIA_TYPE_INDEX.into(),
             digest: Digest::of(&bytes),
@@ -98,6 +115,45 @@ pub(crate) async fn attach(
         report.tags_written.push(tag);
     }
     Ok(report)
+}
+
+/// Does the referrers index `index` list the manifest `digest`?
+fn lists(index: &Value, digest: &Digest) -> bool {
+    let d = digest.to_string();
+    index["manifests"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|e| e["digest"] == d.as_str()))
+}
+
+/// The blobs (empty config, documents; each once per run) and referrer manifests of `docs`.
+async fn push_documents(
+    client: &Client,
+    docs: &[&Attachment],
+    pushed_blobs: &mut HashSet<Digest>,
+    report: &mut AttachReport,
+    progress: &dyn Progress,
+) -> Result<(), RegistryError> {
+    if docs.is_empty() {
+        return Ok(());
+    }
+    let mut blobs = vec![empty_config()];
+    blobs.extend(docs.iter().map(|a| a.document.clone()));
+    for b in &blobs {
+        if pushed_blobs.insert(b.digest.clone()) {
+            push_bytes(client, b, progress).await?;
+        }
+    }
+    for a in docs {
+        put_manifest(
+            client,
+            &a.manifest,
+            &a.manifest.digest.to_string(),
+            progress,
+        )
+        .await?;
+        report.manifests.push(a.manifest.digest.clone());
+    }
+    Ok(())
 }
 
 /// The referrers of `subject` (descriptors): from the referrers API when the registry has
