@@ -114,13 +114,32 @@ pub fn audited_crates(path: &Path, binary: &str) -> Result<Option<Vec<CratePacka
         input_file_size: AUDIT_MAX_BINARY,
         decompressed_json_size: AUDIT_MAX_JSON,
     };
-    // auditable-info reads the whole file (up to the limit).
+    // auditable-info reads the whole file (up to the limit): only when an ELF file has the
+    // section at all (its section headers, read through a cache, tell), so a large Go or C
+    // executable costs a few reads, not its size in memory.
+    if magic == *b"\x7fELF" && !elf_has_section(path, ".dep-v0") {
+        return Ok(None);
+    }
     let size = std::fs::metadata(path).map_or(0, |m| m.len());
     crate::layer::count_input_bytes(size.min(AUDIT_MAX_BINARY as u64));
     match auditable_info::audit_info_from_file(path, limits) {
         Ok(info) => Ok(Some(crates_of(&info, binary))),
         Err(auditable_info::Error::NoAuditData) => Ok(None),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Does the ELF file at `path` have a section `name`? Reads its headers only. An unreadable or
+/// malformed file answers true: auditable-info then says what is wrong with it.
+fn elf_has_section(path: &Path, name: &str) -> bool {
+    use object::{Object as _, ObjectSection as _};
+    let Ok(file) = File::open(path) else {
+        return true;
+    };
+    let cache = object::ReadCache::new(file);
+    match object::File::parse(&cache) {
+        Ok(elf) => elf.sections().any(|s| s.name() == Ok(name)),
+        Err(_) => true,
     }
 }
 
@@ -444,6 +463,72 @@ mod tests {
             rels.iter()
                 .any(|r| r["relationshipType"] == "DESCENDANT_OF")
         );
+    }
+
+    #[test]
+    fn crates_are_packages_in_their_binary_with_their_dependencies() {
+        let p = Platform::new("linux", "amd64", None);
+        let d = Digest::of(b"manifest");
+        let files = [file("./app", b"elf")];
+        let krate =
+            |name: &str, source: &str, root: bool, build: bool, deps: &[&str]| CratePackage {
+                name: name.into(),
+                version: "1.0.0".into(),
+                source: source.into(),
+                binary: "./app".into(),
+                root,
+                build,
+                dependencies: deps.iter().map(|d| d.to_string()).collect(),
+            };
+        let crates = [
+            krate("app", "local", true, false, &["itoa@1.0.0", "derive@1.0.0"]),
+            krate("itoa", "crates.io", false, false, &[]),
+            krate("derive", "crates.io", false, true, &[]),
+        ];
+        let v: Value = serde_json::from_slice(&spdx(&SbomInput {
+            image: "x",
+            platform: &p,
+            manifest_digest: &d,
+            epoch: 0,
+            files: &files,
+            base: None,
+            crates: &crates,
+        }))
+        .unwrap();
+        let pkgs = v["packages"].as_array().unwrap();
+        let id = |n: &str| pkgs.iter().find(|p| p["name"] == n).unwrap()["SPDXID"].clone();
+        let pkg = |n: &str| pkgs.iter().find(|p| p["name"] == n).unwrap().clone();
+        assert_eq!(
+            pkg("itoa")["externalRefs"][0]["referenceLocator"],
+            "pkg:cargo/itoa@1.0.0"
+        );
+        assert!(
+            pkg("app").get("externalRefs").is_none(),
+            "no crates.io purl for a local crate"
+        );
+        assert_eq!(pkg("app")["primaryPackagePurpose"], "APPLICATION");
+        let rels = v["relationships"].as_array().unwrap();
+        let has = |a: &Value, t: &str, b: &Value| {
+            rels.iter().any(|r| {
+                r["spdxElementId"] == *a
+                    && r["relationshipType"] == t
+                    && r["relatedSpdxElement"] == *b
+            })
+        };
+        let file_id = v["files"][0]["SPDXID"].clone();
+        for c in ["app", "itoa", "derive"] {
+            assert!(has(&file_id, "CONTAINS", &id(c)), "{c}");
+        }
+        assert!(has(&id("app"), "DEPENDS_ON", &id("itoa")));
+        assert!(has(&id("derive"), "BUILD_DEPENDENCY_OF", &id("app")));
+    }
+
+    #[test]
+    fn a_file_that_is_no_binary_has_no_crates() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("t");
+        std::fs::write(&text, b"#!/bin/sh\necho hi\n").unwrap();
+        assert_eq!(audited_crates(&text, "./t"), Ok(None));
     }
 
     #[test]
