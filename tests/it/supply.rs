@@ -581,7 +581,7 @@ fn sbom_lists_the_crates_inside_a_cargo_auditable_binary() {
         *b = 0xff;
     }
     fs::write(dir.join("fixtures/dist/amd64/broken-auditable"), &broken).unwrap();
-    set_mtime_recursive(&dir.join("fixtures"), 1_700_000_000);
+    set_mtime_recursive(dir.join("fixtures"), 1_700_000_000);
     fs::write(
         dir.join("build-specs/rust.toml"),
         r#"platforms = ["linux/amd64"]
