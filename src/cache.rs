@@ -5,7 +5,8 @@
 //! $IMGBUILD_CACHE (default $XDG_CACHE_HOME/imgbuild or ~/.cache/imgbuild)
 //!   blobs/sha256/<hex>   a BlobStore: cached layers (and, for `push`, the run's config/manifests)
 //!   layers/<key hex>     record of a built layer: descriptor, diff_id, the blob's stat identity
-//!   files/<id hex>       content digest of a source file, keyed by its stat identity
+//!   files/<id hex>       content digests of a source file (sha256, SHA-1), keyed by its stat identity
+//!   crates/<sha256 hex>  the cargo-auditable crate list of an executable, by its content (crate::sbom)
 //!   pushed/<registry hex>/<digest hex>   repositories of that registry a push put the blob in
 //!   shapes/<shape hex>   a layer with this key minus file contents was cached (cold-build rule)
 //!   locks/<digest hex>   leases: a run's shared flock on each blob it uses (crate::lease)
@@ -29,11 +30,12 @@
 //! codec, epoch) was ever cached, no cached layer can match, so the layer is built at once
 //! and each file hashed while it is tarred; its key is computed afterwards.
 //!
-//! **File contents** are hashed once: the content digest is remembered under the file's stat
-//! identity (path, device, inode, size, mtime and ctime in nanoseconds) and reused while that
+//! **File contents** are hashed once: the content digests (sha256 for the key, SHA-1 as well
+//! for the SBOM, from the same read) are remembered under the file's stat identity (path, device, inode, size, mtime and ctime in nanoseconds) and reused while that
 //! identity is unchanged. A file modified within the last two seconds ([`RACY_WINDOW`]) is
 //! hashed but not remembered ("racily clean", as git calls it: a second write in the same timestamp tick
-//! would go unseen).
+//! would go unseen). Within a run every file's sums are also kept in memory (by the same stat
+//! identity), so the SBOM made after the build reads no input the build already read.
 //!
 //! **Verification** before reuse: the record holds the blob's (inode, size, mtime) from when it
 //! was written or last verified. If the blob is missing or those differ, the blob is re-hashed;
@@ -50,7 +52,7 @@
 //! prune`, `IMGBUILD_CACHE_MAX_SIZE`) never deletes it under the run.
 
 use crate::compress::Compression;
-use crate::digest::{Digest, HashingWriter};
+use crate::digest::{Digest, FileHasher, FileSums, HashingWriter};
 use crate::image::{Descriptor, LayerInfo};
 use crate::layer::{LayerError, LayerOptions};
 use crate::lease::Leases;
@@ -63,6 +65,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// Bumped whenever the tar or compressed bytes for the same inputs change (a new block size,
 /// a different deflate backend, tar header changes): old entries are then simply not found.
@@ -99,6 +102,8 @@ pub struct LayerCache {
     store: BlobStore,
     /// [`RACY_WINDOW`] unless a test sets another with [`LayerCache::with_racy_window`].
     racy_window: std::time::Duration,
+    /// This run's file sums by file-index path (the stat identity), racy or not.
+    sums: Arc<Mutex<HashMap<PathBuf, FileSums>>>,
 }
 
 /// What a cached layer's record holds.
@@ -124,6 +129,7 @@ impl LayerCache {
             root,
             store,
             racy_window: RACY_WINDOW,
+            sums: Arc::default(),
         })
     }
 
@@ -164,16 +170,42 @@ impl LayerCache {
         key_text(layer, opts, None)
     }
 
-    /// The content digest of `src` if the file index knows it (a stat, no read).
+    /// The content digest of `src` if this run or the file index knows it (a stat, no read).
     fn known_digest(&self, src: &Path, size: u64) -> Result<Option<Digest>, LayerError> {
         let (index, _) = self.file_index(src, size)?;
-        let known = fs::read_to_string(&index)
-            .ok()
-            .and_then(|s| s.trim().parse::<Digest>().ok());
-        if known.is_some() {
-            touch(&index);
-        }
-        Ok(known)
+        Ok(self.known_sums(&index).map(|(d, _)| d))
+    }
+
+    /// What the file index (or, for a file too recently changed to be in it, this run) knows
+    /// of the file whose index entry is `index`: its sha256, and its SHA-1 when known (entries
+    /// written before SHA-1 was kept lack it).
+    fn known_sums(&self, index: &Path) -> Option<(Digest, Option<String>)> {
+        let Ok(text) = fs::read_to_string(index) else {
+            let memo = self.memo();
+            let s = memo.get(index)?;
+            return Some((s.sha256.clone(), Some(s.sha1.clone())));
+        };
+        let mut words = text.split_whitespace();
+        let sha256 = words.next()?.parse::<Digest>().ok()?;
+        let sha1 = words
+            .next()
+            .filter(|h| h.len() == 40 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_ascii_lowercase)
+            .or_else(|| {
+                let memo = self.memo();
+                memo.get(index)
+                    .filter(|s| s.sha256 == sha256)
+                    .map(|s| s.sha1.clone())
+            });
+        touch(index);
+        Some((sha256, sha1))
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, FileSums>> {
+        // A panic elsewhere cannot leave the map half-updated (single inserts).
+        self.sums
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Where the file index keeps `src`'s content digest, by its stat identity (path, device,
@@ -206,39 +238,37 @@ impl LayerCache {
         Ok((self.root.join("files").join(id.hex()), meta))
     }
 
-    /// Remember `digest` for the file whose index entry is `index` and stat `meta`, unless it
-    /// was modified within the racy window ("racily clean", see the module docs).
-    fn remember_digest(&self, index: &Path, meta: &fs::Metadata, digest: &Digest) {
+    /// Remember `sums` for the file whose index entry is `index` and stat `meta`: for this
+    /// run always, in the file index unless it was modified within the racy window ("racily
+    /// clean", see the module docs).
+    fn remember(&self, index: &Path, meta: &fs::Metadata, sums: &FileSums) {
+        self.memo().insert(index.to_path_buf(), sums.clone());
         if settled(meta, self.racy_window, std::time::SystemTime::now()) {
             // Best effort: a failed write only means hashing again next time.
-            let _ = write_atomic(index, digest.to_string().as_bytes());
+            let _ = write_atomic(index, format!("{} {}\n", sums.sha256, sums.sha1).as_bytes());
         }
     }
 
-    /// The sha256 of `src`'s first `size` bytes (the planned size), from the file index when
-    /// its stat identity is unchanged.
+    /// The sha256 of `src`'s first `size` bytes (the planned size), from this run or the file
+    /// index when its stat identity is unchanged.
     fn content_digest(&self, src: &Path, size: u64) -> Result<Digest, LayerError> {
-        let read_err = |source| LayerError::Read {
-            path: src.to_path_buf(),
-            source,
-        };
         if let Some(d) = self.known_digest(src, size)? {
             return Ok(d);
         }
+        Ok(self.file_sums(src, size)?.sha256)
+    }
+
+    /// The sha256 and SHA-1 of `src`'s first `size` bytes (the planned size): known when the
+    /// build hashed or looked the file up, else read once and remembered. The SBOM takes its
+    /// file checksums from here, so a re-push reads no input.
+    pub fn file_sums(&self, src: &Path, size: u64) -> Result<FileSums, LayerError> {
         let (index, meta) = self.file_index(src, size)?;
-        let mut w = HashingWriter::new(io::sink());
-        let copied = io::copy(&mut File::open(src).map_err(read_err)?.take(size), &mut w)
-            .map_err(read_err)?;
-        crate::layer::count_input_bytes(copied);
-        if copied != size {
-            return Err(LayerError::Changed {
-                path: src.to_path_buf(),
-                planned: size,
-            });
+        if let Some((sha256, Some(sha1))) = self.known_sums(&index) {
+            return Ok(FileSums { sha256, sha1 });
         }
-        let digest = w.finish().1;
-        self.remember_digest(&index, &meta, &digest);
-        Ok(digest)
+        let sums = hash_file(src, size)?;
+        self.remember(&index, &meta, &sums);
+        Ok(sums)
     }
 
     /// The cached layer for `key`, verified, with its blob present in `store` (linked or
@@ -413,17 +443,19 @@ pub fn write_layer_cached(
     } else {
         None
     };
-    let (info, digests) = crate::layer::write_layer_hashing(layer, store, opts, key.is_none())?;
+    let (info, sums) = crate::layer::write_layer_hashing(layer, store, opts, key.is_none())?;
     let key = match key {
         Some(key) => key,
         None => {
-            for (e, d) in layer.entries.iter().zip(&digests) {
-                if let (EntryKind::File { src, size }, Some(d)) = (&e.kind, d)
+            for (e, s) in layer.entries.iter().zip(&sums) {
+                if let (EntryKind::File { src, size }, Some(s)) = (&e.kind, s)
                     && let Ok((index, meta)) = cache.file_index(src, *size)
                 {
-                    cache.remember_digest(&index, &meta, d);
+                    cache.remember(&index, &meta, s);
                 }
             }
+            let digests: Vec<Option<Digest>> =
+                sums.into_iter().map(|s| s.map(|s| s.sha256)).collect();
             key_text(layer, opts, Some(&digests))
         }
     };
@@ -436,6 +468,25 @@ pub fn write_layer_cached(
         ));
     }
     Ok((info, Outcome::Built, warning))
+}
+
+impl LayerCache {
+    /// What [`LayerCache::put_crates_record`] remembered for an executable whose content has
+    /// this sha256.
+    pub fn crates_record(&self, sha256: &Digest) -> Option<Vec<u8>> {
+        let path = self.root.join("crates").join(sha256.hex());
+        let bytes = fs::read(&path).ok()?;
+        touch(&path);
+        Some(bytes)
+    }
+
+    /// Remember what the SBOM found in an executable (its cargo-auditable crates, or that it
+    /// has none), so a re-push reads no input. Best effort.
+    pub fn put_crates_record(&self, sha256: &Digest, bytes: &[u8]) {
+        let dir = self.root.join("crates");
+        let _ =
+            fs::create_dir_all(&dir).and_then(|()| write_atomic(&dir.join(sha256.hex()), bytes));
+    }
 }
 
 /// How many repositories a push record keeps per blob (the most recent ones).
@@ -498,6 +549,26 @@ impl LayerCache {
             })
             .collect()
     }
+}
+
+/// The sums of `src`'s first `size` bytes, read once; a file whose size is not `size` is an
+/// error ([`LayerError::Changed`]).
+pub fn hash_file(src: &Path, size: u64) -> Result<FileSums, LayerError> {
+    let read_err = |source| LayerError::Read {
+        path: src.to_path_buf(),
+        source,
+    };
+    let mut h = FileHasher::default();
+    let copied =
+        io::copy(&mut File::open(src).map_err(read_err)?.take(size), &mut h).map_err(read_err)?;
+    crate::layer::count_input_bytes(copied);
+    if copied != size {
+        return Err(LayerError::Changed {
+            path: src.to_path_buf(),
+            planned: size,
+        });
+    }
+    Ok(h.finish())
 }
 
 /// Mark a record used now: its mtime is its "last used" time for eviction (`crate::prune`).
@@ -657,10 +728,9 @@ mod tests {
             .collect();
         assert_eq!(entries.len(), 1, "{entries:?}");
         let want = Digest::of(b"hello\n");
-        assert_eq!(
-            fs::read_to_string(&entries[0]).unwrap().trim(),
-            want.to_string()
-        );
+        let text = fs::read_to_string(&entries[0]).unwrap();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(words, [want.to_string(), FileSums::of(b"hello\n").sha1]);
 
         // ... and a hit does not read the file: a doctored entry shows through.
         let doctored = Digest::of(b"not the file's bytes");

@@ -145,6 +145,55 @@ impl StreamHasher {
     }
 }
 
+/// A source file's content digests, both from the one read of the file: sha256 (the layer
+/// cache's key, provenance) and SHA-1, the one checksum SPDX 2.3 requires of every file
+/// (clause 8.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSums {
+    pub sha256: Digest,
+    /// 40 lowercase hex digits.
+    pub sha1: String,
+}
+
+impl FileSums {
+    /// The sums of `bytes` (tests, small inputs).
+    pub fn of(bytes: &[u8]) -> Self {
+        let mut h = FileHasher::default();
+        h.update(bytes);
+        h.finish()
+    }
+}
+
+/// Computes [`FileSums`] over a stream (`Write` discards what it hashes).
+#[derive(Debug, Default, Clone)]
+pub struct FileHasher {
+    sha256: Sha256,
+    sha1: sha1::Sha1,
+}
+
+impl FileHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha256.update(bytes);
+        sha1::Digest::update(&mut self.sha1, bytes);
+    }
+    pub fn finish(self) -> FileSums {
+        FileSums {
+            sha256: Digest::from_hasher(self.sha256),
+            sha1: hex::encode(sha1::Digest::finalize(self.sha1)),
+        }
+    }
+}
+
+impl Write for FileHasher {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@
 //! over 100 bytes (image-spec layer.md permits any tar the runtimes read; GNU and PAX both are).
 
 use crate::compress::{Compression, Encoder};
-use crate::digest::{Digest, HashingWriter};
+use crate::digest::{Digest, FileHasher, FileSums, HashingWriter};
 use crate::image::{Descriptor, LayerInfo};
 use crate::plan::{EntryKind, LayerPlan};
 use crate::store::BlobStore;
@@ -99,15 +99,15 @@ pub fn write_layer(
     write_layer_hashing(layer, store, opts, false).map(|(info, _)| info)
 }
 
-/// [`write_layer`], and with `hash_files` the sha256 of each regular file's content as it
-/// was read into the tar (None for other entries, and without `hash_files`): the layer
-/// cache's key needs them, and this way a cold cache reads each input once.
+/// [`write_layer`], and with `hash_files` the sha256 and SHA-1 of each regular file's content
+/// as it was read into the tar (None for other entries, and without `hash_files`): the layer
+/// cache's key and the SBOM need them, and this way a cold cache reads each input once.
 pub fn write_layer_hashing(
     layer: &LayerPlan,
     store: &BlobStore,
     opts: &LayerOptions,
     hash_files: bool,
-) -> Result<(LayerInfo, Vec<Option<Digest>>), LayerError> {
+) -> Result<(LayerInfo, Vec<Option<FileSums>>), LayerError> {
     let mut file_digests = Vec::with_capacity(layer.entries.len());
     let write_err = |source| LayerError::Write {
         dir: store.root().to_path_buf(),
@@ -149,7 +149,7 @@ pub fn write_layer_hashing(
                 let mut reader = ExactReader {
                     inner: file,
                     remaining: *size,
-                    hasher: hash_files.then(|| HashingWriter::new(io::sink())),
+                    hasher: hash_files.then(FileHasher::default),
                 };
                 tar.append_data(&mut h, &entry.path, &mut reader)
                     .map_err(|e| {
@@ -169,7 +169,7 @@ pub fn write_layer_hashing(
                             write_err(e)
                         }
                     })?;
-                file_digests.push(reader.hasher.map(|h| h.finish().1));
+                file_digests.push(reader.hasher.map(FileHasher::finish));
                 continue;
             }
         }
@@ -206,8 +206,8 @@ struct SizeChanged;
 struct ExactReader {
     inner: File,
     remaining: u64,
-    /// Hashes what is read, when the caller wants the file's digest.
-    hasher: Option<HashingWriter<io::Sink>>,
+    /// Hashes what is read, when the caller wants the file's digests.
+    hasher: Option<FileHasher>,
 }
 
 impl Read for ExactReader {
@@ -236,7 +236,7 @@ impl Read for ExactReader {
         self.remaining -= n as u64;
         count_input_bytes(n as u64);
         if let Some(h) = &mut self.hasher {
-            h.write_all(&buf[..n])?;
+            h.update(&buf[..n]);
         }
         Ok(n)
     }

@@ -202,6 +202,7 @@ mod tests {
             size: 1,
             sha256: Digest::of(b"a").hex().into(),
             sha1: String::new(),
+            executable: false,
         }];
         let empty = BTreeMap::new();
         let input = ProvenanceInput {

@@ -120,8 +120,10 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
             tags,
             epoch: opts.layer.epoch,
             bases: &opts.bases,
+            cache: opts.cache.as_ref(),
         },
         &req.image.supply,
+        progress,
     )?;
     supply::write_to_layout(&store, &attachments)
         .map_err(|e| Error::io(format!("writing referrers into {}", dir.display()), e))?;
@@ -278,8 +280,10 @@ pub fn push_many(
                     tags: &req.image.tags,
                     epoch: opts.layer.epoch,
                     bases: &opts.bases,
+                    cache: opts.cache.as_ref(),
                 },
                 &req.image.supply,
+                progress,
             )
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -3,20 +3,25 @@
 //!
 //! [`spdx`] is pure: file entries and the base image in, canonical JSON bytes out. The same
 //! inputs give the same bytes: the document namespace is derived from the manifest digest
-//! (no random UUID) and `created` is `SOURCE_DATE_EPOCH`. [`hash_files`] is the one I/O step:
-//! it reads each regular file a platform's layers put into the image and hashes it with
-//! SHA-256 and SHA-1 in one pass (SPDX clause 8.4 makes SHA-1 the one mandatory file
-//! checksum; pyspdxtools refuses a file without it).
+//! (no random UUID) and `created` is `SOURCE_DATE_EPOCH`. [`hash_files`] lists each regular
+//! file a platform's layers put into the image with its SHA-256 and SHA-1 (SPDX clause 8.4
+//! makes SHA-1 the one mandatory file checksum; pyspdxtools refuses a file without it), taken
+//! from the layer cache when the build read the file (`crate::cache::LayerCache::file_sums`).
+//!
+//! [`audited_crates`] reads the crates a Rust binary was built from out of its cargo-auditable
+//! `.dep-v0` section (with the `auditable-info` crate, under size limits); each becomes a
+//! package with a `pkg:cargo` purl, contained in the binary's file entry, linked to the
+//! crates it depends on.
 
-use crate::digest::Digest;
+use crate::digest::{Digest, FileSums};
 use crate::image::rfc3339;
+use crate::layer::LayerError;
 use crate::plan::{EntryKind, LayerPlan};
 use crate::platform::Platform;
 use serde_json::{Value, json};
-use sha1::Digest as _;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Media type of an SPDX JSON document (the referrer's `artifactType`).
@@ -32,6 +37,8 @@ pub struct FileEntry {
     pub size: u64,
     pub sha256: String,
     pub sha1: String,
+    /// Any execute bit in the image: a candidate for cargo-auditable data.
+    pub executable: bool,
 }
 
 /// The base image, as a package of the document.
@@ -44,14 +51,117 @@ pub struct BasePackage {
 }
 
 /// A crate compiled into a Rust binary (from its cargo-auditable `.dep-v0` section).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct CratePackage {
     pub name: String,
     pub version: String,
     /// `crates.io`, `git`, `local`, ... as cargo-auditable records it.
     pub source: String,
-    /// The file (`./usr/local/bin/app`) that holds it.
+    /// The file (`./usr/local/bin/app`) that holds it (not part of a cached crate list,
+    /// which is keyed by the binary's content).
+    #[serde(skip)]
     pub binary: String,
+    /// The binary's own package (cargo-auditable's `root`).
+    #[serde(default)]
+    pub root: bool,
+    /// Only used at build time (a proc-macro or build script dependency).
+    #[serde(default)]
+    pub build: bool,
+    /// `name@version` of the crates of the same binary this one depends on.
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+}
+
+impl CratePackage {
+    /// package-url `pkg:cargo/NAME@VERSION`, for crates from crates.io only: the cargo type
+    /// means crates.io, and a local or git crate of the same name is another crate.
+    pub fn purl(&self) -> Option<String> {
+        (self.source == "crates.io").then(|| format!("pkg:cargo/{}@{}", self.name, self.version))
+    }
+}
+
+/// Limits on reading cargo-auditable data (auditable-info's defaults, stated here): the
+/// binary is read whole, up to this size ...
+pub const AUDIT_MAX_BINARY: usize = 1 << 30;
+/// ... and its compressed dependency list may inflate to at most this much JSON.
+pub const AUDIT_MAX_JSON: usize = 8 << 20;
+
+/// The crates cargo-auditable recorded in the binary at `path` (named `binary` in the
+/// image): `Ok(None)` when the file is no ELF, PE or Mach-O file or has no `.dep-v0` data;
+/// `Err(reason)` when the file or its data cannot be read (malformed, over the limits): the
+/// caller warns and lists the file alone.
+pub fn audited_crates(path: &Path, binary: &str) -> Result<Option<Vec<CratePackage>>, String> {
+    let mut magic = [0u8; 4];
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .map_err(|e| e.to_string())?;
+    crate::layer::count_input_bytes(n as u64);
+    let executable_format = n == 4
+        && (magic == *b"\x7fELF"
+            || magic[..2] == *b"MZ"
+            || [
+                0xfeed_face_u32,
+                0xfeed_facf,
+                0xcefa_edfe,
+                0xcffa_edfe,
+                0xcafe_babe,
+            ]
+            .contains(&u32::from_be_bytes(magic)));
+    if !executable_format {
+        return Ok(None);
+    }
+    let limits = auditable_info::Limits {
+        input_file_size: AUDIT_MAX_BINARY,
+        decompressed_json_size: AUDIT_MAX_JSON,
+    };
+    // auditable-info reads the whole file (up to the limit): only when an ELF file has the
+    // section at all (its section headers, read through a cache, tell), so a large Go or C
+    // executable costs a few reads, not its size in memory.
+    if magic == *b"\x7fELF" && !elf_has_section(path, ".dep-v0") {
+        return Ok(None);
+    }
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    crate::layer::count_input_bytes(size.min(AUDIT_MAX_BINARY as u64));
+    match auditable_info::audit_info_from_file(path, limits) {
+        Ok(info) => Ok(Some(crates_of(&info, binary))),
+        Err(auditable_info::Error::NoAuditData) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Does the ELF file at `path` have a section `name`? Reads its headers only. An unreadable or
+/// malformed file answers true: auditable-info then says what is wrong with it.
+fn elf_has_section(path: &Path, name: &str) -> bool {
+    use object::{Object as _, ObjectSection as _};
+    let Ok(file) = File::open(path) else {
+        return true;
+    };
+    let cache = object::ReadCache::new(file);
+    match object::File::parse(&cache) {
+        Ok(elf) => elf.sections().any(|s| s.name() == Ok(name)),
+        Err(_) => true,
+    }
+}
+
+/// The packages of a parsed `.dep-v0` document, in its order.
+fn crates_of(info: &auditable_serde::VersionInfo, binary: &str) -> Vec<CratePackage> {
+    let id = |i: usize| {
+        info.packages
+            .get(i)
+            .map(|p| format!("{}@{}", p.name, p.version))
+    };
+    info.packages
+        .iter()
+        .map(|p| CratePackage {
+            name: p.name.clone(),
+            version: p.version.to_string(),
+            source: String::from(p.source.clone()),
+            binary: binary.to_string(),
+            root: p.root,
+            build: p.kind == auditable_serde::DependencyKind::Build,
+            dependencies: p.dependencies.iter().filter_map(|&i| id(i)).collect(),
+        })
+        .collect()
 }
 
 /// Everything one platform's document says.
@@ -125,24 +235,61 @@ pub fn spdx(input: &SbomInput<'_>) -> Vec<u8> {
             "relatedSpdxElement": "SPDXRef-Base",
         }));
     }
+    // Crates: one package per crate per binary; the binary's file CONTAINS each, and each
+    // DEPENDS_ON (or, at build time only, is a BUILD_DEPENDENCY_OF) another of the same binary.
+    let crate_ids: HashMap<(&str, String), String> = input
+        .crates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            (
+                (c.binary.as_str(), format!("{}@{}", c.name, c.version)),
+                format!("SPDXRef-Crate-{}", i + 1),
+            )
+        })
+        .collect();
     for (i, c) in input.crates.iter().enumerate() {
         let id = format!("SPDXRef-Crate-{}", i + 1);
-        packages.push(json!({
+        let mut package = json!({
             "SPDXID": id,
             "name": c.name,
             "versionInfo": c.version,
             "downloadLocation": "NOASSERTION",
             "filesAnalyzed": false,
-            "primaryPackagePurpose": "LIBRARY",
+            "primaryPackagePurpose": if c.root { "APPLICATION" } else { "LIBRARY" },
             "comment": format!("source: {}; from the cargo-auditable data of {}", c.source, c.binary),
-            "externalRefs": [purl_ref(&format!("pkg:cargo/{}@{}", c.name, c.version))],
-        }));
+        });
+        if let Some(purl) = c.purl() {
+            package["externalRefs"] = json!([purl_ref(&purl)]);
+        }
+        packages.push(package);
         if let Some(file) = file_ids.get(c.binary.as_str()) {
             relationships.push(json!({
                 "spdxElementId": file,
                 "relationshipType": "CONTAINS",
                 "relatedSpdxElement": id,
             }));
+        }
+        for dep in &c.dependencies {
+            let Some(dep_id) = crate_ids.get(&(c.binary.as_str(), dep.clone())) else {
+                continue;
+            };
+            let dep_is_build = input.crates.iter().any(|d| {
+                d.binary == c.binary && format!("{}@{}", d.name, d.version) == *dep && d.build
+            });
+            relationships.push(if dep_is_build {
+                json!({
+                    "spdxElementId": dep_id,
+                    "relationshipType": "BUILD_DEPENDENCY_OF",
+                    "relatedSpdxElement": id,
+                })
+            } else {
+                json!({
+                    "spdxElementId": id,
+                    "relationshipType": "DEPENDS_ON",
+                    "relatedSpdxElement": dep_id,
+                })
+            });
         }
     }
     let doc = json!({
@@ -221,62 +368,37 @@ fn slug(s: &str) -> String {
 fn verification_code(files: &[FileEntry]) -> String {
     let mut sums: Vec<&str> = files.iter().map(|f| f.sha1.as_str()).collect();
     sums.sort_unstable();
-    let mut h = sha1::Sha1::new();
+    let mut h = <sha1::Sha1 as sha1::Digest>::new();
     for s in sums {
-        h.update(s.as_bytes());
+        sha1::Digest::update(&mut h, s.as_bytes());
     }
-    hex::encode(h.finalize())
+    hex::encode(sha1::Digest::finalize(h))
 }
 
-/// Cache of file hashes by source path, so a file in several platforms' layers is read once.
-pub type HashCache = HashMap<PathBuf, (String, String)>;
-
-/// Every regular file of `layers` (path order within a layer, layers in order), hashed.
-/// Reads each source file once (SHA-256 and SHA-1 in the same pass), `size` bytes as planned.
-pub fn hash_files(layers: &[LayerPlan], cache: &mut HashCache) -> io::Result<Vec<FileEntry>> {
+/// Every regular file of `layers` (path order within a layer, layers in order) with its
+/// checksums from `sums` (the layer cache's, or a read of the file).
+pub fn hash_files(
+    layers: &[LayerPlan],
+    sums: &mut dyn FnMut(&Path, u64) -> Result<FileSums, LayerError>,
+) -> Result<Vec<FileEntry>, LayerError> {
     let mut out = Vec::new();
     for layer in layers {
         for e in &layer.entries {
             let EntryKind::File { src, size } = &e.kind else {
                 continue;
             };
-            let (sha256, sha1) = match cache.get(src) {
-                Some(h) => h.clone(),
-                None => {
-                    let h = hash_file(src, *size)?;
-                    cache.insert(src.clone(), h.clone());
-                    h
-                }
-            };
+            let s = sums(src, *size)?;
             out.push(FileEntry {
                 path: format!("./{}", e.path.display()),
                 src: src.clone(),
                 size: *size,
-                sha256,
-                sha1,
+                sha256: s.sha256.hex().to_string(),
+                sha1: s.sha1,
+                executable: e.mode & 0o111 != 0,
             });
         }
     }
     Ok(out)
-}
-
-fn hash_file(path: &Path, size: u64) -> io::Result<(String, String)> {
-    let mut f = File::open(path)?.take(size);
-    let mut a = <sha2::Sha256 as sha2::Digest>::new();
-    let mut b = sha1::Sha1::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        sha2::Digest::update(&mut a, &buf[..n]);
-        b.update(&buf[..n]);
-    }
-    Ok((
-        hex::encode(sha2::Digest::finalize(a)),
-        hex::encode(b.finalize()),
-    ))
 }
 
 #[cfg(test)]
@@ -289,7 +411,8 @@ mod tests {
             src: PathBuf::from(path),
             size: content.len() as u64,
             sha256: Digest::of(content).hex().to_string(),
-            sha1: hex::encode(sha1::Sha1::digest(content)),
+            sha1: FileSums::of(content).sha1,
+            executable: true,
         }
     }
 
@@ -340,6 +463,72 @@ mod tests {
             rels.iter()
                 .any(|r| r["relationshipType"] == "DESCENDANT_OF")
         );
+    }
+
+    #[test]
+    fn crates_are_packages_in_their_binary_with_their_dependencies() {
+        let p = Platform::new("linux", "amd64", None);
+        let d = Digest::of(b"manifest");
+        let files = [file("./app", b"elf")];
+        let krate =
+            |name: &str, source: &str, root: bool, build: bool, deps: &[&str]| CratePackage {
+                name: name.into(),
+                version: "1.0.0".into(),
+                source: source.into(),
+                binary: "./app".into(),
+                root,
+                build,
+                dependencies: deps.iter().map(|d| d.to_string()).collect(),
+            };
+        let crates = [
+            krate("app", "local", true, false, &["itoa@1.0.0", "derive@1.0.0"]),
+            krate("itoa", "crates.io", false, false, &[]),
+            krate("derive", "crates.io", false, true, &[]),
+        ];
+        let v: Value = serde_json::from_slice(&spdx(&SbomInput {
+            image: "x",
+            platform: &p,
+            manifest_digest: &d,
+            epoch: 0,
+            files: &files,
+            base: None,
+            crates: &crates,
+        }))
+        .unwrap();
+        let pkgs = v["packages"].as_array().unwrap();
+        let id = |n: &str| pkgs.iter().find(|p| p["name"] == n).unwrap()["SPDXID"].clone();
+        let pkg = |n: &str| pkgs.iter().find(|p| p["name"] == n).unwrap().clone();
+        assert_eq!(
+            pkg("itoa")["externalRefs"][0]["referenceLocator"],
+            "pkg:cargo/itoa@1.0.0"
+        );
+        assert!(
+            pkg("app").get("externalRefs").is_none(),
+            "no crates.io purl for a local crate"
+        );
+        assert_eq!(pkg("app")["primaryPackagePurpose"], "APPLICATION");
+        let rels = v["relationships"].as_array().unwrap();
+        let has = |a: &Value, t: &str, b: &Value| {
+            rels.iter().any(|r| {
+                r["spdxElementId"] == *a
+                    && r["relationshipType"] == t
+                    && r["relatedSpdxElement"] == *b
+            })
+        };
+        let file_id = v["files"][0]["SPDXID"].clone();
+        for c in ["app", "itoa", "derive"] {
+            assert!(has(&file_id, "CONTAINS", &id(c)), "{c}");
+        }
+        assert!(has(&id("app"), "DEPENDS_ON", &id("itoa")));
+        assert!(has(&id("derive"), "BUILD_DEPENDENCY_OF", &id("app")));
+    }
+
+    #[test]
+    fn a_file_that_is_no_binary_has_no_crates() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("t");
+        std::fs::write(&text, b"#!/bin/sh\necho hi\n").unwrap();
+        assert_eq!(audited_crates(&text, "./t"), Ok(None));
     }
 
     #[test]

@@ -7,17 +7,19 @@
 //! The registry sink is `registry::referrers`; a layout build lists them in `index.json`.
 
 use crate::base::ResolvedBase;
-use crate::digest::Digest;
+use crate::cache::LayerCache;
+use crate::digest::{Digest, FileSums};
 use crate::error::Error;
 use crate::image::{self, BuiltImage, Descriptor, JsonBlob, MEDIA_TYPE_MANIFEST};
 use crate::plan::Plan;
 use crate::platform::Platform;
+use crate::progress::{Event, Progress};
 use crate::provenance::{self, MEDIA_TYPE_IN_TOTO, ProvenanceInput};
-use crate::sbom::{self, BasePackage, HashCache, MEDIA_TYPE_SPDX, SbomInput};
+use crate::sbom::{self, BasePackage, CratePackage, FileEntry, MEDIA_TYPE_SPDX, SbomInput};
 use crate::spec::Spec;
 use bytes::Bytes;
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// The empty config of artifact manifests (image-spec manifest.md "Guidance for an Empty
@@ -136,6 +138,9 @@ pub struct BuildFacts<'a> {
     pub tags: &'a [String],
     pub epoch: u64,
     pub bases: &'a BTreeMap<Platform, ResolvedBase>,
+    /// The layer cache the build used: file checksums and crate lists come from it, so a
+    /// re-push reads no input for its documents. None (`--no-cache`): the files are read.
+    pub cache: Option<&'a LayerCache>,
 }
 
 /// The documents of every platform of `image` (built from `plan`), with their referrer
@@ -145,6 +150,7 @@ pub fn attachments(
     plan: &Plan,
     facts: &BuildFacts<'_>,
     opts: &SupplyOptions,
+    progress: &dyn Progress,
 ) -> Result<Vec<Attachment>, Error> {
     if !opts.any() {
         return Ok(Vec::new());
@@ -154,14 +160,31 @@ pub fn attachments(
     let spec_digest = Digest::of(&spec_bytes);
     let spec_path = facts.spec.path.display().to_string();
     let platforms: Vec<Platform> = image.images.iter().map(|i| i.platform.clone()).collect();
-    let mut cache = HashCache::new();
+    // Without a layer cache: each file read once however many platforms hold it.
+    let mut read = HashMap::<PathBuf, FileSums>::new();
+    let mut sums = |src: &Path, size: u64| match facts.cache {
+        Some(c) => c.file_sums(src, size),
+        None => {
+            if let Some(s) = read.get(src) {
+                return Ok(s.clone());
+            }
+            let s = crate::cache::hash_file(src, size)?;
+            read.insert(src.to_path_buf(), s.clone());
+            Ok(s)
+        }
+    };
+    let mut crates_of = CrateLists::default();
     let mut out = Vec::new();
     for pi in &image.images {
         let Some(pp) = plan.platforms.iter().find(|p| p.platform == pi.platform) else {
             continue;
         };
-        let mut files = sbom::hash_files(&pp.layers, &mut cache)
-            .map_err(|e| Error::io("hashing the image's files for the SBOM", e))?;
+        let mut files = sbom::hash_files(&pp.layers, &mut sums)?;
+        let crates = if opts.sbom {
+            crates_of.of_files(&files, facts.cache, progress)
+        } else {
+            Vec::new()
+        };
         // Sources as the user wrote them: relative to the context, not this machine's paths.
         for f in &mut files {
             if let Ok(rel) = f.src.strip_prefix(&facts.spec.context) {
@@ -182,7 +205,7 @@ pub fn attachments(
                 epoch: facts.epoch,
                 files: &files,
                 base: base.as_ref(),
-                crates: &[],
+                crates: &crates,
             });
             docs.push((Kind::Sbom, bytes));
         }
@@ -212,6 +235,80 @@ pub fn attachments(
         }
     }
     Ok(out)
+}
+
+/// What the cargo-auditable data of each executable says, read once per content.
+#[derive(Debug, Default)]
+struct CrateLists {
+    by_content: HashMap<String, Option<Vec<CratePackage>>>,
+}
+
+/// A crate list as the layer cache keeps it (keyed by the executable's sha256).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum CratesRecord {
+    Crates(Vec<CratePackage>),
+    NoData,
+    Unreadable(String),
+}
+
+impl CrateLists {
+    /// The crates of every executable among `files`, in file order; a file whose data cannot
+    /// be read is a warning (once per content per run) and contributes none.
+    fn of_files(
+        &mut self,
+        files: &[FileEntry],
+        cache: Option<&LayerCache>,
+        progress: &dyn Progress,
+    ) -> Vec<CratePackage> {
+        let mut out = Vec::new();
+        for f in files.iter().filter(|f| f.executable) {
+            let list = self.by_content.entry(f.sha256.clone()).or_insert_with(|| {
+                let record = lookup_crates(f, cache);
+                match record {
+                    CratesRecord::Crates(c) => Some(c),
+                    CratesRecord::NoData => None,
+                    CratesRecord::Unreadable(reason) => {
+                        progress.event(Event::Warning(&format!(
+                            "{}: its cargo-auditable dependency data cannot be read ({reason}); the SBOM lists the file without its crates",
+                            f.path
+                        )));
+                        None
+                    }
+                }
+            });
+            for c in list.iter().flatten() {
+                out.push(CratePackage {
+                    binary: f.path.clone(),
+                    ..c.clone()
+                });
+            }
+        }
+        out
+    }
+}
+
+/// The crates of one executable: from the layer cache (by content), else read.
+fn lookup_crates(f: &FileEntry, cache: Option<&LayerCache>) -> CratesRecord {
+    let digest: Option<Digest> = format!("sha256:{}", f.sha256).parse().ok();
+    let key = digest.as_ref().zip(cache);
+    if let Some((d, c)) = key
+        && let Some(r) = c
+            .crates_record(d)
+            .and_then(|b| serde_json::from_slice::<CratesRecord>(&b).ok())
+    {
+        return r;
+    }
+    let record = match sbom::audited_crates(&f.src, &f.path) {
+        Ok(Some(c)) => CratesRecord::Crates(c),
+        Ok(None) => CratesRecord::NoData,
+        Err(reason) => CratesRecord::Unreadable(reason),
+    };
+    if let Some((d, c)) = key
+        && let Ok(bytes) = serde_json::to_vec(&record)
+    {
+        c.put_crates_record(d, &bytes);
+    }
+    record
 }
 
 /// Wrap `bytes` into a referrer manifest of `subject`.

@@ -2,13 +2,14 @@
 //! referrers of each platform manifest (distribution-spec 1.1 "Pushing Manifests with
 //! Subject", "Listing Referrers", "Referrers Tag Schema").
 //!
-//! For each attachment: the empty config and the document blob (HEAD-skip, upload), then the
-//! referrer manifest by digest. Then, per subject: when `GET /v2/<name>/referrers/<digest>`
-//! answers with an image index, the registry keeps the list itself and nothing more is done.
-//! Otherwise the list lives in the tag `sha256-<hex>` of the subject: it is read, the entries
-//! imgbuild wrote for the same kind of document are replaced by the new ones, everything
-//! else (other tools' referrers) is kept, and the tag is written only if that changed
-//! anything — so pushing the same image again changes nothing.
+//! Per subject, the list of its referrers is read first: when `GET /v2/<name>/referrers/<digest>`
+//! answers with an image index, the registry keeps the list itself, and only the documents it
+//! does not list yet are pushed (the empty config and the document blob, HEAD-skip, upload,
+//! then the referrer manifest by digest). Otherwise the list lives in the tag `sha256-<hex>` of
+//! the subject: it is read, the entries imgbuild wrote for the same kind of document are
+//! replaced by the new ones, everything else (other tools' referrers) is kept, and only if that
+//! changed anything are the missing documents pushed and the tag written — so pushing the same
+//! image again writes nothing.
 
 use super::RegistryError;
 use super::client::{Client, display_url, is_html, unexpected};
@@ -34,23 +35,132 @@ pub struct AttachReport {
     pub tags_written: Vec<String>,
 }
 
-/// Push `attachments` and list them as referrers of their subjects.
+/// Push `attachments` and list them as referrers of their subjects. What a subject already
+/// lists (the same referrer manifests, by digest) is not pushed again: a re-push of the same
+/// image costs one GET per platform manifest (plus one on a registry without the referrers
+/// API, which is asked once per run) and writes nothing. The first subject's answer tells
+/// whether the registry has the API; the other subjects are then handled side by side.
 pub(crate) async fn attach(
     client: &Client,
     attachments: &[Attachment],
     progress: &dyn Progress,
 ) -> Result<AttachReport, RegistryError> {
     let mut report = AttachReport::default();
-    if attachments.is_empty() {
+    let mut subjects: Vec<&Digest> = Vec::new();
+    for a in attachments {
+        if !subjects.contains(&&a.subject.digest) {
+            subjects.push(&a.subject.digest);
+        }
+    }
+    let Some(first) = subjects.first() else {
+        return Ok(report);
+    };
+    let first_index = referrers_api_index(client, first, progress).await?;
+    let has_api = first_index.is_some();
+    let mut first_index = Some(first_index);
+    let jobs = subjects.iter().map(|subject| {
+        let known = first_index.take().flatten();
+        attach_subject(client, subject, attachments, has_api, known, progress)
+    });
+    for r in futures::future::try_join_all(jobs).await? {
+        report.manifests.extend(r.manifests);
+        report.via_api.extend(r.via_api);
+        report.tags_written.extend(r.tags_written);
+    }
+    Ok(report)
+}
+
+/// [`attach`] for one subject. `known`: its referrers index, when already fetched.
+async fn attach_subject(
+    client: &Client,
+    subject: &Digest,
+    attachments: &[Attachment],
+    has_api: bool,
+    known: Option<Value>,
+    progress: &dyn Progress,
+) -> Result<AttachReport, RegistryError> {
+    let mut report = AttachReport::default();
+    let ours: Vec<&Attachment> = attachments
+        .iter()
+        .filter(|a| &a.subject.digest == subject)
+        .collect();
+    if has_api {
+        let index = match known {
+            Some(v) => Some(v),
+            None => referrers_api_index(client, subject, progress).await?,
+        };
+        // The registry keeps the list: push what it does not list yet.
+        let missing: Vec<&Attachment> = ours
+            .iter()
+            .copied()
+            .filter(|a| !index.as_ref().is_some_and(|i| lists(i, &a.manifest.digest)))
+            .collect();
+        if missing.is_empty() {
+            progress.event(Event::Debug(&format!(
+                "the referrers of {subject} already include these documents"
+            )));
+        } else {
+            push_documents(client, &missing, &mut report, progress).await?;
+        }
+        report.via_api.push(subject.clone());
         return Ok(report);
     }
-    let mut blobs = vec![empty_config()];
-    blobs.extend(attachments.iter().map(|a| a.document.clone()));
-    let mut seen = HashSet::new();
-    for b in blobs.iter().filter(|b| seen.insert(b.digest.clone())) {
-        push_bytes(client, b, progress).await?;
+    let tag = tag_for(subject);
+    let existing = get_tag_index(client, &tag, progress).await?;
+    let merged = merge(existing.as_ref().map(|(v, _)| v), &ours);
+    let bytes = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
+    if existing.as_ref().is_some_and(|(_, b)| *b == bytes) {
+        progress.event(Event::Debug(&format!(
+            "referrers tag {tag} already lists these documents"
+        )));
+        return Ok(report);
     }
-    for a in attachments {
+    // Our manifests the tag does not list yet go first: a tag never lists what is not there.
+    let missing: Vec<&Attachment> = ours
+        .iter()
+        .copied()
+        .filter(|a| {
+            !existing
+                .as_ref()
+                .is_some_and(|(v, _)| lists(v, &a.manifest.digest))
+        })
+        .collect();
+    push_documents(client, &missing, &mut report, progress).await?;
+    let index = JsonBlob {
+        media_type: MEDIA_TYPE_INDEX.into(),
+        digest: Digest::of(&bytes),
+        bytes,
+    };
+    put_manifest(client, &index, &tag, progress).await?;
+    report.tags_written.push(tag);
+    Ok(report)
+}
+
+/// Does the referrers index `index` list the manifest `digest`?
+fn lists(index: &Value, digest: &Digest) -> bool {
+    let d = digest.to_string();
+    index["manifests"]
+        .as_array()
+        .is_some_and(|m| m.iter().any(|e| e["digest"] == d.as_str()))
+}
+
+/// The blobs (empty config, documents: uploaded side by side, HEAD-skipped when present)
+/// and then the referrer manifests of `docs`.
+async fn push_documents(
+    client: &Client,
+    docs: &[&Attachment],
+    report: &mut AttachReport,
+    progress: &dyn Progress,
+) -> Result<(), RegistryError> {
+    if docs.is_empty() {
+        return Ok(());
+    }
+    let mut blobs = vec![empty_config()];
+    blobs.extend(docs.iter().map(|a| a.document.clone()));
+    let mut seen = HashSet::new();
+    blobs.retain(|b| seen.insert(b.digest.clone()));
+    futures::future::try_join_all(blobs.iter().map(|b| push_bytes(client, b, progress))).await?;
+    for a in docs {
         put_manifest(
             client,
             &a.manifest,
@@ -60,44 +170,7 @@ pub(crate) async fn attach(
         .await?;
         report.manifests.push(a.manifest.digest.clone());
     }
-    // Per subject, in the order of the attachments.
-    let mut subjects: Vec<&Digest> = Vec::new();
-    for a in attachments {
-        if !subjects.contains(&&a.subject.digest) {
-            subjects.push(&a.subject.digest);
-        }
-    }
-    for subject in subjects {
-        if referrers_api_index(client, subject, progress)
-            .await?
-            .is_some()
-        {
-            report.via_api.push(subject.clone());
-            continue;
-        }
-        let ours: Vec<&Attachment> = attachments
-            .iter()
-            .filter(|a| &a.subject.digest == subject)
-            .collect();
-        let tag = tag_for(subject);
-        let existing = get_tag_index(client, &tag, progress).await?;
-        let merged = merge(existing.as_ref().map(|(v, _)| v), &ours);
-        let bytes = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
-        if existing.as_ref().is_some_and(|(_, b)| *b == bytes) {
-            progress.event(Event::Debug(&format!(
-                "referrers tag {tag} already lists these documents"
-            )));
-            continue;
-        }
-        let index = JsonBlob {
-            media_type: MEDIA_TYPE_INDEX.into(),
-            digest: Digest::of(&bytes),
-            bytes,
-        };
-        put_manifest(client, &index, &tag, progress).await?;
-        report.tags_written.push(tag);
-    }
-    Ok(report)
+    Ok(())
 }
 
 /// The referrers of `subject` (descriptors): from the referrers API when the registry has

@@ -6,7 +6,9 @@
 //! It also plays the parts docker-registry cannot: a Bearer token server (`/token`, with the
 //! `WWW-Authenticate: Bearer realm=...,service=...,scope=...` challenge on `/v2/`), a web
 //! server answering HTML, a registry that lies in `Docker-Content-Digest`, a registry that
-//! redirects blob requests to another host, and a registry that stops answering (for kill -9).
+//! redirects blob requests to another host, a registry that stops answering (for kill -9),
+//! and the OCI 1.1 referrers API ([`ProxyOpts::referrers_api`]: docker-registry 2.8 stores
+//! manifests with a `subject` but cannot list them; no registry with the API installs here).
 //!
 //! The schedule is deterministic per request *kind*, not per arrival order, so concurrent
 //! uploads see the same faults in every run: a request's key is its method and path with the
@@ -129,6 +131,11 @@ pub struct ProxyOpts {
     /// ECR without the repository: answer blob and manifest requests of a repository `404
     /// NAME_UNKNOWN` until moto (this URL) says it exists (DescribeRepositories).
     pub name_unknown_until_in_moto: Option<String>,
+    /// Answer `GET /v2/<name>/referrers/<digest>` (distribution-spec 1.1 "Listing
+    /// Referrers") from the manifests with a `subject` that were PUT through the proxy and
+    /// accepted by the registry, with `?artifactType=` filtering; answer such PUTs with
+    /// `OCI-Subject`.
+    pub referrers_api: bool,
 }
 
 impl Default for ProxyOpts {
@@ -159,6 +166,7 @@ impl Default for ProxyOpts {
             no_manifest_digest: false,
             wrong_manifest_digest: false,
             name_unknown_until_in_moto: None,
+            referrers_api: false,
         }
     }
 }
@@ -211,6 +219,8 @@ struct State {
     /// Repositories moto said exist ([`ProxyOpts::name_unknown_until_in_moto`]).
     known_repos: HashSet<String>,
     name_unknown_answers: usize,
+    /// (repository, subject digest) -> descriptors of its referrers, in PUT order.
+    referrers: HashMap<(String, String), Vec<serde_json::Value>>,
 }
 
 /// A running proxy on `127.0.0.1:PORT`; stops on drop.
@@ -873,6 +883,46 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
         }
     }
 
+    if opts.referrers_api
+        && req.method == "GET"
+        && let Some((name, subject, artifact_type)) = referrers_request(&req.target)
+    {
+        let list: Vec<serde_json::Value> = shared
+            .state
+            .lock()
+            .unwrap()
+            .referrers
+            .get(&(name, subject))
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| {
+                artifact_type
+                    .as_ref()
+                    .is_none_or(|t| d["artifactType"] == t.as_str())
+            })
+            .collect();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": list,
+        });
+        let mut headers = vec![(
+            "Content-Type",
+            "application/vnd.oci.image.index.v1+json".to_string(),
+        )];
+        if artifact_type.is_some() {
+            headers.push(("OCI-Filters-Applied", "artifactType".to_string()));
+        }
+        respond(
+            reader.get_mut(),
+            200,
+            &headers,
+            &serde_json::to_vec(&index).unwrap(),
+        );
+        return Ok(());
+    }
+
     // Forward to the registry, one request per connection.
     let mut target = req.target.clone();
     let session_post = req.method == "POST" && req.target.contains("/blobs/uploads/");
@@ -952,6 +1002,18 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
         out.push_str(line);
         out.push_str("\r\n");
     }
+    if opts.referrers_api
+        && req.method == "PUT"
+        && answer.starts_with(b"HTTP/1.1 201")
+        && let Some((name, subject, descriptor)) = referrer_put(&req, &body)
+    {
+        out.push_str(&format!("OCI-Subject: {subject}\r\n"));
+        let mut st = shared.state.lock().unwrap();
+        let list = st.referrers.entry((name, subject)).or_default();
+        if !list.iter().any(|d| d["digest"] == descriptor["digest"]) {
+            list.push(descriptor);
+        }
+    }
     out.push_str("Connection: close\r\n\r\n");
     if fault == Some(Fault::ResetResponse) {
         // Half of what the client needs: half the head if there is no body, else the head
@@ -974,6 +1036,47 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
     reader.get_mut().write_all(resp_body)?;
     reader.get_mut().flush()?;
     Ok(())
+}
+
+/// `GET /v2/<name>/referrers/<digest>[?artifactType=<type>]`: name, digest, type.
+fn referrers_request(target: &str) -> Option<(String, String, Option<String>)> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (name, digest) = path.strip_prefix("/v2/")?.rsplit_once("/referrers/")?;
+    let artifact_type = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("artifactType="))
+        .map(|t| t.replace("%2B", "+").replace("%2F", "/"));
+    Some((name.to_string(), digest.to_string(), artifact_type))
+}
+
+/// A manifest PUT whose body has a `subject`: repository, subject digest, and the descriptor
+/// a referrers index lists for it (distribution-spec "Listing Referrers": `artifactType`, else
+/// the config's media type; the manifest's annotations).
+fn referrer_put(req: &Request, body: &[u8]) -> Option<(String, String, serde_json::Value)> {
+    use sha2::Digest as _;
+    let (name, _) = req
+        .target
+        .strip_prefix("/v2/")?
+        .rsplit_once("/manifests/")?;
+    let m: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let subject = m["subject"]["digest"].as_str()?.to_string();
+    let media_type = m["mediaType"]
+        .as_str()
+        .map(String::from)
+        .or_else(|| req.header("content-type").map(String::from))?;
+    let artifact_type = m["artifactType"]
+        .as_str()
+        .or_else(|| m["config"]["mediaType"].as_str())?;
+    let mut d = serde_json::json!({
+        "mediaType": media_type,
+        "digest": format!("sha256:{}", hex::encode(sha2::Sha256::digest(body))),
+        "size": body.len(),
+        "artifactType": artifact_type,
+    });
+    if m["annotations"].is_object() {
+        d["annotations"] = m["annotations"].clone();
+    }
+    Some((name.to_string(), subject, d))
 }
 
 /// The (name, value) headers of one request.

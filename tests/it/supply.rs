@@ -5,6 +5,7 @@
 
 use crate::build::workspace;
 use crate::harness::*;
+use crate::proxy::{Proxy, ProxyOpts};
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,12 +33,17 @@ fn pyspdxtools() -> PathBuf {
 }
 
 fn push(ws: &Path, reg: &Registry, repo: &str, extra: &[&str]) -> String {
+    push_at(ws, &reg.addr, repo, extra)
+}
+
+/// `push` to the registry at `addr` (a registry, or a proxy in front of one).
+fn push_at(ws: &Path, addr: &str, repo: &str, extra: &[&str]) -> String {
     let out = run_ok(
         imgbuild()
             .current_dir(ws)
             .env("SOURCE_DATE_EPOCH", "1700000000")
             .args(["push", "-q", "-f", "build-specs/hello.toml", "--repo"])
-            .arg(format!("{}/{repo}", reg.addr))
+            .arg(format!("{addr}/{repo}"))
             .args(["--tag", "v1"])
             .args(extra),
     );
@@ -487,4 +493,508 @@ fn a_failure_to_attach_is_exit_5_and_says_the_image_is_complete() {
         inspect_raw(&reg, "broken:v1"),
         inspect_raw(&reg, &format!("broken@{digest}"))
     );
+}
+
+/// The SPDX document `build --sbom spdx --sbom-output docs` wrote for linux/amd64, and stderr.
+fn build_amd64_sbom(dir: &Path, spec: &str, out: &str) -> (Value, String) {
+    let o = run_ok(
+        imgbuild()
+            .current_dir(dir)
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .args(["build", "-q", "-f", spec, "-o", out, "--sbom", "spdx"])
+            .args(["--sbom-output", &format!("{out}-docs")]),
+    );
+    let path = dir.join(format!("{out}-docs/linux-amd64.spdx.json"));
+    let out = Command::new(pyspdxtools())
+        .arg("-i")
+        .arg(&path)
+        .output()
+        .expect("run pyspdxtools");
+    assert!(
+        out.status.success(),
+        "pyspdxtools -i {}: {}\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        json(&fs::read(&path).unwrap()),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// The SPDX id of the file entry named `name`.
+fn file_id(doc: &Value, name: &str) -> String {
+    doc["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fileName"] == name)
+        .unwrap_or_else(|| panic!("{name} not in the SBOM"))["SPDXID"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `(name, version, purl)` of the packages the file `name` CONTAINS.
+fn crates_in(doc: &Value, name: &str) -> Vec<(String, String, Option<String>)> {
+    let id = file_id(doc, name);
+    let packages = doc["packages"].as_array().unwrap();
+    let mut out: Vec<_> = doc["relationships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["spdxElementId"] == id.as_str() && r["relationshipType"] == "CONTAINS")
+        .map(|r| {
+            let p = packages
+                .iter()
+                .find(|p| p["SPDXID"] == r["relatedSpdxElement"])
+                .expect("relationship to a package of the document");
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["versionInfo"].as_str().unwrap().to_string(),
+                p["externalRefs"][0]["referenceLocator"]
+                    .as_str()
+                    .map(String::from),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn sbom_lists_the_crates_inside_a_cargo_auditable_binary() {
+    let ws = workspace(1_700_000_000);
+    let dir = ws.path();
+    // A copy of the fixture whose `.dep-v0` data is damaged (same size, zlib stream broken).
+    let good = fs::read(dir.join("fixtures/dist/amd64/hello-auditable")).unwrap();
+    let range = {
+        use object::{Object as _, ObjectSection as _};
+        let elf = object::File::parse(&*good).expect("ELF");
+        let s = elf.section_by_name(".dep-v0").expect(".dep-v0 section");
+        let (at, len) = s.file_range().unwrap();
+        at as usize..(at + len) as usize
+    };
+    let mut broken = good.clone();
+    for b in &mut broken[range.start + 2..range.end - 4] {
+        *b = 0xff;
+    }
+    fs::write(dir.join("fixtures/dist/amd64/broken-auditable"), &broken).unwrap();
+    set_mtime_recursive(dir.join("fixtures"), 1_700_000_000);
+    fs::write(
+        dir.join("build-specs/rust.toml"),
+        r#"platforms = ["linux/amd64"]
+base = "scratch"
+[config]
+entrypoint = ["/usr/local/bin/app"]
+[[layer]]
+files = [
+  { src = "../fixtures/dist/amd64/hello-auditable", dest = "/usr/local/bin/app", mode = 0o755 },
+  { src = "../fixtures/dist/amd64/hello", dest = "/usr/local/bin/hello", mode = 0o755 },
+  { src = "../fixtures/dist/amd64/broken-auditable", dest = "/usr/local/bin/broken", mode = 0o755 },
+]
+"#,
+    )
+    .unwrap();
+
+    let (doc, stderr) = build_amd64_sbom(dir, "build-specs/rust.toml", "one");
+    let want = vec![
+        ("hello-auditable".to_string(), "0.1.0".to_string(), None),
+        (
+            "itoa".into(),
+            "1.0.11".into(),
+            Some("pkg:cargo/itoa@1.0.11".into()),
+        ),
+        (
+            "ryu".into(),
+            "1.0.18".into(),
+            Some("pkg:cargo/ryu@1.0.18".into()),
+        ),
+    ];
+    assert_eq!(crates_in(&doc, "./usr/local/bin/app"), want, "{doc}");
+    // A binary without the section, and one whose data is malformed: their files only.
+    assert_eq!(crates_in(&doc, "./usr/local/bin/hello"), []);
+    assert_eq!(crates_in(&doc, "./usr/local/bin/broken"), []);
+    assert_eq!(
+        stderr.matches("cargo-auditable").count(),
+        1,
+        "one warning, for the malformed data:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("./usr/local/bin/broken") && stderr.contains("cargo-auditable"),
+        "{stderr}"
+    );
+    // The root package depends on both crates.
+    let packages = doc["packages"].as_array().unwrap();
+    let id_of = |name: &str| {
+        packages.iter().find(|p| p["name"] == name).unwrap()["SPDXID"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let rels = doc["relationships"].as_array().unwrap();
+    for dep in ["itoa", "ryu"] {
+        assert!(
+            rels.iter()
+                .any(|r| r["spdxElementId"] == id_of("hello-auditable").as_str()
+                    && r["relationshipType"] == "DEPENDS_ON"
+                    && r["relatedSpdxElement"] == id_of(dep).as_str()),
+            "hello-auditable DEPENDS_ON {dep}"
+        );
+    }
+
+    // Again, the crate lists now from the layer cache: the same document, the same warning.
+    let (again, stderr) = build_amd64_sbom(dir, "build-specs/rust.toml", "two");
+    assert_eq!(again, doc);
+    assert_eq!(stderr.matches("cargo-auditable").count(), 1, "{stderr}");
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// One plain HTTP/1.0 request (so no chunked answers): status, headers (names lower case),
+/// body.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect");
+    let mut head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).unwrap();
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let text = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (
+        status.parse().unwrap(),
+        headers,
+        answer[split + 4..].to_vec(),
+    )
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Upload `bytes` as a blob (POST, then PUT ?digest=); its digest.
+fn upload_blob(addr: &str, repo: &str, bytes: &[u8]) -> String {
+    let digest = format!("sha256:{}", sha256_hex(bytes));
+    let (status, headers, _) = http(
+        addr,
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        &[],
+        b"",
+    );
+    assert_eq!(status, 202);
+    let location = header(&headers, "location").expect("Location");
+    let location = match location.find("/v2/") {
+        Some(at) => &location[at..],
+        None => location,
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let (status, _, body) = http(
+        addr,
+        "PUT",
+        &format!("{location}{sep}digest={digest}"),
+        &[("Content-Type", "application/octet-stream")],
+        bytes,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    digest
+}
+
+/// PUT a manifest or index under `reference`; its digest.
+fn put_manifest(addr: &str, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) -> String {
+    let (status, _, body) = http(
+        addr,
+        "PUT",
+        &format!("/v2/{repo}/manifests/{reference}"),
+        &[("Content-Type", media_type)],
+        bytes,
+    );
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    format!("sha256:{}", sha256_hex(bytes))
+}
+
+fn sorted_types(list: &[Value]) -> Vec<String> {
+    let mut t: Vec<String> = list
+        .iter()
+        .map(|r| {
+            r.get("artifactType")
+                .or_else(|| r.get("artifact_type"))
+                .and_then(Value::as_str)
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    t.sort();
+    t
+}
+
+#[test]
+fn with_the_referrers_api_imgbuild_lists_through_it_and_writes_no_referrers_tag() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            referrers_api: true,
+            ..ProxyOpts::default()
+        },
+    );
+    let ws = workspace(1_700_000_000);
+    let dir = ws.path();
+    let digest = push_at(dir, &proxy.addr, "api", &[]);
+    let first = proxy.seen().len();
+    assert_eq!(push_at(dir, &proxy.addr, "api", &[]), digest);
+    let seen = proxy.seen();
+    let second = &seen[first..];
+    assert!(
+        !seen.iter().any(|r| r.target.contains("/manifests/sha256-")),
+        "the referrers tag schema is not used when the API answers: {seen:#?}"
+    );
+    let index = json(&inspect_raw(&reg, "api:v1"));
+    let platforms = platform_manifests(&index);
+    // The re-push asks the API once per platform manifest and attaches nothing again.
+    let asked = second
+        .iter()
+        .filter(|r| r.method == "GET" && r.target.contains("/referrers/"))
+        .count();
+    assert_eq!(asked, platforms.len(), "{second:#?}");
+    assert!(
+        !second.iter().any(|r| r.method == "POST"),
+        "no blob uploaded again: {second:#?}"
+    );
+    for (platform, manifest) in &platforms {
+        let path = format!("/v2/api/referrers/{manifest}");
+        let (status, headers, body) = http(&proxy.addr, "GET", &path, &[], b"");
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "content-type"), Some(OCI_INDEX));
+        let list = json(&body)["manifests"].as_array().unwrap().clone();
+        assert_eq!(
+            sorted_types(&list),
+            [SPDX, IN_TOTO],
+            "{platform}: one of each"
+        );
+        for r in &list {
+            let d = r["digest"].as_str().unwrap();
+            assert!(
+                !second
+                    .iter()
+                    .any(|s| s.method == "PUT" && s.target.ends_with(d)),
+                "{platform}: referrer {d} PUT again"
+            );
+            let m = json(&inspect_raw(&reg, &format!("api@{d}")));
+            assert_eq!(m["subject"]["digest"], manifest.as_str());
+        }
+        // The filter a client may ask for.
+        let (_, headers, body) = http(
+            &proxy.addr,
+            "GET",
+            &format!("{path}?artifactType=application/spdx%2Bjson"),
+            &[],
+            b"",
+        );
+        assert_eq!(
+            header(&headers, "oci-filters-applied"),
+            Some("artifactType")
+        );
+        let list = json(&body)["manifests"].as_array().unwrap().clone();
+        assert_eq!(sorted_types(&list), [SPDX], "{platform}");
+    }
+    // inspect finds them through the API too.
+    let out = run_ok(imgbuild().args(["inspect", "--json", &format!("{}/api:v1", proxy.addr)]));
+    let report = json(&out.stdout);
+    assert_eq!(report["digest"], digest.as_str());
+    for p in report["platforms"].as_array().unwrap() {
+        let list = p["referrers"].as_array().unwrap();
+        assert_eq!(sorted_types(list), [SPDX, IN_TOTO], "{p}");
+    }
+    let out = run_ok(imgbuild().args(["inspect", &format!("{}/api:v1", proxy.addr)]));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("referrer application/spdx+json"), "{table}");
+    assert!(
+        table.contains("referrer application/vnd.in-toto+json"),
+        "{table}"
+    );
+}
+
+#[test]
+fn another_tools_referrer_survives_two_pushes_in_the_referrers_tag() {
+    let reg = Registry::start();
+    let ws = workspace(1_700_000_000);
+    let dir = ws.path();
+    let digest = push(
+        dir,
+        &reg,
+        "keep",
+        &["--sbom", "none", "--provenance", "none"],
+    );
+    let index = json(&inspect_raw(&reg, &format!("keep@{digest}")));
+    let subject = index["manifests"][0].clone();
+    let hex = subject["digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("sha256:")
+        .unwrap()
+        .to_string();
+    // Another tool's artifact about the first platform manifest, and the referrers tag
+    // listing it, written with plain HTTP requests.
+    let config = upload_blob(&reg.addr, "keep", b"{}");
+    let payload = b"a signature, as far as imgbuild knows";
+    let layer = upload_blob(&reg.addr, "keep", payload);
+    let foreign = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": "application/vnd.example.signature.v1+json",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": payload.len()}],
+        "subject": {"mediaType": subject["mediaType"], "digest": subject["digest"], "size": subject["size"]},
+    });
+    let foreign_bytes = serde_json::to_vec(&foreign).unwrap();
+    let foreign_digest = format!("sha256:{}", sha256_hex(&foreign_bytes));
+    put_manifest(
+        &reg.addr,
+        "keep",
+        &foreign_digest,
+        OCI_MANIFEST,
+        &foreign_bytes,
+    );
+    let foreign_entry = serde_json::json!({
+        "mediaType": OCI_MANIFEST,
+        "digest": foreign_digest,
+        "size": foreign_bytes.len(),
+        "artifactType": "application/vnd.example.signature.v1+json",
+    });
+    let tag_index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [foreign_entry],
+    });
+    let tag = format!("sha256-{hex}");
+    put_manifest(
+        &reg.addr,
+        "keep",
+        &tag,
+        OCI_INDEX,
+        &serde_json::to_vec(&tag_index).unwrap(),
+    );
+
+    // imgbuild attaches its documents, twice.
+    assert_eq!(push(dir, &reg, "keep", &[]), digest);
+    let after = inspect_raw(&reg, &format!("keep:{tag}"));
+    assert_eq!(push(dir, &reg, "keep", &[]), digest);
+    assert_eq!(
+        inspect_raw(&reg, &format!("keep:{tag}")),
+        after,
+        "the second push leaves the tag alone"
+    );
+    let list = json(&after)["manifests"].as_array().unwrap().clone();
+    assert_eq!(
+        list[0], foreign_entry,
+        "the other tool's referrer is kept as it was"
+    );
+    assert_eq!(
+        sorted_types(&list),
+        [SPDX, "application/vnd.example.signature.v1+json", IN_TOTO],
+        "ours exactly once each: {list:#?}"
+    );
+    // The foreign artifact itself is untouched.
+    assert_eq!(
+        inspect_raw(&reg, &format!("keep@{foreign_digest}")),
+        foreign_bytes
+    );
+}
+
+#[test]
+fn inspect_reads_a_docker_manifest_list() {
+    let reg = Registry::start();
+    let ws = workspace(1_700_000_000);
+    let dir = ws.path();
+    push(dir, &reg, "oci", &[]);
+    // skopeo converts the OCI index and its manifests to Docker schema 2 on the way.
+    let mut args: Vec<String> = vec!["copy".into(), "--all".into()];
+    args.extend(["--format".into(), "v2s2".into()]);
+    args.extend(reg.skopeo_args("src-"));
+    args.extend(reg.skopeo_args("dest-"));
+    args.push(reg.docker_ref("oci:v1"));
+    args.push(reg.docker_ref("docker:v1"));
+    skopeo_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let raw = inspect_raw(&reg, "docker:v1");
+    let list = json(&raw);
+    assert_eq!(
+        list["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    let list_digest = format!("sha256:{}", sha256_hex(&raw));
+
+    let out = run_ok(imgbuild().args(["inspect", "--json", &format!("{}/docker:v1", reg.addr)]));
+    let report = json(&out.stdout);
+    assert_eq!(report["digest"], list_digest.as_str());
+    assert_eq!(report["media_type"], list["mediaType"]);
+    let platforms = report["platforms"].as_array().unwrap();
+    let names: Vec<&str> = platforms
+        .iter()
+        .map(|p| p["platform"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["linux/amd64", "linux/arm64", "linux/arm/v7"]);
+    for (p, entry) in platforms.iter().zip(list["manifests"].as_array().unwrap()) {
+        assert_eq!(p["manifest_digest"], entry["digest"]);
+        let m = json(&inspect_raw(
+            &reg,
+            &format!("docker@{}", entry["digest"].as_str().unwrap()),
+        ));
+        assert_eq!(
+            m["mediaType"],
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        let sizes: Vec<u64> = m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .collect();
+        assert_eq!(p["layers"], serde_json::json!(sizes));
+        assert_eq!(
+            p["size"].as_u64().unwrap(),
+            m["config"]["size"].as_u64().unwrap() + sizes.iter().sum::<u64>()
+        );
+        assert_eq!(p["entrypoint"], serde_json::json!(["/usr/local/bin/hello"]));
+        assert_eq!(p["env"], serde_json::json!(["GREETING_FILE"]), "names only");
+        assert_eq!(
+            p["referrers"],
+            serde_json::json!([]),
+            "a converted image has none"
+        );
+    }
+    let out = run_ok(imgbuild().args(["inspect", &format!("{}/docker:v1", reg.addr)]));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&list_digest), "{table}");
+    assert!(table.contains("linux/arm/v7"), "{table}");
+    assert!(!table.contains("referrer "), "{table}");
 }
