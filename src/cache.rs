@@ -7,6 +7,7 @@
 //!   layers/<key hex>     record of a built layer: descriptor, diff_id, the blob's stat identity
 //!   files/<id hex>       content digest of a source file, keyed by its stat identity
 //!   pushed/<registry hex>/<digest hex>   repositories of that registry a push put the blob in
+//!   pushed/<registry hex>/referrers-<hex> a push attached these referrers to this index there
 //!   shapes/<shape hex>   a layer with this key minus file contents was cached (cold-build rule)
 //!   locks/<digest hex>   leases: a run's shared flock on each blob it uses (crate::lease)
 //!   bases/blobs/sha256/<hex>   base-image blobs (crate::base), leased the same way
@@ -57,7 +58,7 @@ use crate::lease::Leases;
 use crate::plan::{EntryKind, LayerPlan};
 use crate::reference::Repository;
 use crate::store::BlobStore;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -474,26 +475,79 @@ impl LayerCache {
         Ok(())
     }
 
-    /// For every blob recorded for `repo`'s registry, the other repositories pushes put it
-    /// in, most recent first; blobs with none are left out. Read before the build, since
-    /// layers are pushed while it runs (one small file per blob ever pushed there).
-    pub fn all_mount_sources(&self, repo: &Repository) -> HashMap<Digest, Vec<String>> {
+    /// Every blob a push record places in `repo` itself (a previous push put it there).
+    pub fn recorded_in(&self, repo: &Repository) -> HashSet<Digest> {
+        self.push_records(repo)
+            .filter(|(_, repos)| repos.contains(&repo.path))
+            .map(|(d, _)| d)
+            .collect()
+    }
+
+    /// The push records of `repo`'s registry: each blob with the repositories it was put in.
+    fn push_records(&self, repo: &Repository) -> impl Iterator<Item = (Digest, Vec<String>)> {
         let dir = self
             .root
             .join("pushed")
             .join(hex::encode(repo.registry.as_bytes()));
-        let Ok(entries) = fs::read_dir(dir) else {
-            return HashMap::new();
-        };
-        entries
-            .filter_map(|e| {
-                let name = e.ok()?.file_name();
-                let d: Digest = format!("sha256:{}", name.to_str()?).parse().ok()?;
-                let others: Vec<String> = self
-                    .pushed_repos(repo, &d)
-                    .into_iter()
-                    .filter(|r| r != &repo.path)
-                    .collect();
+        fs::read_dir(dir).into_iter().flatten().filter_map(|e| {
+            let name = e.ok()?.file_name();
+            let d: Digest = format!("sha256:{}", name.to_str()?).parse().ok()?;
+            let repos = self.pushed_repos(repo, &d);
+            Some((d, repos))
+        })
+    }
+
+    /// The record that the referrer manifests `referrers` were attached to the index `index`
+    /// in `repo` (one file per combination, beside the blob records, pruned like them).
+    fn attached_path(&self, repo: &Repository, index: &Digest, referrers: &[Digest]) -> PathBuf {
+        let mut sorted: Vec<String> = referrers.iter().map(Digest::to_string).collect();
+        sorted.sort();
+        let text = format!(
+            "imgbuild referrers v1\n{}\n{index}\n{}\n",
+            repo.path,
+            sorted.join("\n")
+        );
+        self.root
+            .join("pushed")
+            .join(hex::encode(repo.registry.as_bytes()))
+            .join(format!("referrers-{}", Digest::of(text.as_bytes()).hex()))
+    }
+
+    /// Whether a push recorded attaching exactly `referrers` to `index` in `repo`
+    /// ([`LayerCache::record_attached`]); a hit marks the record used.
+    pub fn attached(&self, repo: &Repository, index: &Digest, referrers: &[Digest]) -> bool {
+        let path = self.attached_path(repo, index, referrers);
+        let found = path.is_file();
+        if found {
+            touch(&path);
+        }
+        found
+    }
+
+    /// Remember that `referrers` are attached to `index` in `repo` (after the attach
+    /// succeeded), so that a re-push that finds the index already tagged skips them. A stale
+    /// record (referrers deleted in the registry since) leaves them missing until the image
+    /// changes or the record is pruned; best effort otherwise.
+    pub fn record_attached(
+        &self,
+        repo: &Repository,
+        index: &Digest,
+        referrers: &[Digest],
+    ) -> io::Result<()> {
+        let path = self.attached_path(repo, index, referrers);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        write_atomic(&path, b"")
+    }
+
+    /// For every blob recorded for `repo`'s registry, the other repositories pushes put it
+    /// in, most recent first; blobs with none are left out. Read before the build, since
+    /// layers are pushed while it runs (one small file per blob ever pushed there).
+    pub fn all_mount_sources(&self, repo: &Repository) -> HashMap<Digest, Vec<String>> {
+        self.push_records(repo)
+            .filter_map(|(d, repos)| {
+                let others: Vec<String> = repos.into_iter().filter(|r| r != &repo.path).collect();
                 (!others.is_empty()).then_some((d, others))
             })
             .collect()

@@ -24,6 +24,7 @@ mod promises;
 mod proxy;
 mod push;
 mod resolve;
+mod roundtrips;
 mod scale;
 mod smoke;
 mod speed;
