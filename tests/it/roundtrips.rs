@@ -118,7 +118,11 @@ fn cold_push_waits_eight_round_trips_and_a_re_push_sends_two_requests() {
     let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/cold", NO_REFERRERS);
     let index = index_of_tag(&reg, "rt/cold", "latest");
     let depth = proxy::critical_path(&seen, |_| true, |_| true);
-    eprintln!("cold push: {depth} round trips, {} requests:\n{}", seen.len(), show(&seen));
+    eprintln!(
+        "cold push: {depth} round trips, {} requests:\n{}",
+        seen.len(),
+        show(&seen)
+    );
     assert!(depth <= 8, "{depth} round trips:\n{}", show(&seen));
     // 1 ping + 7 blobs x 4 + 3 manifests + index + tag, and the tag's HEAD (beside the blobs).
     assert_eq!(seen.len(), 35, "{}", show(&seen));
