@@ -615,6 +615,41 @@ mod tests {
     use crate::compress::Codec;
 
     #[test]
+    fn push_records_name_the_repository_and_the_attached_referrers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LayerCache::open(dir.path().join("cache")).unwrap();
+        let repo = |r: &str| Repository::parse(r).unwrap();
+        let (app, other, elsewhere) =
+            (repo("r:5000/app"), repo("r:5000/other"), repo("q:5000/app"));
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        cache.record_pushed(&app, &[a.clone(), b.clone()]).unwrap();
+        cache
+            .record_pushed(&other, std::slice::from_ref(&a))
+            .unwrap();
+        assert_eq!(
+            cache.recorded_in(&app),
+            HashSet::from([a.clone(), b.clone()])
+        );
+        assert_eq!(cache.recorded_in(&other), HashSet::from([a.clone()]));
+        assert!(cache.recorded_in(&elsewhere).is_empty(), "per registry");
+
+        let (index, sbom, prov) = (Digest::of(b"i"), Digest::of(b"s"), Digest::of(b"p"));
+        assert!(!cache.attached(&app, &index, &[sbom.clone(), prov.clone()]));
+        cache
+            .record_attached(&app, &index, &[sbom.clone(), prov.clone()])
+            .unwrap();
+        // The same documents in any order; not other documents, indexes or repositories.
+        assert!(cache.attached(&app, &index, &[prov.clone(), sbom.clone()]));
+        assert!(!cache.attached(&app, &index, std::slice::from_ref(&sbom)));
+        assert!(!cache.attached(&app, &a, &[sbom.clone(), prov.clone()]));
+        assert!(!cache.attached(&other, &index, &[sbom.clone(), prov.clone()]));
+        assert!(!cache.attached(&elsewhere, &index, &[sbom, prov]));
+        // The referrers record is not a blob's: mounts and blob records ignore it.
+        assert_eq!(cache.recorded_in(&app).len(), 2);
+        assert_eq!(cache.all_mount_sources(&other).len(), 2);
+    }
+
+    #[test]
     fn key_covers_every_input_that_decides_the_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let cache = LayerCache::open(dir.path().join("cache")).unwrap();
