@@ -292,6 +292,8 @@ pub fn push_many(
     });
     // A build error comes first (it is the user's to fix before any registry one).
     let (image, attachments) = prepared?;
+    // The channel's copy goes with the last receiver: the image is then moved, not cloned.
+    drop(built_rx);
     let image = std::sync::Arc::unwrap_or_clone(image);
     let (sessions, reports): (Vec<_>, Vec<_>) = pushes
         .map_err(|_| Error::UploadThreadPanicked)?
