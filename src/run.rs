@@ -302,6 +302,22 @@ pub fn push_many(
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .unzip();
+    // Every blob of the image (layers, configs) is now in each repository, whatever happens
+    // to the referrers: record it for mounts and re-pushes.
+    let blobs: Vec<_> = image
+        .unique_layers()
+        .into_iter()
+        .map(|d| d.digest)
+        .chain(image.images.iter().map(|i| i.config.digest.clone()))
+        .collect();
+    if let Some(cache) = cache {
+        for repo in &repos {
+            if let Err(e) = cache.record_pushed(repo, &blobs) {
+                let warning = format!("layer cache {}: {e}", cache.root().display());
+                progress.event(Event::Warning(&warning));
+            }
+        }
+    }
     // Referrers go after the image and its tags: the image is usable whatever happens here,
     // and the error says so.
     for ((repo, session), (docs, report)) in repos
@@ -336,22 +352,6 @@ pub fn push_many(
         {
             let warning = format!("layer cache {}: {e}", cache.root().display());
             progress.event(Event::Warning(&warning));
-        }
-    }
-    // Every blob of the image (layers, configs) is now in each repository: record it for
-    // mounts.
-    let blobs: Vec<_> = image
-        .unique_layers()
-        .into_iter()
-        .map(|d| d.digest)
-        .chain(image.images.iter().map(|i| i.config.digest.clone()))
-        .collect();
-    if let Some(cache) = cache {
-        for repo in &repos {
-            if let Err(e) = cache.record_pushed(repo, &blobs) {
-                let warning = format!("layer cache {}: {e}", cache.root().display());
-                progress.event(Event::Warning(&warning));
-            }
         }
     }
     let summaries: Vec<Summary<'_>> = repos

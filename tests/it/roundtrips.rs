@@ -13,9 +13,10 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-/// Long beside the client's own work between two requests (a few ms in a debug build on a
-/// loaded machine), so that requests of one wave never look like one after another.
-const DELAY: Duration = Duration::from_millis(150);
+/// Long beside the client's own work between two requests (a few ms in a debug build with a
+/// warm layer cache, more on a loaded machine), so that requests of one wave never look like
+/// one after another.
+const DELAY: Duration = Duration::from_millis(200);
 
 const NO_REFERRERS: &[&str] = &["--sbom", "none", "--provenance", "none"];
 
@@ -60,6 +61,20 @@ fn push_ok(ws: &Path, cache: &Path, proxy: &Proxy, repo: &str, extra: &[&str]) -
         std::thread::sleep(Duration::from_millis(10));
     }
     proxy.seen()[before..].to_vec()
+}
+
+/// Fill the layer cache `cache` with hello's layers (`imgbuild build`): the pushes then take
+/// a few ms to build, and the registry side is what is counted (a cold layer cache costs
+/// compression time, not round trips).
+fn warm(ws: &Path, cache: &Path) {
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        imgbuild()
+            .current_dir(ws)
+            .env("IMGBUILD_CACHE", cache)
+            .args(["build", "-q", "-f", "build-specs/hello.toml", "-o"])
+            .arg(out.path().join("layout")),
+    );
 }
 
 fn show(seen: &[Seen]) -> String {
@@ -112,8 +127,9 @@ fn cold_push_waits_eight_round_trips_and_a_re_push_sends_two_requests() {
     let proxy = delaying(&reg);
     let ws = workspace(1_700_000_000);
     let cache = tempfile::tempdir().unwrap();
+    warm(ws.path(), cache.path());
 
-    // Cold: the ping, one wave of blobs (HEAD, POST, PUT, confirming HEAD; layers and configs
+    // Cold (for the registry): the ping, one wave of blobs (HEAD, POST, PUT, confirming HEAD; layers and configs
     // together), the manifests together, the index, the tag.
     let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/cold", NO_REFERRERS);
     let index = index_of_tag(&reg, "rt/cold", "latest");
@@ -222,6 +238,7 @@ fn cold_push_waits_eight_round_trips_and_a_re_push_sends_two_requests() {
     // A layer cache that knows nothing (another runner): the same image is found by its tag;
     // blobs are asked for, nothing is written.
     let fresh = tempfile::tempdir().unwrap();
+    warm(ws.path(), fresh.path());
     let seen = push_ok(ws.path(), fresh.path(), &proxy, "rt/cold", NO_REFERRERS);
     assert!(
         seen.iter().all(|s| s.method == "HEAD" || s.method == "GET"),
@@ -248,8 +265,10 @@ fn referrers_are_skipped_only_when_this_cache_recorded_attaching_them() {
     let proxy = delaying(&reg);
     let ws = workspace(1_700_000_000);
     let cache = tempfile::tempdir().unwrap();
+    warm(ws.path(), cache.path());
 
-    // An attach that fails after the image was tagged (the referrers tag cannot be read).
+    // An attach that fails after the image was tagged (the referrers tag cannot be read):
+    // the blobs are recorded, the referrers are not.
     let failing = Proxy::start(
         &reg.addr,
         ProxyOpts {
