@@ -247,6 +247,30 @@ fn cold_push_waits_eight_round_trips_and_a_re_push_sends_two_requests() {
     );
 }
 
+#[test]
+fn a_registry_that_refuses_the_tag_question_gets_a_full_push() {
+    let reg = Registry::start();
+    // A credential that may push but not read manifests (403 on the tag's HEAD).
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            deny: Some(("HEAD".into(), "/manifests/".into())),
+            ..ProxyOpts::default()
+        },
+    );
+    let ws = workspace(1_700_000_000);
+    let cache = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/nohead", NO_REFERRERS);
+        assert!(
+            seen.iter().any(|s| is_tag_put(s, "latest")),
+            "{}",
+            show(&seen)
+        );
+    }
+    index_of_tag(&reg, "rt/nohead", "latest");
+}
+
 /// The digest of what `repo:tag` names, from skopeo (not imgbuild).
 fn index_of_tag(reg: &Registry, repo: &str, tag: &str) -> String {
     let out = skopeo(&[
