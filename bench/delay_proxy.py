@@ -109,6 +109,9 @@ def main():
 
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = True
+        # socketserver's default backlog is 5: a client opening more connections at once
+        # than that would see resets (and retry), which a registry would not cause.
+        request_queue_size = 128
 
         def finish_request(self, request, client_address):
             try:
