@@ -131,16 +131,17 @@ where
             std::future::pending::<()>().await;
         }
     };
-    let work = async {
-        let session = connect.await?;
+    let work = Box::pin(async {
+        let session = Box::pin(connect).await?;
         let push = async {
             let built = match image.wait_for(Option::is_some).await {
                 Ok(built) => built.clone(),
                 Err(_) => None,
             };
             match built {
-                Some(built) => session
-                    .push_image(&built, store, tags, progress)
+                // On the heap: the image push is a large future, and this task runs on a
+                // plain thread's stack.
+                Some(built) => Box::pin(session.push_image(&built, store, tags, progress))
                     .await
                     .map(Some),
                 None => Ok(None),
@@ -148,7 +149,7 @@ where
         };
         let ((), pushed) = futures::join!(upload(&session, rx, store, jobs, progress), push);
         Ok(pushed?.map(|report| (session, report)))
-    };
+    });
     tokio::select! {
         biased;
         () = aborted => Ok(None),
