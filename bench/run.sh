@@ -327,7 +327,7 @@ if big:
 PY
 
 # --------------------------------------------------------------------------------------------
-# Round trips (issue 11): build-specs/hello.toml (3 platforms, tiny layers) pushed through a
+# Round trips: build-specs/hello.toml (3 platforms, tiny layers) pushed through a
 # proxy that holds every request for BENCH_DELAY_MS (default 25 ms, a CI runner's distance to
 # its registry), beside `skopeo copy --all` of the same image as an OCI layout. Requests and
 # round trips (the longest chain of requests that ran one after another, client work
