@@ -8,6 +8,7 @@
 //!   files/<id hex>       content digests of a source file (sha256, SHA-1), keyed by its stat identity
 //!   crates/<sha256 hex>  the cargo-auditable crate list of an executable, by its content (crate::sbom)
 //!   pushed/<registry hex>/<digest hex>   repositories of that registry a push put the blob in
+//!   pushed/<registry hex>/referrers-<hex> a push attached these referrers to this index there
 //!   shapes/<shape hex>   a layer with this key minus file contents was cached (cold-build rule)
 //!   locks/<digest hex>   leases: a run's shared flock on each blob it uses (crate::lease)
 //!   bases/blobs/sha256/<hex>   base-image blobs (crate::base), leased the same way
@@ -59,7 +60,7 @@ use crate::lease::Leases;
 use crate::plan::{EntryKind, LayerPlan};
 use crate::reference::Repository;
 use crate::store::BlobStore;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -525,26 +526,79 @@ impl LayerCache {
         Ok(())
     }
 
-    /// For every blob recorded for `repo`'s registry, the other repositories pushes put it
-    /// in, most recent first; blobs with none are left out. Read before the build, since
-    /// layers are pushed while it runs (one small file per blob ever pushed there).
-    pub fn all_mount_sources(&self, repo: &Repository) -> HashMap<Digest, Vec<String>> {
+    /// Every blob a push record places in `repo` itself (a previous push put it there).
+    pub fn recorded_in(&self, repo: &Repository) -> HashSet<Digest> {
+        self.push_records(repo)
+            .filter(|(_, repos)| repos.contains(&repo.path))
+            .map(|(d, _)| d)
+            .collect()
+    }
+
+    /// The push records of `repo`'s registry: each blob with the repositories it was put in.
+    fn push_records(&self, repo: &Repository) -> impl Iterator<Item = (Digest, Vec<String>)> {
         let dir = self
             .root
             .join("pushed")
             .join(hex::encode(repo.registry.as_bytes()));
-        let Ok(entries) = fs::read_dir(dir) else {
-            return HashMap::new();
-        };
-        entries
-            .filter_map(|e| {
-                let name = e.ok()?.file_name();
-                let d: Digest = format!("sha256:{}", name.to_str()?).parse().ok()?;
-                let others: Vec<String> = self
-                    .pushed_repos(repo, &d)
-                    .into_iter()
-                    .filter(|r| r != &repo.path)
-                    .collect();
+        fs::read_dir(dir).into_iter().flatten().filter_map(|e| {
+            let name = e.ok()?.file_name();
+            let d: Digest = format!("sha256:{}", name.to_str()?).parse().ok()?;
+            let repos = self.pushed_repos(repo, &d);
+            Some((d, repos))
+        })
+    }
+
+    /// The record that the referrer manifests `referrers` were attached to the index `index`
+    /// in `repo` (one file per combination, beside the blob records, pruned like them).
+    fn attached_path(&self, repo: &Repository, index: &Digest, referrers: &[Digest]) -> PathBuf {
+        let mut sorted: Vec<String> = referrers.iter().map(Digest::to_string).collect();
+        sorted.sort();
+        let text = format!(
+            "imgbuild referrers v1\n{}\n{index}\n{}\n",
+            repo.path,
+            sorted.join("\n")
+        );
+        self.root
+            .join("pushed")
+            .join(hex::encode(repo.registry.as_bytes()))
+            .join(format!("referrers-{}", Digest::of(text.as_bytes()).hex()))
+    }
+
+    /// Whether a push recorded attaching exactly `referrers` to `index` in `repo`
+    /// ([`LayerCache::record_attached`]); a hit marks the record used.
+    pub fn attached(&self, repo: &Repository, index: &Digest, referrers: &[Digest]) -> bool {
+        let path = self.attached_path(repo, index, referrers);
+        let found = path.is_file();
+        if found {
+            touch(&path);
+        }
+        found
+    }
+
+    /// Remember that `referrers` are attached to `index` in `repo` (after the attach
+    /// succeeded), so that a re-push that finds the index already tagged skips them. A stale
+    /// record (referrers deleted in the registry since) leaves them missing until the image
+    /// changes or the record is pruned; best effort otherwise.
+    pub fn record_attached(
+        &self,
+        repo: &Repository,
+        index: &Digest,
+        referrers: &[Digest],
+    ) -> io::Result<()> {
+        let path = self.attached_path(repo, index, referrers);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        write_atomic(&path, b"")
+    }
+
+    /// For every blob recorded for `repo`'s registry, the other repositories pushes put it
+    /// in, most recent first; blobs with none are left out. Read before the build, since
+    /// layers are pushed while it runs (one small file per blob ever pushed there).
+    pub fn all_mount_sources(&self, repo: &Repository) -> HashMap<Digest, Vec<String>> {
+        self.push_records(repo)
+            .filter_map(|(d, repos)| {
+                let others: Vec<String> = repos.into_iter().filter(|r| r != &repo.path).collect();
                 (!others.is_empty()).then_some((d, others))
             })
             .collect()
@@ -630,6 +684,41 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::compress::Codec;
+
+    #[test]
+    fn push_records_name_the_repository_and_the_attached_referrers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LayerCache::open(dir.path().join("cache")).unwrap();
+        let repo = |r: &str| Repository::parse(r).unwrap();
+        let (app, other, elsewhere) =
+            (repo("r:5000/app"), repo("r:5000/other"), repo("q:5000/app"));
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        cache.record_pushed(&app, &[a.clone(), b.clone()]).unwrap();
+        cache
+            .record_pushed(&other, std::slice::from_ref(&a))
+            .unwrap();
+        assert_eq!(
+            cache.recorded_in(&app),
+            HashSet::from([a.clone(), b.clone()])
+        );
+        assert_eq!(cache.recorded_in(&other), HashSet::from([a.clone()]));
+        assert!(cache.recorded_in(&elsewhere).is_empty(), "per registry");
+
+        let (index, sbom, prov) = (Digest::of(b"i"), Digest::of(b"s"), Digest::of(b"p"));
+        assert!(!cache.attached(&app, &index, &[sbom.clone(), prov.clone()]));
+        cache
+            .record_attached(&app, &index, &[sbom.clone(), prov.clone()])
+            .unwrap();
+        // The same documents in any order; not other documents, indexes or repositories.
+        assert!(cache.attached(&app, &index, &[prov.clone(), sbom.clone()]));
+        assert!(!cache.attached(&app, &index, std::slice::from_ref(&sbom)));
+        assert!(!cache.attached(&app, &a, &[sbom.clone(), prov.clone()]));
+        assert!(!cache.attached(&other, &index, &[sbom.clone(), prov.clone()]));
+        assert!(!cache.attached(&elsewhere, &index, &[sbom, prov]));
+        // The referrers record is not a blob's: mounts and blob records ignore it.
+        assert_eq!(cache.recorded_in(&app).len(), 2);
+        assert_eq!(cache.all_mount_sources(&other).len(), 2);
+    }
 
     #[test]
     fn key_covers_every_input_that_decides_the_bytes() {

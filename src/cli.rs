@@ -189,7 +189,8 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
 
-    /// Layers compressed at once, and blobs uploaded at once.
+    /// Layers compressed at once, and layers uploaded at once (configs, a few KiB each, go
+    /// beside them).
     #[arg(short = 'j', long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
 

@@ -3,20 +3,22 @@
 //!
 //! The pipeline already announces every finished layer ([`Event::LayerBuilt`], built or taken
 //! from the cache); [`LayerFeed`] is a progress observer that passes every event on and also
-//! hands those layers to [`upload_as_built`], which pushes them over one
+//! hands those layers to [`push_as_built`], which pushes them over one
 //! [`Session`] at most `jobs` at a time (streamed from the file: memory stays bounded). The
-//! build itself does not know about registries.
+//! build itself does not know about registries. When the build is done, the same task pushes
+//! the image at once, beside the layer uploads still under way (one wave of blobs, not two).
 //!
-//! Correctness does not depend on this: the image push that follows confirms every blob not
-//! yet confirmed (an early upload that failed is tried again there, with its retries, and its
-//! error is the one reported), and manifests, index and tags still go only after all blobs.
+//! Correctness does not depend on this: the image push confirms every blob not yet confirmed
+//! (an early upload that failed is tried again there, with its retries, and its error is the
+//! one reported), and manifests, index and tags still go only after all blobs.
 
 use crate::digest::Digest;
+use crate::image::BuiltImage;
 use crate::progress::{Event, Progress};
-use crate::registry::{RegistryError, Session};
+use crate::registry::{PushReport, RegistryError, Session};
 use crate::store::BlobStore;
 use futures::StreamExt as _;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{mpsc, watch};
 
 type Layer = (Digest, u64);
@@ -103,16 +105,22 @@ impl Progress for LayerFeed<'_> {
 }
 
 /// Connect (`connect`), then push each layer from `queue` as it arrives, `jobs` at a time,
-/// until the feed is closed. Returns the session for the image push, or why it could not
-/// connect, or None when the feed was aborted (the build failed). Upload failures are left
-/// for the image push to retry and report.
-pub async fn upload_as_built<F>(
+/// until the feed is closed; and as soon as `image` holds the built image, push it
+/// ([`Session::push_image`]: its blobs not yet confirmed, manifests, index, `tags`) while
+/// the early uploads finish: it waits only for the blobs it names, so configs go in the same
+/// wave as the last layers instead of after them. Returns the session (for the referrers)
+/// and what the push did, or why it could not connect or push, or None when the feed was
+/// aborted or no image came (the build failed). Early upload failures are left for the image
+/// push to retry and report.
+pub async fn push_as_built<F>(
     connect: F,
     queue: LayerQueue,
+    mut image: watch::Receiver<Option<Arc<BuiltImage>>>,
+    tags: &[String],
     store: &BlobStore,
     jobs: usize,
     progress: &dyn Progress,
-) -> Result<Option<Session>, RegistryError>
+) -> Result<Option<(Session, PushReport)>, RegistryError>
 where
     F: Future<Output = Result<Session, RegistryError>>,
 {
@@ -123,36 +131,49 @@ where
             std::future::pending::<()>().await;
         }
     };
+    let work = Box::pin(async {
+        let session = Box::pin(connect).await?;
+        let push = async {
+            let built = match image.wait_for(Option::is_some).await {
+                Ok(built) => built.clone(),
+                Err(_) => None,
+            };
+            match built {
+                // On the heap: the image push is a large future, and this task runs on a
+                // plain thread's stack.
+                Some(built) => Box::pin(session.push_image(&built, store, tags, progress))
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        };
+        let ((), pushed) = futures::join!(upload(&session, rx, store, jobs, progress), push);
+        Ok(pushed?.map(|report| (session, report)))
+    });
     tokio::select! {
         biased;
         () = aborted => Ok(None),
-        r = upload(connect, rx, store, jobs, progress) => r.map(Some),
+        r = work => r,
     }
 }
 
-async fn upload<F>(
-    connect: F,
+async fn upload(
+    session: &Session,
     rx: mpsc::UnboundedReceiver<Layer>,
     store: &BlobStore,
     jobs: usize,
     progress: &dyn Progress,
-) -> Result<Session, RegistryError>
-where
-    F: Future<Output = Result<Session, RegistryError>>,
-{
-    let session = connect.await?;
+) {
     let layers = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|layer| (layer, rx))
     });
-    let session_ref = &session;
     layers
         .for_each_concurrent(jobs.max(1), |(digest, size)| async move {
-            if let Err(e) = session_ref.push_layer(&digest, size, store, progress).await {
+            if let Err(e) = session.push_layer(&digest, size, store, progress).await {
                 progress.event(Event::Debug(&format!(
                     "early upload of {digest} failed ({e}); the image push tries again"
                 )));
             }
         })
         .await;
-    Ok(session)
 }

@@ -202,6 +202,8 @@ pub fn push_many(
         .map(|repo| RegistryOptions {
             // Mount candidates: what the cache recorded for this registry (any of our blobs).
             mount_sources: cache.map(|c| c.all_mount_sources(repo)).unwrap_or_default(),
+            // What earlier pushes put in this very repository (a re-push may send nothing).
+            recorded: cache.map(|c| c.recorded_in(repo)).unwrap_or_default(),
             // --username/--password-stdin belong to the first repository's registry.
             credentials: req
                 .push
@@ -228,91 +230,84 @@ pub fn push_many(
             .collect();
     }
     // Build on this thread; upload each layer as it is finished on another (overlap), to
-    // every repository at once.
+    // every repository at once, and push the image from there as soon as it is built (its
+    // configs beside the layer uploads still under way).
     let (feed, queues) = LayerFeed::fan_out(progress, repos.len());
-    let (image, sessions) = std::thread::scope(|s| {
+    let (built_tx, built_rx) = tokio::sync::watch::channel(None);
+    let tags = &req.image.tags;
+    let (prepared, pushes) = std::thread::scope(|s| {
         let uploader = s.spawn(|| {
-            let uploads = repos
+            let pushes = repos
                 .iter()
                 .zip(&push_opts)
                 .zip(queues)
                 .map(|((repo, o), q)| {
-                    overlap::upload_as_built(
+                    overlap::push_as_built(
                         registry::Session::connect(repo, o, progress),
                         q,
+                        built_rx.clone(),
+                        tags,
                         &store,
                         o.jobs,
                         progress,
                     )
                 });
-            runtime.block_on(futures::future::join_all(uploads))
+            runtime.block_on(futures::future::join_all(pushes))
         });
-        let built = pipeline::build_with_plan(&req.image.spec, &opts, &store, &feed);
-        if built.is_ok() {
-            feed.close();
-        } else {
+        let prepared = pipeline::build_with_plan(&req.image.spec, &opts, &store, &feed).and_then(
+            |(image, plan)| {
+                // The documents are made before anything is tagged: a local failure leaves no
+                // half push. They name the repository, so each destination gets its own.
+                let attachments = repos
+                    .iter()
+                    .map(|repo| {
+                        let repo_name = repo.to_string();
+                        supply::attachments(
+                            &image,
+                            &plan,
+                            &BuildFacts {
+                                spec: &req.image.spec,
+                                image_name: &repo_name,
+                                repository: Some(&repo_name),
+                                tags,
+                                epoch: opts.layer.epoch,
+                                bases: &opts.bases,
+                                cache: opts.cache.as_ref(),
+                            },
+                            &req.image.supply,
+                            progress,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((std::sync::Arc::new(image), attachments))
+            },
+        );
+        match &prepared {
+            Ok((image, _)) => {
+                built_tx.send_replace(Some(std::sync::Arc::clone(image)));
+                feed.close();
+            }
             // Do not wait for uploads of an image that will not be pushed.
-            feed.abort();
+            Err(_) => feed.abort(),
         }
-        let sessions = uploader.join();
-        (built, sessions)
+        drop(built_tx);
+        let pushes = uploader.join();
+        (prepared, pushes)
     });
     // A build error comes first (it is the user's to fix before any registry one).
-    let (image, plan) = image?;
-    let sessions = sessions
+    let (image, attachments) = prepared?;
+    // The channel's copy goes with the last receiver: the image is then moved, not cloned.
+    drop(built_rx);
+    let image = std::sync::Arc::unwrap_or_clone(image);
+    let (sessions, reports): (Vec<_>, Vec<_>) = pushes
         .map_err(|_| Error::UploadThreadPanicked)?
         .into_iter()
-        .map(|s| s?.ok_or(Error::UploadThreadPanicked))
-        .collect::<Result<Vec<_>, _>>()?;
-    // The documents are made before anything is tagged: a local failure leaves no half push.
-    // They name the repository, so each destination gets its own.
-    let attachments = repos
-        .iter()
-        .map(|repo| {
-            let repo_name = repo.to_string();
-            supply::attachments(
-                &image,
-                &plan,
-                &BuildFacts {
-                    spec: &req.image.spec,
-                    image_name: &repo_name,
-                    repository: Some(&repo_name),
-                    tags: &req.image.tags,
-                    epoch: opts.layer.epoch,
-                    bases: &opts.bases,
-                    cache: opts.cache.as_ref(),
-                },
-                &req.image.supply,
-                progress,
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let pushes = sessions
-        .iter()
-        .map(|session| session.push_image(&image, &store, &req.image.tags, progress));
-    let reports = runtime
-        .block_on(futures::future::join_all(pushes))
+        .map(|p| p?.ok_or(Error::UploadThreadPanicked))
+        .collect::<Result<Vec<_>, _>>()?
         .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
-    // Referrers go after the image and its tags: the image is usable whatever happens here,
-    // and the error says so.
-    for ((repo, session), (docs, report)) in repos
-        .iter()
-        .zip(&sessions)
-        .zip(attachments.iter().zip(&reports))
-    {
-        if docs.is_empty() {
-            continue;
-        }
-        runtime
-            .block_on(session.attach(docs, progress))
-            .map_err(|source| Error::AttachAfterPush {
-                image_ref: format!("{repo}@{}", report.index_digest),
-                source,
-            })?;
-    }
-    // Every blob of the image (layers, configs) is now in each repository: record it for
-    // mounts.
+        .unzip();
+    // Every blob of the image (layers, configs) is now in each repository, whatever happens
+    // to the referrers: record it for mounts and re-pushes.
     let blobs: Vec<_> = image
         .unique_layers()
         .into_iter()
@@ -325,6 +320,42 @@ pub fn push_many(
                 let warning = format!("layer cache {}: {e}", cache.root().display());
                 progress.event(Event::Warning(&warning));
             }
+        }
+    }
+    // Referrers go after the image and its tags: the image is usable whatever happens here,
+    // and the error says so.
+    for ((repo, session), (docs, report)) in repos
+        .iter()
+        .zip(&sessions)
+        .zip(attachments.iter().zip(&reports))
+    {
+        if docs.is_empty() {
+            continue;
+        }
+        // A tag naming our index does not prove its referrers were attached (an attach can
+        // fail after tagging): skip them only when this cache recorded attaching these very
+        // documents to this index in this repository.
+        let referrers: Vec<_> = docs.iter().map(|a| a.manifest.digest.clone()).collect();
+        if report.index_was_tagged
+            && cache.is_some_and(|c| c.attached(repo, &report.index_digest, &referrers))
+        {
+            progress.event(Event::Debug(&format!(
+                "{repo}@{}: its referrers were attached by an earlier push",
+                report.index_digest
+            )));
+            continue;
+        }
+        runtime
+            .block_on(session.attach(docs, progress))
+            .map_err(|source| Error::AttachAfterPush {
+                image_ref: format!("{repo}@{}", report.index_digest),
+                source,
+            })?;
+        if let Some(cache) = cache
+            && let Err(e) = cache.record_attached(repo, &report.index_digest, &referrers)
+        {
+            let warning = format!("layer cache {}: {e}", cache.root().display());
+            progress.event(Event::Warning(&warning));
         }
     }
     let summaries: Vec<Summary<'_>> = repos

@@ -39,7 +39,7 @@ use crate::image::BuiltImage;
 use crate::progress::Progress;
 use crate::reference::Repository;
 use crate::store::BlobStore;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -68,6 +68,12 @@ pub struct RegistryOptions {
     /// Other repositories on the target registry that blobs are mounted from (base
     /// images): the token asks for pull access to them too. Filled in by the caller (`run::push`).
     pub mount_from: Vec<String>,
+    /// Blobs the layer cache's push records say this very repository has (a previous push
+    /// put them there): not pushed while the build runs, and when every blob of the image is
+    /// among them, the tags are asked for their digest before anything else is sent (a
+    /// re-push of the same build sends nothing). A stale record costs a round trip, never
+    /// correctness: every blob is still confirmed before a manifest names it.
+    pub recorded: HashSet<Digest>,
     /// ECR: role to assume, create-on-push (used only for ECR registries).
     pub aws: AwsOptions,
     /// `--resolve`: reach these host names at these addresses (TLS still checks the name).
@@ -88,6 +94,7 @@ impl Default for RegistryOptions {
             user_agent: format!("imgbuild/{}", env!("CARGO_PKG_VERSION")),
             mount_sources: HashMap::new(),
             mount_from: Vec::new(),
+            recorded: HashSet::new(),
             aws: AwsOptions::default(),
             resolve: Vec::new(),
             retry: RetryPolicy::default(),
@@ -108,6 +115,9 @@ pub struct PushReport {
     pub skipped: Vec<Digest>,
     /// Bytes of the uploaded blobs.
     pub uploaded_bytes: u64,
+    /// A tag already named the index before this push, so the repository had the image: no
+    /// manifest or index was sent, only the tags that named something else.
+    pub index_was_tagged: bool,
 }
 
 /// Push every blob, manifest and the index of `image` to `repo`, then point each of `tags` at
@@ -144,8 +154,9 @@ pub struct Session {
     client: client::Client,
     repo: Repository,
     opts: RegistryOptions,
-    /// Blobs confirmed in the repository by this session, and whether they were uploaded.
-    done: std::sync::Mutex<HashMap<Digest, bool>>,
+    /// Blobs this session made sure of (or is making sure of), shared by the early uploads
+    /// and the image push.
+    blobs: upload::Blobs,
 }
 
 impl Session {
@@ -167,12 +178,14 @@ impl Session {
             client: client::Client::connect(repo, opts, progress).await?,
             repo: repo.clone(),
             opts: opts.clone(),
-            done: std::sync::Mutex::new(HashMap::new()),
+            blobs: upload::Blobs::new(opts.jobs),
         })
     }
 
     /// Make sure the registry has the layer blob `digest` (`size` bytes, in `store`): HEAD,
-    /// mount or upload, with retries, as for the image's own blobs.
+    /// mount or upload, with retries, as for the image's own blobs. A layer the push records
+    /// place in this repository already is left for the image push, which may find that
+    /// there is nothing to send at all.
     pub async fn push_layer(
         &self,
         digest: &Digest,
@@ -180,31 +193,32 @@ impl Session {
         store: &BlobStore,
         progress: &dyn Progress,
     ) -> Result<(), RegistryError> {
+        if self.opts.recorded.contains(digest) {
+            return Ok(());
+        }
         let from = self
             .opts
             .mount_sources
             .get(digest)
             .and_then(|r| r.first())
             .map(String::as_str);
-        let uploaded = upload::push_layer(
-            &self.client,
-            digest,
-            size,
-            store.path(digest),
-            from,
-            progress,
-        )
-        .await?;
-        self.done
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(digest.clone(), uploaded);
+        self.blobs
+            .layer(
+                &self.client,
+                digest,
+                size,
+                store.path(digest),
+                from,
+                progress,
+            )
+            .await?;
         Ok(())
     }
 
-    /// Push the base layers not in the store (mounted or copied), what of `image`
-    /// is not confirmed yet, then manifests, the index and `tags`. On ECR, a missing
-    /// repository is reported (with `--create-repository` it was created by
+    /// Push the base layers not in the store (mounted or copied) and what of `image` is not
+    /// confirmed yet, then manifests, the index and `tags` ([`upload::push_image`]: nothing
+    /// but the tags' HEADs when a tag already names the index). On ECR, a missing repository
+    /// is reported (with `--create-repository` it was created by
     /// `connect`).
     pub async fn push_image(
         &self,
@@ -217,20 +231,15 @@ impl Session {
         // Made sure of in `connect` (not described a second time); still created here if ECR
         // answers NAME_UNKNOWN, e.g. when the credentials may push but not describe.
         ecr::with_repository(&repo.registry, &repo.path, &opts.aws, progress, || async {
-            pull::transfer_base_layers(&self.client, repo, image, opts, progress).await?;
-            let done = self
-                .done
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
             upload::push_image(
                 &self.client,
+                &self.blobs,
                 image,
                 store,
                 tags,
-                opts.jobs,
                 &opts.mount_sources,
-                &done,
+                &opts.recorded,
+                pull::transfer_base_layers(&self.client, repo, image, opts, progress),
                 progress,
             )
             .await

@@ -5,6 +5,13 @@
 //! then each platform manifest is stored by digest, then the index by digest, and only then are
 //! tags pointed at the index, so a failure never leaves a tag on a partial image.
 //!
+//! Round trips (a CI runner is often 20-80 ms from its registry): each stage is one wave of
+//! concurrent requests, not one request after another: all blobs (layers, configs, base
+//! layers) together, all platform manifests together, the index, all tags together. A cold
+//! push is thus the ping, the four requests of one blob, and three more (manifests, index,
+//! tags). A re-push first asks the tags for their digest ([`push_image`]): a tag that already
+//! names our index makes everything else unnecessary.
+//!
 //! One blob (spec.md "Pushing blobs"): `HEAD /v2/<name>/blobs/<digest>`; 200 means the registry
 //! has it. Otherwise `POST /v2/<name>/blobs/uploads/` opens a session (202 + `Location`), and
 //! one `PUT <location>&digest=<digest>` sends the whole blob with `Content-Length`, streamed
@@ -28,7 +35,7 @@ use crate::progress::{Event, Progress};
 use crate::store::BlobStore;
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
-use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use reqwest::{Response, StatusCode, Url};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -54,72 +61,187 @@ struct Blob {
     source: Source,
 }
 
-/// Push `image` and tag it; see the module docs for the order. `done` holds blobs already
-/// confirmed in the repository by this session (pushed while the build ran), with whether
-/// they were uploaded: they are not asked about again.
+/// The blobs one session has made sure of, shared by the layers pushed while the build runs
+/// and the image push: each digest is pushed once (a second caller waits for the first), and
+/// a failed attempt leaves nothing behind, so the next caller tries again with its own
+/// retries (the image push reports that error).
+#[derive(Debug)]
+pub(crate) struct Blobs {
+    /// Per digest, once confirmed: whether this session uploaded it (false: it was there, or
+    /// was mounted).
+    cells: Mutex<HashMap<Digest, Arc<tokio::sync::OnceCell<bool>>>>,
+    /// Streamed (layer) uploads at once: `--jobs`, for the early uploads and the image push
+    /// together. Configs are small and in memory: they do not wait for a layer's slot, so
+    /// every blob of an image goes in one wave.
+    streams: tokio::sync::Semaphore,
+}
+
+impl Blobs {
+    pub(crate) fn new(jobs: usize) -> Self {
+        Blobs {
+            cells: Mutex::new(HashMap::new()),
+            streams: tokio::sync::Semaphore::new(jobs.max(1)),
+        }
+    }
+
+    /// [`push_layer`] for a layer pushed while the build runs, remembered for the image push.
+    pub(crate) async fn layer(
+        &self,
+        client: &Client,
+        digest: &Digest,
+        size: u64,
+        path: PathBuf,
+        mount_from: Option<&str>,
+        progress: &dyn Progress,
+    ) -> Result<bool, RegistryError> {
+        let blob = Blob {
+            digest: digest.clone(),
+            size,
+            source: Source::File(path),
+        };
+        self.ensure(client, &blob, mount_from, progress).await
+    }
+
+    /// Make sure the registry has `blob` (HEAD, mount or upload, confirming HEAD; with
+    /// retries), unless this session already did; `Ok(true)` if it was uploaded.
+    async fn ensure(
+        &self,
+        client: &Client,
+        blob: &Blob,
+        mount_from: Option<&str>,
+        progress: &dyn Progress,
+    ) -> Result<bool, RegistryError> {
+        let cell = Arc::clone(
+            self.cells
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(blob.digest.clone())
+                .or_default(),
+        );
+        cell.get_or_try_init(|| async {
+            let _slot = match blob.source {
+                Source::File(_) => Some(
+                    self.streams
+                        .acquire()
+                        .await
+                        .expect("the semaphore is never closed"),
+                ),
+                Source::Bytes(_) => None,
+            };
+            push_blob(client, blob, mount_from, progress).await
+        })
+        .await
+        .copied()
+    }
+}
+
+/// Push `image` and tag it; see the module docs for the order.
+///
+/// Round trips (a registry is often 20-80 ms away): every blob of the image (layers, configs,
+/// and the base layers `base_layers` makes sure of) goes in one wave, `blobs` holding those
+/// already under way or confirmed since the build started; then all platform manifests at
+/// once, the index, and all tags at once.
+///
+/// Before that, the tags are asked for their digest (HEAD, every manifest type accepted): a
+/// tag that already names our index means the repository has the index, its manifests and
+/// their blobs (nothing is tagged before they are all confirmed), so none of them is sent and
+/// only the tags naming something else are written. When the layer cache recorded every blob
+/// of the image in this repository (`recorded`: most likely a re-push of the same build) the
+/// tags are asked first and nothing else is sent until they answer (a no-op re-push is the
+/// ping and one HEAD per tag); otherwise the question goes beside the blob wave and costs no
+/// round trip.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn push_image(
+pub(crate) async fn push_image<B>(
     client: &Client,
+    blobs: &Blobs,
     image: &BuiltImage,
     store: &BlobStore,
     tags: &[String],
-    jobs: usize,
     mount_sources: &HashMap<Digest, Vec<String>>,
-    done: &HashMap<Digest, bool>,
+    recorded: &HashSet<Digest>,
+    base_layers: B,
     progress: &dyn Progress,
-) -> Result<PushReport, RegistryError> {
+) -> Result<PushReport, RegistryError>
+where
+    B: Future<Output = Result<(), RegistryError>>,
+{
     // Layers first (they are the big ones, start them early), then configs; each digest once.
+    // Base layers not in the store are `base_layers`' to make sure of.
+    let remote: HashSet<&Digest> = image.remote_layers.iter().map(|(_, d)| &d.digest).collect();
+    let layers = image.unique_layers();
     let mut seen = HashSet::new();
-    let mut blobs = Vec::new();
-    for layer in image.unique_layers() {
-        if seen.insert(layer.digest.clone()) {
-            blobs.push(Blob {
+    let mut list = Vec::new();
+    for layer in &layers {
+        if !remote.contains(&layer.digest) && seen.insert(layer.digest.clone()) {
+            list.push(Blob {
                 source: Source::File(store.path(&layer.digest)),
-                digest: layer.digest,
+                digest: layer.digest.clone(),
                 size: layer.size,
             });
         }
     }
     for config in image.images.iter().map(|i| &i.config) {
         if seen.insert(config.digest.clone()) {
-            blobs.push(Blob {
+            list.push(Blob {
                 digest: config.digest.clone(),
                 size: config.bytes.len() as u64,
                 source: Source::Bytes(config.bytes.clone()),
             });
         }
     }
+    let index = &image.index;
+    let all_recorded = layers.iter().all(|l| recorded.contains(&l.digest))
+        && image
+            .images
+            .iter()
+            .all(|i| recorded.contains(&i.config.digest));
 
     // The stream maps plain indices: a closure taking `&Blob` would make the future not
     // provably `Send` (rustc's higher-ranked lifetime limitation).
-    let blobs = &blobs;
-    let mut outcomes: Vec<(usize, bool)> = futures::stream::iter(0..blobs.len())
-        .map(|i| async move {
-            if let Some(uploaded) = done.get(&blobs[i].digest) {
-                return Ok((i, *uploaded));
-            }
-            let from = mount_sources
-                .get(&blobs[i].digest)
-                .and_then(|repos| repos.first())
-                .map(String::as_str);
-            push_blob(client, &blobs[i], from, progress)
-                .await
-                .map(|uploaded| (i, uploaded))
-        })
-        .buffer_unordered(jobs.max(1))
-        .try_collect()
-        .await?;
-    outcomes.sort_unstable();
+    let list = &list;
+    let wave = async {
+        let ours = futures::stream::iter(0..list.len())
+            .map(|i| async move {
+                let from = mount_sources
+                    .get(&list[i].digest)
+                    .and_then(|repos| repos.first())
+                    .map(String::as_str);
+                blobs
+                    .ensure(client, &list[i], from, progress)
+                    .await
+                    .map(|uploaded| (i, uploaded))
+            })
+            // Every blob at once: layer uploads wait for one of `blobs`' slots, configs and
+            // blobs already confirmed do not.
+            .buffer_unordered(list.len().max(1))
+            .try_collect::<Vec<(usize, bool)>>();
+        let ((), outcomes) = futures::try_join!(base_layers, ours)?;
+        Ok::<_, RegistryError>(outcomes)
+    };
+    let (named, outcomes) = if all_recorded && !tags.is_empty() {
+        let named = tags_naming(client, tags, &index.digest, progress).await?;
+        if named.contains(&true) {
+            (named, Vec::new())
+        } else {
+            (named, wave.await?)
+        }
+    } else {
+        futures::try_join!(tags_naming(client, tags, &index.digest, progress), wave)?
+    };
+    let index_was_tagged = named.contains(&true);
 
     let mut report = PushReport {
-        index_digest: image.index.digest.clone(),
+        index_digest: index.digest.clone(),
         tags: Vec::new(),
         uploaded: Vec::new(),
         skipped: Vec::new(),
         uploaded_bytes: 0,
+        index_was_tagged,
     };
+    let mut outcomes = outcomes;
+    outcomes.sort_unstable();
     for (i, uploaded) in outcomes {
-        let blob = &blobs[i];
+        let blob = &list[i];
         if uploaded {
             report.uploaded.push(blob.digest.clone());
             report.uploaded_bytes += blob.size;
@@ -128,28 +250,96 @@ pub(crate) async fn push_image(
         }
     }
 
-    let mut pushed = HashSet::new();
-    for manifest in image.images.iter().map(|i| &i.manifest) {
-        if pushed.insert(&manifest.digest) {
-            put_manifest(client, manifest, &manifest.digest.to_string(), progress).await?;
-        }
+    if index_was_tagged {
+        progress.event(Event::Debug(&format!(
+            "the repository already has {} under a tag: no manifest or index sent",
+            index.digest
+        )));
+    } else {
+        let mut pushed = HashSet::new();
+        let manifests: Vec<(&JsonBlob, String)> = image
+            .images
+            .iter()
+            .map(|i| &i.manifest)
+            .filter(|m| pushed.insert(&m.digest))
+            .map(|m| (m, m.digest.to_string()))
+            .collect();
+        futures::future::try_join_all(
+            manifests
+                .iter()
+                .map(|(m, reference)| put_manifest(client, m, reference, progress)),
+        )
+        .await?;
+        put_manifest(client, index, &index.digest.to_string(), progress).await?;
     }
-    put_manifest(
-        client,
-        &image.index,
-        &image.index.digest.to_string(),
-        progress,
-    )
-    .await?;
-    for tag in tags {
-        put_manifest(client, &image.index, tag, progress).await?;
-        report.tags.push(tag.clone());
-    }
+    let missing = tags
+        .iter()
+        .zip(&named)
+        .filter(|(_, named)| !**named)
+        .map(|(tag, _)| put_manifest(client, index, tag, progress));
+    futures::future::try_join_all(missing).await?;
+    report.tags = tags.to_vec();
     Ok(report)
 }
 
+/// For each of `tags`, asked all at once: does it name `digest` now?
+async fn tags_naming(
+    client: &Client,
+    tags: &[String],
+    digest: &Digest,
+    progress: &dyn Progress,
+) -> Result<Vec<bool>, RegistryError> {
+    futures::future::try_join_all(tags.iter().map(|t| tag_names(client, t, digest, progress))).await
+}
+
+/// `HEAD /v2/<name>/manifests/<tag>` (spec.md "Checking if content exists"), every manifest
+/// type accepted (a registry hides a type the client does not take): true when its
+/// `Docker-Content-Digest` is `digest`. Any other answer the registry gives on purpose (no
+/// such tag, no digest header, no right to read manifests, no HEAD) is "no": the image is
+/// then pushed as usual. Transient failures are retried like any request.
+async fn tag_names(
+    client: &Client,
+    tag: &str,
+    digest: &Digest,
+    progress: &dyn Progress,
+) -> Result<bool, RegistryError> {
+    let url = client.repo_url(&format!("manifests/{tag}"));
+    client
+        .retry(&format!("tag {tag}"), progress, || async {
+            let response = match client
+                .send(|http| {
+                    Ok(http
+                        .head(url.clone())
+                        .header(ACCEPT, super::pull::MANIFEST_ACCEPT.join(", "))
+                        .timeout(client.timeout()))
+                })
+                .await
+            {
+                Ok(response) => response,
+                // May push but not read (a write-only credential): push everything.
+                Err(RegistryError::Denied { .. }) => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let status = response.status();
+            if status == StatusCode::OK && !is_html(response.headers()) {
+                let got = response
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim);
+                return Ok(got == Some(digest.to_string().as_str()));
+            }
+            let transient = [StatusCode::REQUEST_TIMEOUT, StatusCode::TOO_MANY_REQUESTS];
+            if status.is_client_error() && !transient.contains(&status) {
+                return Ok(false);
+            }
+            Err(unexpected(&url, response).await)
+        })
+        .await
+}
+
 /// Make sure the registry has the layer `digest` (`size` bytes at `path`): the same as for a
-/// blob of a built image, for layers pushed while the rest of the build runs.
+/// blob of a built image (without a session's memory of what it confirmed).
 pub(crate) async fn push_layer(
     client: &Client,
     digest: &Digest,

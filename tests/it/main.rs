@@ -26,6 +26,7 @@ mod promises;
 mod proxy;
 mod push;
 mod resolve;
+mod roundtrips;
 mod scale;
 mod smoke;
 mod speed;

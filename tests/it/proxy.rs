@@ -110,6 +110,13 @@ pub struct ProxyOpts {
     /// Read request bodies larger than 64 KiB in 64 KiB pieces, pausing this long after
     /// each: a slow link on which an upload keeps making progress.
     pub throttle: Option<Duration>,
+    /// Hold every request this long before acting on it: a registry one round trip of this
+    /// length away (a CI runner is 20-80 ms from its registry). With [`Seen::end`], the
+    /// requests' order in time shows how many round trips a push waits for
+    /// ([`critical_path`]).
+    pub delay: Option<Duration>,
+    /// Answer requests with this method whose target contains this text `403 DENIED`.
+    pub deny: Option<(String, String)>,
     /// Serve TLS with a leaf for these names (plus localhost and 127.0.0.1) signed by a
     /// throwaway CA ([`Proxy::tls`]); plain http is then refused, as on a TLS port.
     pub tls_hosts: Option<Vec<String>>,
@@ -158,6 +165,8 @@ impl Default for ProxyOpts {
             deny_manifest_puts: false,
             name_unknown: false,
             throttle: None,
+            delay: None,
+            deny: None,
             tls_hosts: None,
             token_ttl: None,
             upload_location_to: None,
@@ -189,8 +198,55 @@ pub struct Seen {
     pub fault: Option<Fault>,
     /// When the request's head arrived.
     pub at: std::time::Instant,
+    /// When the proxy was done with it (answered, or gave up); None while it is going on.
+    pub end: Option<std::time::Instant>,
     /// It carried a Bearer token that had expired ([`ProxyOpts::token_ttl`]).
     pub expired: bool,
+}
+
+/// The most requests of `seen` that ran one after another (each started after the one before
+/// had ended), counting only requests `wanted` and chains ending in one `last` accepts: the
+/// round trips a client waited for, when every request takes at least the proxy's
+/// [`ProxyOpts::delay`] and a client's own work between requests is much shorter (requests
+/// of one wave start together, so none of them ends before another starts).
+pub fn critical_path(
+    seen: &[Seen],
+    wanted: impl Fn(&Seen) -> bool,
+    last: impl Fn(&Seen) -> bool,
+) -> usize {
+    let mut reqs: Vec<&Seen> = seen.iter().filter(|s| wanted(s)).collect();
+    reqs.sort_by_key(|s| s.at);
+    // depth[i]: the longest chain ending with reqs[i].
+    let mut depth = vec![1usize; reqs.len()];
+    for i in 0..reqs.len() {
+        for j in 0..i {
+            if reqs[j].end.is_some_and(|e| e <= reqs[i].at) {
+                depth[i] = depth[i].max(depth[j] + 1);
+            }
+        }
+    }
+    reqs.iter()
+        .zip(&depth)
+        .filter(|(s, _)| last(s))
+        .map(|(_, d)| *d)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Marks a request ended when dropped (every way out of `serve`).
+struct Ended<'a> {
+    state: &'a Mutex<State>,
+    seq: usize,
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.state.lock()
+            && let Some(s) = st.seen.get_mut(self.seq)
+        {
+            s.end = Some(std::time::Instant::now());
+        }
+    }
 }
 
 /// One request to the token endpoint: method, Authorization header, body (the form of a POST).
@@ -652,10 +708,18 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
             authorization: authorization.clone(),
             fault,
             at: std::time::Instant::now(),
+            end: None,
             expired,
         });
         (seq, fault, valid_token)
     };
+    let _ended = Ended {
+        state: &shared.state,
+        seq,
+    };
+    if let Some(delay) = opts.delay {
+        std::thread::sleep(delay);
+    }
 
     if opts.hang_from.is_some_and(|from| seq >= from) {
         while !shared.stop.load(Ordering::SeqCst) {
@@ -822,7 +886,13 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
             .known_repos
             .insert(name.to_string());
     }
-    if opts.deny_manifest_puts && req.method == "PUT" && req.target.contains("/manifests/") {
+    let denied = opts
+        .deny
+        .as_ref()
+        .is_some_and(|(m, text)| req.method == *m && req.target.contains(text.as_str()));
+    if denied
+        || (opts.deny_manifest_puts && req.method == "PUT" && req.target.contains("/manifests/"))
+    {
         let ct = ("Content-Type", "application/json".to_string());
         respond(
             reader.get_mut(),

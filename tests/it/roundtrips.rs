@@ -1,0 +1,350 @@
+//! Round trips: a CI runner is 20-80 ms from its registry, so a push should wait for as few
+//! request-after-request steps as its guarantees allow. The proxy holds every request for
+//! [`DELAY`] (its delay mode) and records when each started and ended; the tests count the
+//! requests and the longest chain of requests that ran one after another
+//! ([`proxy::critical_path`]), not wall times.
+//!
+//! build-specs/hello.toml: 3 platforms, 4 layers (3 per-platform + 1 shared), 3 configs.
+
+use crate::build::workspace;
+use crate::harness::*;
+use crate::proxy::{self, Proxy, ProxyOpts, Seen};
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+/// Long beside the client's own work between two requests (a few ms in a debug build with a
+/// warm layer cache, more on a loaded machine), so that requests of one wave never look like
+/// one after another.
+const DELAY: Duration = Duration::from_millis(200);
+
+const NO_REFERRERS: &[&str] = &["--sbom", "none", "--provenance", "none"];
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn delaying(reg: &Registry) -> Proxy {
+    Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            delay: Some(DELAY),
+            ..ProxyOpts::default()
+        },
+    )
+}
+
+/// `imgbuild push -f build-specs/hello.toml --repo <proxy>/<repo> <extra>` with the layer
+/// cache `cache`.
+fn push(ws: &Path, cache: &Path, proxy: &Proxy, repo: &str, extra: &[&str]) -> Output {
+    imgbuild()
+        .current_dir(ws)
+        .env("IMGBUILD_CACHE", cache)
+        .args(["push", "-f", "build-specs/hello.toml", "--repo"])
+        .arg(format!("{}/{repo}", proxy.addr))
+        .args(extra)
+        .output()
+        .expect("run imgbuild")
+}
+
+/// Push, expect success, return the requests the proxy saw for it.
+fn push_ok(ws: &Path, cache: &Path, proxy: &Proxy, repo: &str, extra: &[&str]) -> Vec<Seen> {
+    let before = proxy.seen().len();
+    let out = push(ws, cache, proxy, repo, extra);
+    assert!(out.status.success(), "push failed: {}", text(&out.stderr));
+    // Every request has ended once the process has exited, but the proxy's thread may not
+    // have marked it yet.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while proxy.seen()[before..].iter().any(|s| s.end.is_none())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proxy.seen()[before..].to_vec()
+}
+
+/// Fill the layer cache `cache` with hello's layers (`imgbuild build`): the pushes then take
+/// a few ms to build, and the registry side is what is counted (a cold layer cache costs
+/// compression time, not round trips).
+fn warm(ws: &Path, cache: &Path) {
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        imgbuild()
+            .current_dir(ws)
+            .env("IMGBUILD_CACHE", cache)
+            .args(["build", "-q", "-f", "build-specs/hello.toml", "-o"])
+            .arg(out.path().join("layout")),
+    );
+}
+
+fn show(seen: &[Seen]) -> String {
+    let t0 = seen.first().map(|s| s.at);
+    seen.iter()
+        .map(|s| {
+            let at = |i: std::time::Instant| i.duration_since(t0.unwrap()).as_millis();
+            format!(
+                "{:>5}-{:<5} {} {}",
+                at(s.at),
+                s.end.map_or("?".into(), |e| at(e).to_string()),
+                s.method,
+                s.target
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn is_tag_put(s: &Seen, tag: &str) -> bool {
+    s.method == "PUT" && s.target.ends_with(&format!("/manifests/{tag}"))
+}
+
+fn is_manifest_put_by_digest(s: &Seen) -> bool {
+    s.method == "PUT" && s.target.contains("/manifests/sha256:")
+}
+
+/// Every request of `after` started after every request of `before` ended.
+fn all_after(seen: &[Seen], before: impl Fn(&Seen) -> bool, after: impl Fn(&Seen) -> bool) {
+    let last_end = seen
+        .iter()
+        .filter(|s| before(s))
+        .map(|s| s.end.expect("ended"))
+        .max()
+        .expect("some request before");
+    for s in seen.iter().filter(|s| after(s)) {
+        assert!(
+            s.at >= last_end,
+            "{} {} started before its prerequisites ended:\n{}",
+            s.method,
+            s.target,
+            show(seen)
+        );
+    }
+}
+
+#[test]
+fn cold_push_waits_eight_round_trips_and_a_re_push_sends_two_requests() {
+    let reg = Registry::start();
+    let proxy = delaying(&reg);
+    let ws = workspace(1_700_000_000);
+    let cache = tempfile::tempdir().unwrap();
+    warm(ws.path(), cache.path());
+
+    // Cold (for the registry): the ping, one wave of blobs (HEAD, POST, PUT, confirming HEAD; layers and configs
+    // together), the manifests together, the index, the tag.
+    let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/cold", NO_REFERRERS);
+    let index = index_of_tag(&reg, "rt/cold", "latest");
+    let depth = proxy::critical_path(&seen, |_| true, |_| true);
+    eprintln!(
+        "cold push: {depth} round trips, {} requests:\n{}",
+        seen.len(),
+        show(&seen)
+    );
+    assert!(depth <= 8, "{depth} round trips:\n{}", show(&seen));
+    // 1 ping + 7 blobs x 4 + 3 manifests + index + tag, and the tag's HEAD (beside the blobs).
+    assert_eq!(seen.len(), 35, "{}", show(&seen));
+    let count = |m: &str, part: &str| {
+        seen.iter()
+            .filter(|s| s.method == m && s.target.contains(part))
+            .count()
+    };
+    assert_eq!(count("POST", "/blobs/uploads/"), 7, "{}", show(&seen));
+    assert_eq!(count("HEAD", "/blobs/sha256:"), 14, "confirming HEADs");
+    assert_eq!(count("HEAD", "/manifests/latest"), 1);
+    // The order guarantees hold whatever overlaps: every blob confirmed before any manifest,
+    // the manifests before the index, the index before the tag.
+    let blob = |s: &Seen| s.target.contains("/blobs/");
+    let index_put =
+        |s: &Seen| s.method == "PUT" && s.target.ends_with(&format!("/manifests/{index}"));
+    let platform = |s: &Seen| is_manifest_put_by_digest(s) && !index_put(s);
+    all_after(&seen, blob, |s| {
+        s.target.contains("/manifests/") && s.method == "PUT"
+    });
+    all_after(&seen, platform, index_put);
+    all_after(&seen, is_manifest_put_by_digest, |s| {
+        is_tag_put(s, "latest")
+    });
+
+    // No-op re-push: the ping and the tag's HEAD, which names our index.
+    let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/cold", NO_REFERRERS);
+    assert!(seen.len() <= 3, "{}", show(&seen));
+    assert_eq!(
+        seen.iter().map(|s| s.method.as_str()).collect::<Vec<_>>(),
+        ["GET", "HEAD"],
+        "{}",
+        show(&seen)
+    );
+
+    // Another tag for the same image: the existing one proves the image is there; only the
+    // new tag is written.
+    let seen = push_ok(
+        ws.path(),
+        cache.path(),
+        &proxy,
+        "rt/cold",
+        &[
+            "--sbom",
+            "none",
+            "--provenance",
+            "none",
+            "--tag",
+            "latest",
+            "--tag",
+            "v2",
+        ],
+    );
+    let writes: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.method != "HEAD" && s.method != "GET")
+        .collect();
+    assert_eq!(writes.len(), 1, "{}", show(&seen));
+    assert!(is_tag_put(writes[0], "v2"), "{}", show(&seen));
+
+    // The tag moved to another image: a full push (the blobs are confirmed, not trusted),
+    // which is right again.
+    let other = push_ok(
+        ws.path(),
+        cache.path(),
+        &proxy,
+        "rt/cold",
+        &[
+            "--sbom",
+            "none",
+            "--provenance",
+            "none",
+            "--platform",
+            "linux/amd64",
+        ],
+    );
+    assert!(
+        other.iter().any(|s| is_tag_put(s, "latest")),
+        "{}",
+        show(&other)
+    );
+    let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/cold", NO_REFERRERS);
+    assert!(
+        seen.iter().any(|s| is_tag_put(s, "latest")),
+        "{}",
+        show(&seen)
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.method == "HEAD" && s.target.contains("/blobs/"))
+            .count(),
+        7,
+        "every blob asked for:\n{}",
+        show(&seen)
+    );
+    assert_eq!(index, index_of_tag(&reg, "rt/cold", "latest"));
+    // A layer cache that knows nothing (another runner): the same image is found by its tag;
+    // blobs are asked for, nothing is written.
+    let fresh = tempfile::tempdir().unwrap();
+    warm(ws.path(), fresh.path());
+    let seen = push_ok(ws.path(), fresh.path(), &proxy, "rt/cold", NO_REFERRERS);
+    assert!(
+        seen.iter().all(|s| s.method == "HEAD" || s.method == "GET"),
+        "{}",
+        show(&seen)
+    );
+}
+
+#[test]
+fn a_registry_that_refuses_the_tag_question_gets_a_full_push() {
+    let reg = Registry::start();
+    // A credential that may push but not read manifests (403 on the tag's HEAD).
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            deny: Some(("HEAD".into(), "/manifests/".into())),
+            ..ProxyOpts::default()
+        },
+    );
+    let ws = workspace(1_700_000_000);
+    let cache = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/nohead", NO_REFERRERS);
+        assert!(
+            seen.iter().any(|s| is_tag_put(s, "latest")),
+            "{}",
+            show(&seen)
+        );
+    }
+    index_of_tag(&reg, "rt/nohead", "latest");
+}
+
+/// The digest of what `repo:tag` names, from skopeo (not imgbuild).
+fn index_of_tag(reg: &Registry, repo: &str, tag: &str) -> String {
+    let out = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &reg.docker_ref(&format!("{repo}:{tag}")),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    format!("sha256:{}", imgbuild::digest::Digest::of(&out.stdout).hex())
+}
+
+#[test]
+fn referrers_are_skipped_only_when_this_cache_recorded_attaching_them() {
+    let reg = Registry::start();
+    let proxy = delaying(&reg);
+    let ws = workspace(1_700_000_000);
+    let cache = tempfile::tempdir().unwrap();
+    warm(ws.path(), cache.path());
+
+    // An attach that fails after the image was tagged (the referrers tag cannot be read):
+    // the blobs are recorded, the referrers are not.
+    let failing = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            deny: Some(("GET".into(), "/manifests/sha256-".into())),
+            ..ProxyOpts::default()
+        },
+    );
+    let out = push(ws.path(), cache.path(), &failing, "rt/att", &[]);
+    assert!(!out.status.success(), "the attach was to fail");
+    let tagged = index_of_tag(&reg, "rt/att", "latest");
+
+    // Through the delaying proxy: the tag names our index, but nothing says its referrers
+    // are there: they are attached now. The image itself is not sent again.
+    let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/att", &[]);
+    assert!(
+        seen.iter().any(|s| s.target.contains("/manifests/sha256-")),
+        "referrers attached:\n{}",
+        show(&seen)
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| is_manifest_put_by_digest(s) && s.target.ends_with(&tagged)),
+        "the index was not sent again:\n{}",
+        show(&seen)
+    );
+    // The image's part of a push with referrers (ending with its tag) is still eight round
+    // trips at most: on a new repository.
+    let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/att2", &[]);
+    let depth = proxy::critical_path(&seen, |_| true, |s| is_tag_put(s, "latest"));
+    assert!(
+        depth <= 8,
+        "{depth} round trips to the tag:\n{}",
+        show(&seen)
+    );
+
+    // Now recorded: a re-push is the ping and the tag's HEAD, referrers included.
+    for repo in ["rt/att", "rt/att2"] {
+        let seen = push_ok(ws.path(), cache.path(), &proxy, repo, &[]);
+        assert!(seen.len() <= 3, "{repo}:\n{}", show(&seen));
+    }
+    // Other documents (no provenance): not recorded, attached.
+    let seen = push_ok(
+        ws.path(),
+        cache.path(),
+        &proxy,
+        "rt/att",
+        &["--provenance", "none"],
+    );
+    assert!(
+        seen.iter().any(|s| s.target.contains("/manifests/sha256-")),
+        "{}",
+        show(&seen)
+    );
+}
