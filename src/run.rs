@@ -252,37 +252,43 @@ pub fn push_many(
             // Do not wait for uploads of an image that will not be pushed.
             feed.abort();
         }
+        // The documents are made before anything is tagged: a local failure leaves no half
+        // push. They name the repository, so each destination gets its own. The SBOM hashes
+        // every input file: that runs here, while the last layers are still uploading, not
+        // after them (a serial stage of a cold push otherwise).
+        let built = built.map(|(image, plan)| {
+            let attachments = repos
+                .iter()
+                .map(|repo| {
+                    let repo_name = repo.to_string();
+                    supply::attachments(
+                        &image,
+                        &plan,
+                        &BuildFacts {
+                            spec: &req.image.spec,
+                            image_name: &repo_name,
+                            repository: Some(&repo_name),
+                            tags: &req.image.tags,
+                            epoch: opts.layer.epoch,
+                            bases: &opts.bases,
+                        },
+                        &req.image.supply,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>();
+            (image, attachments)
+        });
         let sessions = uploader.join();
         (built, sessions)
     });
     // A build error comes first (it is the user's to fix before any registry one).
-    let (image, plan) = image?;
+    let (image, attachments) = image?;
     let sessions = sessions
         .map_err(|_| Error::UploadThreadPanicked)?
         .into_iter()
         .map(|s| s?.ok_or(Error::UploadThreadPanicked))
         .collect::<Result<Vec<_>, _>>()?;
-    // The documents are made before anything is tagged: a local failure leaves no half push.
-    // They name the repository, so each destination gets its own.
-    let attachments = repos
-        .iter()
-        .map(|repo| {
-            let repo_name = repo.to_string();
-            supply::attachments(
-                &image,
-                &plan,
-                &BuildFacts {
-                    spec: &req.image.spec,
-                    image_name: &repo_name,
-                    repository: Some(&repo_name),
-                    tags: &req.image.tags,
-                    epoch: opts.layer.epoch,
-                    bases: &opts.bases,
-                },
-                &req.image.supply,
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let attachments = attachments?;
     let pushes = sessions
         .iter()
         .map(|session| session.push_image(&image, &store, &req.image.tags, progress));
