@@ -4,6 +4,7 @@
 #
 #   bash scripts/install-deps.sh bench    # buildah, pigz, zstd, GNU time, docker-registry, skopeo
 #   bash bench/run.sh                     # BENCH_RUNS=3 BENCH_DIR=/tmp/imgbuild-bench by default
+#                                         # (BENCH_NO_BUILD=1: use target/release/imgbuild as it is)
 #
 # Inputs (made here, fixed seed, realistic compressibility): per platform (linux/amd64,
 # linux/arm64) one 100 MiB artifact built from seeded slices of the machine's shared libraries
@@ -27,8 +28,10 @@ for tool in docker-registry skopeo buildah pigz zstd python3 /usr/bin/time; do
         exit 1
     }
 done
-log "building imgbuild (release)"
-(cd "$ROOT" && cargo build --release --quiet)
+if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
+    log "building imgbuild (release)"
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
 
 rm -rf "$WORK"
 mkdir -p "$WORK"/{in,res}
