@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# imgbuild speed benchmark (issue 4): imgbuild against buildah, docker, skopeo and the
+# imgbuild speed benchmark (README "Benchmark"): imgbuild against buildah, docker, skopeo and the
 # compression bound (pigz / zstd CLIs), same inputs, same machine, same run.
 #
 #   bash scripts/install-deps.sh bench    # buildah, pigz, zstd, GNU time, docker-registry, skopeo

@@ -138,7 +138,7 @@ PY
 }
 
 # Debian's busybox-static for amd64 and arm64: real content for the base images that
-# tests/it/base.rs assembles (issue 6). Cached in "$BUSYBOX_DIR/<arch>/busybox"; the .debs are
+# tests/it/base.rs assembles. Cached in "$BUSYBOX_DIR/<arch>/busybox"; the .debs are
 # unpacked with dpkg-deb, nothing is installed on the host.
 BUSYBOX_DIR="${IMGBUILD_TEST_BUSYBOX:-${HOME:-/root}/.cache/imgbuild-test/busybox}"
 install_busybox() {
@@ -242,7 +242,7 @@ install_fixture_tools() {
 }
 
 install_bench_tools() {
-    # The peers and the measuring tool of bench/run.sh (issue 4); not needed by the tests.
+    # The peers and the measuring tool of bench/run.sh; not needed by the tests.
     apt_install buildah pigz zstd time curl python3
 }
 

@@ -1,4 +1,4 @@
-//! Base images (issue 6): resolve `base` / `[base_overrides]` / `--base` into, per platform,
+//! Base images (README "Base images"): resolve `base` / `[base_overrides]` / `--base` into, per platform,
 //! the base's layers (descriptors kept exactly: media type, digest, size — never re-tarred or
 //! recompressed) and its config JSON, which [`crate::image::inherit`] merges into ours.
 //!
@@ -15,13 +15,13 @@
 //! the registry (it may have moved).
 
 use crate::digest::Digest;
-use crate::error::ExitCode;
+use crate::exit::ExitCode;
 use crate::image::{ANNOTATION_BASE_DIGEST, ANNOTATION_BASE_NAME, ANNOTATION_REF_NAME, Descriptor};
 use crate::platform::Platform;
 use crate::progress::{Event, Progress};
 use crate::reference::{RefTarget, Repository};
 use crate::registry::pull::Puller;
-use crate::registry::{PushOptions, RegistryError};
+use crate::registry::{RegistryError, RegistryOptions};
 use crate::spec::Base;
 use crate::store::BlobStore;
 use bytes::Bytes;
@@ -173,7 +173,11 @@ pub fn choose<'a>(
 
 /// Connection options for reading from `registry`: `opts`, without the explicit
 /// `--username` credentials unless `registry` is the push target (they are for it alone).
-pub fn pull_options(opts: &PushOptions, registry: &str, target: Option<&str>) -> PushOptions {
+pub fn pull_options(
+    opts: &RegistryOptions,
+    registry: &str,
+    target: Option<&str>,
+) -> RegistryOptions {
     let mut opts = opts.clone();
     opts.mount_from.clear();
     if target != Some(registry) {
@@ -186,7 +190,7 @@ pub fn pull_options(opts: &PushOptions, registry: &str, target: Option<&str>) ->
 /// cache (a tag always is asked for). `target` is the push target's registry, if any.
 pub async fn resolve(
     wanted: &[(Platform, &Base)],
-    opts: &PushOptions,
+    opts: &RegistryOptions,
     target: Option<&str>,
     cache: Option<&BlobStore>,
     progress: &dyn Progress,
@@ -218,7 +222,7 @@ struct Source<'a> {
     top: Bytes,
     top_digest: Digest,
     /// How to reach its registry (see [`pull_options`]).
-    opts: PushOptions,
+    opts: RegistryOptions,
 }
 
 enum SourceKind<'a> {
@@ -234,7 +238,7 @@ enum SourceKind<'a> {
 impl<'a> Source<'a> {
     async fn open(
         base: &Base,
-        opts: PushOptions,
+        opts: RegistryOptions,
         cache: Option<&'a BlobStore>,
         progress: &dyn Progress,
     ) -> Result<Source<'a>, BaseError> {
@@ -443,7 +447,7 @@ impl SourceKind<'_> {
     async fn puller(
         &mut self,
         name: &str,
-        opts: &PushOptions,
+        opts: &RegistryOptions,
         progress: &dyn Progress,
     ) -> Result<&Puller, BaseError> {
         let SourceKind::Registry { repo, puller, .. } = self else {
@@ -483,7 +487,7 @@ impl SourceKind<'_> {
         name: &str,
         digest: &Digest,
         manifest: bool,
-        opts: &PushOptions,
+        opts: &RegistryOptions,
         progress: &dyn Progress,
     ) -> Result<Bytes, BaseError> {
         if let SourceKind::Layout(store) = self {
@@ -770,7 +774,7 @@ pub async fn fetch_layers(
     remote: &[(Repository, Descriptor)],
     store: &BlobStore,
     cache: Option<&BlobStore>,
-    opts: &PushOptions,
+    opts: &RegistryOptions,
     progress: &dyn Progress,
 ) -> Result<(), BaseError> {
     use futures::{StreamExt as _, TryStreamExt as _};

@@ -1,4 +1,4 @@
-//! The layer cache (issue 4): a layer whose inputs are unchanged is neither re-tarred nor
+//! The layer cache (README "Speed"): a layer whose inputs are unchanged is neither re-tarred nor
 //! recompressed; its blob is taken from the cache.
 //!
 //! ```text
@@ -526,7 +526,7 @@ fn mtime_ns(m: &fs::Metadata) -> i128 {
 /// Put `from` at `to`, replacing whatever is there (which only claims to be the same blob):
 /// a hard link (no copy, same file system) made under a temporary name and renamed over `to`,
 /// else a copy via a temporary file. A link shares the file's mode, so it is made only when
-/// that is the mode this run gives its files (the umask rule of issue 5); else a copy.
+/// that is the mode this run gives its files (the umask rule of [`crate::store::create_file`]); else a copy.
 fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let dir = to.parent().unwrap_or(Path::new("."));

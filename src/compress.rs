@@ -1,6 +1,6 @@
 //! Layer compression: the codec and level (`--compression gzip|zstd`, `--compression-level`),
 //! and encoders whose output bytes depend only on (input, codec, level) — never on the number
-//! of threads or the machine — so layer digests stay deterministic (issue 4).
+//! of threads or the machine — so layer digests stay deterministic.
 //!
 //! - **gzip**: [`ParGzWriter`], pigz's scheme. The input is cut into fixed 128 KiB blocks; each
 //!   block is raw-deflated on a worker thread with the previous 32 KiB of input as its preset
@@ -166,7 +166,7 @@ impl<W: Write> Encoder<W> {
                 e.multithread(u32::try_from(threads).unwrap_or(1))?;
                 // A fixed job size: part of the bytes (so pinned, not left to libzstd's
                 // level-dependent default), and it bounds memory: each worker holds a job's
-                // input and output, 4 MiB keeps a 1 GiB layer under 64 MiB resident (issue 4).
+                // input and output, 4 MiB keeps a 1 GiB layer under 64 MiB resident.
                 e.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB))?;
                 Encoder::Zstd(e)
             }

@@ -1,4 +1,4 @@
-//! Build contexts (issue 9 §4): where relative `src` paths are read from. A stage before
+//! Build contexts (README "Build contexts"): where relative `src` paths are read from. A stage before
 //! [`crate::plan`]: it turns `--context` into a directory on local disk.
 //!
 //! - A directory is used as it is.
@@ -19,7 +19,7 @@
 
 pub mod s3;
 
-use crate::error::ExitCode;
+use crate::exit::ExitCode;
 use std::fmt;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
@@ -690,7 +690,7 @@ impl Unpacker<'_> {
                 .create(&dest)
                 .map_err(|e| self.io(&path, e))?,
             Kind::File => {
-                // Only the execute bit matters: the plan makes modes 0755 or 0644 (issue 2).
+                // Only the execute bit matters: the plan makes modes 0755 or 0644.
                 let mode = if executable { 0o700 } else { 0o600 };
                 let mut f = fs::OpenOptions::new()
                     .write(true)

@@ -14,12 +14,12 @@
 //! `tag REF TAG...` fetches the manifest bytes of REF and puts them under each TAG.
 
 use crate::digest::Digest;
-use crate::error::{Error, ExitCode};
+use crate::exit::ExitCode;
 use crate::image::{ANNOTATION_REF_NAME, Descriptor};
 use crate::progress::{Event, Progress};
 use crate::reference::{ImageRef, RefTarget, Repository, validate_tag};
 use crate::registry::copy::{Endpoint, RawManifest, with_repository};
-use crate::registry::{PushOptions, RegistryError};
+use crate::registry::{RegistryError, RegistryOptions};
 use crate::store::BlobStore;
 use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::Value;
@@ -38,9 +38,9 @@ pub struct CopyRequest {
     pub destination: String,
     /// How to reach the source registry (`credentials` are used only when it is the
     /// destination's registry too: `--username` is for the destination).
-    pub source_opts: PushOptions,
+    pub source_opts: RegistryOptions,
     /// How to reach the destination registry.
-    pub destination_opts: PushOptions,
+    pub destination_opts: RegistryOptions,
 }
 
 /// `imgbuild tag REF TAG...`.
@@ -48,7 +48,7 @@ pub struct CopyRequest {
 pub struct TagRequest {
     pub image: String,
     pub tags: Vec<String>,
-    pub opts: PushOptions,
+    pub opts: RegistryOptions,
 }
 
 /// What a copy or tag did.
@@ -89,16 +89,28 @@ pub enum CopyError {
         reference: String,
         cause: RegistryError,
     },
+    /// The command line asks for something the command cannot do.
+    #[error("{0}")]
+    Command(String),
+    /// A local file could not be written (or the async runtime not started).
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CopyError {
     /// A source that does not exist or cannot be read as an image is an input problem (3);
-    /// a bad reference is usage (2); registry failures keep their own codes.
+    /// a bad reference is usage (2); registry failures keep their own codes; a local write
+    /// that fails is 1.
     pub fn exit_code(&self) -> ExitCode {
         match self {
             CopyError::NotFound { .. } | CopyError::Invalid { .. } => ExitCode::Input,
-            CopyError::Usage { .. } => ExitCode::Usage,
+            CopyError::Usage { .. } | CopyError::Command(_) => ExitCode::Usage,
             CopyError::Registry { cause, .. } => cause.exit_code(),
+            CopyError::Io { .. } => ExitCode::Internal,
         }
     }
 }
@@ -162,18 +174,23 @@ fn parse_destination(input: &str) -> Result<(Repository, Written), CopyError> {
     Ok((repo, w))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CopyError {
+    let context = context.into();
+    move |source| CopyError::Io { context, source }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CopyError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::io("starting the async runtime", e))
+        .map_err(io("starting the async runtime"))
 }
 
 /// Copy `req.source` (with every platform and referrer) to `req.destination`.
-pub fn copy(req: &CopyRequest, progress: &dyn Progress) -> Result<Copied, Error> {
+pub fn copy(req: &CopyRequest, progress: &dyn Progress) -> Result<Copied, CopyError> {
     match (parse_layout(&req.source), parse_layout(&req.destination)) {
         (Some(_), Some(_)) => {
-            return Err(Error::Usage(
+            return Err(CopyError::Command(
                 "copy: both sides are oci: layouts; one must be a registry (copy the directory instead)".into(),
             ));
         }
@@ -283,16 +300,13 @@ pub fn copy(req: &CopyRequest, progress: &dyn Progress) -> Result<Copied, Error>
 }
 
 /// Point each of `req.tags` at the manifest `req.image` names (its bytes are put unchanged).
-pub fn tag(req: &TagRequest, progress: &dyn Progress) -> Result<Copied, Error> {
+pub fn tag(req: &TagRequest, progress: &dyn Progress) -> Result<Copied, CopyError> {
     let image = parse_source(&req.image)?;
     if req.tags.is_empty() {
-        return Err(Error::Usage("tag: name at least one TAG".into()));
+        return Err(CopyError::Command("tag: name at least one TAG".into()));
     }
     for t in &req.tags {
-        validate_tag(t).map_err(Error::from).map_err(|e| match e {
-            Error::Reference(r) => Error::Usage(format!("tag: {r}")),
-            other => other,
-        })?;
+        validate_tag(t).map_err(|r| CopyError::Command(format!("tag: {r}")))?;
     }
     let name = image.to_string();
     let runtime = runtime()?;
@@ -688,7 +702,7 @@ fn layout_to_registry(
     dir: &Path,
     tag: Option<&str>,
     progress: &dyn Progress,
-) -> Result<Copied, Error> {
+) -> Result<Copied, CopyError> {
     let (dst_repo, dst) = parse_destination(&req.destination)?;
     let (store, top) = layout_top(&req.source, dir, tag)?;
     check_digest(req, &dst, &top)?;
@@ -759,15 +773,15 @@ fn registry_to_layout(
     dir: &Path,
     tag: Option<&str>,
     progress: &dyn Progress,
-) -> Result<Copied, Error> {
+) -> Result<Copied, CopyError> {
     let source = parse_source(&req.source)?;
     let tag = match (tag, &source.target) {
         (Some(t), _) => Some(t.to_string()),
         (None, RefTarget::Tag(t)) => Some(t.clone()),
         (None, RefTarget::Digest(_)) => None,
     };
-    let store = BlobStore::open(dir)
-        .map_err(|e| Error::io(format!("creating the OCI layout {}", dir.display()), e))?;
+    let store =
+        BlobStore::open(dir).map_err(io(format!("creating the OCI layout {}", dir.display())))?;
     let mut opts = req.source_opts.clone();
     opts.mount_from.clear();
     opts.credentials = None;
@@ -799,7 +813,7 @@ fn registry_to_layout(
         Ok::<_, CopyError>((top, (walk.manifests, walk.referrers)))
     })?;
     tag_layout(&store, &top, tag.as_deref())
-        .map_err(|e| Error::io(format!("writing {}/index.json", dir.display()), e))?;
+        .map_err(io(format!("writing {}/index.json", dir.display())))?;
     Ok(Copied {
         image_ref: format!("oci:{}@{}", dir.display(), top.digest),
         digest: top.digest.clone(),

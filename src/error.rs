@@ -1,28 +1,11 @@
-//! The crate's top-level error and the documented process exit codes.
+//! The crate's top-level error: one variant per stage error, plus the failures of the
+//! commands that string the stages together.
 //!
-//! Each stage has its own error enum carrying the file/line/field or URL it concerns; this
-//! module only sorts them into exit codes, in one place, so CI can retry on 5 and not on 2-4
-//! or 6.
+//! Each stage has its own error enum carrying the file/line/field or URL it concerns, and says
+//! its own exit code ([`crate::exit`]); this module wraps them and depends on them, never the
+//! reverse.
 
-/// Process exit codes (README "Exit codes"). Stable: scripts depend on them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ExitCode {
-    Ok = 0,
-    /// A bug or an unexpected local I/O failure.
-    Internal = 1,
-    /// Bad command line, bad build spec, bad repository or tag.
-    Usage = 2,
-    /// An input artifact is missing, unreadable, or for the wrong architecture.
-    Input = 3,
-    /// The registry refused our credentials, or none could be found.
-    Auth = 4,
-    /// The registry or network still failed after retries.
-    Registry = 5,
-    /// The registry's TLS certificate is not trusted (unknown CA), not valid for the name
-    /// used, or expired: no retry can fix it, so it is not 5.
-    Trust = 6,
-}
+use crate::exit::ExitCode;
 
 /// Any failure of the pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -92,15 +75,17 @@ impl Error {
 
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Spec(_) | Error::Reference(_) | Error::Usage(_) => ExitCode::Usage,
-            Error::Resolve(_) => ExitCode::Usage,
+            Error::Spec(e) => e.exit_code(),
+            Error::Reference(e) => e.exit_code(),
+            Error::Resolve(e) => e.exit_code(),
+            Error::Image(e) => e.exit_code(),
+            Error::Usage(_) => ExitCode::Usage,
             Error::Init(e) => e.exit_code(),
             Error::Plan(e) => e.exit_code(),
             Error::Layer(e) => e.exit_code(),
-            Error::Image(_)
-            | Error::Io { .. }
-            | Error::OutputsAfterPush { .. }
-            | Error::UploadThreadPanicked => ExitCode::Internal,
+            Error::Io { .. } | Error::OutputsAfterPush { .. } | Error::UploadThreadPanicked => {
+                ExitCode::Internal
+            }
             Error::Registry(e) => e.exit_code(),
             Error::AttachAfterPush { .. } => ExitCode::Registry,
             Error::Base(e) => e.exit_code(),

@@ -10,7 +10,9 @@
 //! characters raw and so is not valid JSON for a label holding a newline).
 
 use crate::digest::Digest;
+use crate::exit::ExitCode;
 use crate::platform::Platform;
+use crate::spec::RuntimeConfig;
 use bytes::Bytes;
 use oci_spec::image as oci;
 use std::collections::{BTreeMap, HashMap};
@@ -85,6 +87,13 @@ pub enum ImageError {
     },
 }
 
+impl ImageError {
+    /// Assembling the config or a manifest cannot fail on valid input: a bug (1).
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::Internal
+    }
+}
+
 impl JsonBlob {
     /// Serialize `value` canonically, once.
     pub fn canonical<T: serde::Serialize>(
@@ -126,7 +135,7 @@ pub struct BuiltImage {
     pub images: Vec<PlatformImage>,
     pub index: JsonBlob,
     /// Base image layers that are not in the blob store but in a registry repository: a push
-    /// mounts or copies them there, a local build downloads them (issue 6).
+    /// mounts or copies them there, a local build downloads them.
     pub remote_layers: Vec<(crate::reference::Repository, Descriptor)>,
 }
 
@@ -141,20 +150,6 @@ impl BuiltImage {
             .cloned()
             .collect()
     }
-}
-
-/// The runtime configuration from the spec's `[config]` table.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RuntimeConfig {
-    pub entrypoint: Option<Vec<String>>,
-    pub cmd: Option<Vec<String>>,
-    pub env: BTreeMap<String, String>,
-    /// `None`: the base image's user, or [`crate::spec::DEFAULT_USER`] on scratch.
-    pub user: Option<String>,
-    pub workdir: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub exposed_ports: Vec<String>,
-    pub stop_signal: Option<String>,
 }
 
 /// A built layer as the config and manifest need it.
@@ -303,7 +298,7 @@ pub fn config(
     JsonBlob::canonical(MEDIA_TYPE_CONFIG, &value, "image config")
 }
 
-/// Make our config `ours` (JSON) inherit from the base image's config `base` (issue 6; what
+/// Make our config `ours` (JSON) inherit from the base image's config `base` (what
 /// `docker build` does for `FROM`, and ko/crane for a base image):
 /// - `Env`: the base's variables in their order, ours replacing a base variable of the same
 ///   name in place, new ones appended;

@@ -9,7 +9,7 @@
 //! The spec is text written from a template (so it can carry comments); tests parse it with
 //! [`crate::spec::parse`]. An existing spec is never overwritten.
 
-use crate::ExitCode;
+use crate::exit::ExitCode;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]

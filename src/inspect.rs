@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::image::{ANNOTATION_BASE_DIGEST, ANNOTATION_BASE_NAME, ANNOTATION_REF_NAME};
 use crate::progress::Progress;
 use crate::reference::{ImageRef, RefTarget};
-use crate::registry::PushOptions;
+use crate::registry::RegistryOptions;
 use crate::registry::pull::Puller;
 use crate::supply::Kind;
 use bytes::Bytes;
@@ -70,7 +70,11 @@ enum Source {
 }
 
 impl Source {
-    async fn open(text: &str, opts: &PushOptions, progress: &dyn Progress) -> Result<Self, Error> {
+    async fn open(
+        text: &str,
+        opts: &RegistryOptions,
+        progress: &dyn Progress,
+    ) -> Result<Self, Error> {
         if let Some(rest) = text.strip_prefix("oci:") {
             let (dir, tag) = match rest.rsplit_once(':') {
                 Some((d, t)) if !d.is_empty() && crate::reference::validate_tag(t).is_ok() => {
@@ -226,7 +230,7 @@ fn platform_name(p: &Value) -> String {
 /// Read `reference` and everything `inspect` reports.
 pub fn inspect(
     reference: &str,
-    opts: &PushOptions,
+    opts: &RegistryOptions,
     progress: &dyn Progress,
 ) -> Result<Inspection, Error> {
     runtime()?.block_on(async {
@@ -314,7 +318,7 @@ pub fn document(
     reference: &str,
     platform: &str,
     kind: Kind,
-    opts: &PushOptions,
+    opts: &RegistryOptions,
     progress: &dyn Progress,
 ) -> Result<Bytes, Error> {
     let report = inspect(reference, opts, progress)?;

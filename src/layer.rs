@@ -69,10 +69,10 @@ pub enum LayerError {
 impl LayerError {
     /// A source that cannot be read or changed is the user's input (3); a blob that cannot be
     /// written (a full disk, a read-only store) is a local failure (1), not the input's fault.
-    pub fn exit_code(&self) -> crate::error::ExitCode {
+    pub fn exit_code(&self) -> crate::exit::ExitCode {
         match self {
-            LayerError::Read { .. } | LayerError::Changed { .. } => crate::error::ExitCode::Input,
-            LayerError::Write { .. } => crate::error::ExitCode::Internal,
+            LayerError::Read { .. } | LayerError::Changed { .. } => crate::exit::ExitCode::Input,
+            LayerError::Write { .. } => crate::exit::ExitCode::Internal,
         }
     }
 }
@@ -354,7 +354,7 @@ pub(crate) mod tests {
                 matches!(&err, LayerError::Changed { planned: p, path } if *p == planned && path.ends_with("f")),
                 "planned {planned}: {err}"
             );
-            assert_eq!(err.exit_code(), crate::error::ExitCode::Input);
+            assert_eq!(err.exit_code(), crate::exit::ExitCode::Input);
             // Nothing is left in the store: no blob, no temporary file.
             let left = std::fs::read_dir(dir.path().join("blobs/sha256"))
                 .unwrap()

@@ -24,6 +24,7 @@ pub mod deploy;
 pub mod digest;
 pub mod docker_archive;
 pub mod error;
+pub mod exit;
 pub mod gitref;
 pub mod image;
 pub mod init;
@@ -50,4 +51,5 @@ pub mod store;
 pub mod supply;
 pub mod untrusted;
 
-pub use error::{Error, ExitCode};
+pub use error::Error;
+pub use exit::ExitCode;

@@ -18,7 +18,7 @@ use imgbuild::output::Outputs;
 use imgbuild::pipeline::BuildOptions;
 use imgbuild::progress::{self, Progress, Verbosity};
 use imgbuild::reference::{Repository, validate_tag};
-use imgbuild::registry::{AwsOptions, Credentials, PushOptions, RetryPolicy, Secret};
+use imgbuild::registry::{AwsOptions, Credentials, RegistryOptions, RetryPolicy, Secret};
 use imgbuild::spec::{self, Spec};
 use imgbuild::{Error, ExitCode, run};
 use std::collections::BTreeMap;
@@ -213,11 +213,11 @@ fn inspect(args: &cli::InspectArgs) -> Result<()> {
             password: Secret::new(password.trim_end_matches(['\n', '\r']).to_string()),
         });
     }
-    let opts = PushOptions {
+    let opts = RegistryOptions {
         insecure_registries: args.insecure_registries.clone(),
         ca_certs: args.ca_certs.clone(),
         credentials,
-        ..PushOptions::default()
+        ..RegistryOptions::default()
     };
     let progress = progress::Silent;
     use imgbuild::supply::Kind;
@@ -264,7 +264,7 @@ fn build(args: &BuildArgs) -> Result<()> {
     let mut req = run::BuildRequest {
         image,
         // Reaching base image registries: like push, without --username.
-        pull: PushOptions {
+        pull: RegistryOptions {
             insecure_registries: args.insecure_registries.clone(),
             ca_certs: args.ca_certs.clone(),
             jobs: usize::from(c.jobs),
@@ -274,7 +274,7 @@ fn build(args: &BuildArgs) -> Result<()> {
                 base_delay: Duration::from_millis(args.retry_base_ms),
                 deadline: Duration::from_secs(args.deadline),
             },
-            ..PushOptions::default()
+            ..RegistryOptions::default()
         },
         layout,
         tarball: args.tarball.clone(),
@@ -375,7 +375,7 @@ fn push_request(
     image.supply = supply_options(c, true);
     let req = run::PushRequest {
         image,
-        push: PushOptions {
+        push: RegistryOptions {
             jobs: usize::from(c.jobs),
             insecure_registries: args.insecure_registries.clone(),
             ca_certs: args.ca_certs.clone(),
@@ -393,7 +393,7 @@ fn push_request(
                 base_delay: Duration::from_millis(args.retry_base_ms),
                 deadline: Duration::from_secs(args.deadline),
             },
-            ..PushOptions::default()
+            ..RegistryOptions::default()
         },
         repository,
     };
@@ -517,7 +517,7 @@ fn copy(args: &CopyArgs) -> Result<()> {
         source_opts: src,
         destination_opts: dst,
     };
-    let copied = imgbuild::copy::copy(&req, progress.as_ref())?;
+    let copied = imgbuild::copy::copy(&req, progress.as_ref()).map_err(Error::from)?;
     println!("{}", copied.image_ref);
     Ok(())
 }
@@ -531,7 +531,7 @@ fn tag(args: &TagArgs) -> Result<()> {
         tags: args.tags.clone(),
         opts: remote_options(r, false)?,
     };
-    let tagged = imgbuild::copy::tag(&req, progress.as_ref())?;
+    let tagged = imgbuild::copy::tag(&req, progress.as_ref()).map_err(Error::from)?;
     println!("{}", tagged.image_ref);
     Ok(())
 }
@@ -541,9 +541,9 @@ fn remote_progress(r: &RemoteArgs) -> Box<dyn Progress> {
 }
 
 /// Push's connection options from `copy`/`tag` flags.
-fn remote_options(r: &RemoteArgs, create_repository: bool) -> Result<PushOptions> {
+fn remote_options(r: &RemoteArgs, create_repository: bool) -> Result<RegistryOptions> {
     let credentials = read_password(r.username.as_deref(), r.password_stdin)?;
-    Ok(PushOptions {
+    Ok(RegistryOptions {
         jobs: usize::from(r.jobs),
         insecure_registries: r.insecure_registries.clone(),
         ca_certs: r.ca_certs.clone(),
@@ -560,7 +560,7 @@ fn remote_options(r: &RemoteArgs, create_repository: bool) -> Result<PushOptions
             base_delay: Duration::from_millis(r.retry_base_ms),
             deadline: Duration::from_secs(r.deadline),
         },
-        ..PushOptions::default()
+        ..RegistryOptions::default()
     })
 }
 

@@ -1,4 +1,4 @@
-//! Build and push at the same time (issue 4 "overlap"): each layer blob is uploaded as soon as
+//! Build and push at the same time (README "Speed": overlap): each layer blob is uploaded as soon as
 //! it is in the store, while other layers are still being compressed.
 //!
 //! The pipeline already announces every finished layer ([`Event::LayerBuilt`], built or taken

@@ -30,7 +30,7 @@ pub struct BuildOptions {
     pub layer: LayerOptions,
     /// How many layers to compress at once.
     pub jobs: usize,
-    /// The layer cache (issue 4); None with `--no-cache`.
+    /// The layer cache; None with `--no-cache`.
     pub cache: Option<LayerCache>,
     /// Each platform's base image, resolved (`base::resolve`); platforms not here are scratch.
     pub bases: BTreeMap<Platform, ResolvedBase>,
@@ -114,7 +114,7 @@ pub fn build_with_plan(
     annotations.extend(spec.annotations.clone());
     annotations.extend(opts.annotations.clone());
 
-    // Base layers come first, exactly as the base lists them (issue 6).
+    // Base layers come first, exactly as the base lists them (its diff_ids must match).
     let remote_layers = base::collect_layers(&opts.bases, store)?;
     let mut images = Vec::new();
     for pp in &plan.platforms {

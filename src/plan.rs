@@ -5,12 +5,12 @@
 //! Only metadata and ELF headers are read here; file contents are read once, later, while the
 //! layer is tarred, compressed and hashed.
 //!
-//! Normalisation for reproducibility (issue 2): modes are not taken verbatim from the host
+//! Normalisation for reproducibility (same inputs, same digest on any machine): modes are not taken verbatim from the host
 //! (umask and checkout tools differ) but as 0755 when any execute bit is set and 0644
 //! otherwise, unless the spec gives `mode`; directories are 0755, symlinks 0777; owners come
 //! from the spec (default 0:0), never from the host.
 
-use crate::error::ExitCode;
+use crate::exit::ExitCode;
 use crate::platform::{Platform, elf_machine_name};
 use crate::spec::{FileSpec, Location, Spec};
 use object::read::elf::{FileHeader, ProgramHeader};

@@ -1,6 +1,7 @@
 //! Repository names and tags (distribution-spec spec.md "Pulling manifests": `<name>` and
 //! `<reference>` grammars), parsed with oci-spec's reference grammar, which is Docker's.
 
+use crate::exit::ExitCode;
 use oci_spec::distribution::Reference;
 use std::fmt;
 
@@ -24,6 +25,13 @@ pub enum ReferenceError {
         "invalid tag {input:?}: a tag is 1 to 128 characters of letters, digits, '_', '.' and '-', not starting with '.' or '-'"
     )]
     Tag { input: String },
+}
+
+impl ReferenceError {
+    /// A malformed repository or tag is a usage error (2).
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::Usage
+    }
 }
 
 impl Repository {
@@ -99,8 +107,8 @@ pub enum RefTarget {
     Digest(crate::digest::Digest),
 }
 
-/// A pullable image reference: `REGISTRY/PATH:TAG`, `REGISTRY/PATH@sha256:...` (issue 6: base
-/// images). As docker and crane do, a name without a registry host means Docker Hub
+/// A pullable image reference: `REGISTRY/PATH:TAG`, `REGISTRY/PATH@sha256:...` (base
+/// images, `inspect`, `copy`). As docker and crane do, a name without a registry host means Docker Hub
 /// (`alpine` -> `docker.io/library/alpine`), no tag means `latest`, and `NAME:TAG@DIGEST`
 /// means the digest (the tag is informational).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -16,6 +16,7 @@
 //! What a reference becomes depends on the key it is the value of, so Helm charts that split
 //! the image into fields work too ([`Form`]).
 
+use crate::exit::ExitCode;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 
@@ -49,6 +50,13 @@ pub enum ResolveError {
     Input { path: PathBuf, message: String },
     #[error("--metadata-file {}: {message}", path.display())]
     Metadata { path: PathBuf, message: String },
+}
+
+impl ResolveError {
+    /// A reference that names no spec, or a spec it cannot read, is a usage error (2).
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::Usage
+    }
 }
 
 /// How the scalar was written; the replacement keeps the quotes.

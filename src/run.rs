@@ -16,7 +16,7 @@ use crate::overlap::{self, LayerFeed};
 use crate::pipeline::{self, BuildOptions};
 use crate::progress::{Event, Progress};
 use crate::reference::Repository;
-use crate::registry::{self, PushOptions};
+use crate::registry::{self, RegistryOptions};
 use crate::spec::{self, Spec};
 use crate::static_base;
 use crate::store::BlobStore;
@@ -47,7 +47,7 @@ pub struct ImageRequest {
 pub struct BuildRequest {
     pub image: ImageRequest,
     /// How to reach base image registries.
-    pub pull: PushOptions,
+    pub pull: RegistryOptions,
     /// The OCI image layout to write.
     pub layout: PathBuf,
     /// Also write the layout as this tar file.
@@ -63,7 +63,7 @@ pub struct BuildRequest {
 pub struct PushRequest {
     pub image: ImageRequest,
     /// How to reach the registry; `mount_sources` and `mount_from` are filled in here.
-    pub push: PushOptions,
+    pub push: RegistryOptions,
     pub repository: Repository,
 }
 
@@ -195,9 +195,9 @@ pub fn push_many(
             (store, Some(tmp))
         }
     };
-    let mut push_opts: Vec<PushOptions> = repos
+    let mut push_opts: Vec<RegistryOptions> = repos
         .iter()
-        .map(|repo| PushOptions {
+        .map(|repo| RegistryOptions {
             // Mount candidates: what the cache recorded for this registry (any of our blobs).
             mount_sources: cache.map(|c| c.all_mount_sources(repo)).unwrap_or_default(),
             // --username/--password-stdin belong to the first repository's registry.
@@ -225,7 +225,7 @@ pub fn push_many(
             })
             .collect();
     }
-    // Build on this thread; upload each layer as it is finished on another (issue 4), to
+    // Build on this thread; upload each layer as it is finished on another (overlap), to
     // every repository at once.
     let (feed, queues) = LayerFeed::fan_out(progress, repos.len());
     let (image, sessions) = std::thread::scope(|s| {
@@ -379,7 +379,7 @@ fn write_outputs(outputs: &Outputs, summary: &Summary<'_>) -> Result<(), Error> 
 /// `base`), and the base image cache, when there is a registry base and a cache directory.
 fn with_bases(
     req: &ImageRequest,
-    pull: &PushOptions,
+    pull: &RegistryOptions,
     target: Option<&str>,
     runtime: &tokio::runtime::Runtime,
     progress: &dyn Progress,

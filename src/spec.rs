@@ -4,7 +4,7 @@
 //! Unknown keys are errors (`deny_unknown_fields`): a typo must not silently build a
 //! different image. Every error names the file, line and column and says what to do.
 
-use crate::image::RuntimeConfig;
+use crate::exit::ExitCode;
 use crate::platform::{PLACEHOLDERS, Platform};
 use crate::reference::{ImageRef, Repository, validate_tag};
 use serde::Deserialize;
@@ -17,6 +17,21 @@ use toml::Spanned;
 /// The default image user: distroless's `nonroot` (65532), so images run as non-root unless
 /// the spec says otherwise.
 pub const DEFAULT_USER: &str = "65532:65532";
+
+/// The runtime configuration from the spec's `[config]` table, as `image` puts it into the
+/// image config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    /// `None`: the base image's user, or [`DEFAULT_USER`] on scratch.
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub exposed_ports: Vec<String>,
+    pub stop_signal: Option<String>,
+}
 
 /// A label or annotation value larger than this is refused: registries cap manifest size
 /// (4 MiB in distribution) and huge values are nearly always a mistake.
@@ -49,7 +64,14 @@ pub enum SpecError {
     Invalid { at: Location, message: String },
 }
 
-/// What `base` names (issue 6).
+impl SpecError {
+    /// A spec that cannot be read or is invalid is the caller's to fix (2).
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::Usage
+    }
+}
+
+/// What `base` names (README "Base images").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Base {
     /// No base: the image holds only our layers.

@@ -18,7 +18,7 @@
 
 use crate::compress::{Codec, Compression, Encoder};
 use crate::digest::{Digest, HashingWriter};
-use crate::error::ExitCode;
+use crate::exit::ExitCode;
 use crate::image::Descriptor;
 use crate::platform::Platform;
 use crate::store::BlobStore;

@@ -141,7 +141,7 @@ impl BlobWriter {
     /// Finish the blob: flush, rename to its digest, return (digest, size).
     /// A file already under that name is replaced (atomically, by the rename): these bytes
     /// are known to hash to the digest, the old file only claims to (it may be a corrupted
-    /// cache entry, issue 4). Readers that opened the old file keep reading it.
+    /// cache entry). Readers that opened the old file keep reading it.
     pub fn commit(self) -> io::Result<(Digest, u64)> {
         let (buf, digest, size) = self.inner.finish();
         let tmp = buf.into_inner().map_err(|e| e.into_error())?;
@@ -150,7 +150,7 @@ impl BlobWriter {
         self.store.lease(&digest)?;
         tmp.persist(&dest).map_err(|e| e.error)?;
         // tempfile creates 0600; a blob is not a secret, give it the umask's default
-        // like any other file we write (issue 5: never world-writable, never narrower).
+        // like any other file we write (never world-writable, never narrower).
         set_default_file_mode(&dest)?;
         Ok((digest, size))
     }
@@ -167,7 +167,7 @@ impl Write for BlobWriter {
 
 /// Create (or truncate) `path` for writing with mode 0644 before the umask, as Go tools (ko,
 /// crane) do: the umask can narrow it, but no umask makes a file we write group- or
-/// world-writable (issue #5 "Security").
+/// world-writable (README "Limits and untrusted input").
 pub fn create_file(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()

@@ -9,7 +9,7 @@
 //! moto, LocalStack) requests use path-style addressing, which those servers expect.
 
 use super::ContextError;
-use crate::error::ExitCode;
+use crate::exit::ExitCode;
 use aws_sdk_s3::config::Region;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectError;

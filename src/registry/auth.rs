@@ -10,14 +10,14 @@
 //! (`docs/spec/auth/oauth.md`).
 //!
 //! Credentials come from, in order: `--username/--password-stdin` ([`Credentials`] in
-//! `PushOptions`), then the docker config (`auths`, `credHelpers`, `credsStore`, through the
+//! `RegistryOptions`), then the docker config (`auths`, `credHelpers`, `credsStore`, through the
 //! `docker_credential` crate). They are looked up only when a registry asks for them.
 //!
 //! Secrets live in [`Secret`], whose `Debug` and `Display` print `<redacted>`, so no log line,
 //! error or `{:?}` can show them.
 
 use super::ecr::{EcrError, EcrRegistry};
-use super::{PushOptions, RegistryError};
+use super::{RegistryError, RegistryOptions};
 use base64::Engine as _;
 use reqwest::Url;
 use reqwest::header::HeaderValue;
@@ -362,18 +362,21 @@ pub(crate) struct Auth {
     insecure: Vec<String>,
     timeout: Duration,
     resolved: tokio::sync::OnceCell<Result<Resolved, EcrError>>,
-    /// Set when the registry is Amazon ECR: its token replaces the docker config (issue 3).
+    /// Set when the registry is Amazon ECR: its token replaces the docker config.
     ecr: Option<Arc<EcrRegistry>>,
     /// Whether the resolved credential is an ECR token (not a docker config fallback).
     ecr_in_use: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
     refresh: tokio::sync::Mutex<()>,
+    /// What re-authentication did since the last [`Auth::take_notices`], for `-v` (the
+    /// request path has no progress sink; `Client::retry` passes these on).
+    notices: Mutex<Vec<String>>,
 }
 
 impl Auth {
-    pub(crate) fn new(registry: &str, path: &str, opts: &PushOptions) -> Self {
+    pub(crate) fn new(registry: &str, path: &str, opts: &RegistryOptions) -> Self {
         // Cross-repository mounts need pull access to the source too, in the same token
-        // (token spec "Requesting a Token": several scopes; issue 6).
+        // (token spec "Requesting a Token": several scopes).
         let mut scope = format!("repository:{path}:pull,push");
         for from in opts.mount_from.iter().filter(|f| *f != path) {
             scope.push_str(&format!(" repository:{from}:pull"));
@@ -395,7 +398,20 @@ impl Auth {
                 basic_override: None,
             }),
             refresh: tokio::sync::Mutex::new(()),
+            notices: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The re-authentications since the last call (one line each, no secrets).
+    pub(crate) fn take_notices(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notices.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn notice(&self, line: String) {
+        self.notices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(line);
     }
 
     /// The credential for this registry, looked up once, off the async threads (a credential
@@ -547,9 +563,15 @@ impl Auth {
                     if let Some(ecr) = &self.ecr
                         && let Some(fresh) = ecr.refresh().await?
                     {
-                        let mut state = self.state();
-                        state.basic_override = Some(fresh);
-                        state.generation += 1;
+                        {
+                            let mut state = self.state();
+                            state.basic_override = Some(fresh);
+                            state.generation += 1;
+                        }
+                        self.notice(format!(
+                            "re-authenticated to {}: it refused the ECR token; got a new one (GetAuthorizationToken)",
+                            self.registry
+                        ));
                         return Ok(true);
                     }
                     return Ok(false);
@@ -568,10 +590,24 @@ impl Auth {
                 let token = self
                     .fetch_token(http, realm, service.as_deref(), resolved)
                     .await?;
-                let mut state = self.state();
-                state.tokens.insert(self.scope.clone(), token);
-                state.scheme = scheme;
-                state.generation += 1;
+                let shown_realm = Url::parse(realm)
+                    .map(|u| super::client::display_url(&u))
+                    .unwrap_or_default();
+                let renewed = {
+                    let mut state = self.state();
+                    let renewed = state.tokens.insert(self.scope.clone(), token).is_some();
+                    state.scheme = scheme;
+                    state.generation += 1;
+                    renewed
+                };
+                // A 401 to a token we had (it expired, or was revoked): token spec "a client
+                // should request a new token"; say so at -v.
+                if renewed {
+                    self.notice(format!(
+                        "re-authenticated to {}: it refused the Bearer token (expired or revoked); got a new one from {shown_realm}",
+                        self.registry
+                    ));
+                }
                 Ok(true)
             }
             Scheme::Anonymous => Ok(false),
@@ -833,9 +869,9 @@ mod tests {
             format!("{:?}", Credential::IdentityToken(Secret::new("hunter2"))),
             format!(
                 "{:?}",
-                PushOptions {
+                RegistryOptions {
                     credentials: Some(creds.clone()),
-                    ..PushOptions::default()
+                    ..RegistryOptions::default()
                 }
             ),
         ];
@@ -846,7 +882,7 @@ mod tests {
         assert_eq!(creds.password.expose(), "hunter2");
     }
 
-    /// A push that mounts from other repositories asks one token for all of them (issue 6).
+    /// A push that mounts from other repositories asks one token for all of them.
     #[test]
     fn scopes_include_mount_sources() {
         let cases: &[(&[&str], &str)] = &[
@@ -857,9 +893,9 @@ mod tests {
             ),
         ];
         for (from, want) in cases {
-            let opts = PushOptions {
+            let opts = RegistryOptions {
                 mount_from: from.iter().map(|s| s.to_string()).collect(),
-                ..PushOptions::default()
+                ..RegistryOptions::default()
             };
             assert_eq!(Auth::new("r.example.com", "team/app", &opts).scope, *want);
         }

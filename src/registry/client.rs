@@ -5,7 +5,7 @@
 //! token and retry").
 
 use super::auth::{self, Auth};
-use super::{PushOptions, RegistryError};
+use super::{RegistryError, RegistryOptions};
 use crate::progress::{Event, Progress};
 use crate::reference::{Repository, host_of};
 use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -36,7 +36,7 @@ pub(crate) struct Client {
 ///   would cut off any upload slower than the timeout.
 /// - Redirects: at most 10; never from https to http. reqwest itself drops `Authorization`
 ///   when a redirect leaves the origin (blob GETs are redirected to object storage).
-pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, RegistryError> {
+pub(crate) fn build_http(opts: &RegistryOptions) -> Result<reqwest::Client, RegistryError> {
     // Another part of the process may have installed a provider already; either is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = Vec::new();
@@ -75,16 +75,35 @@ pub(crate) fn build_http(opts: &PushOptions) -> Result<reqwest::Client, Registry
         })
 }
 
+/// A redirect we do not follow (the error the redirect policy hands reqwest).
+#[derive(Debug)]
+pub(crate) enum RedirectRefusal {
+    /// From https to this plain-http URL.
+    Downgrade(Url),
+    TooMany,
+}
+
+impl std::fmt::Display for RedirectRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedirectRefusal::Downgrade(_) => f.write_str("a redirect from https to plain http"),
+            RedirectRefusal::TooMany => f.write_str("too many redirects"),
+        }
+    }
+}
+
+impl std::error::Error for RedirectRefusal {}
+
 /// Why a redirect to `next` after visiting `previous` must not be followed, if it must not:
 /// from https to plain http (it would expose the request, and the token it may carry, to the
-/// network; issue #5 "Security"), or more than 10 hops. Dropping `Authorization` when the
-/// redirect leaves the origin is reqwest's own rule (tested end to end in tests/it/faults.rs).
-pub(crate) fn redirect_refusal(previous: &[Url], next: &Url) -> Option<&'static str> {
+/// network), or more than 10 hops. Dropping `Authorization` when the redirect leaves the
+/// origin is reqwest's own rule (both tested end to end: tests/it/faults.rs, tests/it/lies.rs).
+pub(crate) fn redirect_refusal(previous: &[Url], next: &Url) -> Option<RedirectRefusal> {
     let downgrade = previous.iter().any(|p| p.scheme() == "https") && next.scheme() != "https";
     if downgrade {
-        Some("refusing a redirect from https to plain http")
+        Some(RedirectRefusal::Downgrade(next.clone()))
     } else if previous.len() >= 10 {
-        Some("too many redirects")
+        Some(RedirectRefusal::TooMany)
     } else {
         None
     }
@@ -133,7 +152,7 @@ impl Client {
     /// otherwise (e.g. wrong credentials, or a web page that is not a registry).
     pub(crate) async fn connect(
         repo: &Repository,
-        opts: &PushOptions,
+        opts: &RegistryOptions,
         progress: &dyn Progress,
     ) -> Result<Client, RegistryError> {
         let http = build_http(opts)?;
@@ -206,18 +225,30 @@ impl Client {
         self.timeout
     }
 
-    /// Run `op` under this push's retry policy (see [`super::retry`]).
+    /// Run `op` under this push's retry policy (see [`super::retry`]); after each attempt,
+    /// say at `-v` whether the requests had to re-authenticate.
     pub(crate) async fn retry<T, F, Fut>(
         &self,
         what: &str,
         progress: &dyn Progress,
-        op: F,
+        mut op: F,
     ) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, RegistryError>>,
     {
-        self.retrier.run(what, progress, op).await
+        self.retrier
+            .run(what, progress, || {
+                let attempt = op();
+                async move {
+                    let result = attempt.await;
+                    for line in self.auth.take_notices() {
+                        progress.event(Event::Debug(&line));
+                    }
+                    result
+                }
+            })
+            .await
     }
 
     /// An absolute path on the registry, e.g. `/v2/`.
@@ -376,9 +407,16 @@ pub(crate) fn transport_error(url: &Url, e: reqwest::Error, timeout: Duration) -
             secs: timeout.as_secs(),
         }
     } else if e.is_redirect() {
-        RegistryError::Insecure {
-            url: shown,
-            reason: root_cause(&e),
+        // Name where the redirect wanted to go (reqwest's error names where it came from).
+        match find_in_chain::<RedirectRefusal>(&e) {
+            Some(RedirectRefusal::Downgrade(to)) => RegistryError::Insecure {
+                url: display_url(to),
+                reason: "a redirect from https to plain http".into(),
+            },
+            _ => RegistryError::Insecure {
+                url: shown,
+                reason: root_cause(&e),
+            },
         }
     } else if let Some(tls) = tls_error(&e) {
         let (certificate, advice) = tls_advice(&tls, url);
@@ -405,6 +443,20 @@ pub(crate) fn transport_error(url: &Url, e: reqwest::Error, timeout: Duration) -
             cause: std::sync::Arc::new(e),
         }
     }
+}
+
+/// The first error of type `T` in the source chain.
+fn find_in_chain<'e, T: std::error::Error + 'static>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = err.source();
+    }
+    None
 }
 
 /// Was the connection refused (an io::Error of that kind anywhere in the chain)?

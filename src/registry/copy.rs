@@ -14,7 +14,7 @@
 use super::client::{Client, display_url, is_html, unexpected};
 use super::pull::{MANIFEST_ACCEPT, Puller, read_limited};
 use super::upload::{Mount, mount};
-use super::{PushOptions, RegistryError};
+use super::{RegistryError, RegistryOptions};
 use crate::digest::Digest;
 use crate::image::Descriptor;
 use crate::progress::{Event, Progress};
@@ -73,7 +73,7 @@ impl Endpoint {
     /// from (their pull access goes into the token's scope).
     pub async fn connect(
         repo: &Repository,
-        opts: &PushOptions,
+        opts: &RegistryOptions,
         progress: &dyn Progress,
     ) -> Result<Endpoint, RegistryError> {
         Ok(Endpoint {
@@ -316,7 +316,7 @@ impl Endpoint {
 /// (`--create-repository`; a missing repository named with the command that creates it).
 pub async fn with_repository<T, F, Fut>(
     repo: &Repository,
-    opts: &PushOptions,
+    opts: &RegistryOptions,
     progress: &dyn Progress,
     op: F,
 ) -> Result<T, RegistryError>

@@ -1,6 +1,6 @@
 //! Amazon ECR: registry host recognition, credentials from the AWS default chain (plus an
 //! optional role assumed on top), `ecr:GetAuthorizationToken` with an in-memory token cache,
-//! and create-on-push (issue 3).
+//! and create-on-push (README "Amazon ECR").
 //!
 //! - Hosts: `<account>.dkr.ecr[-fips].<region>.<suffix>` and the dual-stack
 //!   `<account>.dkr-ecr[-fips].<region>.on.aws` (the forms amazon-ecr-credential-helper
@@ -161,8 +161,8 @@ pub enum EcrError {
 impl EcrError {
     /// The process exit code: 4 for missing or refused credentials, 5 for the network or AWS
     /// failing (README "Exit codes").
-    pub fn exit_code(&self) -> crate::error::ExitCode {
-        use crate::error::ExitCode;
+    pub fn exit_code(&self) -> crate::exit::ExitCode {
+        use crate::exit::ExitCode;
         match self {
             EcrError::NoCredentials { .. }
             | EcrError::Credentials { .. }
@@ -310,7 +310,7 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// `imgbuild-<short id>`: unique per run, so CloudTrail tells runs apart (issue 3).
+/// `imgbuild-<short id>`: unique per run, so CloudTrail tells runs apart.
 fn session_name() -> String {
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -907,7 +907,7 @@ mod tests {
 
     #[test]
     fn errors_are_one_line_with_exit_codes() {
-        use crate::error::ExitCode;
+        use crate::exit::ExitCode;
         let cases = [
             (
                 EcrError::NoCredentials {
@@ -954,7 +954,7 @@ mod tests {
     #[tokio::test]
     async fn debug_redacts_tokens() {
         let registry = "123456789012.dkr.ecr.eu-north-1.amazonaws.com:1";
-        let opts = super::super::PushOptions {
+        let opts = super::super::RegistryOptions {
             aws: AwsOptions {
                 role_arn: Some("arn:aws:iam::123456789012:role/r".into()),
                 ..AwsOptions::default()
@@ -963,7 +963,7 @@ mod tests {
                 username: "AWS".into(),
                 password: Secret::new("explicit-hunter2"),
             }),
-            ..super::super::PushOptions::default()
+            ..super::super::RegistryOptions::default()
         };
         let ecr = EcrRegistry::shared(registry, &opts.aws).expect("an ECR host");
         let now = SystemTime::now();
@@ -1018,7 +1018,7 @@ mod tests {
             assert!(e.to_string().contains(want), "{registry} {status}: {e}");
             assert_eq!(calls, 1, "pushed once");
             if want == "--create-repository" {
-                assert_eq!(e.exit_code(), crate::error::ExitCode::Usage);
+                assert_eq!(e.exit_code(), crate::exit::ExitCode::Usage);
                 assert!(e.to_string().contains("--region us-west-2"), "{e}");
             }
         }

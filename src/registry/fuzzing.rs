@@ -1,4 +1,4 @@
-//! Entry points for fuzzing the parsers that read untrusted text (issue #5 "Fuzz"): the build
+//! Entry points for fuzzing the parsers that read untrusted text: the build
 //! spec, and what a registry sends back (`WWW-Authenticate` challenges, error bodies, upload
 //! `Location`s, `Retry-After`). The cargo-fuzz targets in `fuzz/` call these; so does a
 //! bounded, seeded property test below, so that CI covers them without a nightly toolchain.

@@ -34,7 +34,7 @@ pub use resolve::{ResolveOverride, ResolveParseError};
 pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
-use crate::error::ExitCode;
+use crate::exit::ExitCode;
 use crate::image::BuiltImage;
 use crate::progress::Progress;
 use crate::reference::Repository;
@@ -43,10 +43,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How to reach and authenticate to the registry.
+/// How to reach and authenticate to a registry, in either direction: pushing, and pulling
+/// (base images, `inspect`, the source of `copy`). The mount fields matter only to uploads.
 #[derive(Debug, Clone)]
-pub struct PushOptions {
-    /// Blob uploads at once (at least 1).
+pub struct RegistryOptions {
+    /// Blob transfers (uploads, base layer downloads) at once (at least 1).
     pub jobs: usize,
     /// Hosts (`HOST` = any port, or `HOST:PORT`) that may be reached over plain http when https
     /// fails. Loopback hosts always may.
@@ -62,10 +63,10 @@ pub struct PushOptions {
     pub timeout: Duration,
     pub user_agent: String,
     /// Other repositories of the same registry known to hold a blob (from the layer cache's
-    /// push records): tried as cross-repo mounts before uploading (issue 4).
+    /// push records): tried as cross-repo mounts before uploading.
     pub mount_sources: HashMap<Digest, Vec<String>>,
-    /// Other repositories on the target registry that blobs are mounted from (base images,
-    /// issue 6): the token asks for pull access to them too. Filled in by the caller (`run::push`).
+    /// Other repositories on the target registry that blobs are mounted from (base
+    /// images): the token asks for pull access to them too. Filled in by the caller (`run::push`).
     pub mount_from: Vec<String>,
     /// ECR: role to assume, create-on-push (used only for ECR registries).
     pub aws: AwsOptions,
@@ -75,9 +76,9 @@ pub struct PushOptions {
     pub retry: RetryPolicy,
 }
 
-impl Default for PushOptions {
+impl Default for RegistryOptions {
     fn default() -> Self {
-        PushOptions {
+        RegistryOptions {
             jobs: 4,
             insecure_registries: Vec::new(),
             credentials: None,
@@ -117,7 +118,7 @@ pub async fn push(
     store: &BlobStore,
     repo: &Repository,
     tags: &[String],
-    opts: &PushOptions,
+    opts: &RegistryOptions,
     progress: &dyn Progress,
 ) -> Result<PushReport, RegistryError> {
     let mut opts = opts.clone();
@@ -134,7 +135,7 @@ pub async fn push(
 }
 
 /// A connection to one repository that can take layer blobs as soon as they are built, while
-/// other layers still compress (issue 4 "overlap"), and then the image. The image push does
+/// other layers still compress (README "Speed": overlap), and then the image. The image push does
 /// not ask again about blobs this session already confirmed; manifests still go only after
 /// every blob of the image is confirmed. `opts.mount_from` (base repositories blobs are
 /// mounted from, for the token's scope) must be set before connecting.
@@ -142,18 +143,18 @@ pub async fn push(
 pub struct Session {
     client: client::Client,
     repo: Repository,
-    opts: PushOptions,
+    opts: RegistryOptions,
     /// Blobs confirmed in the repository by this session, and whether they were uploaded.
     done: std::sync::Mutex<HashMap<Digest, bool>>,
 }
 
 impl Session {
     /// Reach the registry and authenticate (the `/v2/` ping and challenge). With
-    /// `--create-repository`, the ECR repository is made sure of first (issue 3), so that
+    /// `--create-repository`, the ECR repository is made sure of first, so that
     /// layers pushed while the build runs have a repository to go to.
     pub async fn connect(
         repo: &Repository,
-        opts: &PushOptions,
+        opts: &RegistryOptions,
         progress: &dyn Progress,
     ) -> Result<Self, RegistryError> {
         if opts.aws.create_repository {
@@ -201,9 +202,9 @@ impl Session {
         Ok(())
     }
 
-    /// Push the base layers not in the store (mounted or copied, issue 6), what of `image`
+    /// Push the base layers not in the store (mounted or copied), what of `image`
     /// is not confirmed yet, then manifests, the index and `tags`. On ECR, a missing
-    /// repository is reported (issue 3; with `--create-repository` it was created by
+    /// repository is reported (with `--create-repository` it was created by
     /// `connect`).
     pub async fn push_image(
         &self,
@@ -475,7 +476,7 @@ mod tests {
         image: &BuiltImage,
         store: &BlobStore,
         repo: &Repository,
-        opts: &PushOptions,
+        opts: &RegistryOptions,
         progress: &dyn Progress,
     ) {
         fn assert_send<T: Send>(_: &T) {}

@@ -1,4 +1,4 @@
-//! The pull side of a registry (issue 6, base images): manifests by tag or digest, blobs
+//! The pull side of a registry (base images, `inspect`): manifests by tag or digest, blobs
 //! verified while they stream, and moving a base image's layers to the target repository —
 //! cross-repository mount on the same registry, a streamed copy between registries.
 //!
@@ -9,7 +9,7 @@
 
 use super::client::{Client, display_url, is_html, unexpected};
 use super::upload::{Mount, blob_exists, mount, start_upload};
-use super::{PushOptions, RegistryError};
+use super::{RegistryError, RegistryOptions};
 use crate::digest::{Digest, StreamHasher};
 use crate::image::Descriptor;
 use crate::progress::{Event, Progress};
@@ -53,7 +53,7 @@ impl Puller {
     /// token asked for is `repository:<path>:pull,push`, which token servers narrow to pull).
     pub async fn connect(
         repo: &Repository,
-        opts: &PushOptions,
+        opts: &RegistryOptions,
         progress: &dyn Progress,
     ) -> Result<Puller, RegistryError> {
         Ok(Puller {
@@ -273,7 +273,7 @@ impl Puller {
                     if !response.status().is_success() || is_html(response.headers()) {
                         return Err(unexpected(&url, response).await);
                     }
-                    // Confirmed like our own blobs before a manifest names it (upload.rs, #5).
+                    // Confirmed like our own blobs before a manifest names it (upload.rs: a 201 is not proof).
                     if !blob_exists(target, &desc.digest).await? {
                         return Err(RegistryError::BlobMissing {
                             url: display_url(&target.repo_url(&format!("blobs/{}", desc.digest))),
@@ -376,7 +376,7 @@ pub(crate) async fn transfer_base_layers(
     target: &Client,
     target_repo: &Repository,
     image: &crate::image::BuiltImage,
-    opts: &PushOptions,
+    opts: &RegistryOptions,
     progress: &dyn Progress,
 ) -> Result<(), RegistryError> {
     let mut seen = std::collections::HashSet::new();
@@ -422,7 +422,7 @@ pub(crate) async fn transfer_base_layers(
 #[derive(Debug)]
 struct Source {
     repo: Repository,
-    opts: PushOptions,
+    opts: RegistryOptions,
     puller: tokio::sync::OnceCell<Puller>,
 }
 

@@ -1,7 +1,7 @@
 //! `--resolve HOST:PORT:ADDR[,ADDR...]`: reach a registry host name at given addresses without
 //! DNS, curl's convention (curl(1) `--resolve`). TLS is still verified against HOST: only the
 //! address lookup changes (reqwest `ClientBuilder::resolve_to_addrs`). Users need it for
-//! split-horizon DNS; the tests use it to reach a local ECR stand-in (issue 3).
+//! split-horizon DNS; the tests use it to reach a local ECR stand-in.
 //!
 //! reqwest resolves names without ports, so the override applies to HOST whatever port a URL
 //! names; PORT is still required (curl's syntax) and the connection goes to the URL's port.

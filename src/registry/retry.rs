@@ -1,5 +1,5 @@
 //! The retry policy: which failures are worth another attempt, how long to wait, and when to
-//! give up (issue #5 "Faults it must survive").
+//! give up (README "When the registry or the network misbehaves").
 //!
 //! - Retried: no answer at all (connection refused or reset, EOF in the middle of a body), a
 //!   stall (nothing sent or received for `--timeout`), HTTP 408, 429 and 5xx, and a blob the

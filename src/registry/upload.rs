@@ -12,7 +12,7 @@
 //! POST with a body (docker-registry 2.8 answers 202 and drops the body, TESTBED.md), and not
 //! chunked PATCH (ECR has answered PATCHes wrongly, aws/containers-roadmap#2831).
 //!
-//! Cross-repo mount (spec.md "Mounting a blob from another repository", issue 4): when the
+//! Cross-repo mount (spec.md "Mounting a blob from another repository"): when the
 //! caller knows another repository of the same registry that has the blob (the layer cache's
 //! push records), it first asks for `POST ?mount=<digest>&from=<repo>` (`pull::mount`, shared
 //! with base layers). 201 means mounted, nothing sent; 202 means "not mounted" (ECR answers so
@@ -210,7 +210,7 @@ async fn push_blob(
             }?;
             // The PUT (or mount) said 201, but a registry (or a proxy in front of it) can lose what it
             // acknowledged; a manifest naming a missing blob would be refused or, worse, dangle.
-            // One HEAD is cheap insurance (issue #5); a loss is retried like any transient fault.
+            // One HEAD is cheap insurance; a loss is retried like any transient fault.
             if !blob_exists(client, &blob.digest).await? {
                 return Err(RegistryError::BlobMissing {
                     url: display_url(&client.repo_url(&format!("blobs/{}", blob.digest))),

@@ -1,4 +1,4 @@
-//! Base images (issue 6) with real parts: bases assembled by imgbuild itself from Debian's
+//! Base images (README "Base images") with real parts: bases assembled by imgbuild itself from Debian's
 //! busybox-static (amd64 and arm64, cached by `scripts/install-deps.sh test`), pushed to
 //! Debian's docker-registry (and re-pushed with Docker media types by `skopeo copy --format
 //! v2s2`); the results are checked with skopeo, the registry's access log, tar, qemu and the
@@ -343,7 +343,7 @@ fn docker_media_type_bases_from_another_registry_are_streamed_and_kept_as_is() {
     let source = Registry::start();
     let target = Registry::start();
     // --no-cache: the layer cache would keep this build's layers, and a base layer that is
-    // already local is pushed from there instead of streamed from the source (issue 4).
+    // already local is pushed from there instead of streamed from the source.
     push(
         ws.path(),
         "specs/base.toml",

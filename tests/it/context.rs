@@ -1,4 +1,4 @@
-//! `--context` sources and repeated `--repo` (issue 9 §4) with real parts: tarballs made here
+//! `--context` sources and repeated `--repo` (README "Build contexts") with real parts: tarballs made here
 //! (the `tar` crate, flate2, zstd; bad ones with raw headers), moto's S3 for `s3://`, Debian's
 //! docker-registry (two of them for two destinations) and skopeo to check what was pushed.
 //!

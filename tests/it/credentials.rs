@@ -1,4 +1,4 @@
-//! Registry credentials from files and helpers (issue 3): docker `config.json` (`auths`,
+//! Registry credentials from files and helpers (README "Credentials"): docker `config.json` (`auths`,
 //! `credHelpers`, `credsStore` running a real `docker-credential-<name>` program written by the
 //! test), `REGISTRY_AUTH_FILE` and podman's `$XDG_RUNTIME_DIR/containers/auth.json`, pushed to
 //! Debian's docker-registry with htpasswd; plus the ECR registry falling back to the docker

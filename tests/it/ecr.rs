@@ -1,4 +1,4 @@
-//! Amazon ECR with real parts (issue 3): moto_server answers STS and ECR on loopback (its
+//! Amazon ECR with real parts (README "Amazon ECR"): moto_server answers STS and ECR on loopback (its
 //! request recorder tells us which calls were made and with which key), and Debian's
 //! docker-registry stands in for the ECR registry: TLS for the ECR host name (throwaway CA),
 //! htpasswd user `AWS` with moto's token password, reached with `--resolve` and `--ca-cert`.

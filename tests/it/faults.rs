@@ -1,4 +1,4 @@
-//! Reliability and security of `imgbuild push` (issue #5), against the real docker-registry
+//! Reliability and security of `imgbuild push` (README "When the registry or the network misbehaves"), against the real docker-registry
 //! with the fault-injecting proxy (`proxy.rs`) in between: a push through ~1-in-5 faulted
 //! requests, permanent 5xx within the deadline, kill -9 and resume, a web page instead of a
 //! registry, a lying `Docker-Content-Digest`, Bearer tokens end to end, and no

@@ -691,6 +691,31 @@ fn run_openssl(dir: &Path, args: &[&OsStr]) {
     );
 }
 
+/// A throwaway CA and a server certificate it signed (for TLS servers of the tests other
+/// than docker-registry, e.g. the fault proxy).
+#[derive(Debug, Clone)]
+pub struct ThrowawayTls {
+    /// The CA certificate (PEM), for `--ca-cert`.
+    pub ca_cert: PathBuf,
+    /// A folder holding only `ca.crt`, for skopeo's `--cert-dir`.
+    pub cert_dir: PathBuf,
+    /// The server certificate (PEM) and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// [`make_tls`] in `base`: SANs = `hosts` + localhost + IP:127.0.0.1.
+pub fn throwaway_tls(base: &Path, hosts: &[&str]) -> ThrowawayTls {
+    let hosts: Vec<String> = hosts.iter().map(|h| (*h).to_owned()).collect();
+    let (files, cert, key) = make_tls(base, &hosts);
+    ThrowawayTls {
+        ca_cert: files.ca_cert,
+        cert_dir: files.cert_dir,
+        cert,
+        key,
+    }
+}
+
 /// Make a throwaway CA (CA:TRUE) and a leaf (CA:FALSE, EKU serverAuth, SANs) with the
 /// openssl CLI (P-256 keys: fast, and accepted by rustls and Go). Returns the TLS files,
 /// the server certificate and its key.

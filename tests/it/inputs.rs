@@ -1,4 +1,4 @@
-//! Bad and unusual input for `imgbuild push` (issue #5 "Bad input"), the cases tests/it/build.rs
+//! Bad and unusual input for `imgbuild push`, the cases tests/it/build.rs
 //! does not cover: `--jobs 0`, an over-long label, an unreadable file, a non-UTF-8 file name,
 //! a 0-byte artifact, and a file over 4 GiB. Errors are one line with the right exit code and
 //! nothing reaches the registry; the allowed cases give correct layers.
@@ -305,7 +305,7 @@ fn a_file_over_8_gib_gets_an_extended_size_header() {
 
 /// Every file and directory a build writes (layout, tarball, digest files) gets 0644/0755
 /// narrowed by the umask: a umask of 000 does not make them world-writable, 077 keeps them
-/// private (issue #5 "Security").
+/// private.
 #[test]
 fn files_written_follow_the_umask_and_are_never_world_writable() {
     let ws = workspace();

@@ -19,6 +19,7 @@ mod hostile;
 mod image;
 mod inputs;
 mod k8s;
+mod lies;
 mod newuser;
 mod promises;
 mod proxy;

@@ -1,4 +1,4 @@
-//! What a new user trips over (issue 13): tags and outputs that say what is true, `--no-tag`,
+//! What a new user trips over (README "New pipelines"): tags and outputs that say what is true, `--no-tag`,
 //! tags and timestamps from git, the docker-archive tarball loaded by the real Docker Engine,
 //! duplicate platforms, a 1777 directory, exit codes a retry wrapper can trust (a missing base
 //! is 3, a refused certificate 6), and messages that name what to fix.

@@ -1,4 +1,4 @@
-//! A fault-injecting HTTP proxy for the integration tests (issue #5): it sits between imgbuild
+//! A fault-injecting HTTP proxy for the integration tests: it sits between imgbuild
 //! and a real docker-registry and, by a seeded schedule, answers some requests itself with
 //! 5xx, 429 + `Retry-After`, a reset in the middle of the request or response body, a stall
 //! beyond the client's timeout, or a 401 on a request that carried a valid token.
@@ -15,16 +15,23 @@
 //! every request eventually passes and `--retries` bounds the run). Which fault is injected
 //! cycles through [`ProxyOpts::kinds`], so every kind shows up in a run with enough faults.
 //!
+//! It can serve TLS (`tls_hosts`: a throwaway CA, rustls) in front of the plain registry, and
+//! lie in the ways a registry can: an upload `Location` or a blob redirect to plain http, an
+//! upload session in another repository, a manifest answer without (or with another)
+//! `Docker-Content-Digest`, Bearer tokens that expire after a few seconds, and ECR's
+//! `NAME_UNKNOWN` until the repository exists in moto.
+//!
 //! Plain std: one thread per connection, one request per connection (`Connection: close` both
 //! ways), request bodies buffered (tests use small blobs).
 
+use crate::harness::{ThrowawayTls, throwaway_tls};
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// One kind of injected fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,6 +87,8 @@ pub struct ProxyOpts {
     pub wrong_digest: bool,
     /// Redirect the first blob HEAD to this origin (e.g. `http://127.0.0.2:PORT`).
     pub redirect_blob_head_to: Option<String>,
+    /// With `redirect_blob_head_to`: redirect every blob HEAD, not only the first.
+    pub redirect_every_blob_head: bool,
     /// Requests numbered from this one on (0-based) are held until the proxy is dropped.
     pub hang_from: Option<usize>,
     /// Answer this many blob-upload PUTs `201 Created` with the right digest but drop them
@@ -99,6 +108,27 @@ pub struct ProxyOpts {
     /// Read request bodies larger than 64 KiB in 64 KiB pieces, pausing this long after
     /// each: a slow link on which an upload keeps making progress.
     pub throttle: Option<Duration>,
+    /// Serve TLS with a leaf for these names (plus localhost and 127.0.0.1) signed by a
+    /// throwaway CA ([`Proxy::tls`]); plain http is then refused, as on a TLS port.
+    pub tls_hosts: Option<Vec<String>>,
+    /// Bearer mode: a token is valid this long after it was issued (`expires_in` says so),
+    /// judged when a request's head arrives, as a registry's auth middleware does.
+    pub token_ttl: Option<Duration>,
+    /// Rewrite the `Location` of every upload-session answer (POST 202) to this origin (e.g.
+    /// `http://127.0.0.2:PORT`), keeping its path and query.
+    pub upload_location_to: Option<String>,
+    /// Redirect every blob GET to this origin, keeping the path.
+    pub redirect_blob_get_to: Option<String>,
+    /// Open every upload session (POST without `mount=`) in this repository instead of the
+    /// one asked for: the `Location` names another repository, the PUT lands there.
+    pub upload_to_repo: Option<String>,
+    /// Drop `Docker-Content-Digest` from answers to manifest PUTs.
+    pub no_manifest_digest: bool,
+    /// Replace `Docker-Content-Digest` in answers to manifest PUTs (blob PUTs stay true).
+    pub wrong_manifest_digest: bool,
+    /// ECR without the repository: answer blob and manifest requests of a repository `404
+    /// NAME_UNKNOWN` until moto (this URL) says it exists (DescribeRepositories).
+    pub name_unknown_until_in_moto: Option<String>,
 }
 
 impl Default for ProxyOpts {
@@ -113,6 +143,7 @@ impl Default for ProxyOpts {
             html: false,
             wrong_digest: false,
             redirect_blob_head_to: None,
+            redirect_every_blob_head: false,
             hang_from: None,
             lose_puts: 0,
             read_rate: None,
@@ -120,6 +151,14 @@ impl Default for ProxyOpts {
             deny_manifest_puts: false,
             name_unknown: false,
             throttle: None,
+            tls_hosts: None,
+            token_ttl: None,
+            upload_location_to: None,
+            redirect_blob_get_to: None,
+            upload_to_repo: None,
+            no_manifest_digest: false,
+            wrong_manifest_digest: false,
+            name_unknown_until_in_moto: None,
         }
     }
 }
@@ -142,6 +181,8 @@ pub struct Seen {
     pub fault: Option<Fault>,
     /// When the request's head arrived.
     pub at: std::time::Instant,
+    /// It carried a Bearer token that had expired ([`ProxyOpts::token_ttl`]).
+    pub expired: bool,
 }
 
 /// One request to the token endpoint: method, Authorization header, body (the form of a POST).
@@ -162,9 +203,14 @@ struct State {
     last_was_401: HashSet<String>,
     faults: usize,
     tokens: Vec<String>,
+    /// When each token was issued.
+    issued: HashMap<String, Instant>,
     token_requests: Vec<TokenRequest>,
     redirected: bool,
     lost: usize,
+    /// Repositories moto said exist ([`ProxyOpts::name_unknown_until_in_moto`]).
+    known_repos: HashSet<String>,
+    name_unknown_answers: usize,
 }
 
 /// A running proxy on `127.0.0.1:PORT`; stops on drop.
@@ -172,16 +218,39 @@ struct State {
 pub struct Proxy {
     /// `127.0.0.1:PORT`
     pub addr: String,
+    /// The CA and certificate, when it serves TLS.
+    pub tls: Option<ThrowawayTls>,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 struct Shared {
     upstream: String,
     own: String,
     opts: ProxyOpts,
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
+}
+
+/// A rustls server configuration for `tls`'s certificate and key.
+fn server_config(tls: &ThrowawayTls) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
+        .expect("read the proxy certificate")
+        .collect::<Result<_, _>>()
+        .expect("parse the proxy certificate");
+    let key = PrivateKeyDer::from_pem_file(&tls.key).expect("read the proxy key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("the proxy's certificate and key");
+    Arc::new(config)
 }
 
 impl Proxy {
@@ -191,10 +260,20 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy addr").to_string();
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
+        let (dir, tls) = match &opts.tls_hosts {
+            Some(hosts) => {
+                let dir = tempfile::tempdir().expect("proxy TLS dir");
+                let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+                let tls = throwaway_tls(dir.path(), &hosts);
+                (Some(dir), Some(tls))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
             upstream: upstream.to_string(),
             own: addr.clone(),
             opts,
+            tls: tls.as_ref().map(server_config),
             state: Arc::clone(&state),
             stop: Arc::clone(&stop),
         });
@@ -210,7 +289,23 @@ impl Proxy {
                 });
             }
         });
-        Proxy { addr, state, stop }
+        Proxy {
+            addr,
+            tls,
+            state,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    /// Requests answered NAME_UNKNOWN ([`ProxyOpts::name_unknown_until_in_moto`]).
+    pub fn name_unknown_answers(&self) -> usize {
+        self.state.lock().unwrap().name_unknown_answers
+    }
+
+    /// The CA certificate to trust (TLS mode only).
+    pub fn ca_cert(&self) -> std::path::PathBuf {
+        self.tls.as_ref().expect("a TLS proxy").ca_cert.clone()
     }
 
     /// Every request so far.
@@ -254,7 +349,7 @@ impl Request {
     }
 }
 
-fn read_head(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+fn read_head(reader: &mut impl BufRead) -> std::io::Result<Option<Request>> {
     let mut line = String::new();
     if reader.read_line(&mut line)? == 0 {
         return Ok(None);
@@ -314,7 +409,7 @@ fn hash3(seed: u64, key: &str, n: u64) -> u64 {
     h.finish()
 }
 
-fn respond(conn: &mut TcpStream, status: u16, headers: &[(&str, String)], body: &[u8]) {
+fn respond(conn: &mut impl Write, status: u16, headers: &[(&str, String)], body: &[u8]) {
     let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     for (n, v) in headers {
         head.push_str(&format!("{n}: {v}\r\n"));
@@ -331,6 +426,8 @@ fn respond(conn: &mut TcpStream, status: u16, headers: &[(&str, String)], body: 
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
         307 => "Temporary Redirect",
         403 => "Forbidden",
         401 => "Unauthorized",
@@ -366,26 +463,122 @@ fn challenge(shared: &Shared, target: &str) -> (&'static str, String) {
         })
         .map(|name| format!(",scope=\"repository:{name}:pull,push\""))
         .unwrap_or_default();
+    let scheme = if shared.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     (
         "WWW-Authenticate",
         format!(
-            "Bearer realm=\"http://{}/token\",service=\"imgbuild-proxy\"{scope}",
+            "Bearer realm=\"{scheme}://{}/token\",service=\"imgbuild-proxy\"{scope}",
             shared.own
         ),
     )
 }
 
-fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    // The client tries https first (even on loopback): refuse a TLS handshake at once, as a
-    // plain-http registry's port would, so it falls back to http without waiting.
+/// One accepted connection, plain or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+fn handle(shared: &Shared, tcp: TcpStream) -> std::io::Result<()> {
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // The client tries https first (even on loopback): a plain proxy refuses a TLS handshake
+    // at once, as a plain-http registry's port would, so it falls back to http without
+    // waiting; a TLS proxy closes plain-http connections.
     let mut first = [0u8; 1];
-    if conn.peek(&mut first)? == 0 || first[0] == 0x16 {
+    if tcp.peek(&mut first)? == 0 || (first[0] == 0x16) != shared.tls.is_some() {
         return Ok(());
     }
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut conn = conn;
-    let Some(req) = read_head(&mut reader)? else {
+    let raw = tcp.try_clone()?;
+    let conn = match &shared.tls {
+        Some(config) => {
+            let server =
+                rustls::ServerConnection::new(Arc::clone(config)).map_err(std::io::Error::other)?;
+            Conn::Tls(Box::new(rustls::StreamOwned::new(server, tcp)))
+        }
+        None => Conn::Plain(tcp),
+    };
+    let mut reader = BufReader::new(conn);
+    let result = serve(shared, &mut reader, &raw);
+    if let Conn::Tls(s) = reader.get_mut() {
+        s.conn.send_close_notify();
+        let _ = s.flush();
+    }
+    result
+}
+
+/// Ask moto whether ECR repository `name` exists (DescribeRepositories; moto does not check
+/// signatures, the credential scope only picks the region).
+fn moto_has_repository(moto: &str, name: &str) -> bool {
+    let addr = moto.trim_start_matches("http://").trim_end_matches('/');
+    let body = format!("{{\"registryId\":\"123456789012\",\"repositoryNames\":[\"{name}\"]}}");
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/x-amz-json-1.1\r\n\
+         X-Amz-Target: AmazonEC2ContainerRegistry_V20150921.DescribeRepositories\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=AKIAPROXY/20260101/us-east-1/ecr/aws4_request, SignedHeaders=host, Signature=0\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(head.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200")
+}
+
+/// The repository name of a `/v2/<name>/(blobs|manifests)/...` target.
+fn repo_of(target: &str) -> Option<&str> {
+    let rest = target.strip_prefix("/v2/")?;
+    ["/blobs/", "/manifests/"]
+        .iter()
+        .find_map(|m| rest.find(m).map(|at| &rest[..at]))
+}
+
+/// The path and query of a `Location` value (absolute or not).
+fn path_of(location: &str) -> &str {
+    match location.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |at| &rest[at..]),
+        None => location,
+    }
+}
+
+/// Answer one request read from `reader` (answers go to `reader.get_mut()`; `raw` is the
+/// TCP socket under it, for resets).
+fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std::io::Result<()> {
+    let Some(req) = read_head(reader)? else {
         return Ok(());
     };
     let opts = &shared.opts;
@@ -397,10 +590,13 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
     let (seq, fault, valid_token) = {
         let mut st = shared.state.lock().unwrap();
         let seq = st.seen.len();
-        let valid_token = authorization
+        let presented = authorization
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "))
-            .is_some_and(|t| st.tokens.iter().any(|k| k == t));
+            .and_then(|t| st.issued.get(t));
+        let expired =
+            presented.is_some_and(|at| opts.token_ttl.is_some_and(|ttl| at.elapsed() >= ttl));
+        let valid_token = presented.is_some() && !expired;
         let mut fault = None;
         let n = {
             let c = st.occurrences.entry(key.clone()).or_default();
@@ -446,6 +642,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             authorization: authorization.clone(),
             fault,
             at: std::time::Instant::now(),
+            expired,
         });
         (seq, fault, valid_token)
     };
@@ -459,7 +656,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
     if fault == Some(Fault::ResetRequest) {
         let mut half = vec![0; req.content_length / 2];
         let _ = reader.read_exact(&mut half);
-        let _ = conn.shutdown(Shutdown::Both);
+        let _ = raw.shutdown(Shutdown::Both);
         return Ok(());
     }
     let mut body = vec![0; req.content_length];
@@ -492,7 +689,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
     if opts.html {
         let page = b"<!DOCTYPE html><html><head><title>Welcome</title></head><body>Welcome to our network. Please log in.</body></html>";
         let ct = ("Content-Type", "text/html; charset=utf-8".to_string());
-        respond(&mut conn, 200, &[ct], page);
+        respond(reader.get_mut(), 200, &[ct], page);
         return Ok(());
     }
     if is_token {
@@ -514,7 +711,12 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
             );
             if authorization.as_deref() != Some(want.as_str()) {
-                respond(&mut conn, 401, &[], b"{\"details\":\"bad credentials\"}");
+                respond(
+                    reader.get_mut(),
+                    401,
+                    &[],
+                    b"{\"details\":\"bad credentials\"}",
+                );
                 return Ok(());
             }
         }
@@ -522,17 +724,19 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             let mut st = shared.state.lock().unwrap();
             let t = format!("proxytoken-{}-{}-Zq8sEcReT", opts.seed, st.tokens.len());
             st.tokens.push(t.clone());
+            st.issued.insert(t.clone(), Instant::now());
             t
         };
-        let json = format!("{{\"token\":\"{token}\",\"expires_in\":300}}");
+        let expires_in = opts.token_ttl.map_or(300, |t| t.as_secs().max(1));
+        let json = format!("{{\"token\":\"{token}\",\"expires_in\":{expires_in}}}");
         let ct = ("Content-Type", "application/json".to_string());
-        respond(&mut conn, 200, &[ct], json.as_bytes());
+        respond(reader.get_mut(), 200, &[ct], json.as_bytes());
         return Ok(());
     }
     if opts.bearer.is_some() && !valid_token {
         let ch = challenge(shared, &req.target);
         respond(
-            &mut conn,
+            reader.get_mut(),
             401,
             &[(ch.0, ch.1)],
             b"{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"authentication required\"}]}",
@@ -543,7 +747,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         Some(Fault::Status(s)) => {
             let ct = ("Content-Type", "application/json".to_string());
             respond(
-                &mut conn,
+                reader.get_mut(),
                 s,
                 &[ct],
                 b"{\"errors\":[{\"code\":\"UNAVAILABLE\",\"message\":\"injected fault\"}]}",
@@ -557,7 +761,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
                 "1".into()
             };
             respond(
-                &mut conn,
+                reader.get_mut(),
                 429,
                 &[("Retry-After", after)],
                 b"{\"errors\":[{\"code\":\"TOOMANYREQUESTS\",\"message\":\"slow down\"}]}",
@@ -566,12 +770,12 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         }
         Some(Fault::Stall) => {
             std::thread::sleep(opts.stall);
-            let _ = conn.shutdown(Shutdown::Both);
+            let _ = raw.shutdown(Shutdown::Both);
             return Ok(());
         }
         Some(Fault::Unauthorized) => {
             let ch = challenge(shared, &req.target);
-            respond(&mut conn, 401, &[(ch.0, ch.1)], b"");
+            respond(reader.get_mut(), 401, &[(ch.0, ch.1)], b"");
             return Ok(());
         }
         _ => {}
@@ -579,17 +783,39 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
     if opts.name_unknown && req.method == "POST" && req.target.contains("/blobs/uploads/") {
         let ct = ("Content-Type", "application/json".to_string());
         respond(
-            &mut conn,
+            reader.get_mut(),
             404,
             &[ct],
             b"{\"errors\":[{\"code\":\"NAME_UNKNOWN\",\"message\":\"The repository with name 'missing/app' does not exist in the registry with id '123456789012'\"}]}",
         );
         return Ok(());
     }
+    if let Some(moto) = &opts.name_unknown_until_in_moto
+        && let Some(name) = repo_of(&req.target)
+    {
+        let known = shared.state.lock().unwrap().known_repos.contains(name);
+        if !known && !moto_has_repository(moto, name) {
+            // What ECR answers for a repository that does not exist (a HEAD has no body).
+            let body = format!(
+                "{{\"errors\":[{{\"code\":\"NAME_UNKNOWN\",\"message\":\"The repository with name '{name}' does not exist in the registry with id '123456789012'\"}}]}}"
+            );
+            let body = if req.method == "HEAD" { "" } else { &body };
+            shared.state.lock().unwrap().name_unknown_answers += 1;
+            let ct = ("Content-Type", "application/json".to_string());
+            respond(reader.get_mut(), 404, &[ct], body.as_bytes());
+            return Ok(());
+        }
+        shared
+            .state
+            .lock()
+            .unwrap()
+            .known_repos
+            .insert(name.to_string());
+    }
     if opts.deny_manifest_puts && req.method == "PUT" && req.target.contains("/manifests/") {
         let ct = ("Content-Type", "application/json".to_string());
         respond(
-            &mut conn,
+            reader.get_mut(),
             403,
             &[ct],
             b"{\"errors\":[{\"code\":\"DENIED\",\"message\":\"requested access to the resource is denied\"}]}",
@@ -604,15 +830,24 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
             let mut st = shared.state.lock().unwrap();
             !std::mem::replace(&mut st.redirected, true)
         };
-        if first {
+        if first || opts.redirect_every_blob_head {
             respond(
-                &mut conn,
+                reader.get_mut(),
                 307,
                 &[("Location", format!("{to}{}", req.target))],
                 b"",
             );
             return Ok(());
         }
+    }
+
+    if let Some(to) = &opts.redirect_blob_get_to
+        && req.method == "GET"
+        && req.target.contains("/blobs/sha256:")
+    {
+        let location = format!("{to}{}", req.target);
+        respond(reader.get_mut(), 307, &[("Location", location)], b"");
+        return Ok(());
     }
 
     if req.method == "PUT" && key.contains("/blobs/uploads/ digest=") {
@@ -629,7 +864,7 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
                 &req.target[..req.target.find("/uploads/").unwrap() + 1]
             );
             respond(
-                &mut conn,
+                reader.get_mut(),
                 201,
                 &[("Docker-Content-Digest", digest), ("Location", location)],
                 b"",
@@ -639,15 +874,30 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
     }
 
     // Forward to the registry, one request per connection.
+    let mut target = req.target.clone();
+    let session_post = req.method == "POST" && req.target.contains("/blobs/uploads/");
+    if let Some(other) = &opts.upload_to_repo
+        && session_post
+        && !req.target.contains("mount=")
+        && let Some(name) = repo_of(&req.target)
+    {
+        target = req
+            .target
+            .replacen(&format!("/v2/{name}/"), &format!("/v2/{other}/"), 1);
+    }
     let mut up = TcpStream::connect(&shared.upstream)?;
     up.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.target);
+    let mut head = format!("{} {target} HTTP/1.1\r\n", req.method);
     for (n, v) in &req.headers {
         let drop = n.eq_ignore_ascii_case("connection")
             || (opts.bearer.is_some() && n.eq_ignore_ascii_case("authorization"));
         if !drop {
             head.push_str(&format!("{n}: {v}\r\n"));
         }
+    }
+    if shared.tls.is_some() {
+        // The registry builds absolute Locations: tell it the client speaks https.
+        head.push_str("X-Forwarded-Proto: https\r\n");
     }
     head.push_str("Connection: close\r\n\r\n");
     up.write_all(head.as_bytes())?;
@@ -660,9 +910,32 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         .map_or(answer.len(), |p| p + 4);
     let (resp_head, resp_body) = answer.split_at(split);
     let mut out = String::new();
+    let manifest_put = req.method == "PUT" && req.target.contains("/manifests/");
     for line in String::from_utf8_lossy(resp_head).split("\r\n") {
-        if line.is_empty() || line.to_ascii_lowercase().starts_with("connection:") {
+        let lower = line.to_ascii_lowercase();
+        if line.is_empty() || lower.starts_with("connection:") {
             continue;
+        }
+        if let Some(to) = &opts.upload_location_to
+            && session_post
+            && let Some((_, value)) = line
+                .split_once(':')
+                .filter(|_| lower.starts_with("location:"))
+        {
+            out.push_str(&format!("Location: {to}{}\r\n", path_of(value.trim())));
+            continue;
+        }
+        if manifest_put && lower.starts_with("docker-content-digest:") {
+            if opts.no_manifest_digest {
+                continue;
+            }
+            if opts.wrong_manifest_digest {
+                out.push_str(&format!(
+                    "Docker-Content-Digest: sha256:{}\r\n",
+                    "e".repeat(64)
+                ));
+                continue;
+            }
         }
         if opts.wrong_digest
             && req.method == "PUT"
@@ -684,18 +957,22 @@ fn handle(shared: &Shared, conn: TcpStream) -> std::io::Result<()> {
         // Half of what the client needs: half the head if there is no body, else the head
         // and half the body.
         if resp_body.is_empty() {
-            conn.write_all(&out.as_bytes()[..out.len() / 2])?;
+            reader
+                .get_mut()
+                .write_all(&out.as_bytes()[..out.len() / 2])?;
         } else {
-            conn.write_all(out.as_bytes())?;
-            conn.write_all(&resp_body[..resp_body.len() / 2])?;
+            reader.get_mut().write_all(out.as_bytes())?;
+            reader
+                .get_mut()
+                .write_all(&resp_body[..resp_body.len() / 2])?;
         }
-        let _ = conn.flush();
-        let _ = conn.shutdown(Shutdown::Both);
+        let _ = reader.get_mut().flush();
+        let _ = raw.shutdown(Shutdown::Both);
         return Ok(());
     }
-    conn.write_all(out.as_bytes())?;
-    conn.write_all(resp_body)?;
-    conn.flush()?;
+    reader.get_mut().write_all(out.as_bytes())?;
+    reader.get_mut().write_all(resp_body)?;
+    reader.get_mut().flush()?;
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! Issue 4 (speed), correctness only (nothing here is timed): the parallel gzip and zstd layers
+//! Speed features (README "Speed"), correctness only (nothing here is timed): the parallel gzip and zstd layers
 //! as standard tools read them, golden digests for both codecs, the layer cache's hits and
 //! misses on each kind of input change, a corrupted cache entry rebuilt, a no-op re-push that
 //! uploads nothing, and bounded memory for a layer far larger than any buffer.

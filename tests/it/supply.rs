@@ -1,4 +1,4 @@
-//! SBOM and provenance referrers (issue 10) against Debian's docker-registry 2.8, which has
+//! SBOM and provenance referrers (README "SBOM and provenance") against Debian's docker-registry 2.8, which has
 //! no referrers API: the referrers tag schema path. skopeo reads what was pushed; PyPI
 //! spdx-tools (`pyspdxtools`, installed by `scripts/install-deps.sh test`) validates every
 //! SPDX document; the provenance is checked field by field.
