@@ -13,8 +13,8 @@ WORK="${COMP_DIR:-/tmp/imgbuild-compression}"
 MIB="${CPU_PATHS_MIB:-4}"
 QEMU="$(command -v qemu-x86_64-static || command -v qemu-x86_64)"
 [[ -f "$WORK/in.tar" ]] || { echo "run bench/compression.sh first (it makes $WORK/in.tar)" >&2; exit 1; }
-DEFLATE_BIN="$(cd "$ROOT" && cargo build --release --quiet --bench deflate --message-format=json |
-    python3 -c 'import json, sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable")][-1])')"
+DEFLATE_BIN="${DEFLATE_BIN:-$(cd "$ROOT" && cargo build --release --quiet --bench deflate --message-format=json |
+    python3 -c 'import json, sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable")][-1])')}"
 head -c "$((MIB << 20))" "$WORK/in.tar" >"$WORK/paths.tar"
 
 sum() { "$@" <"$WORK/paths.tar" 2>/dev/null | sha256sum | cut -c1-16; }
