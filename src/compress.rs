@@ -212,7 +212,8 @@ struct Job {
     last: bool,
 }
 
-type Done = (u64, io::Result<Vec<u8>>);
+/// A compressed block and the CRC-32 of its input (computed on the worker: no serial CRC pass).
+type Done = (u64, io::Result<(Vec<u8>, crc32fast::Hasher)>);
 
 /// Parallel, deterministic gzip (see the module docs).
 pub struct ParGzWriter<W: Write> {
@@ -229,7 +230,7 @@ pub struct ParGzWriter<W: Write> {
     /// Input bytes per block (part of the output bytes: [`GZIP_BLOCK`] outside benchmarks).
     block: usize,
     /// Compressed blocks that arrived before their turn.
-    ready: BTreeMap<u64, Vec<u8>>,
+    ready: BTreeMap<u64, (Vec<u8>, crc32fast::Hasher)>,
     max_in_flight: u64,
     /// Dropping it (in `finish`, or with the writer after an error) ends the workers.
     jobs: Option<mpsc::Sender<Job>>,
@@ -283,7 +284,9 @@ impl<W: Write> ParGzWriter<W> {
                         // A panic must not lose the block silently (the writer would wait
                         // for it forever): it becomes that block's error.
                         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            deflate_block(level, dict, &job.data, job.last)
+                            let mut crc = crc32fast::Hasher::new();
+                            crc.update(&job.data);
+                            deflate_block(level, dict, &job.data, job.last).map(|out| (out, crc))
                         }))
                         .unwrap_or_else(|_| Err(io::Error::other("a gzip worker thread panicked")));
                         if done_tx.send((job.seq, out)).is_err() {
@@ -372,7 +375,9 @@ impl<W: Write> ParGzWriter<W> {
                 .map_err(|_| io::Error::other("gzip worker thread ended"))?;
             self.ready.insert(seq, out?);
         }
-        if let Some(bytes) = self.ready.remove(&self.next_write) {
+        if let Some((bytes, crc)) = self.ready.remove(&self.next_write) {
+            // Blocks are combined in input order: the trailer's CRC of the whole input.
+            self.crc.combine(&crc);
             self.inner.write_all(&bytes)?;
         }
         self.next_write += 1;
@@ -411,7 +416,6 @@ impl<W: Write> Write for ParGzWriter<W> {
         }
         let n = buf.len().min(self.block - self.buf.len());
         self.buf.extend_from_slice(&buf[..n]);
-        self.crc.update(&buf[..n]);
         self.isize += n as u64;
         Ok(n)
     }
