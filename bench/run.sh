@@ -4,6 +4,7 @@
 #
 #   bash scripts/install-deps.sh bench    # buildah, pigz, zstd, GNU time, docker-registry, skopeo
 #   bash bench/run.sh                     # BENCH_RUNS=3 BENCH_DIR=/tmp/imgbuild-bench by default
+#                                         # (BENCH_NO_BUILD=1: use target/release/imgbuild as it is)
 #
 # Inputs (made here, fixed seed, realistic compressibility): per platform (linux/amd64,
 # linux/arm64) one 100 MiB artifact built from seeded slices of the machine's shared libraries
@@ -39,8 +40,10 @@ for tool in docker-registry skopeo buildah pigz zstd python3 /usr/bin/time; do
         exit 1
     }
 done
-log "building imgbuild (release)"
-(cd "$ROOT" && cargo build --release --quiet)
+if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
+    log "building imgbuild (release)"
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
 
 rm -rf "$WORK"
 mkdir -p "$WORK"/{in,res}
@@ -285,13 +288,43 @@ measure big 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
 rm -rf in/big
 
 # --------------------------------------------------------------------------------------------
+# Compression levels and scaling (issue 11: deflate engine, fast setting, cores)
+# --------------------------------------------------------------------------------------------
+log "8. imgbuild push, cold, the fast gzip setting (--compression-level fast)"
+measure imgbuild_cold_fast 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check --compression-level fast -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/fast"
+
+# layer_bytes_ratio LEVEL: the 100 MiB layer's blob size / `gzip -6` of the same tar.
+layer_bytes_ratio() {
+    local dir="ratio-$1" blob
+    rm -rf "$dir" "$IMGBUILD_CACHE"
+    "$IMGBUILD" build -q --no-arch-check --sbom none --provenance none --compression-level "$1" \
+        -f in/spec.toml -o "$dir" >/dev/null
+    blob="$(find "$dir/blobs/sha256" -type f -printf '%s %p\n' | sort -n | tail -1 | cut -d' ' -f2)"
+    python3 -c 'import sys; print(f"{int(sys.argv[1]) / int(sys.argv[2]):.3f}")' \
+        "$(stat -c %s "$blob")" "$(gzip -dc "$blob" | gzip -6 -n | wc -c)"
+    rm -rf "$dir"
+}
+ratio_default="$(layer_bytes_ratio 6 2>/dev/null || echo '?')"
+ratio_fast="$(layer_bytes_ratio fast 2>/dev/null || echo '?')"
+log "layer bytes vs gzip -6 of the same tar: default ${ratio_default}, fast ${ratio_fast}"
+
+log "9. scaling: imgbuild push, cold, pinned to 1 core and to 2 cores (taskset)"
+measure imgbuild_cold_1cpu 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "taskset -c 0 $IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/cpu1"
+measure imgbuild_cold_2cpu 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "taskset -c 0,1 $IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/cpu2"
+# (end of the compression levels and scaling section)
+
+# --------------------------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------------------------
-python3 - "$RUNS" "$noop_blob_requests" "$rebuilt" "${input_read:-0}" "$input_size" "${noop_read:-?}" <<'PY'
+python3 - "$RUNS" "$noop_blob_requests" "$rebuilt" "${input_read:-0}" "$input_size" "${noop_read:-?}" "$ratio_default" "$ratio_fast" <<'PY'
 import os, sys
 runs, noop_reqs, rebuilt = sys.argv[1], sys.argv[2], sys.argv[3].strip()
 input_read, input_size = int(sys.argv[4] or 0), int(sys.argv[5] or 1)
 noop_read = sys.argv[6]
+ratio_default, ratio_fast = sys.argv[7], sys.argv[8]
 def get(n):
     p = f"res/{n}.med"
     if not os.path.exists(p):
@@ -313,6 +346,10 @@ rows = [
     ("imgbuild no-op re-push, no SBOM/provenance", "noop_noattach"),
     ("imgbuild re-push, 1 of 5 layers changed", "onechange"),
     (f"imgbuild push, {os.environ.get('BIG_MIB', '1024')} MiB artifact (1 run)", "big"),
+    # compression levels and scaling
+    ("imgbuild push, cold, gzip --compression-level fast", "imgbuild_cold_fast"),
+    ("imgbuild push, cold, gzip, 1 core (taskset -c 0)", "imgbuild_cold_1cpu"),
+    ("imgbuild push, cold, gzip, 2 cores (taskset -c 0,1)", "imgbuild_cold_2cpu"),
 ]
 with open("res/labels.tsv", "a") as f:
     f.writelines(f"{key}\t{label}\n" for label, key, *_ in rows)
@@ -327,7 +364,12 @@ def ratio(a, b, label, target):
         print(f"| {label} | {va[0] / vb[0]:.2f} | {target} |")
 print("\n| ratio | value | target |")
 print("|---|---:|---|")
-ratio("imgbuild_cold", "buildah", "imgbuild cold / buildah build+push", "<= 0.33")
+ratio("imgbuild_cold", "buildah", "imgbuild cold / buildah build+push", "<= 0.30")
+ratio("imgbuild_cold_fast", "buildah", "imgbuild cold, gzip fast / buildah", "<= 0.15")
+ratio("imgbuild_cold_zstd", "buildah", "imgbuild cold, zstd / buildah", "<= 0.15")
+print(f"| layer bytes / gzip -6 of the same tar, default level | {ratio_default} | <= 1.03 |")
+print(f"| layer bytes / gzip -6 of the same tar, fast | {ratio_fast} | <= 1.12 |")
+ratio("imgbuild_cold_1cpu", "imgbuild_cold_2cpu", "cold push speed-up, 2 cores over 1 (taskset)", "~ 2 (no serial cap)")
 ratio("imgbuild_cold", "imgbuild_cold_noattach", "cold push with / without referrers", "<= 1.05")
 ratio("noop", "noop_noattach", "no-op re-push with / without referrers", "~ 1.0")
 ratio("imgbuild_cold", "docker", "imgbuild cold / docker build+push", "")

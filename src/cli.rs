@@ -203,9 +203,10 @@ pub struct CommonArgs {
     )]
     pub compression: String,
 
-    /// Compression level [default: gzip 6, zstd 3]; gzip 0-9, zstd 1-19.
-    #[arg(long, value_name = "N")]
-    pub compression_level: Option<u32>,
+    /// Compression level [default: gzip 5, zstd 3]; gzip 0-9, zstd 1-19; `fast`: gzip 2,
+    /// zstd 1.
+    #[arg(long, value_name = "N|fast")]
+    pub compression_level: Option<String>,
 
     /// Do not read or write the layer cache (IMGBUILD_CACHE, default ~/.cache/imgbuild).
     #[arg(long)]

@@ -707,7 +707,8 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
         .compression
         .parse()
         .map_err(|e| Error::Usage(format!("--compression: {e}")))?;
-    let compression = Compression::new(codec, c.compression_level).map_err(Error::Usage)?;
+    let compression =
+        Compression::parse(codec, c.compression_level.as_deref()).map_err(Error::Usage)?;
     let opts = BuildOptions {
         // Set by the command once the context is open (it may have to be unpacked).
         context: None,

@@ -10,7 +10,7 @@ use std::process::Output;
 /// SOURCE_DATE_EPOCH unset. If this changes, every user's image digest changes: only update
 /// it for a deliberate format change, and say so in the commit.
 pub const GOLDEN_HELLO: &str =
-    "sha256:db22f9ca56e38115d3b963085daeceb753b3f156b6e5f051bdc762364ce7f487";
+    "sha256:0dcf5bc8da6de6f9ea6e8d5f15cacbd9794490dfd5b6dd09c4e16b0a49051dfb";
 
 /// A copy of `build-specs/` and `fixtures/dist/` in a fresh directory, every mtime set to
 /// `mtime`, so builds can be compared across places and times.

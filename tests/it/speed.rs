@@ -17,6 +17,17 @@ const GOLDEN_HELLO_ZSTD: &str =
 /// Index digest of the generated 3 MiB one-layer spec ([`data_workspace`]) per codec and
 /// level: several 128 KiB gzip blocks, so the block/dictionary scheme is pinned too.
 const GOLDEN_DATA: &[(&str, &str, &str)] = &[
+    // The default level and `--compression-level fast` (gzip 2).
+    (
+        "gzip",
+        "5",
+        "sha256:780bda66d344a573fe8e8c5a8a614bc83e1ebd78f606f59a0f378d4d9e73a10e",
+    ),
+    (
+        "gzip",
+        "fast",
+        "sha256:8acb58e9517ec0cbedd4471351fbed9bb06eee6e1547beb5c11c243e53aa0fdd",
+    ),
     (
         "gzip",
         "6",

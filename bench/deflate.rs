@@ -1,0 +1,46 @@
+//! Compressor benchmark: stdin through imgbuild's layer encoder (src/compress.rs), compressed
+//! bytes to stdout. `bench/compression.sh` times it per level on one core against the gzip,
+//! libdeflate, ISA-L and zstd command-line tools.
+//!
+//!   deflate [--codec gzip|zstd] [--level N] [--threads N] [--block-kib N] < in.tar > out.gz
+//!
+//! `--block-kib` (gzip only) tries another block size than the layers' 128 KiB.
+
+use std::io::{self, BufWriter, Read, Write};
+
+fn main() -> io::Result<()> {
+    let mut codec = imgbuild::compress::Codec::Gzip;
+    let mut level = None;
+    let mut threads = 1usize;
+    let mut block = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v = args.next().unwrap_or_default();
+        match a.as_str() {
+            "--codec" => codec = v.parse().map_err(io::Error::other)?,
+            "--level" => level = Some(v.parse().map_err(io::Error::other)?),
+            "--threads" => threads = v.parse().map_err(io::Error::other)?,
+            "--block-kib" => block = Some(v.parse::<usize>().map_err(io::Error::other)? << 10),
+            _ => return Err(io::Error::other(format!("unknown argument {a}"))),
+        }
+    }
+    let c = imgbuild::compress::Compression::new(codec, level).map_err(io::Error::other)?;
+    let out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
+    let mut e = match block {
+        Some(b) if codec == imgbuild::compress::Codec::Gzip => imgbuild::compress::Encoder::Gzip(
+            imgbuild::compress::ParGzWriter::with_block_size(out, c.level, threads, b),
+        ),
+        _ => imgbuild::compress::Encoder::new(out, c, threads)?,
+    };
+    let mut input = io::stdin().lock();
+    // The layer writer hands the encoder 1 MiB pieces (src/layer.rs).
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        e.write_all(&buf[..n])?;
+    }
+    e.finish()?.flush()
+}
