@@ -771,9 +771,20 @@ fn with_the_referrers_api_imgbuild_lists_through_it_and_writes_no_referrers_tag(
     let dir = ws.path();
     let digest = push_at(dir, &proxy.addr, "api", &[]);
     let first = proxy.seen().len();
+    // A re-push with the cache that recorded the attach: the tag names our index, so nothing
+    // (not even the referrers) is asked again.
     assert_eq!(push_at(dir, &proxy.addr, "api", &[]), digest);
+    let after_cached = proxy.seen().len();
+    assert!(
+        after_cached - first <= 3,
+        "a no-op re-push is at most 3 requests: {:#?}",
+        &proxy.seen()[first..]
+    );
+    // Without the cache's record the referrers are asked through the API, and nothing that is
+    // already there is attached again.
+    assert_eq!(push_at(dir, &proxy.addr, "api", &["--no-cache"]), digest);
     let seen = proxy.seen();
-    let second = &seen[first..];
+    let second = &seen[after_cached..];
     assert!(
         !seen.iter().any(|r| r.target.contains("/manifests/sha256-")),
         "the referrers tag schema is not used when the API answers: {seen:#?}"
