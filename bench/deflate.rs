@@ -14,6 +14,14 @@ fn main() -> io::Result<()> {
     let mut threads = 1usize;
     let mut block = None;
     let mut args = std::env::args().skip(1);
+    // `cargo test --all-targets` runs this binary with no arguments: say how to use it rather
+    // than wait on stdin (a CI step that hangs is worse than one that fails).
+    if args.len() == 0 {
+        eprintln!(
+            "usage: deflate [--codec gzip|zstd] --level N [--threads N] [--block-kib N] <in >out"
+        );
+        return Ok(());
+    }
     while let Some(a) = args.next() {
         let v = args.next().unwrap_or_default();
         match a.as_str() {
