@@ -61,6 +61,17 @@ struct Blob {
     source: Source,
 }
 
+impl Blob {
+    /// A layer blob streamed from its file in the store.
+    fn file(digest: &Digest, size: u64, path: PathBuf) -> Blob {
+        Blob {
+            digest: digest.clone(),
+            size,
+            source: Source::File(path),
+        }
+    }
+}
+
 /// The blobs one session has made sure of, shared by the layers pushed while the build runs
 /// and the image push: each digest is pushed once (a second caller waits for the first), and
 /// a failed attempt leaves nothing behind, so the next caller tries again with its own
@@ -94,11 +105,7 @@ impl Blobs {
         mount_from: Option<&str>,
         progress: &dyn Progress,
     ) -> Result<bool, RegistryError> {
-        let blob = Blob {
-            digest: digest.clone(),
-            size,
-            source: Source::File(path),
-        };
+        let blob = Blob::file(digest, size, path);
         self.ensure(client, &blob, mount_from, progress).await
     }
 
@@ -173,11 +180,11 @@ where
     let mut list = Vec::new();
     for layer in &layers {
         if !remote.contains(&layer.digest) && seen.insert(layer.digest.clone()) {
-            list.push(Blob {
-                source: Source::File(store.path(&layer.digest)),
-                digest: layer.digest.clone(),
-                size: layer.size,
-            });
+            list.push(Blob::file(
+                &layer.digest,
+                layer.size,
+                store.path(&layer.digest),
+            ));
         }
     }
     for config in image.images.iter().map(|i| &i.config) {
@@ -348,11 +355,7 @@ pub(crate) async fn push_layer(
     mount_from: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<bool, RegistryError> {
-    let blob = Blob {
-        digest: digest.clone(),
-        size,
-        source: Source::File(path),
-    };
+    let blob = Blob::file(digest, size, path);
     push_blob(client, &blob, mount_from, progress).await
 }
 
