@@ -51,6 +51,13 @@ fn push_at(ws: &Path, addr: &str, repo: &str, extra: &[&str]) -> String {
     line.split_once('@').expect("REPO@DIGEST").1.to_string()
 }
 
+/// Push without attachments; the pushed index digest and the index as the registry serves it.
+fn push_plain(ws: &Path, reg: &Registry, repo: &str) -> (String, Value) {
+    let digest = push(ws, reg, repo, &["--sbom", "none", "--provenance", "none"]);
+    let index = json(&inspect_raw(reg, &format!("{repo}@{digest}")));
+    (digest, index)
+}
+
 fn json(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|e| {
         panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes));
@@ -451,13 +458,7 @@ fn a_failure_to_attach_is_exit_5_and_says_the_image_is_complete() {
     let reg = Registry::start();
     let ws = workspace(1_700_000_000);
     let dir = ws.path();
-    let digest = push(
-        dir,
-        &reg,
-        "broken",
-        &["--sbom", "none", "--provenance", "none"],
-    );
-    let index = json(&inspect_raw(&reg, &format!("broken@{digest}")));
+    let (digest, index) = push_plain(dir, &reg, "broken");
     let (_, first) = platform_manifests(&index).remove(0);
     // Something that is not a referrers index already holds the referrers tag of the first
     // platform manifest: imgbuild must not overwrite it blindly.
@@ -860,13 +861,7 @@ fn another_tools_referrer_survives_two_pushes_in_the_referrers_tag() {
     let reg = Registry::start();
     let ws = workspace(1_700_000_000);
     let dir = ws.path();
-    let digest = push(
-        dir,
-        &reg,
-        "keep",
-        &["--sbom", "none", "--provenance", "none"],
-    );
-    let index = json(&inspect_raw(&reg, &format!("keep@{digest}")));
+    let (digest, index) = push_plain(dir, &reg, "keep");
     let subject = index["manifests"][0].clone();
     let hex = subject["digest"]
         .as_str()
