@@ -407,17 +407,24 @@ impl<W: Write> ParGzWriter<W> {
 
 impl<W: Write> Write for ParGzWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.buf.len() == self.block {
-            // A full block is sent only once more input exists: the last block must be the
-            // one `finish` ends with `Finish`.
-            self.guarded(|w| w.submit(false))?;
-        } else if self.failed.is_some() {
+        if self.failed.is_some() {
             self.guarded(|_| Ok(()))?;
         }
-        let n = buf.len().min(self.block - self.buf.len());
-        self.buf.extend_from_slice(&buf[..n]);
-        self.isize += n as u64;
-        Ok(n)
+        // All of `buf`, over as many blocks as it spans: a partial write would make the
+        // BufWriter in front of us copy the rest into its own buffer first.
+        let mut rest = buf;
+        while !rest.is_empty() {
+            if self.buf.len() == self.block {
+                // A full block is sent only once more input exists: the last block must be
+                // the one `finish` ends with `Finish`.
+                self.guarded(|w| w.submit(false))?;
+            }
+            let n = rest.len().min(self.block - self.buf.len());
+            self.buf.extend_from_slice(&rest[..n]);
+            self.isize += n as u64;
+            rest = &rest[n..];
+        }
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())

@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Input piece size handed to the encoder.
 const ENCODER_INPUT: usize = 1 << 20;
+/// Read size for file contents: one read per piece the encoder takes.
+const FILE_READ: usize = ENCODER_INPUT;
 
 /// How to write layers.
 #[derive(Debug, Clone)]
@@ -120,6 +122,8 @@ pub fn write_layer_hashing(
     // not depend on the piece sizes (compress.rs tests).
     let encoder = io::BufWriter::with_capacity(ENCODER_INPUT, encoder);
     let mut tar = tar::Builder::new(HashingWriter::new(encoder));
+    // One read buffer per layer, for all its files.
+    let mut read_buf: Option<Vec<u8>> = None;
     for entry in &layer.entries {
         let mut h = tar::Header::new_gnu();
         h.set_mode(entry.mode);
@@ -146,30 +150,25 @@ pub fn write_layer_hashing(
                     path: src.clone(),
                     source,
                 })?;
-                let mut reader = ExactReader {
-                    inner: file,
-                    remaining: *size,
-                    hasher: hash_files.then(FileHasher::default),
-                };
-                tar.append_data(&mut h, &entry.path, &mut reader)
-                    .map_err(|e| {
-                        // A size change shows up here as our own marker; anything else is
-                        // either reading the source or writing the blob.
-                        if e.get_ref().is_some_and(|i| i.is::<SizeChanged>()) {
-                            LayerError::Changed {
-                                path: src.clone(),
-                                planned: *size,
-                            }
-                        } else if e.get_ref().is_some_and(|i| i.is::<ReadFailure>()) {
-                            LayerError::Read {
-                                path: src.clone(),
-                                source: e,
-                            }
-                        } else {
-                            write_err(e)
-                        }
-                    })?;
-                file_digests.push(reader.hasher.map(FileHasher::finish));
+                // tar writes the header (and a GNU long-name entry before it); the content
+                // goes in here, in large reads: tar's own copy reads 8 KiB per call.
+                tar.append_data(&mut h, &entry.path, io::empty())
+                    .map_err(write_err)?;
+                let buf = read_buf.get_or_insert_with(|| vec![0; FILE_READ]);
+                let sums = copy_content(file, *size, buf, tar.get_mut(), hash_files).map_err(
+                    |e| match e {
+                        CopyError::Read(source) => LayerError::Read {
+                            path: src.clone(),
+                            source,
+                        },
+                        CopyError::Changed => LayerError::Changed {
+                            path: src.clone(),
+                            planned: *size,
+                        },
+                        CopyError::Write(source) => write_err(source),
+                    },
+                )?;
+                file_digests.push(sums);
                 continue;
             }
         }
@@ -190,56 +189,57 @@ pub fn write_layer_hashing(
     Ok((info, file_digests))
 }
 
-/// Marker for read errors of a source file, so they are told apart from write errors.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct ReadFailure(io::Error);
-
-/// Marker for a source file whose size is not the planned one.
-#[derive(Debug, thiserror::Error)]
-#[error("file changed size while it was read")]
-struct SizeChanged;
-
-/// Reads exactly `remaining` bytes, then checks that the file ends there: a file that shrank
-/// or grew since planning is an error ([`SizeChanged`]) rather than a corrupt or silently
-/// truncated layer (the tar header already holds the planned size).
-struct ExactReader {
-    inner: File,
-    remaining: u64,
-    /// Hashes what is read, when the caller wants the file's digests.
-    hasher: Option<FileHasher>,
+/// Why a file's content could not be copied into the tar.
+enum CopyError {
+    Read(io::Error),
+    /// The file ended before its planned size, or goes on after it.
+    Changed,
+    Write(io::Error),
 }
 
-impl Read for ExactReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.remaining == 0 {
-            let mut probe = [0u8; 1];
-            let n = self
-                .inner
-                .read(&mut probe)
-                .map_err(|e| io::Error::new(e.kind(), ReadFailure(e)))?;
-            if n > 0 {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, SizeChanged));
-            }
-            return Ok(0);
-        }
+/// Copy exactly `size` bytes of `file` into the tar stream `out`, then the zero padding to
+/// the next 512-byte record (what tar's `append` writes after the data), hashing the content
+/// with `hash`. A file that shrank or grew since planning is [`CopyError::Changed`] rather
+/// than a corrupt or silently truncated layer (the tar header already holds the planned size).
+fn copy_content(
+    mut file: File,
+    size: u64,
+    buf: &mut [u8],
+    out: &mut impl Write,
+    hash: bool,
+) -> Result<Option<FileSums>, CopyError> {
+    let mut hasher = hash.then(FileHasher::default);
+    let mut remaining = size;
+    while remaining > 0 {
         let max = buf
             .len()
-            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
-        let n = self
-            .inner
-            .read(&mut buf[..max])
-            .map_err(|e| io::Error::new(e.kind(), ReadFailure(e)))?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, SizeChanged));
-        }
-        self.remaining -= n as u64;
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        let n = match file.read(&mut buf[..max]) {
+            Ok(0) => return Err(CopyError::Changed),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(e)),
+        };
+        remaining -= n as u64;
         count_input_bytes(n as u64);
-        if let Some(h) = &mut self.hasher {
+        if let Some(h) = &mut hasher {
             h.update(&buf[..n]);
         }
-        Ok(n)
+        out.write_all(&buf[..n]).map_err(CopyError::Write)?;
     }
+    let mut probe = [0u8; 1];
+    loop {
+        match file.read(&mut probe) {
+            Ok(0) => break,
+            Ok(_) => return Err(CopyError::Changed),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(e)),
+        }
+    }
+    let pad = (512 - size % 512) % 512;
+    out.write_all(&[0; 512][..pad as usize])
+        .map_err(CopyError::Write)?;
+    Ok(hasher.map(FileHasher::finish))
 }
 
 /// The diff_id (sha256 of the uncompressed tar) of a gzip layer blob, for checks and tests.
