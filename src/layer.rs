@@ -339,6 +339,56 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn contents_go_in_as_tar_itself_would_write_them() {
+        // The layer's tar, decompressed, against tar's own `append_data` of the same entries:
+        // long and short names, sizes around the 512-byte padding and over several reads.
+        let src = tempfile::tempdir().unwrap();
+        let sizes = [0, 1, 511, 512, 513, FILE_READ + 1000, 2 * FILE_READ];
+        let mut entries = Vec::new();
+        let mut want = tar::Builder::new(Vec::new());
+        for (i, size) in sizes.into_iter().enumerate() {
+            let data: Vec<u8> = (0..size).map(|j| (j * 7 + i) as u8).collect();
+            let f = src.path().join(format!("f{i}"));
+            std::fs::write(&f, &data).unwrap();
+            let path = format!("app/{}{i}", "n".repeat(if i % 2 == 0 { 150 } else { 3 }));
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(size as u64);
+            want.append_data(&mut h, &path, &data[..]).unwrap();
+            entries.push(Entry {
+                path: path.into(),
+                kind: EntryKind::File {
+                    src: f,
+                    size: size as u64,
+                },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            });
+        }
+        let want = want.into_inner().unwrap();
+        let plan = LayerPlan {
+            entries,
+            created_by: "test".into(),
+        };
+        let store = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
+        let (info, sums) =
+            write_layer_hashing(&plan, &store, &LayerOptions::default(), true).unwrap();
+        let mut got = Vec::new();
+        flate2::read::GzDecoder::new(File::open(store.path(&info.descriptor.digest)).unwrap())
+            .read_to_end(&mut got)
+            .unwrap();
+        assert!(got == want, "the tar differs from tar's own");
+        assert_eq!(info.diff_id, Digest::of(&want));
+        let data: Vec<u8> = (0..513).map(|j| (j * 7 + 4) as u8).collect();
+        assert_eq!(sums[4], Some(FileSums::of(&data)));
+    }
+
+    #[test]
     fn a_file_that_shrank_or_grew_is_an_error_naming_it() {
         // The file holds 6 bytes; planned larger = it shrank, planned smaller = it grew.
         for planned in [100, 3, 0] {
