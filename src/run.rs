@@ -346,7 +346,7 @@ pub fn push_many(
             continue;
         }
         runtime
-            .block_on(session.attach(docs, progress))
+            .block_on(session.attach(docs, report.index_was_tagged, progress))
             .map_err(|source| Error::AttachAfterPush {
                 image_ref: format!("{repo}@{}", report.index_digest),
                 source,
