@@ -121,6 +121,7 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
             epoch: opts.layer.epoch,
             bases: &opts.bases,
             cache: opts.cache.as_ref(),
+            file_sums: opts.file_sums.as_ref(),
         },
         &req.image.supply,
         progress,
@@ -273,6 +274,7 @@ pub fn push_many(
                                 epoch: opts.layer.epoch,
                                 bases: &opts.bases,
                                 cache: opts.cache.as_ref(),
+                                file_sums: opts.file_sums.as_ref(),
                             },
                             &req.image.supply,
                             progress,
@@ -430,6 +432,10 @@ fn with_bases(
 ) -> Result<(BuildOptions, Option<BlobStore>), Error> {
     let spec = &req.spec;
     let mut opts = req.options.clone();
+    // Without a layer cache, the documents take each file's sums from the build's one read.
+    if opts.cache.is_none() && req.supply.any() && opts.file_sums.is_none() {
+        opts.file_sums = Some(crate::digest::FileSumsMemo::default());
+    }
     let platforms = opts
         .platforms
         .clone()
