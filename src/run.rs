@@ -437,6 +437,9 @@ fn with_bases(
 ) -> Result<(BuildOptions, Option<BlobStore>), Error> {
     let spec = &req.spec;
     let mut opts = req.options.clone();
+    if let Some(root) = pipeline::confine_root(spec, &opts) {
+        crate::plan::confine_base_layouts(spec, &root)?;
+    }
     let platforms = opts
         .platforms
         .clone()
