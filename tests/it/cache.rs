@@ -374,5 +374,9 @@ fn without_a_cache_the_sbom_takes_its_checksums_from_the_one_read() {
     let (read, cached) = build(&[], "cached");
     assert_eq!(read, input_size);
     assert_eq!(text(&plain), text(&cached));
-    assert!(text(&plain).contains("application/spdx+json"), "{}", text(&plain));
+    assert!(
+        text(&plain).contains("application/spdx+json"),
+        "{}",
+        text(&plain)
+    );
 }
