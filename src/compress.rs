@@ -433,11 +433,11 @@ impl<W: Write> Write for ParGzWriter<W> {
 
 /// Raw-deflate one block: primed with `dict`, ended with a sync flush, or `Finish` if last.
 ///
-/// A fresh compressor per block, never a reused one after `reset()`: zlib-rs's reset clears
-/// the hash heads but keeps the window and the `prev` chain table, which its match finder
-/// reads for positions not yet inserted in the new stream, so the output would depend on
-/// which blocks the worker compressed before (bench/compression.md: 5-11 of 230 blocks of
-/// binary input, levels 1-6). The fresh state costs about 1% of a build's CPU.
+/// A fresh compressor per block, never a reused one after `reset()`: zlib-rs's reset keeps
+/// the previous stream's bytes in the window (a fresh window is zeroed) and the match search
+/// reads some of them, so the output would depend on which blocks the worker compressed
+/// before (bench/compression.md: 5-11 of 230 blocks of binary input at levels 1-6). The
+/// fresh state costs about 1% of a build's CPU.
 fn deflate_block(level: u32, dict: Option<&[u8]>, data: &[u8], last: bool) -> io::Result<Vec<u8>> {
     let mut c = Compress::new(flate2::Compression::new(level), false);
     if let Some(d) = dict {
