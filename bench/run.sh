@@ -460,7 +460,7 @@ def get(n):
     reqs, trips = open(f"res/{n}.rt").read().split()
     return wall, int(reqs), int(trips)
 rows = [
-    ("imgbuild push, cold, no SBOM/provenance", "rt_cold", "<= 8 round trips, <= 0.25 s"),
+    ("imgbuild push, cold, no SBOM/provenance", "rt_cold", "<= 7 round trips, <= 0.25 s"),
     ("the same through the proxy at 0 ms (machine and proxy overhead)", "rt_cold_0ms", ""),
     ("imgbuild push, cold, SBOM + provenance (default)", "rt_cold_attach", ""),
     ("imgbuild no-op re-push, no SBOM/provenance", "rt_noop", "<= 3 requests"),
@@ -479,9 +479,9 @@ a, b, z = get("rt_cold"), get("rt_skopeo"), get("rt_cold_0ms")
 if a and b:
     print(f"| imgbuild cold / skopeo copy --all, wall | {a[0] / b[0]:.2f} | | | |")
 if a and z:
-    print(f"| imgbuild cold: wall added by the delay / {delay} ms | {(a[0] - z[0]) * 1000 / float(delay):.1f} | | | <= 8 |")
+    print(f"| imgbuild cold: wall added by the delay / {delay} ms | {(a[0] - z[0]) * 1000 / float(delay):.1f} | | | <= 7 |")
 print("\nRound trips: the longest chain of requests that ran one after another (client work and"
-      "\nregistry jitter included, so an upper bound; tests/it/roundtrips.rs counts 8 at 200 ms).")
+      "\nregistry jitter included, so an upper bound; tests/it/roundtrips.rs counts 7 at 200 ms).")
 PY
 
 # --------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@
 //!
 //! Round trips (a CI runner is often 20-80 ms from its registry): each stage is one wave of
 //! concurrent requests, not one request after another: all blobs (layers, configs, base
-//! layers) together, all platform manifests together, the index, all tags together. A cold
-//! push is thus the ping, the four requests of one blob, and three more (manifests, index,
-//! tags). A re-push first asks the tags for their digest ([`push_image`]): a tag that already
+//! layers) together, all platform manifests together, then the index under all its tags at
+//! once (a PUT by tag stores the manifest and tags it; by digest when there is no tag). A
+//! cold push is thus the ping, the four requests of one blob, and two more (manifests, the
+//! index with its tags). A re-push first asks the tags for their digest ([`push_image`]): a tag that already
 //! names our index makes everything else unnecessary.
 //!
 //! One blob (spec.md "Pushing blobs"): `HEAD /v2/<name>/blobs/<digest>`; 200 means the registry
@@ -147,7 +148,7 @@ impl Blobs {
 /// Round trips (a registry is often 20-80 ms away): every blob of the image (layers, configs,
 /// and the base layers `base_layers` makes sure of) goes in one wave, `blobs` holding those
 /// already under way or confirmed since the build started; then all platform manifests at
-/// once, the index, and all tags at once.
+/// once, and the index under all its tags at once (by digest when there is no tag).
 ///
 /// Before that, the tags are asked for their digest (HEAD, every manifest type accepted): a
 /// tag that already names our index means the repository has the index, its manifests and
@@ -277,7 +278,12 @@ where
                 .map(|(m, reference)| put_manifest(client, m, reference, progress)),
         )
         .await?;
-        put_manifest(client, index, &index.digest.to_string(), progress).await?;
+        // With tags, the index goes up under them (below): a PUT by tag stores the manifest
+        // and points the tag at it in one request (spec.md "Pushing manifests"), a round trip
+        // less than by digest and then by tag, and no tag exists before the manifests do.
+        if tags.is_empty() {
+            put_manifest(client, index, &index.digest.to_string(), progress).await?;
+        }
     }
     let missing = tags
         .iter()
