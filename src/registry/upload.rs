@@ -10,8 +10,8 @@
 //! layers) together, all platform manifests together, then the index under all its tags at
 //! once (a PUT by tag stores the manifest and tags it; by digest when there is no tag). A
 //! cold push is thus the ping, the four requests of one blob, and two more (manifests, the
-//! index with its tags). A re-push first asks the tags for their digest ([`push_image`]): a tag that already
-//! names our index makes everything else unnecessary.
+//! index with its tags). A re-push first asks the tags for their digest ([`push_image`]): a
+//! tag that already names our index makes everything else unnecessary.
 //!
 //! One blob (spec.md "Pushing blobs"): `HEAD /v2/<name>/blobs/<digest>`; 200 means the registry
 //! has it. Otherwise `POST /v2/<name>/blobs/uploads/` opens a session (202 + `Location`), and

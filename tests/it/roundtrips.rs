@@ -398,13 +398,13 @@ fn attaching_referrers_to_every_platform_is_six_round_trips_after_the_tag() {
     // The image's part is unchanged by what follows it.
     let image = proxy::critical_path(&seen, |_| true, |s| is_tag_put(s, "latest"));
     assert!(
-        image <= 8,
+        image <= 7,
         "{image} round trips to the tag:\n{}",
         show(&seen)
     );
     let whole = proxy::critical_path(&seen, |_| true, |_| true);
     eprintln!("whole push: {whole} round trips, {} requests", seen.len());
-    assert!(whole <= 14, "{whole} round trips:\n{}", show(&seen));
+    assert!(whole <= 13, "{whole} round trips:\n{}", show(&seen));
     let referrers_tag = |s: &Seen| s.method == "PUT" && s.target.contains("/manifests/sha256-");
     let referrer_manifest =
         |s: &Seen| is_manifest_put_by_digest(s) && !s.target.contains("/manifests/sha256-");
