@@ -205,7 +205,13 @@ fn build_layers(
                     let Some((lp, platforms)) = unique.get(i) else {
                         break;
                     };
-                    let r = cache::write_layer_cached(opts.cache.as_ref(), lp, store, &opts.layer);
+                    let r = cache::write_layer_cached(
+                        opts.cache.as_ref(),
+                        lp,
+                        store,
+                        &opts.layer,
+                        progress,
+                    );
                     let r = r.map(|(info, outcome, warning)| {
                         if let Some(w) = warning {
                             progress.event(Event::Warning(&w));

@@ -143,6 +143,12 @@ pub struct ProxyOpts {
     /// accepted by the registry, with `?artifactType=` filtering; answer such PUTs with
     /// `OCI-Subject`.
     pub referrers_api: bool,
+    /// (method, n, fault): the n-th request (0-based) with this method gets this fault,
+    /// whatever the seeded schedule says (e.g. the second PATCH of a chunked upload).
+    pub fault_nth: Vec<(String, usize, Fault)>,
+    /// Answer PATCHes with this `Range` instead of the registry's (a registry that lost a
+    /// chunk).
+    pub patch_range: Option<String>,
 }
 
 impl Default for ProxyOpts {
@@ -176,6 +182,8 @@ impl Default for ProxyOpts {
             wrong_manifest_digest: false,
             name_unknown_until_in_moto: None,
             referrers_api: false,
+            fault_nth: Vec::new(),
+            patch_range: None,
         }
     }
 }
@@ -202,6 +210,8 @@ pub struct Seen {
     pub end: Option<std::time::Instant>,
     /// It carried a Bearer token that had expired ([`ProxyOpts::token_ttl`]).
     pub expired: bool,
+    /// Its `Content-Range` header (chunked uploads).
+    pub content_range: Option<String>,
 }
 
 /// The most requests of `seen` that ran one after another (each started after the one before
@@ -277,6 +287,8 @@ struct State {
     name_unknown_answers: usize,
     /// (repository, subject digest) -> descriptors of its referrers, in PUT order.
     referrers: HashMap<(String, String), Vec<serde_json::Value>>,
+    /// Requests seen per method ([`ProxyOpts::fault_nth`]).
+    per_method: HashMap<String, usize>,
 }
 
 /// A running proxy on `127.0.0.1:PORT`; stops on drop.
@@ -696,6 +708,19 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
                 fault = Some(kind);
             }
         }
+        let nth = {
+            let c = st.per_method.entry(req.method.clone()).or_default();
+            *c += 1;
+            *c - 1
+        };
+        if let Some((_, _, f)) = opts
+            .fault_nth
+            .iter()
+            .find(|(m, n, _)| *m == req.method && *n == nth)
+        {
+            st.faults += 1;
+            fault = Some(*f);
+        }
         if fault == Some(Fault::Unauthorized) {
             st.last_was_401.insert(key.clone());
         } else {
@@ -710,6 +735,7 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
             at: std::time::Instant::now(),
             end: None,
             expired,
+            content_range: req.header("content-range").map(str::to_string),
         });
         (seq, fault, valid_token)
     };
@@ -1043,6 +1069,13 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
                 .filter(|_| lower.starts_with("location:"))
         {
             out.push_str(&format!("Location: {to}{}\r\n", path_of(value.trim())));
+            continue;
+        }
+        if let Some(range) = &opts.patch_range
+            && req.method == "PATCH"
+            && lower.starts_with("range:")
+        {
+            out.push_str(&format!("Range: {range}\r\n"));
             continue;
         }
         if manifest_put && lower.starts_with("docker-content-digest:") {
