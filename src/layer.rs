@@ -438,6 +438,88 @@ pub(crate) mod tests {
         assert_eq!(got[2].0.len(), 4 + 160);
     }
 
+    /// Records what a layer write announces, and how much its file held at each announcement.
+    #[derive(Default)]
+    struct Announced {
+        /// (id, written, file length then)
+        bytes: std::sync::Mutex<Vec<(u64, u64, u64)>>,
+        ends: std::sync::Mutex<Vec<(u64, Option<(Digest, u64)>)>>,
+    }
+
+    impl Progress for Announced {
+        fn event(&self, event: Event<'_>) {
+            match event {
+                Event::LayerBytes { id, temp, written } => {
+                    let len = std::fs::metadata(temp).map_or(0, |m| m.len());
+                    self.bytes.lock().unwrap().push((id, written, len));
+                }
+                Event::LayerBytesEnd { id, blob } => {
+                    let blob = blob.map(|(d, s)| (d.clone(), s));
+                    self.ends.lock().unwrap().push((id, blob));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_layer_announces_the_bytes_in_its_file_and_its_end() {
+        let src = tempfile::tempdir().unwrap();
+        let mut plan = entries(src.path());
+        // 3 MiB that hardly compress: an announcement per MiB written but the last.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let data: Vec<u8> = (0..3 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(src.path().join("f"), &data).unwrap();
+        if let EntryKind::File { size, .. } = &mut plan.entries[1].kind {
+            *size = data.len() as u64;
+        }
+        let store = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
+        let seen = Announced::default();
+        let (info, _) =
+            write_layer_hashing(&plan, &store, &LayerOptions::default(), false, &seen).unwrap();
+        let bytes = seen.bytes.into_inner().unwrap();
+        assert!(bytes.len() >= 2, "{bytes:?}");
+        let id = bytes[0].0;
+        let mut last = 0;
+        for &(i, written, len) in &bytes {
+            assert_eq!(i, id);
+            assert!(written >= last + ANNOUNCE_EVERY, "{bytes:?}");
+            // Announced bytes are in the file, for another descriptor to read.
+            assert!(len >= written, "{bytes:?}");
+            last = written;
+        }
+        let ends = seen.ends.into_inner().unwrap();
+        let want = (info.descriptor.digest.clone(), info.descriptor.size);
+        assert_eq!(ends, vec![(id, Some(want))]);
+
+        // A write that fails after announcing bytes says it failed (here the file is
+        // shorter than planned: found at its end).
+        let failed = Announced::default();
+        let mut plan = entries(src.path());
+        std::fs::write(src.path().join("f"), &data).unwrap();
+        if let EntryKind::File { size, .. } = &mut plan.entries[1].kind {
+            *size = data.len() as u64 + 100;
+        }
+        let err = write_layer_hashing(&plan, &store, &LayerOptions::default(), false, &failed);
+        assert!(matches!(err, Err(LayerError::Changed { .. })));
+        let id = failed.bytes.into_inner().unwrap()[0].0;
+        assert_eq!(failed.ends.into_inner().unwrap(), vec![(id, None)]);
+
+        // A small layer announces nothing.
+        let small = Announced::default();
+        let plan = entries(src.path());
+        let _ = write_layer_hashing(&plan, &store, &LayerOptions::default(), false, &small);
+        assert!(small.bytes.into_inner().unwrap().is_empty());
+        assert!(small.ends.into_inner().unwrap().is_empty());
+    }
+
     #[test]
     fn a_file_that_shrank_or_grew_is_an_error_naming_it() {
         // The file holds 6 bytes; planned larger = it shrank, planned smaller = it grew.

@@ -328,3 +328,80 @@ async fn upload(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Silent;
+
+    #[test]
+    fn a_layer_being_written_goes_to_streaming_queues_with_its_end_before_its_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = dir.path().join(".tmp-layer");
+        std::fs::write(&temp, b"compressed").unwrap();
+        let (feed, mut queues) = LayerFeed::fan_out(&Silent, &[true, false]);
+        let chunk = crate::registry::PATCH_CHUNK;
+        let bytes = |id, written| Event::LayerBytes {
+            id,
+            temp: &temp,
+            written,
+        };
+        // Less than a chunk: nothing yet.
+        feed.event(bytes(1, chunk - 1));
+        assert!(queues[0].rx.try_recv().is_err());
+        feed.event(bytes(1, chunk));
+        let Ok(Msg::Started {
+            id: 1, mut written, ..
+        }) = queues[0].rx.try_recv()
+        else {
+            panic!("no Started");
+        };
+        feed.event(bytes(1, chunk + 5));
+        assert_eq!(*written.borrow_and_update(), chunk + 5);
+        let digest = Digest::of(b"x");
+        feed.event(Event::LayerBytesEnd {
+            id: 1,
+            blob: Some((&digest, 9)),
+        });
+        feed.event(Event::LayerBuilt {
+            digest: &digest,
+            size: 9,
+            what: "layer",
+        });
+        assert!(matches!(
+            queues[0].rx.try_recv(),
+            Ok(Msg::Finished { id: 1, size: 9, .. })
+        ));
+        // Nothing more will be written: the stream hears it.
+        assert!(written.has_changed().is_err());
+        assert!(matches!(queues[0].rx.try_recv(), Ok(Msg::Built(_, 9))));
+        // A queue that does not stream hears only of the finished layer.
+        assert!(matches!(queues[1].rx.try_recv(), Ok(Msg::Built(_, 9))));
+        assert!(queues[1].rx.try_recv().is_err());
+
+        // A write that fails ends its stream; one that never had a chunk says nothing.
+        feed.event(bytes(2, 2 * chunk));
+        assert!(matches!(
+            queues[0].rx.try_recv(),
+            Ok(Msg::Started { id: 2, .. })
+        ));
+        feed.event(Event::LayerBytesEnd { id: 2, blob: None });
+        assert!(matches!(queues[0].rx.try_recv(), Ok(Msg::Failed { id: 2 })));
+        feed.event(Event::LayerBytesEnd { id: 3, blob: None });
+        assert!(queues[0].rx.try_recv().is_err());
+
+        // Closed (or aborted): every queue ends, and streams still open hear it too.
+        feed.event(bytes(4, chunk));
+        let Ok(Msg::Started { written, .. }) = queues[0].rx.try_recv() else {
+            panic!("no Started");
+        };
+        feed.abort();
+        assert!(written.has_changed().is_err());
+        for q in &mut queues {
+            assert!(matches!(
+                q.rx.try_recv(),
+                Err(mpsc::error::TryRecvError::Disconnected)
+            ));
+        }
+    }
+}

@@ -626,6 +626,19 @@ mod tests {
     }
 
     #[test]
+    fn upload_mode_streams_except_to_ecr_unless_asked() {
+        let ecr = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+        let other = "ghcr.io";
+        let modes = |m: &str| m.parse::<UploadMode>().unwrap();
+        assert!(modes("auto").streams(other) && !modes("auto").streams(ecr));
+        assert!(UploadMode::default().streams("127.0.0.1:5000"));
+        assert!(modes("stream").streams(ecr));
+        assert!(!modes("put").streams(other));
+        let err = "chunked".parse::<UploadMode>().unwrap_err();
+        assert!(err.contains("stream, put or auto"), "{err}");
+    }
+
+    #[test]
     fn exit_codes() {
         let cases = [
             (

@@ -16,8 +16,15 @@
 //! has it. Otherwise `POST /v2/<name>/blobs/uploads/` opens a session (202 + `Location`), and
 //! one `PUT <location>&digest=<digest>` sends the whole blob with `Content-Length`, streamed
 //! from the file and hashed on the way ("monolithic upload" after POST). Not the one-request
-//! POST with a body (docker-registry 2.8 answers 202 and drops the body, TESTBED.md), and not
-//! chunked PATCH (ECR has answered PATCHes wrongly, aws/containers-roadmap#2831).
+//! POST with a body (docker-registry 2.8 answers 202 and drops the body, TESTBED.md).
+//!
+//! A layer still being written (`--upload-mode stream`, crate::overlap) is uploaded in
+//! chunks instead ([`ChunkedUpload`]): POST once a chunk is written, one `PATCH` with
+//! `Content-Range` per chunk as the compressor writes them, and when the digest is known a
+//! final `PUT <location>&digest=` with the rest and the same confirming HEAD. Any doubt (an
+//! error, a `Range` other than what was sent) ends the streaming and the layer goes the way
+//! above once complete. Not for ECR by default: it has answered PATCHes wrongly and dropped
+//! their bodies (aws/containers-roadmap#2831).
 //!
 //! Cross-repo mount (spec.md "Mounting a blob from another repository"): when the
 //! caller knows another repository of the same registry that has the blob (the layer cache's
