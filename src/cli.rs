@@ -118,8 +118,8 @@ pub struct CommonArgs {
     #[arg(long, value_name = "DIR|TAR|-|s3://BUCKET/KEY", value_parser = clap::value_parser!(imgbuild::context::ContextSource))]
     pub context: Option<imgbuild::context::ContextSource>,
 
-    /// Let `src` name files outside the build context (absolute paths, `..` out of it,
-    /// symlinks leading out). Off by default, so a spec from an untrusted change cannot copy
+    /// Let `src` and the spec's `oci:` bases name files outside the build context (absolute
+    /// paths, `..` out of it, symlinks leading out). Off by default, so a spec from an untrusted change cannot copy
     /// the machine's files (e.g. credentials) into the image.
     #[arg(long, env = "IMGBUILD_ALLOW_OUTSIDE_CONTEXT")]
     pub allow_outside_context: bool,

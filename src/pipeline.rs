@@ -55,6 +55,13 @@ impl Default for BuildOptions {
     }
 }
 
+/// The build context's root every file the spec names must stay inside: `--context`, else
+/// the spec's project directory; None with `--allow-outside-context`.
+pub fn confine_root(spec: &Spec, opts: &BuildOptions) -> Option<PathBuf> {
+    (!opts.allow_outside_context)
+        .then(|| opts.context.clone().unwrap_or_else(|| spec.default_root()))
+}
+
 /// Build the image for every platform into `store`.
 pub fn build(
     spec: &Spec,
@@ -87,8 +94,7 @@ pub fn build_with_plan(
         &platforms,
         &PlanOptions {
             context: opts.context.clone().unwrap_or_else(|| spec.context.clone()),
-            confine_to: (!opts.allow_outside_context)
-                .then(|| opts.context.clone().unwrap_or_else(|| spec.default_root())),
+            confine_to: confine_root(spec, opts),
             arch_check: opts.arch_check,
             based: opts.bases.keys().cloned().collect(),
         },

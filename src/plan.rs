@@ -90,6 +90,19 @@ pub enum PlanError {
         /// The context's root, canonical.
         root: PathBuf,
     },
+    /// An `oci:` base of the spec lies outside the build context: its blobs would be read and
+    /// pushed like a `src` (e.g. a layout of another project's private images).
+    #[error("{}: base {base} {why}, outside the build context {}; put the layout inside the context (the spec's project directory, or --context DIR), or pass --allow-outside-context if this spec is trusted", spec.display(), root.display())]
+    BaseOutsideContext {
+        /// The spec file.
+        spec: PathBuf,
+        /// The base as written (`oci:PATH[:TAG]`).
+        base: String,
+        /// How it leaves the context.
+        why: String,
+        /// The context's root, canonical.
+        root: PathBuf,
+    },
     #[error("{at}: src {} is a symlink to {}, which does not exist; fix the link or point src at the real file", path.display(), target.display())]
     DanglingSymlink {
         at: Location,
@@ -269,6 +282,34 @@ pub fn plan(spec: &Spec, platforms: &[Platform], opts: &PlanOptions) -> Result<P
     }
     out.warnings = warnings.into_iter().collect();
     Ok(out)
+}
+
+/// Refuse an `oci:` base of `spec` (its `base` or a `base_overrides` entry) whose layout is
+/// outside `root` (the build context), by the same rules as `src`: the path as written, then
+/// with its symlinks resolved. A layout that does not exist is left to the base's own error.
+/// `--base` on the command line is the user's own choice and is not checked.
+pub fn confine_base_layouts(spec: &Spec, root: &Path) -> Result<(), PlanError> {
+    let root = Root::new(root, &spec.path)?;
+    let spec_dir = spec.path.parent().unwrap_or(Path::new("."));
+    for base in std::iter::once(&spec.base).chain(spec.base_overrides.values()) {
+        let crate::spec::Base::Layout { path, text, .. } = base else {
+            continue;
+        };
+        let written = path.strip_prefix(spec_dir).unwrap_or(path);
+        let why = match root.lexical(written, path) {
+            Some(why) => Some(why),
+            None => root.resolved(path).ok().flatten(),
+        };
+        if let Some(why) = why {
+            return Err(PlanError::BaseOutsideContext {
+                spec: spec.path.clone(),
+                base: text.clone(),
+                why,
+                root: root.canonical,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The build context's root, as given and canonical (symlinks resolved).

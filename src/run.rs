@@ -78,6 +78,11 @@ pub struct PushOutcome {
 }
 
 /// Build the image into the layout `req.layout` (base layers included) and the tarball.
+///
+/// A build that fails leaves no trace in an output directory that was missing or empty
+/// before it (the blob store is opened before the spec's files are planned and checked, so a
+/// refused build would otherwise leave an empty `blobs/sha256/` that looks like a layout).
+/// An existing layout keeps what it had; blobs written into it are unreferenced, never listed.
 pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, Error> {
     let dir = &req.layout;
     // A directory that is not a layout (or an index.json that cannot be added to) is the
@@ -88,6 +93,23 @@ pub fn build(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, 
         }
         _ => Error::io("--output", e),
     })?;
+    let existed = dir.exists();
+    let was_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    let built = build_into(req, progress);
+    if built.is_err() {
+        if !existed {
+            let _ = std::fs::remove_dir_all(dir);
+        } else if was_empty {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    built
+}
+
+fn build_into(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage, Error> {
+    let dir = &req.layout;
     let store =
         BlobStore::open(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let runtime = runtime()?;
@@ -421,6 +443,9 @@ fn with_bases(
 ) -> Result<(BuildOptions, Option<BlobStore>), Error> {
     let spec = &req.spec;
     let mut opts = req.options.clone();
+    if let Some(root) = pipeline::confine_root(spec, &opts) {
+        crate::plan::confine_base_layouts(spec, &root)?;
+    }
     let platforms = opts
         .platforms
         .clone()

@@ -413,7 +413,8 @@ pub(crate) fn transport_error(url: &Url, e: reqwest::Error, timeout: Duration) -
                 url: display_url(to),
                 reason: "a redirect from https to plain http".into(),
             },
-            _ => RegistryError::Insecure {
+            Some(RedirectRefusal::TooMany) => RegistryError::RedirectLoop { url: shown },
+            None => RegistryError::Insecure {
                 url: shown,
                 reason: root_cause(&e),
             },

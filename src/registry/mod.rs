@@ -469,6 +469,12 @@ pub enum RegistryError {
     },
     #[error("refusing {reason} ({url}); this would expose credentials or content to tampering")]
     Insecure { url: String, reason: String },
+    /// More redirects than a client follows: a loop, usually a misconfigured proxy or
+    /// address; not a security refusal, and not retried (it would loop again).
+    #[error(
+        "{url} redirected more than 10 times (a redirect loop); check the registry address and any proxy or load balancer in front of it"
+    )]
+    RedirectLoop { url: String },
     #[error(
         "blob {path} is corrupt: expected {expected}, found {found}; delete it and build again"
     )]
@@ -508,7 +514,8 @@ impl RegistryError {
             | RegistryError::DigestMismatch { .. }
             | RegistryError::BlobMissing { .. }
             | RegistryError::ContentMismatch { .. }
-            | RegistryError::Insecure { .. } => ExitCode::Registry,
+            | RegistryError::Insecure { .. }
+            | RegistryError::RedirectLoop { .. } => ExitCode::Registry,
             RegistryError::CaCert { .. } => ExitCode::Usage,
             RegistryError::CorruptBlob { .. }
             | RegistryError::Io { .. }

@@ -8,12 +8,10 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Nothing of an image in the layout `dir`: no `index.json`, no blob (the directory itself
-/// may exist: the store is opened before the spec's files are planned).
+/// Nothing of an image in the layout `dir`: a refused build removes the output directory it
+/// created (no empty `blobs/` that looks like a layout).
 fn no_image_in(dir: &Path) -> bool {
-    let blobs = dir.join("blobs/sha256");
-    !dir.join("index.json").exists()
-        && fs::read_dir(&blobs).map_or(true, |mut d| d.next().is_none())
+    !dir.exists()
 }
 
 /// ```text
@@ -394,4 +392,90 @@ fn long_but_legal_paths_are_written_and_extracted_intact() {
     );
     let (images, layers) = verify_digests_with_standard_tools(&w.join("out1"), &digest);
     assert_eq!((images, layers), (1, 1));
+}
+
+/// An `oci:` base named by the spec is read and pushed like a `src`: the same confinement
+/// applies (the path as written, then through symlinks); `--base` on the command line and
+/// `--allow-outside-context` are the user's own choice.
+#[test]
+fn oci_base_layouts_are_confined_too() {
+    let ws = workspace();
+    let w = ws.path();
+    let proj = w.join("proj");
+    // Two small layouts to use as bases: one outside the project, one inside.
+    for (dir, at) in [
+        (w.join("outside-layout"), w),
+        (proj.join("layouts/in"), &proj),
+    ] {
+        fs::write(
+            at.join("base.toml"),
+            "platforms = [\"linux/amd64\"]\n[[layer]]\nfiles = [ { src = \"base.toml\", dest = \"/base.toml\" } ]\n",
+        )
+        .unwrap();
+        run_ok(
+            imgbuild()
+                .current_dir(at)
+                .args(["build", "-q", "--no-cache", "-f", "base.toml", "-o"])
+                .arg(&dir),
+        );
+    }
+    symlink("../outside-layout", proj.join("layout-link")).unwrap();
+    let abs_outside = format!("--base=oci:{}", w.join("outside-layout").display());
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &[&str], Option<&str>)] = &[
+        ("outside with ..", "oci:../../outside-layout", &[], Some("leads out of it with \"..\"")),
+        ("absolute", &format!("oci:{}", w.join("outside-layout").display()), &[], Some("is an absolute path")),
+        ("a symlink inside leading out", "oci:../layout-link", &[], Some("resolves (through a symlink) to")),
+        ("inside the project", "oci:../layouts/in", &[], None),
+        ("outside, allowed", "oci:../../outside-layout", &["--allow-outside-context"], None),
+        ("--base on the command line", "scratch", &[&abs_outside], None),
+    ];
+    for (what, base, extra, refused) in cases {
+        fs::write(
+            proj.join("build-specs/b.toml"),
+            format!(
+                "platforms = [\"linux/amd64\"]\nbase = \"{base}\"\n[[layer]]\nfiles = [ {{ src = \"../app/hello.txt\", dest = \"/x\" }} ]\n"
+            ),
+        )
+        .unwrap();
+        let _ = fs::remove_dir_all(proj.join("out"));
+        let out = imgbuild()
+            .current_dir(&proj)
+            .args([
+                "build",
+                "--no-cache",
+                "-f",
+                "build-specs/b.toml",
+                "-o",
+                "out",
+            ])
+            .args(*extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        match refused {
+            Some(why) => {
+                assert_eq!(out.status.code(), Some(3), "{what}: {err}");
+                assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err}");
+                for part in [
+                    "build-specs/b.toml: base ",
+                    base,
+                    why,
+                    "outside the build context",
+                    "--allow-outside-context",
+                ] {
+                    assert!(err.contains(part), "{what}: {part:?} not in {err}");
+                }
+                assert!(
+                    no_image_in(&proj.join("out")),
+                    "{what}: a layout was written"
+                );
+            }
+            None => {
+                assert!(out.status.success(), "{what}: {err}");
+                let index = fs::read_to_string(proj.join("out/index.json")).unwrap();
+                assert!(index.contains("manifests"), "{what}: {index}");
+            }
+        }
+    }
 }

@@ -160,6 +160,38 @@ fn https_to_http_is_refused_for_redirects_and_upload_locations_and_no_credential
     assert!(!reg.log().contains("PUT /v2/down/manifests/"));
 }
 
+/// A registry (or a proxy) whose redirects go round in circles: the push ends at once with
+/// a line that says so, not as a security refusal, and no retries (it would loop again).
+#[test]
+fn a_redirect_loop_ends_the_push_with_its_own_error() {
+    let reg = Registry::start();
+    let ws = workspace(1_000_000_000);
+    let proxy = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            redirect_blob_head_to: Some("self".into()),
+            redirect_every_blob_head: true,
+            ..ProxyOpts::default()
+        },
+    );
+    let out = push_amd64(ws.path(), &format!("{}/loop", proxy.addr))
+        .args(["--retry-base-ms", "20"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    let line = error_line(&out);
+    assert!(
+        line.contains("redirected more than 10 times (a redirect loop)")
+            && line.contains(&format!("http://{}/v2/loop/blobs/sha256:", proxy.addr))
+            && !line.contains("refusing"),
+        "{line}"
+    );
+    // One HEAD and its 10 redirects per blob tried, not a retried loop.
+    let heads = proxy.seen().iter().filter(|s| s.method == "HEAD").count();
+    assert!((11..=11 * 8).contains(&heads), "{heads} HEADs");
+    assert!(!skopeo_finds(&reg, "loop:v1"), "a failed push left a tag");
+}
+
 /// A workspace with `spec.toml`: one platform, three layers of `mib` MiB of incompressible
 /// bytes each (so each upload takes as long as the proxy makes it).
 fn noise_workspace(mib: usize) -> tempfile::TempDir {

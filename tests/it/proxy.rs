@@ -87,7 +87,8 @@ pub struct ProxyOpts {
     pub html: bool,
     /// Replace `Docker-Content-Digest` in answers to PUT with another digest.
     pub wrong_digest: bool,
-    /// Redirect the first blob HEAD to this origin (e.g. `http://127.0.0.2:PORT`).
+    /// Redirect the first blob HEAD to this origin (e.g. `http://127.0.0.2:PORT`; `self`: to
+    /// this proxy, a loop with `redirect_every_blob_head`).
     pub redirect_blob_head_to: Option<String>,
     /// With `redirect_blob_head_to`: redirect every blob HEAD, not only the first.
     pub redirect_every_blob_head: bool,
@@ -937,6 +938,12 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
             !std::mem::replace(&mut st.redirected, true)
         };
         if first || opts.redirect_every_blob_head {
+            // "self": back to this proxy, i.e. a redirect loop.
+            let to = if to == "self" {
+                format!("http://{}", shared.own)
+            } else {
+                to.clone()
+            };
             respond(
                 reader.get_mut(),
                 307,
