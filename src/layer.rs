@@ -438,12 +438,15 @@ pub(crate) mod tests {
         assert_eq!(got[2].0.len(), 4 + 160);
     }
 
+    /// How a write ended: its id and blob.
+    type End = (u64, Option<(Digest, u64)>);
+
     /// Records what a layer write announces, and how much its file held at each announcement.
     #[derive(Default)]
     struct Announced {
         /// (id, written, file length then)
         bytes: std::sync::Mutex<Vec<(u64, u64, u64)>>,
-        ends: std::sync::Mutex<Vec<(u64, Option<(Digest, u64)>)>>,
+        ends: std::sync::Mutex<Vec<End>>,
     }
 
     impl Progress for Announced {
