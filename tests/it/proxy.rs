@@ -99,8 +99,8 @@ pub struct ProxyOpts {
     pub lose_puts: usize,
     /// Read request bodies at most this many bytes per second (a slow registry).
     pub read_rate: Option<u64>,
-    /// Read this many bytes of a blob-upload PUT body, then stop reading (and answering)
-    /// until the client gives up (a registry that stops reading).
+    /// Read this many bytes of a blob-upload PUT (or PATCH) body, then stop reading (and
+    /// answering) until the client gives up (a registry that stops reading).
     pub stop_reading_after: Option<usize>,
     /// Answer every manifest PUT `403 DENIED` (a credential that may upload blobs but not
     /// write manifests or tags): an authorization failure in the middle of a push.
@@ -761,7 +761,9 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
         return Ok(());
     }
     let mut body = vec![0; req.content_length];
-    let upload_put = req.method == "PUT" && req.target.contains("/blobs/uploads/");
+    // Blob bytes go in PUTs, and in PATCHes for a layer uploaded while it is compressed.
+    let upload_put =
+        (req.method == "PUT" || req.method == "PATCH") && req.target.contains("/blobs/uploads/");
     match (opts.stop_reading_after, opts.read_rate, opts.throttle) {
         (Some(n), _, _) if upload_put && req.content_length > n => {
             reader.read_exact(&mut body[..n])?;

@@ -4,7 +4,8 @@
 //! proxy in front of a real docker-registry; skopeo checks every digest of the result.
 //!
 //! The layer is 10 MiB of random bytes (they do not compress): two 4 MiB PATCHes and a final
-//! PUT of the last 2 MiB, quick to compress in a debug build.
+//! PUT of the last 2 MiB (more, if compression outruns the uploads), quick to compress in a
+//! debug build.
 
 use crate::harness::*;
 use crate::proxy::{Fault, Proxy, ProxyOpts, Seen};
@@ -136,10 +137,13 @@ fn a_large_layer_is_patched_in_chunks_while_compressed_and_put_mode_sends_the_sa
                 .expect("a PATCH without Content-Range")
         })
         .collect();
+    // Consecutive chunks from the start: two, unless compression outran the uploads (the
+    // final PUT then carries more).
     let want: Vec<String> = (0..LAYER as u64 / CHUNK)
         .map(|i| format!("{}-{}", i * CHUNK, (i + 1) * CHUNK - 1))
         .collect();
-    assert_eq!(ranges, want, "{seen:#?}");
+    assert!(!ranges.is_empty(), "{seen:#?}");
+    assert_eq!(ranges, want[..ranges.len()], "{seen:#?}");
     // One POST per blob (3: two layers and the config) and one PUT each: the streamed layer's
     // final PUT carries the rest.
     let posts = seen
@@ -152,7 +156,7 @@ fn a_large_layer_is_patched_in_chunks_while_compressed_and_put_mode_sends_the_sa
     // The default for a registry that is not ECR streams too; put mode (from the
     // environment) sends no PATCH, and the same image.
     let (default, seen) = push_ok(ws.path(), &proxy, "stream/b", &[], &[]);
-    assert_eq!(patches(&seen).len(), want.len(), "{seen:#?}");
+    assert!(!patches(&seen).is_empty(), "{seen:#?}");
     let (put, seen) = push_ok(
         ws.path(),
         &proxy,
@@ -173,7 +177,7 @@ fn a_chunk_the_registry_refuses_loses_or_drops_falls_back_to_one_put() {
         (
             "500",
             ProxyOpts {
-                fault_nth: vec![("PATCH".into(), 1, Fault::Status(500))],
+                fault_nth: vec![("PATCH".into(), 0, Fault::Status(500))],
                 ..ProxyOpts::default()
             },
         ),
@@ -197,12 +201,9 @@ fn a_chunk_the_registry_refuses_loses_or_drops_falls_back_to_one_put() {
         let proxy = Proxy::start(&reg.addr, opts);
         let repo = format!("fallback/{name}");
         let (pushed, seen) = push_ok(ws.path(), &proxy, &repo, &[], &[]);
-        // The failed stream's session is left; the layer goes whole in a new one.
-        assert_eq!(
-            patches(&seen).len(),
-            1 + usize::from(name == "500"),
-            "{name}: {seen:#?}"
-        );
+        // The first PATCH fails: no more chunks; the failed stream's session is left, and the
+        // layer goes whole in a new one.
+        assert_eq!(patches(&seen).len(), 1, "{name}: {seen:#?}");
         assert_eq!(blob_puts(&seen), 3, "{name}: {seen:#?}");
         verify(&reg, &repo);
         digests.push(pushed);
