@@ -194,6 +194,36 @@ impl Write for FileHasher {
     }
 }
 
+/// Each source file's sums as a build's tar pass read them, by source path and size: what
+/// the SBOM and provenance use when there is no layer cache (`--no-cache`) to keep them, so
+/// that each input is still read once. Shared by the layer threads of one run.
+#[derive(Debug, Clone, Default)]
+pub struct FileSumsMemo(
+    std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<(std::path::PathBuf, u64), FileSums>>,
+    >,
+);
+
+impl FileSumsMemo {
+    pub fn insert(&self, src: &std::path::Path, size: u64, sums: FileSums) {
+        self.lock().insert((src.to_path_buf(), size), sums);
+    }
+
+    pub fn get(&self, src: &std::path::Path, size: u64) -> Option<FileSums> {
+        self.lock().get(&(src.to_path_buf(), size)).cloned()
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(std::path::PathBuf, u64), FileSums>>
+    {
+        // Single inserts: a panic elsewhere cannot leave the map half-updated.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

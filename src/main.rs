@@ -724,6 +724,7 @@ fn prepare(c: &CommonArgs) -> Result<(Spec, BuildOptions)> {
         annotations,
         jobs: usize::from(c.jobs),
         cache: open_cache(c),
+        file_sums: None,
         bases: BTreeMap::new(),
     };
     Ok((spec, opts))

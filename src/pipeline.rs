@@ -4,6 +4,7 @@
 
 use crate::base::{self, ResolvedBase};
 use crate::cache::{self, LayerCache, Outcome};
+use crate::digest::FileSumsMemo;
 use crate::error::Error;
 use crate::image::{self, BuiltImage, LayerInfo, PlatformImage};
 use crate::layer::{self, LayerOptions};
@@ -35,6 +36,9 @@ pub struct BuildOptions {
     pub jobs: usize,
     /// The layer cache; None with `--no-cache`.
     pub cache: Option<LayerCache>,
+    /// Without a layer cache: keep each file's sums from the tar pass here (for the SBOM and
+    /// provenance, which then read no input again). None: not wanted.
+    pub file_sums: Option<FileSumsMemo>,
     /// Each platform's base image, resolved (`base::resolve`); platforms not here are scratch.
     pub bases: BTreeMap<Platform, ResolvedBase>,
 }
@@ -50,6 +54,7 @@ impl Default for BuildOptions {
             layer: LayerOptions::default(),
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
             cache: None,
+            file_sums: None,
             bases: BTreeMap::new(),
         }
     }
@@ -211,13 +216,18 @@ fn build_layers(
                     let Some((lp, platforms)) = unique.get(i) else {
                         break;
                     };
-                    let r = cache::write_layer_cached(
-                        opts.cache.as_ref(),
-                        lp,
-                        store,
-                        &opts.layer,
-                        progress,
-                    );
+                    let r = match (&opts.cache, &opts.file_sums) {
+                        (None, Some(memo)) => {
+                            write_layer_keeping_sums(lp, store, opts, memo, progress)
+                        }
+                        (cache, _) => cache::write_layer_cached(
+                            cache.as_ref(),
+                            lp,
+                            store,
+                            &opts.layer,
+                            progress,
+                        ),
+                    };
                     let r = r.map(|(info, outcome, warning)| {
                         if let Some(w) = warning {
                             progress.event(Event::Warning(&w));
@@ -255,4 +265,21 @@ fn build_layers(
         }
     }
     Ok(out)
+}
+
+/// Build `layer` without a cache, hashing each file as it is tarred into `memo`.
+fn write_layer_keeping_sums(
+    layer: &LayerPlan,
+    store: &BlobStore,
+    opts: &BuildOptions,
+    memo: &FileSumsMemo,
+    progress: &dyn Progress,
+) -> Result<(LayerInfo, Outcome, Option<String>), layer::LayerError> {
+    let (info, sums) = layer::write_layer_hashing(layer, store, &opts.layer, true, progress)?;
+    for (e, s) in layer.entries.iter().zip(sums) {
+        if let (plan::EntryKind::File { src, size }, Some(s)) = (&e.kind, s) {
+            memo.insert(src, *size, s);
+        }
+    }
+    Ok((info, Outcome::Built, None))
 }

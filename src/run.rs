@@ -143,6 +143,7 @@ fn build_into(req: &BuildRequest, progress: &dyn Progress) -> Result<BuiltImage,
             epoch: opts.layer.epoch,
             bases: &opts.bases,
             cache: opts.cache.as_ref(),
+            file_sums: opts.file_sums.as_ref(),
         },
         &req.image.supply,
         progress,
@@ -301,6 +302,7 @@ pub fn push_many(
                                 epoch: opts.layer.epoch,
                                 bases: &opts.bases,
                                 cache: opts.cache.as_ref(),
+                                file_sums: opts.file_sums.as_ref(),
                             },
                             &req.image.supply,
                             progress,
@@ -351,7 +353,8 @@ pub fn push_many(
         }
     }
     // Referrers go after the image and its tags: the image is usable whatever happens here,
-    // and the error says so.
+    // and the error says so. Every destination at once (each its own registry session).
+    let mut todo = Vec::new();
     for ((repo, session), (docs, report)) in repos
         .iter()
         .zip(&sessions)
@@ -373,18 +376,32 @@ pub fn push_many(
             )));
             continue;
         }
-        runtime
-            .block_on(session.attach(docs, progress))
-            .map_err(|source| Error::AttachAfterPush {
-                image_ref: format!("{repo}@{}", report.index_digest),
-                source,
-            })?;
-        if let Some(cache) = cache
-            && let Err(e) = cache.record_attached(repo, &report.index_digest, &referrers)
-        {
-            let warning = format!("layer cache {}: {e}", cache.root().display());
-            progress.event(Event::Warning(&warning));
+        todo.push((repo, session, docs, report, referrers));
+    }
+    let attached = runtime.block_on(futures::future::join_all(todo.iter().map(
+        |(_, session, docs, report, _)| session.attach(docs, report.index_was_tagged, progress),
+    )));
+    let mut failed = None;
+    for ((repo, _, _, report, referrers), result) in todo.iter().zip(attached) {
+        match result {
+            Ok(_) => {
+                if let Some(cache) = cache
+                    && let Err(e) = cache.record_attached(repo, &report.index_digest, referrers)
+                {
+                    let warning = format!("layer cache {}: {e}", cache.root().display());
+                    progress.event(Event::Warning(&warning));
+                }
+            }
+            Err(source) => {
+                failed.get_or_insert(Error::AttachAfterPush {
+                    image_ref: format!("{repo}@{}", report.index_digest),
+                    source,
+                });
+            }
         }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     let summaries: Vec<Summary<'_>> = repos
         .iter()
@@ -443,6 +460,10 @@ fn with_bases(
 ) -> Result<(BuildOptions, Option<BlobStore>), Error> {
     let spec = &req.spec;
     let mut opts = req.options.clone();
+    // Without a layer cache, the documents take each file's sums from the build's one read.
+    if opts.cache.is_none() && req.supply.any() && opts.file_sums.is_none() {
+        opts.file_sums = Some(crate::digest::FileSumsMemo::default());
+    }
     if let Some(root) = pipeline::confine_root(spec, &opts) {
         crate::plan::confine_base_layouts(spec, &root)?;
     }

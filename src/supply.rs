@@ -8,7 +8,7 @@
 
 use crate::base::ResolvedBase;
 use crate::cache::LayerCache;
-use crate::digest::{Digest, FileSums};
+use crate::digest::{Digest, FileSums, FileSumsMemo};
 use crate::error::Error;
 use crate::image::{self, BuiltImage, Descriptor, JsonBlob, MEDIA_TYPE_MANIFEST};
 use crate::plan::Plan;
@@ -141,6 +141,8 @@ pub struct BuildFacts<'a> {
     /// The layer cache the build used: file checksums and crate lists come from it, so a
     /// re-push reads no input for its documents. None (`--no-cache`): the files are read.
     pub cache: Option<&'a LayerCache>,
+    /// Without a cache: the sums the build's tar pass kept (`BuildOptions::file_sums`).
+    pub file_sums: Option<&'a FileSumsMemo>,
 }
 
 /// The documents of every platform of `image` (built from `plan`), with their referrer
@@ -160,13 +162,17 @@ pub fn attachments(
     let spec_digest = Digest::of(&spec_bytes);
     let spec_path = facts.spec.path.display().to_string();
     let platforms: Vec<Platform> = image.images.iter().map(|i| i.platform.clone()).collect();
-    // Without a layer cache: each file read once however many platforms hold it.
+    // Without a layer cache: the build's sums, else each file read once however many
+    // platforms hold it.
     let mut read = HashMap::<PathBuf, FileSums>::new();
     let mut sums = |src: &Path, size: u64| match facts.cache {
         Some(c) => c.file_sums(src, size),
         None => {
             if let Some(s) = read.get(src) {
                 return Ok(s.clone());
+            }
+            if let Some(s) = facts.file_sums.and_then(|m| m.get(src, size)) {
+                return Ok(s);
             }
             let s = crate::cache::hash_file(src, size)?;
             read.insert(src.to_path_buf(), s.clone());

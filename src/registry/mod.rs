@@ -374,13 +374,15 @@ impl Session {
 
 impl Session {
     /// Attach SBOM/provenance referrers to the pushed image's platform manifests
-    /// ([`referrers`]); call after [`Session::push_image`].
+    /// ([`referrers`]); call after [`Session::push_image`]. `image_was_tagged`: its report
+    /// said the index was already tagged (the referrers are then probably there as well).
     pub async fn attach(
         &self,
         attachments: &[crate::supply::Attachment],
+        image_was_tagged: bool,
         progress: &dyn Progress,
     ) -> Result<referrers::AttachReport, RegistryError> {
-        referrers::attach(&self.client, attachments, progress).await
+        referrers::attach(&self.client, attachments, image_was_tagged, progress).await
     }
 }
 

@@ -10,10 +10,14 @@
 //! replaced by the new ones, everything else (other tools' referrers) is kept, and only if that
 //! changed anything are the missing documents pushed and the tag written — so pushing the same
 //! image again writes nothing.
+//!
+//! All subjects go together, one wave of concurrent requests per step (read the lists, the
+//! blobs, the referrer manifests, the tags; see [`attach`]): a cold attach waits for six round
+//! trips however many platforms the image has.
 
 use super::RegistryError;
 use super::client::{Client, display_url, is_html, unexpected};
-use super::upload::{push_bytes, put_manifest};
+use super::upload::{blob_exists, push_bytes, put_manifest};
 use crate::digest::Digest;
 use crate::image::{JsonBlob, MEDIA_TYPE_INDEX};
 use crate::progress::{Event, Progress};
@@ -35,14 +39,25 @@ pub struct AttachReport {
     pub tags_written: Vec<String>,
 }
 
-/// Push `attachments` and list them as referrers of their subjects. What a subject already
-/// lists (the same referrer manifests, by digest) is not pushed again: a re-push of the same
-/// image costs one GET per platform manifest (plus one on a registry without the referrers
-/// API, which is asked once per run) and writes nothing. The first subject's answer tells
-/// whether the registry has the API; the other subjects are then handled side by side.
+/// Push `attachments` and list them as referrers of their subjects, in waves of concurrent
+/// requests (a registry is often 20-80 ms away):
+///
+/// 1. every subject's referrers, asked both ways at once: the API and the referrers tag
+///    (which of the two the registry keeps is only known from the answers, and asking one
+///    after the other would cost a round trip on every registry of the other kind); beside
+///    them, unless `likely_present`, a HEAD for every blob the documents need;
+/// 2. the blobs not listed yet (empty config once, documents): POST, PUT, confirming HEAD
+///    (with `likely_present`, a HEAD first: they are probably there);
+/// 3. every referrer manifest the lists lack;
+/// 4. every referrers tag whose merged list changed (never before the manifests it lists).
+///
+/// What a subject already lists (the same referrer manifests, by digest) is not pushed again:
+/// a re-push of the same image reads the lists and writes nothing. `likely_present`: the
+/// image was already tagged in the repository (its referrers are then probably there too).
 pub(crate) async fn attach(
     client: &Client,
     attachments: &[Attachment],
+    likely_present: bool,
     progress: &dyn Progress,
 ) -> Result<AttachReport, RegistryError> {
     let mut report = AttachReport::default();
@@ -52,87 +67,140 @@ pub(crate) async fn attach(
             subjects.push(&a.subject.digest);
         }
     }
-    let Some(first) = subjects.first() else {
+    if subjects.is_empty() {
         return Ok(report);
-    };
-    let first_index = referrers_api_index(client, first, progress).await?;
-    let has_api = first_index.is_some();
-    let mut first_index = Some(first_index);
-    let jobs = subjects.iter().map(|subject| {
-        let known = first_index.take().flatten();
-        attach_subject(client, subject, attachments, has_api, known, progress)
-    });
-    for r in futures::future::try_join_all(jobs).await? {
-        report.manifests.extend(r.manifests);
-        report.via_api.extend(r.via_api);
-        report.tags_written.extend(r.tags_written);
     }
-    Ok(report)
-}
+    // Every blob a referrer manifest names, each digest once (the empty config is shared).
+    let mut blobs = vec![empty_config()];
+    blobs.extend(attachments.iter().map(|a| a.document.clone()));
+    let mut seen = HashSet::new();
+    blobs.retain(|b| seen.insert(b.digest.clone()));
 
-/// [`attach`] for one subject. `known`: its referrers index, when already fetched.
-async fn attach_subject(
-    client: &Client,
-    subject: &Digest,
-    attachments: &[Attachment],
-    has_api: bool,
-    known: Option<Value>,
-    progress: &dyn Progress,
-) -> Result<AttachReport, RegistryError> {
-    let mut report = AttachReport::default();
-    let ours: Vec<&Attachment> = attachments
-        .iter()
-        .filter(|a| &a.subject.digest == subject)
-        .collect();
-    if has_api {
-        let index = match known {
-            Some(v) => Some(v),
-            None => referrers_api_index(client, subject, progress).await?,
-        };
-        // The registry keeps the list: push what it does not list yet.
-        let missing: Vec<&Attachment> = ours
+    // Wave 1: the lists, and (for a new image) which blobs the registry has.
+    let api = futures::future::join_all(
+        subjects
             .iter()
-            .copied()
-            .filter(|a| !index.as_ref().is_some_and(|i| lists(i, &a.manifest.digest)))
-            .collect();
-        if missing.is_empty() {
-            progress.event(Event::Debug(&format!(
-                "the referrers of {subject} already include these documents"
-            )));
-        } else {
-            push_documents(client, &missing, &mut report, progress).await?;
+            .map(|s| referrers_api_index(client, s, progress)),
+    );
+    let tags = futures::future::join_all(
+        subjects
+            .iter()
+            .map(|s| async move { get_tag_index(client, &tag_for(s), progress).await }),
+    );
+    let heads = async {
+        if likely_present {
+            return Ok(None);
         }
-        report.via_api.push(subject.clone());
-        return Ok(report);
-    }
-    let tag = tag_for(subject);
-    let existing = get_tag_index(client, &tag, progress).await?;
-    let merged = merge(existing.as_ref().map(|(v, _)| v), &ours);
-    let bytes = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
-    if existing.as_ref().is_some_and(|(_, b)| *b == bytes) {
-        progress.event(Event::Debug(&format!(
-            "referrers tag {tag} already lists these documents"
-        )));
-        return Ok(report);
-    }
-    // Our manifests the tag does not list yet go first: a tag never lists what is not there.
-    let missing: Vec<&Attachment> = ours
-        .iter()
-        .copied()
-        .filter(|a| {
+        futures::future::try_join_all(blobs.iter().map(|b| async move {
+            let what = format!("blob {}", b.digest);
+            client
+                .retry(&what, progress, || blob_exists(client, &b.digest))
+                .await
+        }))
+        .await
+        .map(Some)
+    };
+    let (api, tags, heads) = futures::join!(api, tags, heads);
+    let heads = heads?;
+    let api = api.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // A registry with the API answers it for every subject (an empty list for one with no
+    // referrers yet); the tags are then not its list, and an error reading them is moot.
+    let has_api = api.iter().any(Option::is_some);
+
+    let mut missing: Vec<&Attachment> = Vec::new();
+    let mut tag_writes: Vec<(String, JsonBlob)> = Vec::new();
+    for ((subject, index), tag_read) in subjects.iter().zip(api).zip(tags) {
+        let ours: Vec<&Attachment> = attachments
+            .iter()
+            .filter(|a| &a.subject.digest == *subject)
+            .collect();
+        if has_api {
+            // The registry keeps the list: push what it does not list yet.
+            let lacking: Vec<&Attachment> = ours
+                .iter()
+                .copied()
+                .filter(|a| !index.as_ref().is_some_and(|i| lists(i, &a.manifest.digest)))
+                .collect();
+            if lacking.is_empty() {
+                progress.event(Event::Debug(&format!(
+                    "the referrers of {subject} already include these documents"
+                )));
+            }
+            missing.extend(lacking);
+            report.via_api.push((*subject).clone());
+            continue;
+        }
+        let tag = tag_for(subject);
+        let existing = tag_read?;
+        let merged = merge(existing.as_ref().map(|(v, _)| v), &ours);
+        let bytes = Bytes::from(serde_json::to_vec(&merged).unwrap_or_default());
+        if existing.as_ref().is_some_and(|(_, b)| *b == bytes) {
+            progress.event(Event::Debug(&format!(
+                "referrers tag {tag} already lists these documents"
+            )));
+            continue;
+        }
+        // Our manifests the tag does not list yet go first: a tag never lists what is not there.
+        missing.extend(ours.iter().copied().filter(|a| {
             !existing
                 .as_ref()
                 .is_some_and(|(v, _)| lists(v, &a.manifest.digest))
-        })
-        .collect();
-    push_documents(client, &missing, &mut report, progress).await?;
-    let index = JsonBlob {
-        media_type: MEDIA_TYPE_INDEX.into(),
-        digest: Digest::of(&bytes),
-        bytes,
-    };
-    put_manifest(client, &index, &tag, progress).await?;
-    report.tags_written.push(tag);
+        }));
+        let index = JsonBlob {
+            media_type: MEDIA_TYPE_INDEX.into(),
+            digest: Digest::of(&bytes),
+            bytes,
+        };
+        tag_writes.push((tag, index));
+    }
+
+    if !missing.is_empty() {
+        // Wave 2: the blobs of the missing documents (and the empty config), each once.
+        let needed: HashSet<&Digest> = missing
+            .iter()
+            .map(|a| &a.document.digest)
+            .chain([&blobs[0].digest])
+            .collect();
+        let pushes = blobs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| needed.contains(&b.digest))
+            .map(|(i, b)| {
+                let present = heads.as_ref().map(|h| h[i]);
+                async move {
+                    if present == Some(true) {
+                        progress.event(Event::BlobSkipped {
+                            digest: &b.digest,
+                            size: b.bytes.len() as u64,
+                            reason: "already in the registry",
+                        });
+                        return Ok(false);
+                    }
+                    // Absent by the HEAD of wave 1: no second HEAD before the upload.
+                    push_bytes(client, b, present == Some(false), progress).await
+                }
+            });
+        futures::future::try_join_all(pushes).await?;
+        // Wave 3: the referrer manifests, all at once.
+        futures::future::try_join_all(missing.iter().map(|a| async move {
+            let reference = a.manifest.digest.to_string();
+            put_manifest(client, &a.manifest, &reference, progress).await
+        }))
+        .await?;
+        report
+            .manifests
+            .extend(missing.iter().map(|a| a.manifest.digest.clone()));
+    }
+    // Wave 4: the referrers tags whose list changed.
+    futures::future::try_join_all(
+        tag_writes
+            .iter()
+            .map(|(tag, index)| put_manifest(client, index, tag, progress)),
+    )
+    .await?;
+    report
+        .tags_written
+        .extend(tag_writes.into_iter().map(|(tag, _)| tag));
     Ok(report)
 }
 
@@ -142,35 +210,6 @@ fn lists(index: &Value, digest: &Digest) -> bool {
     index["manifests"]
         .as_array()
         .is_some_and(|m| m.iter().any(|e| e["digest"] == d.as_str()))
-}
-
-/// The blobs (empty config, documents: uploaded side by side, HEAD-skipped when present)
-/// and then the referrer manifests of `docs`.
-async fn push_documents(
-    client: &Client,
-    docs: &[&Attachment],
-    report: &mut AttachReport,
-    progress: &dyn Progress,
-) -> Result<(), RegistryError> {
-    if docs.is_empty() {
-        return Ok(());
-    }
-    let mut blobs = vec![empty_config()];
-    blobs.extend(docs.iter().map(|a| a.document.clone()));
-    let mut seen = HashSet::new();
-    blobs.retain(|b| seen.insert(b.digest.clone()));
-    futures::future::try_join_all(blobs.iter().map(|b| push_bytes(client, b, progress))).await?;
-    for a in docs {
-        put_manifest(
-            client,
-            &a.manifest,
-            &a.manifest.digest.to_string(),
-            progress,
-        )
-        .await?;
-        report.manifests.push(a.manifest.digest.clone());
-    }
-    Ok(())
 }
 
 /// The referrers of `subject` (descriptors): from the referrers API when the registry has

@@ -423,10 +423,12 @@ pub(crate) async fn push_layer(
 }
 
 /// Make sure the registry has the small blob `bytes` (a referrer's document or empty config),
-/// like any other blob of a push; `Ok(true)` if it was uploaded.
+/// like any other blob of a push; `Ok(true)` if it was uploaded. `known_absent`: the caller's
+/// HEAD just found it missing, so the first attempt uploads at once.
 pub(crate) async fn push_bytes(
     client: &Client,
     blob: &JsonBlob,
+    known_absent: bool,
     progress: &dyn Progress,
 ) -> Result<bool, RegistryError> {
     let blob = Blob {
@@ -434,7 +436,7 @@ pub(crate) async fn push_bytes(
         size: blob.bytes.len() as u64,
         source: Source::Bytes(blob.bytes.clone()),
     };
-    push_blob(client, &blob, None, progress).await
+    push_blob_after(client, &blob, None, known_absent, progress).await
 }
 
 /// Make sure the registry has `blob`; `Ok(true)` if we uploaded it, `Ok(false)` if it was there.
@@ -444,10 +446,24 @@ async fn push_blob(
     mount_from: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<bool, RegistryError> {
+    push_blob_after(client, blob, mount_from, false, progress).await
+}
+
+/// [`push_blob`]; with `known_absent` the first attempt skips the HEAD (a retry asks again:
+/// the failed attempt may have stored the blob).
+async fn push_blob_after(
+    client: &Client,
+    blob: &Blob,
+    mount_from: Option<&str>,
+    known_absent: bool,
+    progress: &dyn Progress,
+) -> Result<bool, RegistryError> {
     let what = format!("blob {}", blob.digest);
+    let skip_head = std::sync::atomic::AtomicBool::new(known_absent);
     client
         .retry(&what, progress, || async {
-            if blob_exists(client, &blob.digest).await? {
+            let ask = !skip_head.swap(false, std::sync::atomic::Ordering::Relaxed);
+            if ask && blob_exists(client, &blob.digest).await? {
                 progress.event(Event::BlobSkipped {
                     digest: &blob.digest,
                     size: blob.size,

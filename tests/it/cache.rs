@@ -347,3 +347,36 @@ fn a_cold_cache_reads_each_input_once_and_a_fresh_checkout_only_hashes() {
     assert_eq!(changed, 2 * (8u64 << 20));
     assert_ne!(other, digest);
 }
+
+#[test]
+fn without_a_cache_the_sbom_takes_its_checksums_from_the_one_read() {
+    let ws = big_workspace(8);
+    let input_size = (8u64 << 20) + "small\n".len() as u64;
+    let cache = tempfile::tempdir().unwrap();
+    let build = |extra: &[&str], out: &str| {
+        let out_dir = ws.path().join(out);
+        let run = run_ok(
+            imgbuild()
+                .current_dir(ws.path())
+                .env("IMGBUILD_CACHE", cache.path())
+                .args(["build", "-v", "-f", "build-specs/hello.toml", "-o"])
+                .arg(&out_dir)
+                .args(["--sbom", "spdx", "--provenance"])
+                .args(extra),
+        );
+        let index = fs::read(out_dir.join("index.json")).unwrap();
+        (input_bytes(&run.stderr), index)
+    };
+    // --no-cache: each input read once, hashed (SHA-256, SHA-1) while it is tarred.
+    let (read, plain) = build(&["--no-cache"], "plain");
+    assert_eq!(read, input_size);
+    // The same image and the same referrer manifests (so the same documents) as with a cache.
+    let (read, cached) = build(&[], "cached");
+    assert_eq!(read, input_size);
+    assert_eq!(text(&plain), text(&cached));
+    assert!(
+        text(&plain).contains("application/spdx+json"),
+        "{}",
+        text(&plain)
+    );
+}

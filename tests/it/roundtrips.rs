@@ -348,3 +348,153 @@ fn referrers_are_skipped_only_when_this_cache_recorded_attaching_them() {
         show(&seen)
     );
 }
+
+/// Requests of `seen` that started after the image's tag `latest` was written: the attach.
+fn after_tag(seen: &[Seen]) -> Vec<Seen> {
+    let tagged = seen
+        .iter()
+        .filter(|s| is_tag_put(s, "latest"))
+        .map(|s| s.end.expect("ended"))
+        .max()
+        .expect("the image was tagged");
+    seen.iter().filter(|s| s.at >= tagged).cloned().collect()
+}
+
+fn is_referrers_read(s: &Seen) -> bool {
+    s.method == "GET"
+        && (s.target.contains("/referrers/") || s.target.contains("/manifests/sha256-"))
+}
+
+#[test]
+fn attaching_referrers_to_every_platform_is_six_round_trips_after_the_tag() {
+    let reg = Registry::start();
+    let proxy = delaying(&reg);
+    let ws = workspace(1_700_000_000);
+    let cache = tempfile::tempdir().unwrap();
+    warm(ws.path(), cache.path());
+
+    // Referrers tag schema (docker-registry 2.8 has no referrers API). One wave per step,
+    // all three platforms together: the lists (API and tag asked at once) and a HEAD per
+    // blob; POST, PUT and the confirming HEAD of the empty config and six documents; the six
+    // referrer manifests; the three referrers tags.
+    let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/refs", &[]);
+    let attach = after_tag(&seen);
+    let depth = proxy::critical_path(&attach, |_| true, |_| true);
+    eprintln!(
+        "attach: {depth} round trips, {} requests:\n{}",
+        attach.len(),
+        show(&attach)
+    );
+    assert!(depth <= 6, "{depth} round trips:\n{}", show(&seen));
+    // 3 API GETs + 3 tag GETs, 7 blobs x 4 (HEAD, POST, PUT, HEAD), 6 manifests, 3 tags.
+    assert_eq!(attach.len(), 6 + 28 + 6 + 3, "{}", show(&attach));
+    // The image's part is unchanged by what follows it.
+    let image = proxy::critical_path(&seen, |_| true, |s| is_tag_put(s, "latest"));
+    assert!(
+        image <= 8,
+        "{image} round trips to the tag:\n{}",
+        show(&seen)
+    );
+    let whole = proxy::critical_path(&seen, |_| true, |_| true);
+    eprintln!("whole push: {whole} round trips, {} requests", seen.len());
+    assert!(whole <= 14, "{whole} round trips:\n{}", show(&seen));
+    let referrers_tag = |s: &Seen| s.method == "PUT" && s.target.contains("/manifests/sha256-");
+    let referrer_manifest =
+        |s: &Seen| is_manifest_put_by_digest(s) && !s.target.contains("/manifests/sha256-");
+    let blob = |s: &Seen| s.target.contains("/blobs/");
+    all_after(&attach, is_referrers_read, |s| {
+        !is_referrers_read(s) && !s.target.contains("/blobs/sha256:")
+    });
+    all_after(&attach, blob, referrer_manifest);
+    all_after(&attach, referrer_manifest, referrers_tag);
+    // Every platform lists exactly its two documents, and a re-push with another cache (no
+    // record of attaching them) reads the lists and writes nothing.
+    let fresh = tempfile::tempdir().unwrap();
+    warm(ws.path(), fresh.path());
+    let seen = push_ok(ws.path(), fresh.path(), &proxy, "rt/refs", &[]);
+    let attach = after_tag_or_head(&seen);
+    assert!(attach.iter().all(|s| s.method == "GET"), "{}", show(&seen));
+    let depth = proxy::critical_path(&attach, |_| true, |_| true);
+    assert_eq!(depth, 1, "{}", show(&seen));
+
+    // With the referrers API (the proxy plays it): no tags to write, one step fewer.
+    let api = Proxy::start(
+        &reg.addr,
+        ProxyOpts {
+            delay: Some(DELAY),
+            referrers_api: true,
+            ..ProxyOpts::default()
+        },
+    );
+    let other = tempfile::tempdir().unwrap();
+    warm(ws.path(), other.path());
+    let seen = push_ok(ws.path(), other.path(), &api, "rt/refs-api", &[]);
+    let attach = after_tag(&seen);
+    let depth = proxy::critical_path(&attach, |_| true, |_| true);
+    assert!(depth <= 5, "{depth} round trips:\n{}", show(&seen));
+    assert!(
+        !attach
+            .iter()
+            .any(|s| s.method == "PUT" && s.target.contains("/manifests/sha256-")),
+        "{}",
+        show(&attach)
+    );
+}
+
+/// Requests after the image's part of a no-op re-push (the tag's HEAD, which names the index).
+fn after_tag_or_head(seen: &[Seen]) -> Vec<Seen> {
+    let head = seen
+        .iter()
+        .filter(|s| s.method == "HEAD" && s.target.ends_with("/manifests/latest"))
+        .map(|s| s.end.expect("ended"))
+        .max()
+        .expect("the tag was asked for");
+    seen.iter().filter(|s| s.at >= head).cloned().collect()
+}
+
+#[test]
+fn a_wiped_registry_gets_the_image_and_its_referrers_again_despite_the_records() {
+    let reg = Registry::start();
+    let proxy = Proxy::start(&reg.addr, ProxyOpts::default());
+    let ws = workspace(1_700_000_000);
+    let cache = tempfile::tempdir().unwrap();
+    warm(ws.path(), cache.path());
+    push_ok(ws.path(), cache.path(), &proxy, "rt/wiped", &[]);
+    let index = index_of_tag(&reg, "rt/wiped", "latest");
+    // The repository is gone (blobs, manifests, tags); the layer cache still records every
+    // blob and the referrers as pushed there.
+    let repo = reg
+        .storage()
+        .join("docker/registry/v2/repositories/rt/wiped");
+    assert!(repo.is_dir(), "{}", repo.display());
+    std::fs::remove_dir_all(&repo).unwrap();
+
+    let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/wiped", &[]);
+    assert_eq!(index, index_of_tag(&reg, "rt/wiped", "latest"));
+    assert!(
+        seen.iter()
+            .any(|s| s.method == "PUT" && s.target.contains("/manifests/sha256-")),
+        "referrers attached again:\n{}",
+        show(&seen)
+    );
+    // Each platform manifest lists its SBOM and provenance again.
+    let raw = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &reg.docker_ref("rt/wiped:latest"),
+    ]);
+    let index: serde_json::Value = serde_json::from_slice(&raw.stdout).unwrap();
+    for m in index["manifests"].as_array().unwrap() {
+        let hex = m["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        let out = skopeo(&[
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &reg.docker_ref(&format!("rt/wiped:sha256-{hex}")),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(list["manifests"].as_array().unwrap().len(), 2, "{list}");
+    }
+}
