@@ -294,7 +294,14 @@ impl Session {
         let end = loop {
             if !failed {
                 let ready = *written.borrow_and_update();
-                if let Err(e) = upload.send_chunks(&self.client, ready).await {
+                let started = upload.started();
+                let sent = upload.send_chunks(&self.client, ready).await;
+                if !started && upload.started() {
+                    progress.event(crate::progress::Event::Debug(
+                        "uploading a layer while it is compressed, in chunks",
+                    ));
+                }
+                if let Err(e) = sent {
                     progress.event(crate::progress::Event::Debug(&format!(
                         "uploading a layer while it is written failed ({}); it is uploaded whole once complete",
                         e.short_reason()

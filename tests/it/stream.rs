@@ -167,6 +167,17 @@ fn a_large_layer_is_patched_in_chunks_while_compressed_and_put_mode_sends_the_sa
     assert!(patches(&seen).is_empty(), "{seen:#?}");
     assert_eq!(streamed, put);
     assert_eq!(default, put);
+
+    // One build pushed to two repositories: the layer is streamed to each, read from the
+    // one file while it is written.
+    let more = format!("{}/stream/e", proxy.addr);
+    let (both, seen) = push_ok(ws.path(), &proxy, "stream/d", &["--repo", &more], &[]);
+    assert_eq!(both, put);
+    for repo in ["/v2/stream/d/", "/v2/stream/e/"] {
+        let to = |s: &&Seen| s.target.starts_with(repo);
+        assert!(patches(&seen).iter().any(to), "{repo}: {seen:#?}");
+    }
+    verify(&reg, "stream/e");
 }
 
 #[test]
