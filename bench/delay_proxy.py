@@ -5,11 +5,14 @@ and end times, so bench/run.sh can count requests and round trips per push.
 
     python3 bench/delay_proxy.py LISTEN_PORT UPSTREAM_HOST:PORT DELAY_MS LOG_FILE
 
-Keep-alive connections, Content-Length and chunked request bodies; answers are forwarded
-whole with Content-Length (the benchmark's blobs are small). A TLS ClientHello is closed at
-once, as a plain-http registry's port would refuse it, so clients that try https first fall
-back to http without waiting. The Host header is passed on, so the registry's Location
-headers name the proxy.
+Faithful apart from the delay: keep-alive on both sides (each client connection has its own
+upstream connection, opened with the client's first request and reused, as a client's
+connection to a registry would be), Nagle off and each answer written in one send (no
+delayed-ACK stalls), so at DELAY_MS 0 a request costs about what it costs without the proxy.
+Content-Length and chunked request bodies; answers are forwarded whole with Content-Length
+(the benchmark's blobs are small). A TLS ClientHello is closed at once, as a plain-http
+registry's port would refuse it, so clients that try https first fall back to http without
+waiting. The Host header is passed on, so the registry's Location headers name the proxy.
 
 Log lines: `START_NS END_NS METHOD TARGET STATUS` (monotonic nanoseconds). `report LOG`
 (second form) prints `REQUESTS ROUND_TRIPS`: the longest chain of requests that ran one after
@@ -54,9 +57,20 @@ def main():
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # TCP_NODELAY: an answer is one send, and nothing waits for the peer's delayed ACK.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args):
             pass
+
+        def setup(self):
+            super().setup()
+            self.upstream = None
+
+        def finish(self):
+            if self.upstream is not None:
+                self.upstream.close()
+            super().finish()
 
         def body(self):
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -72,6 +86,24 @@ def main():
             n = int(self.headers.get("Content-Length") or 0)
             return self.rfile.read(n) if n else b""
 
+        def exchange(self, data, headers):
+            """Send the request upstream on this connection's upstream connection (opened
+            once, reused); a reused connection the registry closed while idle is reopened
+            once (nothing was processed on it)."""
+            for attempt in (0, 1):
+                reused = self.upstream is not None
+                if not reused:
+                    self.upstream = http.client.HTTPConnection(up_host, int(up_port), timeout=120)
+                try:
+                    self.upstream.request(self.command, self.path, body=data, headers=headers)
+                    resp = self.upstream.getresponse()
+                    return resp, resp.read()
+                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                    self.upstream.close()
+                    self.upstream = None
+                    if not reused or attempt:
+                        raise
+
         def forward(self):
             start = time.monotonic_ns()
             data = self.body()
@@ -79,31 +111,27 @@ def main():
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
             if data or self.command in ("PUT", "POST", "PATCH"):
                 headers["Content-Length"] = str(len(data))
-            conn = http.client.HTTPConnection(up_host, int(up_port), timeout=120)
-            try:
-                conn.request(self.command, self.path, body=data, headers=headers)
-                resp = conn.getresponse()
-                payload = resp.read()
-                self.send_response_only(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in HOP and k.lower() != "content-length":
-                        self.send_header(k, v)
-                if self.command == "HEAD":
-                    length = resp.getheader("Content-Length")
-                    if length is not None:
-                        self.send_header("Content-Length", length)
-                else:
-                    self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-                self.wfile.flush()
-                status = resp.status
-            finally:
-                conn.close()
+            resp, payload = self.exchange(data, headers)
+            if resp.will_close:
+                self.upstream.close()
+                self.upstream = None
+            out = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
+            for k, v in resp.getheaders():
+                if k.lower() not in HOP and k.lower() != "content-length":
+                    out.append(f"{k}: {v}\r\n")
+            if self.command == "HEAD":
+                length = resp.getheader("Content-Length")
+                if length is not None:
+                    out.append(f"Content-Length: {length}\r\n")
+            else:
+                out.append(f"Content-Length: {len(payload)}\r\n")
+            out.append("\r\n")
+            head = "".join(out).encode("latin-1")
+            self.wfile.write(head if self.command == "HEAD" else head + payload)
+            self.wfile.flush()
             end = time.monotonic_ns()
             with lock:
-                log.write(f"{start} {end} {self.command} {self.path.split('?')[0]} {status}\n")
+                log.write(f"{start} {end} {self.command} {self.path.split('?')[0]} {resp.status}\n")
 
         do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 

@@ -393,13 +393,11 @@ pub fn write_layer_cached(
     layer: &LayerPlan,
     store: &BlobStore,
     opts: &LayerOptions,
+    progress: &dyn crate::progress::Progress,
 ) -> Result<(LayerInfo, Outcome, Option<String>), LayerError> {
     let Some(cache) = cache else {
-        return Ok((
-            crate::layer::write_layer(layer, store, opts)?,
-            Outcome::Built,
-            None,
-        ));
+        let (info, _) = crate::layer::write_layer_hashing(layer, store, opts, false, progress)?;
+        return Ok((info, Outcome::Built, None));
     };
     let shape = LayerCache::shape(layer, opts);
     let shape_path = cache.root.join(SHAPES).join(shape.hex());
@@ -444,7 +442,8 @@ pub fn write_layer_cached(
     } else {
         None
     };
-    let (info, sums) = crate::layer::write_layer_hashing(layer, store, opts, key.is_none())?;
+    let (info, sums) =
+        crate::layer::write_layer_hashing(layer, store, opts, key.is_none(), progress)?;
     let key = match key {
         Some(key) => key,
         None => {

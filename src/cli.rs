@@ -342,6 +342,12 @@ pub struct PushArgs {
     /// ECR: make the tags of a repository created by --create-repository immutable.
     #[arg(long, requires = "create_repository")]
     pub ecr_immutable_tags: bool,
+
+    /// How layers are uploaded: stream (while they are compressed: chunks as the compressed
+    /// bytes come, then the rest) or put (each once complete, in one request). Default:
+    /// stream, but put for Amazon ECR (its chunked uploads have been unreliable).
+    #[arg(long, env = "IMGBUILD_UPLOAD_MODE", value_name = "stream|put")]
+    pub upload_mode: Option<imgbuild::registry::UploadMode>,
     /// Retry a failed request (5xx, 429, reset, stall) this many times, with backoff.
     #[arg(long, default_value_t = imgbuild::registry::retry::DEFAULT_RETRIES, value_name = "N")]
     pub retries: u32,

@@ -7,6 +7,10 @@
 //!                                  --> Encoder --> BlobWriter (digest: sha256 of the blob) --> blobs/sha256/<digest>
 //! ```
 //!
+//! While the blob is written, [`Event::LayerBytes`] says how much of it is in the temporary
+//! file (and [`Event::LayerBytesEnd`] how it ended), so that a push can upload a layer while it
+//! is still being compressed ([`crate::overlap`]); the build itself knows nothing of registries.
+//!
 //! Nothing is held whole in memory: each file is streamed through fixed-size buffers, and the
 //! parallel encoder keeps a bounded number of blocks in flight.
 //! Headers are fully determined by the plan and `SOURCE_DATE_EPOCH`: mtime fixed, numeric
@@ -17,7 +21,8 @@ use crate::compress::{Compression, Encoder};
 use crate::digest::{Digest, FileHasher, FileSums, HashingWriter};
 use crate::image::{Descriptor, LayerInfo};
 use crate::plan::{EntryKind, LayerPlan};
-use crate::store::BlobStore;
+use crate::progress::{Event, Progress};
+use crate::store::{BlobStore, BlobWriter};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -27,6 +32,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const ENCODER_INPUT: usize = 1 << 20;
 /// Read size for file contents: one read per piece the encoder takes.
 const FILE_READ: usize = ENCODER_INPUT;
+
+/// Compressed bytes between two [`Event::LayerBytes`]: often enough that an uploader sending
+/// 4 MiB chunks learns of each within a quarter of a chunk, rarely enough to cost nothing
+/// (the store's writer buffers 256 KiB, so the extra flushes write nothing early).
+const ANNOUNCE_EVERY: u64 = 1 << 20;
 
 /// How to write layers.
 #[derive(Debug, Clone)]
@@ -98,24 +108,26 @@ pub fn write_layer(
     store: &BlobStore,
     opts: &LayerOptions,
 ) -> Result<LayerInfo, LayerError> {
-    write_layer_hashing(layer, store, opts, false).map(|(info, _)| info)
+    write_layer_hashing(layer, store, opts, false, &crate::progress::Silent).map(|(info, _)| info)
 }
 
 /// [`write_layer`], and with `hash_files` the sha256 and SHA-1 of each regular file's content
 /// as it was read into the tar (None for other entries, and without `hash_files`): the layer
 /// cache's key and the SBOM need them, and this way a cold cache reads each input once.
+/// `progress` hears how much of the blob is written ([`Event::LayerBytes`]).
 pub fn write_layer_hashing(
     layer: &LayerPlan,
     store: &BlobStore,
     opts: &LayerOptions,
     hash_files: bool,
+    progress: &dyn Progress,
 ) -> Result<(LayerInfo, Vec<Option<FileSums>>), LayerError> {
     let mut file_digests = Vec::with_capacity(layer.entries.len());
     let write_err = |source| LayerError::Write {
         dir: store.root().to_path_buf(),
         source,
     };
-    let blob = store.writer().map_err(write_err)?;
+    let blob = Announcing::new(store.writer().map_err(write_err)?, progress);
     let encoder = Encoder::new(blob, opts.compression, opts.threads).map_err(write_err)?;
     // tar writes in 8 KiB pieces; the encoders work per call (zstd's multithreaded mode
     // synchronises with its workers on each one), so feed them 1 MiB at a time. The bytes do
@@ -187,6 +199,94 @@ pub fn write_layer_hashing(
         created_by: layer.created_by.clone(),
     };
     Ok((info, file_digests))
+}
+
+/// Numbers the blob writes of this process, for [`Event::LayerBytes`].
+static WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// The store's writer, saying every [`ANNOUNCE_EVERY`] bytes how much is in the temporary
+/// file ([`Event::LayerBytes`], after flushing it there), and how the write ended
+/// ([`Event::LayerBytesEnd`]: committed, or failed when dropped uncommitted, e.g. on an
+/// error or a panic). A blob smaller than that announces nothing.
+struct Announcing<'p> {
+    /// None once committed.
+    blob: Option<BlobWriter>,
+    progress: &'p dyn Progress,
+    id: u64,
+    written: u64,
+    /// `written` at the last announcement; 0 before the first.
+    announced: u64,
+}
+
+impl<'p> Announcing<'p> {
+    fn new(blob: BlobWriter, progress: &'p dyn Progress) -> Self {
+        Announcing {
+            blob: Some(blob),
+            progress,
+            id: WRITES.fetch_add(1, Ordering::Relaxed),
+            written: 0,
+            announced: 0,
+        }
+    }
+
+    fn blob(&mut self) -> io::Result<&mut BlobWriter> {
+        self.blob
+            .as_mut()
+            .ok_or_else(|| io::Error::other("layer blob written after its commit"))
+    }
+
+    /// [`BlobWriter::commit`], then say the blob is complete.
+    fn commit(mut self) -> io::Result<(Digest, u64)> {
+        let blob = self
+            .blob
+            .take()
+            .ok_or_else(|| io::Error::other("layer blob committed twice"))?;
+        // On an error, drop says the write failed.
+        let (digest, size) = blob.commit()?;
+        if self.announced > 0 {
+            self.announced = 0;
+            self.progress.event(Event::LayerBytesEnd {
+                id: self.id,
+                blob: Some((&digest, size)),
+            });
+        }
+        Ok((digest, size))
+    }
+}
+
+impl Write for Announcing<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.blob()?.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.announced >= ANNOUNCE_EVERY {
+            self.announced = self.written;
+            let (id, written, progress) = (self.id, self.written, self.progress);
+            let blob = self.blob()?;
+            blob.flush()?;
+            progress.event(Event::LayerBytes {
+                id,
+                temp: blob.temp_path(),
+                written,
+            });
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.blob()?.flush()
+    }
+}
+
+impl Drop for Announcing<'_> {
+    fn drop(&mut self) {
+        // Announced but not committed: whoever reads the file must not wait for the rest.
+        if self.announced > 0 {
+            self.progress.event(Event::LayerBytesEnd {
+                id: self.id,
+                blob: None,
+            });
+        }
+    }
 }
 
 /// Why a file's content could not be copied into the tar.
@@ -338,6 +438,91 @@ pub(crate) mod tests {
         assert_eq!(got[2].0.len(), 4 + 160);
     }
 
+    /// How a write ended: its id and blob.
+    type End = (u64, Option<(Digest, u64)>);
+
+    /// Records what a layer write announces, and how much its file held at each announcement.
+    #[derive(Default)]
+    struct Announced {
+        /// (id, written, file length then)
+        bytes: std::sync::Mutex<Vec<(u64, u64, u64)>>,
+        ends: std::sync::Mutex<Vec<End>>,
+    }
+
+    impl Progress for Announced {
+        fn event(&self, event: Event<'_>) {
+            match event {
+                Event::LayerBytes { id, temp, written } => {
+                    let len = std::fs::metadata(temp).map_or(0, |m| m.len());
+                    self.bytes.lock().unwrap().push((id, written, len));
+                }
+                Event::LayerBytesEnd { id, blob } => {
+                    let blob = blob.map(|(d, s)| (d.clone(), s));
+                    self.ends.lock().unwrap().push((id, blob));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_layer_announces_the_bytes_in_its_file_and_its_end() {
+        let src = tempfile::tempdir().unwrap();
+        let mut plan = entries(src.path());
+        // 3 MiB that hardly compress: an announcement per MiB written but the last.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let data: Vec<u8> = (0..3 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(src.path().join("f"), &data).unwrap();
+        if let EntryKind::File { size, .. } = &mut plan.entries[1].kind {
+            *size = data.len() as u64;
+        }
+        let store = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
+        let seen = Announced::default();
+        let (info, _) =
+            write_layer_hashing(&plan, &store, &LayerOptions::default(), false, &seen).unwrap();
+        let bytes = seen.bytes.into_inner().unwrap();
+        assert!(bytes.len() >= 2, "{bytes:?}");
+        let id = bytes[0].0;
+        let mut last = 0;
+        for &(i, written, len) in &bytes {
+            assert_eq!(i, id);
+            assert!(written >= last + ANNOUNCE_EVERY, "{bytes:?}");
+            // Announced bytes are in the file, for another descriptor to read.
+            assert!(len >= written, "{bytes:?}");
+            last = written;
+        }
+        let ends = seen.ends.into_inner().unwrap();
+        let want = (info.descriptor.digest.clone(), info.descriptor.size);
+        assert_eq!(ends, vec![(id, Some(want))]);
+
+        // A write that fails after announcing bytes says it failed (here the file is
+        // shorter than planned: found at its end).
+        let failed = Announced::default();
+        let mut plan = entries(src.path());
+        std::fs::write(src.path().join("f"), &data).unwrap();
+        if let EntryKind::File { size, .. } = &mut plan.entries[1].kind {
+            *size = data.len() as u64 + 100;
+        }
+        let err = write_layer_hashing(&plan, &store, &LayerOptions::default(), false, &failed);
+        assert!(matches!(err, Err(LayerError::Changed { .. })));
+        let id = failed.bytes.into_inner().unwrap()[0].0;
+        assert_eq!(failed.ends.into_inner().unwrap(), vec![(id, None)]);
+
+        // A small layer announces nothing.
+        let small = Announced::default();
+        let plan = entries(src.path());
+        let _ = write_layer_hashing(&plan, &store, &LayerOptions::default(), false, &small);
+        assert!(small.bytes.into_inner().unwrap().is_empty());
+        assert!(small.ends.into_inner().unwrap().is_empty());
+    }
+
     #[test]
     fn contents_go_in_as_tar_itself_would_write_them() {
         // The layer's tar, decompressed, against tar's own `append_data` of the same entries:
@@ -376,8 +561,14 @@ pub(crate) mod tests {
             created_by: "test".into(),
         };
         let store = BlobStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
-        let (info, sums) =
-            write_layer_hashing(&plan, &store, &LayerOptions::default(), true).unwrap();
+        let (info, sums) = write_layer_hashing(
+            &plan,
+            &store,
+            &LayerOptions::default(),
+            true,
+            &crate::progress::Silent,
+        )
+        .unwrap();
         let mut got = Vec::new();
         flate2::read::GzDecoder::new(File::open(store.path(&info.descriptor.digest)).unwrap())
             .read_to_end(&mut got)

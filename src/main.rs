@@ -393,6 +393,7 @@ fn push_request(
                 base_delay: Duration::from_millis(args.retry_base_ms),
                 deadline: Duration::from_secs(args.deadline),
             },
+            upload_mode: args.upload_mode.unwrap_or_default(),
             ..RegistryOptions::default()
         },
         repository,

@@ -217,10 +217,16 @@ fn build_layers(
                         break;
                     };
                     let r = match (&opts.cache, &opts.file_sums) {
-                        (None, Some(memo)) => write_layer_keeping_sums(lp, store, opts, memo),
-                        (cache, _) => {
-                            cache::write_layer_cached(cache.as_ref(), lp, store, &opts.layer)
+                        (None, Some(memo)) => {
+                            write_layer_keeping_sums(lp, store, opts, memo, progress)
                         }
+                        (cache, _) => cache::write_layer_cached(
+                            cache.as_ref(),
+                            lp,
+                            store,
+                            &opts.layer,
+                            progress,
+                        ),
                     };
                     let r = r.map(|(info, outcome, warning)| {
                         if let Some(w) = warning {
@@ -267,8 +273,9 @@ fn write_layer_keeping_sums(
     store: &BlobStore,
     opts: &BuildOptions,
     memo: &FileSumsMemo,
+    progress: &dyn Progress,
 ) -> Result<(LayerInfo, Outcome, Option<String>), layer::LayerError> {
-    let (info, sums) = layer::write_layer_hashing(layer, store, &opts.layer, true)?;
+    let (info, sums) = layer::write_layer_hashing(layer, store, &opts.layer, true, progress)?;
     for (e, s) in layer.entries.iter().zip(sums) {
         if let (plan::EntryKind::File { src, size }, Some(s)) = (&e.kind, s) {
             memo.insert(src, *size, s);

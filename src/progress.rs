@@ -6,6 +6,7 @@ use crate::digest::Digest;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::Path;
 use std::sync::Mutex;
 
 /// Something that happened in the pipeline.
@@ -16,6 +17,21 @@ pub enum Event<'a> {
         digest: &'a Digest,
         size: u64,
         what: &'a str,
+    },
+    /// The first `written` compressed bytes of a layer blob still being written are in its
+    /// temporary file `temp`, flushed to the OS (a file opened by another descriptor reads
+    /// them): an observer may upload them while the rest is compressed ([`crate::overlap`]).
+    /// `id` tells concurrent writes apart. Sent every MiB or so; not shown.
+    LayerBytes {
+        id: u64,
+        temp: &'a Path,
+        written: u64,
+    },
+    /// The write `id` that sent [`Event::LayerBytes`] ended: its blob is complete and renamed
+    /// to its digest (`size` bytes), or (None) writing it failed. Not shown.
+    LayerBytesEnd {
+        id: u64,
+        blob: Option<(&'a Digest, u64)>,
     },
     /// A warning the user should read (e.g. a dynamically linked ELF on scratch).
     Warning(&'a str),
@@ -100,6 +116,7 @@ impl Progress for Lines {
             Event::LayerBuilt { digest, size, what } => {
                 format!("layer {} {} ({})", short(digest), human(size), what)
             }
+            Event::LayerBytes { .. } | Event::LayerBytesEnd { .. } => return,
             Event::Warning(w) => format!("warning: {w}"),
             Event::BlobStart { digest, size } => {
                 format!("uploading {} ({})", short(digest), human(size))
@@ -171,6 +188,8 @@ impl Progress for Bars {
                     bar.finish();
                 }
             }
+            // Frequent and never shown: not worth suspending the bars for.
+            Event::LayerBytes { .. } | Event::LayerBytesEnd { .. } => {}
             other => {
                 self.multi.suspend(|| self.lines.event(other));
             }

@@ -255,7 +255,14 @@ pub fn push_many(
     // Build on this thread; upload each layer as it is finished on another (overlap), to
     // every repository at once, and push the image from there as soon as it is built (its
     // configs beside the layer uploads still under way).
-    let (feed, queues) = LayerFeed::fan_out(progress, repos.len());
+    // Layers are uploaded while they are compressed to the repositories whose upload mode
+    // says so (`--upload-mode`; not ECR by default).
+    let streams: Vec<bool> = repos
+        .iter()
+        .zip(&push_opts)
+        .map(|(repo, o)| o.upload_mode.streams(&repo.registry))
+        .collect();
+    let (feed, queues) = LayerFeed::fan_out(progress, &streams);
     let (built_tx, built_rx) = tokio::sync::watch::channel(None);
     let tags = &req.image.tags;
     let (prepared, pushes) = std::thread::scope(|s| {
@@ -271,7 +278,6 @@ pub fn push_many(
                         built_rx.clone(),
                         tags,
                         &store,
-                        o.jobs,
                         progress,
                     )
                 });

@@ -73,6 +73,7 @@ impl BlobStore {
         // them (what a killed run left behind).
         tmp.as_file().lock()?;
         Ok(BlobWriter {
+            temp: tmp.path().to_path_buf(),
             inner: HashingWriter::new(BufWriter::with_capacity(256 * 1024, tmp)),
             store: self.clone(),
         })
@@ -134,10 +135,19 @@ fn remove_stale_temporaries(dir: &Path) {
 #[derive(Debug)]
 pub struct BlobWriter {
     inner: HashingWriter<BufWriter<tempfile::NamedTempFile>>,
+    /// The temporary file's path until the commit.
+    temp: PathBuf,
     store: BlobStore,
 }
 
 impl BlobWriter {
+    /// The temporary file being written (what [`Write::flush`] has written is in it). It is
+    /// renamed by [`BlobWriter::commit`] and removed if the writer is dropped: a reader must
+    /// open it while the writer is alive and keep it open.
+    pub fn temp_path(&self) -> &Path {
+        &self.temp
+    }
+
     /// Finish the blob: flush, rename to its digest, return (digest, size).
     /// A file already under that name is replaced (atomically, by the rename): these bytes
     /// are known to hash to the digest, the old file only claims to (it may be a corrupted

@@ -10,6 +10,9 @@ use crate::progress::{Event, Progress};
 use crate::reference::{Repository, host_of};
 use reqwest::header::{AUTHORIZATION, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// A registry reached over a known scheme, for one repository.
@@ -24,55 +27,174 @@ pub(crate) struct Client {
     timeout: Duration,
     /// `--retries` / `--deadline`, the deadline counted from `connect`.
     retrier: super::retry::Retrier,
+    /// The client's certificate verifier (its roots are loaded on first use).
+    #[cfg_attr(not(test), allow(dead_code))]
+    verifier: Arc<LazyVerifier>,
 }
 
-/// Build the reqwest client shared by every request of a push.
+/// Build the reqwest client shared by every request of a push, and its certificate verifier
+/// (to [`Roots::prewarm`] when https is certain).
 ///
 /// - TLS: rustls with the `ring` provider, system roots (rustls-platform-verifier) plus the
-///   `--ca-cert` files; verification is never turned off.
+///   `--ca-cert` files; verification is never turned off. The TLS configuration is reqwest's
+///   own (TLS 1.3 and 1.2, SNI, ALPN h2 and http/1.1), made here only so that the verifier is
+///   [`LazyVerifier`]: the system roots (hundreds of files) are read when a server first
+///   shows a certificate, not for a plain-http registry on loopback that never does.
 /// - Timeouts: `connect_timeout` for the connect phase; each small request sets its own total
 ///   timeout, and blob uploads have a stall watchdog (upload.rs). Not reqwest's `read_timeout`:
 ///   in reqwest 0.13 it counts from the start of the request to the response headers, so it
 ///   would cut off any upload slower than the timeout.
 /// - Redirects: at most 10; never from https to http. reqwest itself drops `Authorization`
 ///   when a redirect leaves the origin (blob GETs are redirected to object storage).
-pub(crate) fn build_http(opts: &RegistryOptions) -> Result<reqwest::Client, RegistryError> {
+pub(crate) fn build_http(
+    opts: &RegistryOptions,
+) -> Result<(reqwest::Client, Arc<LazyVerifier>), RegistryError> {
     // Another part of the process may have installed a provider already; either is fine.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
     let mut roots = Vec::new();
     for path in &opts.ca_certs {
         let pem = std::fs::read(path).map_err(|source| RegistryError::Io {
             path: path.clone(),
             source,
         })?;
-        let certs =
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RegistryError::CaCert {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let ca_cert = |reason: &str| RegistryError::CaCert {
+            path: path.clone(),
+            reason: reason.into(),
+        };
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| ca_cert("invalid certificate encoding"))?;
         if certs.is_empty() {
-            return Err(RegistryError::CaCert {
-                path: path.clone(),
-                reason: "it holds no PEM certificate".into(),
-            });
+            return Err(ca_cert("it holds no PEM certificate"));
+        }
+        // Refused now, as reqwest would when building the client, not at the first handshake.
+        for cert in &certs {
+            rustls::RootCertStore::empty()
+                .add(cert.clone())
+                .map_err(|e| ca_cert(&e.to_string()))?;
         }
         roots.extend(certs);
     }
+    let verifier = Arc::new(LazyVerifier::new(roots, Arc::clone(&provider)));
+    let client_error = |reason: String| RegistryError::Client { reason };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| client_error(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::clone(&verifier) as Arc<_>)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let policy = reqwest::redirect::Policy::custom(|attempt| {
         match redirect_refusal(attempt.previous(), attempt.url()) {
             Some(why) => attempt.error(why),
             None => attempt.follow(),
         }
     });
-    super::resolve::apply(reqwest::Client::builder(), &opts.resolve)
+    let http = super::resolve::apply(reqwest::Client::builder(), &opts.resolve)
         .user_agent(opts.user_agent.clone())
         .connect_timeout(opts.timeout)
         .redirect(policy)
-        .tls_certs_merge(roots)
+        .tls_backend_preconfigured(tls)
         .build()
-        .map_err(|e| RegistryError::Client {
-            reason: error_chain(&e),
-        })
+        .map_err(|e| client_error(error_chain(&e)))?;
+    Ok((http, verifier))
+}
+
+/// rustls-platform-verifier's verifier (system roots plus the `--ca-cert` roots, what reqwest
+/// uses by default), made on first use: loading the system roots reads and parses every
+/// file of the system's certificate store, tens of milliseconds that a push to a plain-http
+/// registry never needs. The signature schemes offered in the ClientHello come from the
+/// crypto provider, as the platform verifier's own do, so the roots are still not read
+/// until the server's certificate is there to check.
+#[derive(Debug)]
+pub(crate) struct LazyVerifier {
+    extra_roots: Vec<CertificateDer<'static>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    inner: OnceLock<Result<Arc<rustls_platform_verifier::Verifier>, rustls::Error>>,
+}
+
+impl LazyVerifier {
+    fn new(
+        extra_roots: Vec<CertificateDer<'static>>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Self {
+        LazyVerifier {
+            extra_roots,
+            provider,
+            inner: OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> Result<&rustls_platform_verifier::Verifier, rustls::Error> {
+        self.inner
+            .get_or_init(|| {
+                rustls_platform_verifier::Verifier::new_with_extra_roots(
+                    self.extra_roots.iter().cloned(),
+                    Arc::clone(&self.provider),
+                )
+                .map(Arc::new)
+            })
+            .as_deref()
+            .map_err(Clone::clone)
+    }
+
+    /// Whether the roots are loaded (tests: a plain-http push never loads them).
+    #[cfg(test)]
+    fn loaded(&self) -> bool {
+        self.inner.get().is_some()
+    }
+
+    /// Load the roots on a blocking thread now, while the connection is being made: for a
+    /// host reached only over https they are needed one round trip from now.
+    pub(crate) fn prewarm(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        drop(tokio::task::spawn_blocking(move || {
+            let _ = me.get();
+        }));
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for LazyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.get()?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.get()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.get()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        // What the platform verifier answers (its inner WebPkiServerVerifier's), without
+        // loading the roots.
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// A redirect we do not follow (the error the redirect policy hands reqwest).
@@ -155,9 +277,12 @@ impl Client {
         opts: &RegistryOptions,
         progress: &dyn Progress,
     ) -> Result<Client, RegistryError> {
-        let http = build_http(opts)?;
+        let (http, roots) = build_http(opts)?;
         let retrier = super::retry::Retrier::start(opts.retry);
         let plain_ok = plain_http_allowed(&repo.registry, &opts.insecure_registries);
+        if !plain_ok {
+            roots.prewarm();
+        }
         let make = |scheme: &str| -> Result<Client, RegistryError> {
             let base = format!("{scheme}://{}/", api_host(&repo.registry));
             Ok(Client {
@@ -173,6 +298,7 @@ impl Client {
                 auth: Auth::new(&repo.registry, &repo.path, opts),
                 timeout: opts.timeout,
                 retrier,
+                verifier: Arc::clone(&roots),
             })
         };
         retrier
@@ -624,6 +750,54 @@ mod tests {
                 "{registry} {insecure:?}"
             );
         }
+    }
+
+    /// A one-thread-per-connection server on loopback that answers every plain-http request
+    /// 200 and closes a TLS ClientHello, as a plain registry's port does.
+    fn plain_registry() -> std::net::SocketAddr {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while stream.read(&mut byte).is_ok_and(|n| n == 1) {
+                        if buf.is_empty() && byte[0] == 0x16 {
+                            return;
+                        }
+                        buf.push(byte[0]);
+                        if buf.ends_with(b"\r\n\r\n") {
+                            buf.clear();
+                            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                            if stream.write_all(ok).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_plain_http_registry_on_loopback_never_loads_the_system_roots() {
+        let addr = plain_registry();
+        let repo = Repository {
+            registry: addr.to_string(),
+            path: "x".into(),
+        };
+        let client = Client::connect(&repo, &RegistryOptions::default(), &crate::progress::Silent)
+            .await
+            .expect("connect");
+        assert_eq!(client.base.scheme(), "http");
+        assert!(!client.verifier.loaded(), "the system roots were loaded");
+        // The verifier still works when a certificate does come: loading is only deferred.
+        assert!(client.verifier.get().is_ok());
+        assert!(client.verifier.loaded());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - [`client`]: the reqwest client, https-or-http choice, `/v2/` ping, requests with auth
 //!   attached and one re-authentication on 401.
 //! - [`auth`]: `WWW-Authenticate` parsing, credential sources, Bearer token cache, [`Secret`].
-//! - [`upload`]: blobs (HEAD, POST, one streamed PUT), manifests, index, tags, in that order.
+//! - [`upload`]: blobs (HEAD, POST, one streamed PUT; or, for a layer still being written,
+//!   PATCHed chunks as it grows and a final PUT), manifests, index, tags, in that order.
 //! - [`ecr`]: Amazon ECR hosts, AWS credentials, the token cache, create-on-push.
 //! - [`resolve`]: `--resolve HOST:PORT:ADDR` (curl's convention).
 //! - [`retry`]: which failures are retried, backoff with jitter, `Retry-After`, the deadline.
@@ -32,6 +33,7 @@ pub(crate) use ecr::sdk_config as aws_sdk_config;
 pub use ecr::{AwsOptions, EcrError, EcrHost, parse_host as parse_ecr_host};
 pub use resolve::{ResolveOverride, ResolveParseError};
 pub use retry::RetryPolicy;
+pub(crate) use upload::PATCH_CHUNK;
 
 use crate::digest::Digest;
 use crate::exit::ExitCode;
@@ -80,6 +82,49 @@ pub struct RegistryOptions {
     pub resolve: Vec<ResolveOverride>,
     /// `--retries`, `--deadline` and the backoff base.
     pub retry: RetryPolicy,
+    /// `--upload-mode`: whether layers are uploaded while they are compressed.
+    pub upload_mode: UploadMode,
+}
+
+/// How a push uploads layers (`--upload-mode`, `IMGBUILD_UPLOAD_MODE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UploadMode {
+    /// `stream`, except `put` for Amazon ECR, whose chunked uploads have been broken
+    /// (aws/containers-roadmap#2831, TESTBED.md).
+    #[default]
+    Auto,
+    /// Upload each layer while it is compressed, in chunks as the compressed bytes come
+    /// (spec.md "Pushing a blob in chunks"), the rest with the final PUT; a layer smaller
+    /// than one chunk, or taken from the cache, goes as with `put`. Falls back to `put` for a
+    /// layer whose chunks the registry does not take as it should.
+    Stream,
+    /// Upload each layer once it is complete, in one streamed PUT.
+    Put,
+}
+
+impl UploadMode {
+    /// Whether layers pushed to `registry` are streamed.
+    pub fn streams(self, registry: &str) -> bool {
+        match self {
+            UploadMode::Auto => ecr::parse_host(registry).is_none(),
+            UploadMode::Stream => true,
+            UploadMode::Put => false,
+        }
+    }
+}
+
+impl std::str::FromStr for UploadMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(UploadMode::Auto),
+            "stream" => Ok(UploadMode::Stream),
+            "put" => Ok(UploadMode::Put),
+            _ => Err(format!(
+                "unknown upload mode {s:?}: use stream, put or auto (stream, put for ECR)"
+            )),
+        }
+    }
 }
 
 impl Default for RegistryOptions {
@@ -98,6 +143,7 @@ impl Default for RegistryOptions {
             aws: AwsOptions::default(),
             resolve: Vec::new(),
             retry: RetryPolicy::default(),
+            upload_mode: UploadMode::Auto,
         }
     }
 }
@@ -215,6 +261,91 @@ impl Session {
         Ok(())
     }
 
+    /// Whether layers are uploaded to this session while they are written
+    /// ([`RegistryOptions::upload_mode`]).
+    pub fn streams_layers(&self) -> bool {
+        self.opts.upload_mode.streams(&self.repo.registry)
+    }
+
+    /// Claim `digest` for a streamed upload about to be finished: see [`upload::Blobs::claim`].
+    pub(crate) fn claim(&self, digest: &Digest) -> Option<upload::Claim> {
+        self.blobs.claim(digest)
+    }
+
+    /// Upload a layer while it is written ([`upload::ChunkedUpload`]): `file` reads its
+    /// temporary file `temp`, `written` follows how much of it is there, and `finished` says
+    /// when it is complete (its digest, size, and the claim to finish it; a closed channel:
+    /// writing failed, nothing to upload; no claim: someone else makes sure of it). A
+    /// layer whose streaming failed is then pushed whole ([`Session::push_layer`]); its
+    /// failure is left for the image push to retry and report.
+    pub(crate) async fn stream_layer(
+        &self,
+        file: std::sync::Arc<std::fs::File>,
+        temp: PathBuf,
+        mut written: tokio::sync::watch::Receiver<u64>,
+        finished: tokio::sync::oneshot::Receiver<Finished>,
+        store: &BlobStore,
+        progress: &dyn Progress,
+    ) {
+        let mut upload = upload::ChunkedUpload::new(file, temp);
+        let mut failed = false;
+        let mut growing = true;
+        tokio::pin!(finished);
+        let end = loop {
+            if !failed {
+                let ready = *written.borrow_and_update();
+                let started = upload.started();
+                let sent = upload.send_chunks(&self.client, ready).await;
+                if !started && upload.started() {
+                    progress.event(crate::progress::Event::Debug(
+                        "uploading a layer while it is compressed, in chunks",
+                    ));
+                }
+                if let Err(e) = sent {
+                    progress.event(crate::progress::Event::Debug(&format!(
+                        "uploading a layer while it is written failed ({}); it is uploaded whole once complete",
+                        e.short_reason()
+                    )));
+                    failed = true;
+                }
+            }
+            tokio::select! {
+                biased;
+                end = &mut finished => break end,
+                changed = written.changed(), if growing && !failed => growing = changed.is_ok(),
+            }
+        };
+        let Ok(Finished {
+            digest,
+            size,
+            claim,
+        }) = end
+        else {
+            return;
+        };
+        let Some(claim) = claim else { return };
+        if !failed && upload.started() {
+            match self
+                .blobs
+                .finish_stream(&self.client, upload, &digest, size, claim, progress)
+                .await
+            {
+                Ok(_) => return,
+                Err(e) => progress.event(crate::progress::Event::Debug(&format!(
+                    "finishing the streamed upload of {digest} failed ({}); uploading it whole",
+                    e.short_reason()
+                ))),
+            }
+        } else {
+            drop(claim);
+        }
+        if let Err(e) = self.push_layer(&digest, size, store, progress).await {
+            progress.event(crate::progress::Event::Debug(&format!(
+                "early upload of {digest} failed ({e}); the image push tries again"
+            )));
+        }
+    }
+
     /// Push the base layers not in the store (mounted or copied) and what of `image` is not
     /// confirmed yet, then manifests, the index and `tags` ([`upload::push_image`]: nothing
     /// but the tags' HEADs when a tag already names the index). On ECR, a missing repository
@@ -260,6 +391,15 @@ impl Session {
     ) -> Result<referrers::AttachReport, RegistryError> {
         referrers::attach(&self.client, attachments, image_was_tagged, progress).await
     }
+}
+
+/// A layer streamed by [`Session::stream_layer`] is complete.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub(crate) digest: Digest,
+    pub(crate) size: u64,
+    /// From [`Session::claim`].
+    pub(crate) claim: Option<upload::Claim>,
 }
 
 /// Why a push failed. Each message is one line, names the URL, registry or file, says what to
@@ -499,6 +639,19 @@ mod tests {
     ) {
         fn assert_send<T: Send>(_: &T) {}
         assert_send(&push(image, store, repo, &[], opts, progress));
+    }
+
+    #[test]
+    fn upload_mode_streams_except_to_ecr_unless_asked() {
+        let ecr = "123456789012.dkr.ecr.eu-west-1.amazonaws.com";
+        let other = "ghcr.io";
+        let modes = |m: &str| m.parse::<UploadMode>().unwrap();
+        assert!(modes("auto").streams(other) && !modes("auto").streams(ecr));
+        assert!(UploadMode::default().streams("127.0.0.1:5000"));
+        assert!(modes("stream").streams(ecr));
+        assert!(!modes("put").streams(other));
+        let err = "chunked".parse::<UploadMode>().unwrap_err();
+        assert!(err.contains("stream, put or auto"), "{err}");
     }
 
     #[test]

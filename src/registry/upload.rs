@@ -7,17 +7,25 @@
 //!
 //! Round trips (a CI runner is often 20-80 ms from its registry): each stage is one wave of
 //! concurrent requests, not one request after another: all blobs (layers, configs, base
-//! layers) together, all platform manifests together, the index, all tags together. A cold
-//! push is thus the ping, the four requests of one blob, and three more (manifests, index,
-//! tags). A re-push first asks the tags for their digest ([`push_image`]): a tag that already
-//! names our index makes everything else unnecessary.
+//! layers) together, all platform manifests together, then the index under all its tags at
+//! once (a PUT by tag stores the manifest and tags it; by digest when there is no tag). A
+//! cold push is thus the ping, the four requests of one blob, and two more (manifests, the
+//! index with its tags). A re-push first asks the tags for their digest ([`push_image`]): a
+//! tag that already names our index makes everything else unnecessary.
 //!
 //! One blob (spec.md "Pushing blobs"): `HEAD /v2/<name>/blobs/<digest>`; 200 means the registry
 //! has it. Otherwise `POST /v2/<name>/blobs/uploads/` opens a session (202 + `Location`), and
 //! one `PUT <location>&digest=<digest>` sends the whole blob with `Content-Length`, streamed
 //! from the file and hashed on the way ("monolithic upload" after POST). Not the one-request
-//! POST with a body (docker-registry 2.8 answers 202 and drops the body, TESTBED.md), and not
-//! chunked PATCH (ECR has answered PATCHes wrongly, aws/containers-roadmap#2831).
+//! POST with a body (docker-registry 2.8 answers 202 and drops the body, TESTBED.md).
+//!
+//! A layer still being written (`--upload-mode stream`, crate::overlap) is uploaded in
+//! chunks instead ([`ChunkedUpload`]): POST once a chunk is written, one `PATCH` with
+//! `Content-Range` per chunk as the compressor writes them, and when the digest is known a
+//! final `PUT <location>&digest=` with the rest and the same confirming HEAD. Any doubt (an
+//! error, a `Range` other than what was sent) ends the streaming and the layer goes the way
+//! above once complete. Not for ECR by default: it has answered PATCHes wrongly and dropped
+//! their bodies (aws/containers-roadmap#2831).
 //!
 //! Cross-repo mount (spec.md "Mounting a blob from another repository"): when the
 //! caller knows another repository of the same registry that has the blob (the layer cache's
@@ -35,7 +43,7 @@ use crate::progress::{Event, Progress};
 use crate::store::BlobStore;
 use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _};
-use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::header::{ACCEPT, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, LOCATION, RANGE};
 use reqwest::{Response, StatusCode, Url};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -78,14 +86,29 @@ impl Blob {
 /// retries (the image push reports that error).
 #[derive(Debug)]
 pub(crate) struct Blobs {
-    /// Per digest, once confirmed: whether this session uploaded it (false: it was there, or
-    /// was mounted).
-    cells: Mutex<HashMap<Digest, Arc<tokio::sync::OnceCell<bool>>>>,
+    cells: Mutex<HashMap<Digest, Arc<Entry>>>,
     /// Streamed (layer) uploads at once: `--jobs`, for the early uploads and the image push
     /// together. Configs are small and in memory: they do not wait for a layer's slot, so
     /// every blob of an image goes in one wave.
     streams: tokio::sync::Semaphore,
 }
+
+/// One digest of [`Blobs`].
+#[derive(Debug, Default)]
+struct Entry {
+    /// Once confirmed: whether this session uploaded it (false: it was there, or was
+    /// mounted).
+    cell: tokio::sync::OnceCell<bool>,
+    /// Held by an upload streamed while the layer was written, from the moment its digest
+    /// is known until it is finished ([`Blobs::claim`]): everyone else waits for it, then
+    /// finds the blob confirmed or (if finishing failed) tries the usual way. Taken without
+    /// waiting, so who goes first does not depend on which task runs first.
+    claim: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The right to finish a streamed upload of a blob before anyone else tries it.
+#[derive(Debug)]
+pub(crate) struct Claim(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>);
 
 impl Blobs {
     pub(crate) fn new(jobs: usize) -> Self {
@@ -93,6 +116,49 @@ impl Blobs {
             cells: Mutex::new(HashMap::new()),
             streams: tokio::sync::Semaphore::new(jobs.max(1)),
         }
+    }
+
+    fn entry(&self, digest: &Digest) -> Arc<Entry> {
+        Arc::clone(
+            self.cells
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(digest.clone())
+                .or_default(),
+        )
+    }
+
+    /// Claim `digest` for a streamed upload about to be finished; None when it is confirmed
+    /// already or another streamed upload claimed it (that one finishes it, or the usual
+    /// path does).
+    pub(crate) fn claim(&self, digest: &Digest) -> Option<Claim> {
+        let entry = self.entry(digest);
+        if entry.cell.initialized() {
+            return None;
+        }
+        Arc::clone(&entry.claim).try_lock_owned().ok().map(Claim)
+    }
+
+    /// Finish the streamed upload `upload` of `digest` (`size` bytes) under `claim`: the
+    /// final PUT and the confirming HEAD, once, remembered like any other blob (no retries:
+    /// on failure the caller uploads it the usual way).
+    pub(crate) async fn finish_stream(
+        &self,
+        client: &Client,
+        upload: ChunkedUpload,
+        digest: &Digest,
+        size: u64,
+        claim: Claim,
+        progress: &dyn Progress,
+    ) -> Result<bool, RegistryError> {
+        let entry = self.entry(digest);
+        let result = entry
+            .cell
+            .get_or_try_init(|| upload.finish(client, digest, size, progress))
+            .await
+            .copied();
+        drop(claim);
+        result
     }
 
     /// [`push_layer`] for a layer pushed while the build runs, remembered for the image push.
@@ -118,27 +184,25 @@ impl Blobs {
         mount_from: Option<&str>,
         progress: &dyn Progress,
     ) -> Result<bool, RegistryError> {
-        let cell = Arc::clone(
-            self.cells
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(blob.digest.clone())
-                .or_default(),
-        );
-        cell.get_or_try_init(|| async {
-            let _slot = match blob.source {
-                Source::File(_) => Some(
-                    self.streams
-                        .acquire()
-                        .await
-                        .expect("the semaphore is never closed"),
-                ),
-                Source::Bytes(_) => None,
-            };
-            push_blob(client, blob, mount_from, progress).await
-        })
-        .await
-        .copied()
+        let entry = self.entry(&blob.digest);
+        // A streamed upload finishing this blob goes first (bounded: its requests time out).
+        drop(entry.claim.lock().await);
+        entry
+            .cell
+            .get_or_try_init(|| async {
+                let _slot = match blob.source {
+                    Source::File(_) => Some(
+                        self.streams
+                            .acquire()
+                            .await
+                            .expect("the semaphore is never closed"),
+                    ),
+                    Source::Bytes(_) => None,
+                };
+                push_blob(client, blob, mount_from, progress).await
+            })
+            .await
+            .copied()
     }
 }
 
@@ -147,7 +211,7 @@ impl Blobs {
 /// Round trips (a registry is often 20-80 ms away): every blob of the image (layers, configs,
 /// and the base layers `base_layers` makes sure of) goes in one wave, `blobs` holding those
 /// already under way or confirmed since the build started; then all platform manifests at
-/// once, the index, and all tags at once.
+/// once, and the index under all its tags at once (by digest when there is no tag).
 ///
 /// Before that, the tags are asked for their digest (HEAD, every manifest type accepted): a
 /// tag that already names our index means the repository has the index, its manifests and
@@ -277,7 +341,12 @@ where
                 .map(|(m, reference)| put_manifest(client, m, reference, progress)),
         )
         .await?;
-        put_manifest(client, index, &index.digest.to_string(), progress).await?;
+        // With tags, the index goes up under them (below): a PUT by tag stores the manifest
+        // and points the tag at it in one request (spec.md "Pushing manifests"), a round trip
+        // less than by digest and then by tag, and no tag exists before the manifests do.
+        if tags.is_empty() {
+            put_manifest(client, index, &index.digest.to_string(), progress).await?;
+        }
     }
     let missing = tags
         .iter()
@@ -604,17 +673,12 @@ fn session_url(start: &Url, response: &Response, digest: &Digest) -> Result<Url,
         .headers()
         .get(LOCATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| RegistryError::Protocol {
-            url: display_url(start),
-            status: 202,
-            body_snippet: "the answer has no (readable) Location header".into(),
-            retry_after: None,
-        })?;
+        .ok_or_else(|| no_location(start, 202))?;
     upload_url(start, location, digest)
 }
 
 /// Stream the file at `path` as the body of `PUT url`, hashing it on the way, with a stall
-/// watchdog: if no chunk is taken for `timeout` and no answer came, give up.
+/// watchdog ([`put_watched`]).
 async fn put_file(
     client: &Client,
     url: &Url,
@@ -623,54 +687,28 @@ async fn put_file(
     progress: &dyn Progress,
 ) -> Result<Response, RegistryError> {
     let digest = &blob.digest;
-    let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
     let mut hasher = Arc::new(Mutex::new(StreamHasher::default()));
-    let result = {
-        let send = client.send(|http| {
+    let result = put_watched(
+        client,
+        url,
+        digest,
+        blob.size,
+        |tx| {
             let file = std::fs::File::open(path).map_err(|source| RegistryError::Io {
                 path: path.to_path_buf(),
                 source,
             })?;
             // A fresh hasher per attempt (send() rebuilds the request after a 401).
             hasher = Arc::new(Mutex::new(StreamHasher::default()));
-            let body = file_body(
+            Ok(file_body(
                 tokio::fs::File::from_std(file),
                 Arc::clone(&hasher),
-                tx.clone(),
-            );
-            Ok(http
-                .put(url.clone())
-                .header(CONTENT_TYPE, "application/octet-stream")
-                .header(CONTENT_LENGTH, blob.size)
-                .body(body))
-        });
-        tokio::pin!(send);
-        let timeout = client.timeout();
-        let mut deadline = tokio::time::Instant::now() + timeout;
-        let mut taken: u64 = 0;
-        loop {
-            tokio::select! {
-                result = &mut send => break result,
-                Some(n) = rx.recv() => {
-                    progress.event(Event::BlobProgress { digest, n });
-                    taken += n;
-                    deadline = tokio::time::Instant::now() + timeout;
-                    if taken >= blob.size {
-                        // Everything is taken, but up to the socket buffers' worth (tens of
-                        // MB on Linux) may not be read by the registry yet: a registry reading
-                        // slowly but steadily still has it to read before it answers.
-                        deadline += drain_allowance(blob.size);
-                    }
-                }
-                () = tokio::time::sleep_until(deadline) => {
-                    break Err(RegistryError::Timeout { url: display_url(url), secs: timeout.as_secs() });
-                }
-            }
-        }
-    };
-    while let Ok(n) = rx.try_recv() {
-        progress.event(Event::BlobProgress { digest, n });
-    }
+                tx,
+            ))
+        },
+        progress,
+    )
+    .await;
     // If every byte went out, they must have been the right ones: otherwise the store is
     // corrupt, whatever the registry answered (it would say DIGEST_INVALID).
     let (got, sent) = hasher
@@ -684,6 +722,60 @@ async fn put_file(
             expected: digest.clone(),
             found: format!("content hashing to {got}"),
         });
+    }
+    result
+}
+
+/// `PUT url` with the `length`-byte body `body` makes (called again when the request is
+/// re-sent after a 401; it reports each piece taken on the sender it is given, as
+/// [`Event::BlobProgress`] of `digest`), with a stall watchdog: if no piece is taken for the
+/// timeout and no answer came, give up.
+async fn put_watched<F>(
+    client: &Client,
+    url: &Url,
+    digest: &Digest,
+    length: u64,
+    mut body: F,
+    progress: &dyn Progress,
+) -> Result<Response, RegistryError>
+where
+    F: FnMut(mpsc::UnboundedSender<u64>) -> Result<reqwest::Body, RegistryError>,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
+    let result = {
+        let send = client.send(|http| {
+            Ok(http
+                .put(url.clone())
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, length)
+                .body(body(tx.clone())?))
+        });
+        tokio::pin!(send);
+        let timeout = client.timeout();
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut taken: u64 = 0;
+        loop {
+            tokio::select! {
+                result = &mut send => break result,
+                Some(n) = rx.recv() => {
+                    progress.event(Event::BlobProgress { digest, n });
+                    taken += n;
+                    deadline = tokio::time::Instant::now() + timeout;
+                    if taken >= length {
+                        // Everything is taken, but up to the socket buffers' worth (tens of
+                        // MB on Linux) may not be read by the registry yet: a registry reading
+                        // slowly but steadily still has it to read before it answers.
+                        deadline += drain_allowance(length);
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    break Err(RegistryError::Timeout { url: display_url(url), secs: timeout.as_secs() });
+                }
+            }
+        }
+    };
+    while let Ok(n) = rx.try_recv() {
+        progress.event(Event::BlobProgress { digest, n });
     }
     result
 }
@@ -714,6 +806,271 @@ fn file_body(
             let _ = tx.send(chunk.len() as u64);
         });
     reqwest::Body::wrap_stream(stream)
+}
+
+/// Bytes `start..end` of `file` as a request body, read at their offsets (the descriptor's
+/// position is not used: several uploads may share it), hashed on the way, each piece's
+/// length reported on `tx`.
+fn range_body(
+    file: Arc<std::fs::File>,
+    start: u64,
+    end: u64,
+    hasher: Arc<Mutex<StreamHasher>>,
+    tx: mpsc::UnboundedSender<u64>,
+) -> reqwest::Body {
+    let stream = futures::stream::try_unfold(start, move |at| {
+        let file = Arc::clone(&file);
+        async move {
+            if at >= end {
+                return Ok(None);
+            }
+            let len = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let piece = read_at(file, at, len).await?;
+            Ok::<_, std::io::Error>(Some((piece, at + len as u64)))
+        }
+    })
+    .inspect_ok(move |piece| {
+        hasher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .update(piece);
+        let _ = tx.send(piece.len() as u64);
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
+/// `len` bytes of `file` at `offset` (a blocking read, off the async threads).
+async fn read_at(file: Arc<std::fs::File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt as _;
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Bytes per PATCH of a layer uploaded while it is written, and the least a layer must have
+/// written before such an upload starts (smaller layers go up whole when complete: one PUT
+/// is fewer requests). 4 MiB: GHCR refuses PATCH bodies over 4 MiB (TESTBED.md), and a
+/// chunk is read into memory whole (bounded: one per upload); small enough that the last
+/// chunk, sent after compression ends, is quick. ECR, which wants parts of at least 5 MiB,
+/// is not streamed to by default (its chunked uploads are broken, see [`ChunkedUpload`]).
+pub(crate) const PATCH_CHUNK: u64 = 4 << 20;
+
+/// A layer uploaded while it is being written (spec.md "Pushing a blob in chunks"): `POST`
+/// opens a session once a chunk is ready, each [`PATCH_CHUNK`] of the temporary file goes as
+/// `PATCH <location>` with `Content-Range: <start>-<end>` as soon as it is written, and once
+/// the layer is complete and its digest known, `PUT <location>&digest=<digest>` carries the
+/// rest, then a HEAD confirms the blob, as for a whole upload.
+///
+/// Each answer's `Location` is followed, and its `Range` must say the registry has exactly
+/// the bytes sent (ECR has answered chunked uploads wrongly and dropped PATCH bodies,
+/// aws/containers-roadmap#2831): any other answer, or any failure, ends the streaming, and
+/// the layer is uploaded whole the usual way (with retries) once complete. The bytes are
+/// hashed as they are sent; the final PUT checks them against the compressor's digest, as
+/// [`put_file`] does. The file is read through a descriptor opened while it was being
+/// written, so its rename to its digest does not matter.
+#[derive(Debug)]
+pub(crate) struct ChunkedUpload {
+    file: Arc<std::fs::File>,
+    /// The temporary file's name, for messages.
+    temp: PathBuf,
+    /// The session's URL (the last answer's `Location`); None before the POST.
+    url: Option<Url>,
+    /// Bytes the registry has taken (its `Range` said so).
+    sent: u64,
+    /// Of those bytes.
+    hasher: StreamHasher,
+}
+
+impl ChunkedUpload {
+    pub(crate) fn new(file: Arc<std::fs::File>, temp: PathBuf) -> Self {
+        ChunkedUpload {
+            file,
+            temp,
+            url: None,
+            sent: 0,
+            hasher: StreamHasher::default(),
+        }
+    }
+
+    /// Whether the session is open (a chunk was ready).
+    pub(crate) fn started(&self) -> bool {
+        self.url.is_some()
+    }
+
+    /// Send every whole chunk of the first `written` bytes not sent yet (opening the session
+    /// first if needed).
+    pub(crate) async fn send_chunks(
+        &mut self,
+        client: &Client,
+        written: u64,
+    ) -> Result<(), RegistryError> {
+        while written.saturating_sub(self.sent) >= PATCH_CHUNK {
+            let url = match &self.url {
+                Some(url) => url.clone(),
+                None => open_session(client).await?,
+            };
+            self.url = Some(url.clone());
+            let len = usize::try_from(PATCH_CHUNK).unwrap_or(usize::MAX);
+            let chunk = read_at(Arc::clone(&self.file), self.sent, len)
+                .await
+                .map_err(|source| RegistryError::Io {
+                    path: self.temp.clone(),
+                    source,
+                })?;
+            self.url = Some(patch(client, &url, self.sent, chunk.clone()).await?);
+            self.hasher.update(&chunk);
+            self.sent += PATCH_CHUNK;
+        }
+        Ok(())
+    }
+
+    /// The layer is complete: `PUT` the rest with its digest, check that what was sent hashes
+    /// to it, confirm with a HEAD. `Ok(true)`: uploaded.
+    async fn finish(
+        self,
+        client: &Client,
+        digest: &Digest,
+        size: u64,
+        progress: &dyn Progress,
+    ) -> Result<bool, RegistryError> {
+        let corrupt = |found: String| RegistryError::CorruptBlob {
+            path: self.temp.clone(),
+            expected: digest.clone(),
+            found,
+        };
+        let Some(mut url) = self.url.clone() else {
+            return Err(RegistryError::Client {
+                reason: "a streamed upload was finished before it started".into(),
+            });
+        };
+        if size < self.sent {
+            return Err(corrupt(format!(
+                "{size} bytes, fewer than the {} already sent",
+                self.sent
+            )));
+        }
+        url.query_pairs_mut()
+            .append_pair("digest", &digest.to_string());
+        progress.event(Event::BlobStart { digest, size });
+        progress.event(Event::BlobProgress {
+            digest,
+            n: self.sent,
+        });
+        let hasher = Arc::new(Mutex::new(self.hasher.clone()));
+        let response = put_watched(
+            client,
+            &url,
+            digest,
+            size - self.sent,
+            |tx| {
+                // Each attempt starts from the chunks the registry has.
+                *hasher.lock().unwrap_or_else(PoisonError::into_inner) = self.hasher.clone();
+                Ok(range_body(
+                    Arc::clone(&self.file),
+                    self.sent,
+                    size,
+                    Arc::clone(&hasher),
+                    tx,
+                ))
+            },
+            progress,
+        )
+        .await;
+        let (got, hashed) = hasher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .finish();
+        if hashed == size && got != *digest {
+            return Err(corrupt(format!("content hashing to {got}")));
+        }
+        let response = response?;
+        if !response.status().is_success() || is_html(response.headers()) {
+            return Err(unexpected(&url, response).await);
+        }
+        check_digest(&url, &response, digest)?;
+        if !blob_exists(client, digest).await? {
+            return Err(RegistryError::BlobMissing {
+                url: display_url(&client.repo_url(&format!("blobs/{digest}"))),
+                digest: digest.clone(),
+            });
+        }
+        progress.event(Event::BlobDone { digest });
+        Ok(true)
+    }
+}
+
+/// `POST /v2/<name>/blobs/uploads/` for a chunked upload: the session's URL.
+async fn open_session(client: &Client) -> Result<Url, RegistryError> {
+    let start = client.repo_url("blobs/uploads/");
+    let response = post_uploads(client, &start).await?;
+    if response.status() != StatusCode::ACCEPTED {
+        return Err(unexpected(&start, response).await);
+    }
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| no_location(&start, 202))?;
+    join_location(&start, location, 202)
+}
+
+/// `PATCH url` with `chunk`, the bytes from `start` on (spec.md "Pushing a blob in chunks"):
+/// the answer must be 202 with a `Range` ending at the chunk's last byte; returns its
+/// `Location`, where the next request goes.
+async fn patch(client: &Client, url: &Url, start: u64, chunk: Bytes) -> Result<Url, RegistryError> {
+    let len = chunk.len() as u64;
+    let end = start + len - 1;
+    let response = client
+        .send(|http| {
+            Ok(http
+                .patch(url.clone())
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, len)
+                .header(CONTENT_RANGE, format!("{start}-{end}"))
+                .body(chunk.clone())
+                .timeout(client.timeout() + drain_allowance(len)))
+        })
+        .await?;
+    if response.status() != StatusCode::ACCEPTED || is_html(response.headers()) {
+        return Err(unexpected(url, response).await);
+    }
+    let range = response
+        .headers()
+        .get(RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let want = format!("0-{end}");
+    if range.map(|r| r.strip_prefix("bytes=").unwrap_or(r)) != Some(want.as_str()) {
+        return Err(RegistryError::Protocol {
+            url: display_url(url),
+            status: 202,
+            body_snippet: format!(
+                "the upload's Range is {} after bytes {start}-{end} were sent (expected {want})",
+                range.unwrap_or("missing")
+            ),
+            retry_after: None,
+        });
+    }
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| no_location(url, 202))?;
+    join_location(url, location, 202)
+}
+
+fn no_location(url: &Url, status: u16) -> RegistryError {
+    RegistryError::Protocol {
+        url: display_url(url),
+        status,
+        body_snippet: "the answer has no (readable) Location header".into(),
+        retry_after: None,
+    }
 }
 
 /// `PUT /v2/<name>/manifests/<reference>` with the exact bytes we hashed (spec.md "Pushing
@@ -798,11 +1155,20 @@ pub(crate) fn upload_url(
     location: &str,
     digest: &Digest,
 ) -> Result<Url, RegistryError> {
-    let mut url = request
+    let mut url = join_location(request, location, 202)?;
+    url.query_pairs_mut()
+        .append_pair("digest", &digest.to_string());
+    Ok(url)
+}
+
+/// A `Location` answered (with `status`) to `request`, as a URL: relative ones are resolved
+/// against `request`; a move from https to plain http is refused.
+fn join_location(request: &Url, location: &str, status: u16) -> Result<Url, RegistryError> {
+    let url = request
         .join(location.trim())
         .map_err(|e| RegistryError::Protocol {
             url: display_url(request),
-            status: 202,
+            status,
             body_snippet: format!("the upload Location is not a URL ({e})"),
             retry_after: None,
         })?;
@@ -812,8 +1178,6 @@ pub(crate) fn upload_url(
             reason: "an upload location that moves from https to plain http".into(),
         });
     }
-    url.query_pairs_mut()
-        .append_pair("digest", &digest.to_string());
     Ok(url)
 }
 

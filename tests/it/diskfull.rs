@@ -188,7 +188,11 @@ fn a_full_disk_ends_every_run_with_exit_1_naming_the_path() {
         assert_disk_full(&out, &out_dir, &format!("build {codec}"));
         assert_layout_consistent(&out_dir);
         assert_eq!(temporaries(fs16.path()), Vec::<PathBuf>::new(), "{codec}");
-        fs::remove_dir_all(&out_dir).unwrap();
+        // The failed build removes the output directory it created (space freed, too).
+        assert!(
+            !out_dir.exists(),
+            "{codec}: a failed build left its new output directory"
+        );
     }
 
     // push --no-cache with TMPDIR on the full disk: the scratch store is removed too.

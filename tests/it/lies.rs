@@ -256,10 +256,11 @@ fn tokens_expiring_during_a_long_upload_are_renewed_once_per_expiry() {
         !expired.is_empty(),
         "no token expired in {took:?}: {seen:#?}"
     );
-    // ... one of them during a blob upload: the PUT went in with a valid token, and the
-    // next request with that token found it expired.
+    // ... one of them during a blob upload: the PUT (or, for a layer uploaded while it was
+    // compressed, a PATCH) went in with a valid token, and the next request with that token
+    // found it expired.
     let put_outlived_its_token = seen.iter().enumerate().any(|(i, s)| {
-        s.method == "PUT"
+        (s.method == "PUT" || s.method == "PATCH")
             && s.target.contains("/blobs/uploads/")
             && !s.expired
             && seen[i + 1..]

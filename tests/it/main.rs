@@ -31,4 +31,5 @@ mod scale;
 mod smoke;
 mod speed;
 mod static_base;
+mod stream;
 mod supply;

@@ -99,8 +99,8 @@ pub struct ProxyOpts {
     pub lose_puts: usize,
     /// Read request bodies at most this many bytes per second (a slow registry).
     pub read_rate: Option<u64>,
-    /// Read this many bytes of a blob-upload PUT body, then stop reading (and answering)
-    /// until the client gives up (a registry that stops reading).
+    /// Read this many bytes of a blob-upload PUT (or PATCH) body, then stop reading (and
+    /// answering) until the client gives up (a registry that stops reading).
     pub stop_reading_after: Option<usize>,
     /// Answer every manifest PUT `403 DENIED` (a credential that may upload blobs but not
     /// write manifests or tags): an authorization failure in the middle of a push.
@@ -144,6 +144,12 @@ pub struct ProxyOpts {
     /// accepted by the registry, with `?artifactType=` filtering; answer such PUTs with
     /// `OCI-Subject`.
     pub referrers_api: bool,
+    /// (method, n, fault): the n-th request (0-based) with this method gets this fault,
+    /// whatever the seeded schedule says (e.g. the second PATCH of a chunked upload).
+    pub fault_nth: Vec<(String, usize, Fault)>,
+    /// Answer PATCHes with this `Range` instead of the registry's (a registry that lost a
+    /// chunk).
+    pub patch_range: Option<String>,
 }
 
 impl Default for ProxyOpts {
@@ -177,6 +183,8 @@ impl Default for ProxyOpts {
             wrong_manifest_digest: false,
             name_unknown_until_in_moto: None,
             referrers_api: false,
+            fault_nth: Vec::new(),
+            patch_range: None,
         }
     }
 }
@@ -203,6 +211,8 @@ pub struct Seen {
     pub end: Option<std::time::Instant>,
     /// It carried a Bearer token that had expired ([`ProxyOpts::token_ttl`]).
     pub expired: bool,
+    /// Its `Content-Range` header (chunked uploads).
+    pub content_range: Option<String>,
 }
 
 /// The most requests of `seen` that ran one after another (each started after the one before
@@ -278,6 +288,8 @@ struct State {
     name_unknown_answers: usize,
     /// (repository, subject digest) -> descriptors of its referrers, in PUT order.
     referrers: HashMap<(String, String), Vec<serde_json::Value>>,
+    /// Requests seen per method ([`ProxyOpts::fault_nth`]).
+    per_method: HashMap<String, usize>,
 }
 
 /// A running proxy on `127.0.0.1:PORT`; stops on drop.
@@ -697,6 +709,19 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
                 fault = Some(kind);
             }
         }
+        let nth = {
+            let c = st.per_method.entry(req.method.clone()).or_default();
+            *c += 1;
+            *c - 1
+        };
+        if let Some((_, _, f)) = opts
+            .fault_nth
+            .iter()
+            .find(|(m, n, _)| *m == req.method && *n == nth)
+        {
+            st.faults += 1;
+            fault = Some(*f);
+        }
         if fault == Some(Fault::Unauthorized) {
             st.last_was_401.insert(key.clone());
         } else {
@@ -711,6 +736,7 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
             at: std::time::Instant::now(),
             end: None,
             expired,
+            content_range: req.header("content-range").map(str::to_string),
         });
         (seq, fault, valid_token)
     };
@@ -735,7 +761,9 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
         return Ok(());
     }
     let mut body = vec![0; req.content_length];
-    let upload_put = req.method == "PUT" && req.target.contains("/blobs/uploads/");
+    // Blob bytes go in PUTs, and in PATCHes for a layer uploaded while it is compressed.
+    let upload_put =
+        (req.method == "PUT" || req.method == "PATCH") && req.target.contains("/blobs/uploads/");
     match (opts.stop_reading_after, opts.read_rate, opts.throttle) {
         (Some(n), _, _) if upload_put && req.content_length > n => {
             reader.read_exact(&mut body[..n])?;
@@ -1050,6 +1078,13 @@ fn serve(shared: &Shared, reader: &mut BufReader<Conn>, raw: &TcpStream) -> std:
                 .filter(|_| lower.starts_with("location:"))
         {
             out.push_str(&format!("Location: {to}{}\r\n", path_of(value.trim())));
+            continue;
+        }
+        if let Some(range) = &opts.patch_range
+            && req.method == "PATCH"
+            && lower.starts_with("range:")
+        {
+            out.push_str(&format!("Range: {range}\r\n"));
             continue;
         }
         if manifest_put && lower.starts_with("docker-content-digest:") {

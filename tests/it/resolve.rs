@@ -148,10 +148,14 @@ fn examples_hello_built_pushed_resolved_validated_and_run() {
     assert_eq!(sha256_hex(&raw), hex, "the index the reference names");
     let index: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     assert_eq!(index["manifests"].as_array().unwrap().len(), 1, "{index}");
+    // The index goes up under its tag (`latest`), which stores it by digest too.
     assert_eq!(
         reg.log()
             .lines()
-            .filter(|l| l.contains(&format!("PUT /v2/examples/hello/manifests/{digest}")))
+            .filter(|l| {
+                l.contains(&format!("PUT /v2/examples/hello/manifests/{digest} "))
+                    || l.contains("PUT /v2/examples/hello/manifests/latest ")
+            })
             .count(),
         1,
         "the index is pushed once"
@@ -487,9 +491,13 @@ fn two_specs_are_each_pushed_once() {
             .find(&start)
             .unwrap_or_else(|| panic!("{name}: {resolved}"));
         let digest = &resolved[at + start.len()..at + start.len() + 71];
+        // The index goes up under its tag (`latest`), which stores it by digest too.
         let puts = log
             .lines()
-            .filter(|l| l.contains(&format!("PUT /v2/two/{name}/manifests/{digest}")))
+            .filter(|l| {
+                l.contains(&format!("PUT /v2/two/{name}/manifests/{digest} "))
+                    || l.contains(&format!("PUT /v2/two/{name}/manifests/latest "))
+            })
             .count();
         assert_eq!(puts, 1, "{name}: index pushed once");
         digests.push(format!("{start}{digest}"));
