@@ -129,9 +129,10 @@ pub fn write_layer_hashing(
     };
     let blob = Announcing::new(store.writer().map_err(write_err)?, progress);
     let encoder = Encoder::new(blob, opts.compression, opts.threads).map_err(write_err)?;
-    // tar writes in 8 KiB pieces; the encoders work per call (zstd's multithreaded mode
-    // synchronises with its workers on each one), so feed them 1 MiB at a time. The bytes do
-    // not depend on the piece sizes (compress.rs tests).
+    // Headers and small files come in small writes; the encoders work per call (zstd's
+    // multithreaded mode synchronises with its workers on each one), so feed them 1 MiB at a
+    // time (large file contents pass straight through). The bytes do not depend on the piece
+    // sizes (compress.rs tests).
     let encoder = io::BufWriter::with_capacity(ENCODER_INPUT, encoder);
     let mut tar = tar::Builder::new(HashingWriter::new(encoder));
     // One read buffer per layer, for all its files.
