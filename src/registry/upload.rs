@@ -489,12 +489,7 @@ async fn push_blob_after(
             // The PUT (or mount) said 201, but a registry (or a proxy in front of it) can lose what it
             // acknowledged; a manifest naming a missing blob would be refused or, worse, dangle.
             // One HEAD is cheap insurance; a loss is retried like any transient fault.
-            if !blob_exists(client, &blob.digest).await? {
-                return Err(RegistryError::BlobMissing {
-                    url: display_url(&client.repo_url(&format!("blobs/{}", blob.digest))),
-                    digest: blob.digest.clone(),
-                });
-            }
+            confirm_present(client, &blob.digest).await?;
             if uploaded {
                 progress.event(Event::BlobDone {
                     digest: &blob.digest,
@@ -711,12 +706,7 @@ async fn put_file(
     .await;
     // If every byte went out, they must have been the right ones: otherwise the store is
     // corrupt, whatever the registry answered (it would say DIGEST_INVALID).
-    let (got, sent) = hasher
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-        .finish();
-    if sent == blob.size && got != *digest {
+    if let Some(got) = sent_other_bytes(&hasher, blob.size, digest) {
         return Err(RegistryError::CorruptBlob {
             path: path.to_path_buf(),
             expected: digest.clone(),
@@ -724,6 +714,30 @@ async fn put_file(
         });
     }
     result
+}
+
+/// What the bytes hashed in `hasher` hash to, when all `size` of them went out and they are
+/// not `digest`.
+fn sent_other_bytes(hasher: &Mutex<StreamHasher>, size: u64, digest: &Digest) -> Option<Digest> {
+    let (got, hashed) = hasher
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .finish();
+    (hashed == size && got != *digest).then_some(got)
+}
+
+/// The confirming `HEAD` after an upload: the registry has `digest`, or [`RegistryError::BlobMissing`]
+/// (retried like a transient fault by the caller's retry loop).
+async fn confirm_present(client: &Client, digest: &Digest) -> Result<(), RegistryError> {
+    if blob_exists(client, digest).await? {
+        Ok(())
+    } else {
+        Err(RegistryError::BlobMissing {
+            url: display_url(&client.repo_url(&format!("blobs/{digest}"))),
+            digest: digest.clone(),
+        })
+    }
 }
 
 /// `PUT url` with the `length`-byte body `body` makes (called again when the request is
@@ -980,12 +994,7 @@ impl ChunkedUpload {
             progress,
         )
         .await;
-        let (got, hashed) = hasher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .finish();
-        if hashed == size && got != *digest {
+        if let Some(got) = sent_other_bytes(&hasher, size, digest) {
             return Err(corrupt(format!("content hashing to {got}")));
         }
         let response = response?;
@@ -993,12 +1002,7 @@ impl ChunkedUpload {
             return Err(unexpected(&url, response).await);
         }
         check_digest(&url, &response, digest)?;
-        if !blob_exists(client, digest).await? {
-            return Err(RegistryError::BlobMissing {
-                url: display_url(&client.repo_url(&format!("blobs/{digest}"))),
-                digest: digest.clone(),
-            });
-        }
+        confirm_present(client, digest).await?;
         progress.event(Event::BlobDone { digest });
         Ok(true)
     }
