@@ -811,15 +811,30 @@ fn file_body(
     hasher: Arc<Mutex<StreamHasher>>,
     tx: mpsc::UnboundedSender<u64>,
 ) -> reqwest::Body {
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(file, CHUNK).inspect_ok(move |chunk| {
-            hasher
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .update(chunk);
-            let _ = tx.send(chunk.len() as u64);
-        });
-    reqwest::Body::wrap_stream(stream)
+    hashed_body(
+        tokio_util::io::ReaderStream::with_capacity(file, CHUNK),
+        hasher,
+        tx,
+    )
+}
+
+/// `pieces` as a request body, each piece hashed into `hasher` and its length reported on
+/// `tx` as it is taken.
+fn hashed_body<S>(
+    pieces: S,
+    hasher: Arc<Mutex<StreamHasher>>,
+    tx: mpsc::UnboundedSender<u64>,
+) -> reqwest::Body
+where
+    S: futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+{
+    reqwest::Body::wrap_stream(pieces.inspect_ok(move |piece| {
+        hasher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .update(piece);
+        let _ = tx.send(piece.len() as u64);
+    }))
 }
 
 /// Bytes `start..end` of `file` as a request body, read at their offsets (the descriptor's
@@ -842,15 +857,8 @@ fn range_body(
             let piece = read_at(file, at, len).await?;
             Ok::<_, std::io::Error>(Some((piece, at + len as u64)))
         }
-    })
-    .inspect_ok(move |piece| {
-        hasher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .update(piece);
-        let _ = tx.send(piece.len() as u64);
     });
-    reqwest::Body::wrap_stream(stream)
+    hashed_body(stream, hasher, tx)
 }
 
 /// `len` bytes of `file` at `offset` (a blocking read, off the async threads).
