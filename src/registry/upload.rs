@@ -1,9 +1,9 @@
-//! Pushing an image: blobs first, then manifests, then the index, then tags.
+//! Pushing an image: blobs first, then manifests, then the index under its tags.
 //!
 //! Order (distribution-spec spec.md "Pushing manifests": a registry may refuse a manifest whose
 //! blobs it does not have): every layer and config of every platform is confirmed present,
-//! then each platform manifest is stored by digest, then the index by digest, and only then are
-//! tags pointed at the index, so a failure never leaves a tag on a partial image.
+//! then each platform manifest is stored by digest, and only then does the index go up (under
+//! its tags, or by digest without one), so a failure never leaves a tag on a partial image.
 //!
 //! Round trips (a CI runner is often 20-80 ms from its registry): each stage is one wave of
 //! concurrent requests, not one request after another: all blobs (layers, configs, base
