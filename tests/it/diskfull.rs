@@ -69,15 +69,11 @@ impl Drop for Tmpfs {
 /// A context with a 40 MB pseudo-random (incompressible) file and a spec for it.
 fn workspace() -> tempfile::TempDir {
     let ws = tempfile::tempdir().unwrap();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut data = Vec::with_capacity(40_000_000);
-    while data.len() < 40_000_000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    fs::write(ws.path().join("big.bin"), data).unwrap();
+    fs::write(
+        ws.path().join("big.bin"),
+        noise(40_000_000, 0x2545_f491_4f6c_dd1d),
+    )
+    .unwrap();
     fs::write(
         ws.path().join("spec.toml"),
         "platforms = [\"linux/amd64\"]\ntags = [\"v1\"]\n[[layer]]\nfiles = [{ src = \"big.bin\", dest = \"/big.bin\" }]\n",

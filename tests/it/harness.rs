@@ -1196,3 +1196,16 @@ fn harness_skips_fail_in_ci_unless_allowed() {
         assert_eq!(prereq_of(reason), want, "{reason}");
     }
 }
+
+/// `len` reproducible bytes (seed `x`) that do not compress (xorshift64*), so a layer is about as large as its file.
+pub fn noise(len: usize, mut x: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

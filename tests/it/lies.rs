@@ -198,16 +198,11 @@ fn noise_workspace(mib: usize) -> tempfile::TempDir {
     let ws = tempfile::tempdir().unwrap();
     let mut spec = String::from("platforms = [\"linux/amd64\"]\ntags = [\"v1\"]\n");
     for (i, seed) in [(0, 11u64), (1, 23), (2, 37)] {
-        let mut x = seed;
-        let mut bytes = Vec::with_capacity(mib << 20);
-        while bytes.len() < mib << 20 {
-            // xorshift64*
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            bytes.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-        }
-        fs::write(ws.path().join(format!("noise{i}.bin")), bytes).unwrap();
+        fs::write(
+            ws.path().join(format!("noise{i}.bin")),
+            noise(mib << 20, seed),
+        )
+        .unwrap();
         spec.push_str(&format!(
             "[[layer]]\nfiles = [{{ src = \"noise{i}.bin\", dest = \"/noise{i}.bin\" }}]\n"
         ));

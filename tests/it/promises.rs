@@ -340,19 +340,6 @@ fn retry_after_is_waited_for() {
     assert!(checked >= 3, "too few 429s to judge: {seen:#?}");
 }
 
-/// Bytes that do not compress (xorshift64*), so a layer is about as large as its file.
-fn noise(len: usize, mut x: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 #[test]
 fn an_upload_making_progress_outlives_the_deadline() {
     let reg = Registry::start();

@@ -174,16 +174,11 @@ fn a_layer_of_100000_small_files_builds_in_bounded_memory_and_time() {
 /// A workspace with one 10 MB incompressible file.
 fn big_file_workspace() -> tempfile::TempDir {
     let ws = tempfile::tempdir().unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let data: Vec<u8> = (0..10_000_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    fs::write(ws.path().join("big.bin"), data).unwrap();
+    fs::write(
+        ws.path().join("big.bin"),
+        noise(10_000_000, 0x9e37_79b9_7f4a_7c15),
+    )
+    .unwrap();
     fs::write(
         ws.path().join("spec.toml"),
         "platforms = [\"linux/amd64\"]\ntags = [\"v1\"]\n[[layer]]\nfiles = [{ src = \"big.bin\", dest = \"/big.bin\" }]\n",

@@ -24,15 +24,11 @@ fn text(b: &[u8]) -> String {
 /// seed), and a small second layer (uploaded the usual way).
 fn random_workspace() -> tempfile::TempDir {
     let ws = tempfile::tempdir().unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut data = Vec::with_capacity(LAYER);
-    while data.len() < LAYER {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    fs::write(ws.path().join("random.bin"), &data).unwrap();
+    fs::write(
+        ws.path().join("random.bin"),
+        noise(LAYER, 0x9e37_79b9_7f4a_7c15),
+    )
+    .unwrap();
     fs::write(ws.path().join("notes.txt"), "notes\n").unwrap();
     fs::write(
         ws.path().join("spec.toml"),
