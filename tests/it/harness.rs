@@ -1209,3 +1209,11 @@ pub fn noise(len: usize, mut x: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// The image index that the first entry of the layout `oci_dir`'s `index.json` names.
+pub fn top_index(oci_dir: &Path) -> serde_json::Value {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(oci_dir.join("index.json")).unwrap()).unwrap();
+    let top = index["manifests"][0]["digest"].as_str().unwrap();
+    serde_json::from_slice(&read_blob(oci_dir, top)).unwrap()
+}

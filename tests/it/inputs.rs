@@ -204,13 +204,7 @@ fn pulled_layer_listing(reg: &Registry, reference: &str, ws: &Path) -> Vec<Strin
     let dir = ws.join("pulled");
     let _ = fs::remove_dir_all(&dir);
     pull_oci(reg, reference, &dir, "x");
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
-    let top = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let top: serde_json::Value = serde_json::from_slice(&read_blob(&dir, &top)).unwrap();
+    let top = top_index(&dir);
     // skopeo --all keeps the image index: descend to the platform manifest.
     let manifest_digest = top["manifests"][0]["digest"].as_str().unwrap();
     let manifest: serde_json::Value =

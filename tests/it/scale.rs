@@ -137,14 +137,8 @@ fn many_small_files(files: usize, max_time: Duration, max_rss_mib: u64) {
     );
 
     // Every file is in the layer (+ 100 directories + /data's own entry).
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(ws.path().join("out/index.json")).unwrap()).unwrap();
-    let top = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let out_dir = ws.path().join("out");
-    let idx: serde_json::Value = serde_json::from_slice(&read_blob(&out_dir, &top)).unwrap();
+    let idx = top_index(&out_dir);
     let manifest: serde_json::Value = serde_json::from_slice(&read_blob(
         &out_dir,
         idx["manifests"][0]["digest"].as_str().unwrap(),

@@ -33,13 +33,7 @@ fn spec(dir: &Path, files: &str, extra: &str) -> PathBuf {
 
 /// The digest of the first layer of each platform's manifest in the layout `dir`.
 fn first_layers(dir: &Path) -> Vec<String> {
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
-    let top = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let top: serde_json::Value = serde_json::from_slice(&read_blob(dir, &top)).unwrap();
+    let top = top_index(dir);
     top["manifests"]
         .as_array()
         .unwrap()

@@ -94,13 +94,7 @@ fn verify(reg: &Registry, repo: &str) {
     let dest = tempfile::tempdir().unwrap();
     pull_oci(reg, &format!("{repo}:latest"), dest.path(), "latest");
     let layout = dest.path();
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    let top = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let top: serde_json::Value = serde_json::from_slice(&read_blob(layout, &top)).unwrap();
+    let top = top_index(layout);
     let manifest = top["manifests"][0]["digest"].as_str().unwrap().to_string();
     let unpacked = tempfile::tempdir().unwrap();
     unpack_layers(layout, &manifest, unpacked.path());
