@@ -77,6 +77,17 @@ fn warm(ws: &Path, cache: &Path) {
     );
 }
 
+/// A registry behind a delaying proxy, a hello.toml workspace and a layer cache already
+/// holding its layers ([`warm`]).
+fn warmed_behind_a_delay() -> (Registry, Proxy, tempfile::TempDir, tempfile::TempDir) {
+    let reg = Registry::start();
+    let proxy = delaying(&reg);
+    let ws = workspace(1_700_000_000);
+    let cache = tempfile::tempdir().unwrap();
+    warm(ws.path(), cache.path());
+    (reg, proxy, ws, cache)
+}
+
 fn show(seen: &[Seen]) -> String {
     let t0 = seen.first().map(|s| s.at);
     seen.iter()
@@ -123,11 +134,7 @@ fn all_after(seen: &[Seen], before: impl Fn(&Seen) -> bool, after: impl Fn(&Seen
 
 #[test]
 fn cold_push_waits_seven_round_trips_and_a_re_push_sends_two_requests() {
-    let reg = Registry::start();
-    let proxy = delaying(&reg);
-    let ws = workspace(1_700_000_000);
-    let cache = tempfile::tempdir().unwrap();
-    warm(ws.path(), cache.path());
+    let (reg, proxy, ws, cache) = warmed_behind_a_delay();
 
     // Cold (for the registry): the ping, one wave of blobs (HEAD, POST, PUT, confirming HEAD; layers and configs
     // together), the manifests together, the index under its tag (one PUT stores and tags it).
@@ -291,11 +298,7 @@ fn index_of_tag(reg: &Registry, repo: &str, tag: &str) -> String {
 
 #[test]
 fn referrers_are_skipped_only_when_this_cache_recorded_attaching_them() {
-    let reg = Registry::start();
-    let proxy = delaying(&reg);
-    let ws = workspace(1_700_000_000);
-    let cache = tempfile::tempdir().unwrap();
-    warm(ws.path(), cache.path());
+    let (reg, proxy, ws, cache) = warmed_behind_a_delay();
 
     // An attach that fails after the image was tagged (the referrers tag cannot be read):
     // the blobs are recorded, the referrers are not.
@@ -374,11 +377,7 @@ fn is_referrers_read(s: &Seen) -> bool {
 
 #[test]
 fn attaching_referrers_to_every_platform_is_six_round_trips_after_the_tag() {
-    let reg = Registry::start();
-    let proxy = delaying(&reg);
-    let ws = workspace(1_700_000_000);
-    let cache = tempfile::tempdir().unwrap();
-    warm(ws.path(), cache.path());
+    let (reg, proxy, ws, cache) = warmed_behind_a_delay();
 
     // Referrers tag schema (docker-registry 2.8 has no referrers API). One wave per step,
     // all three platforms together: the lists (API and tag asked at once) and a HEAD per
