@@ -19,16 +19,19 @@ RUNS="${COMP_RUNS:-3}"
 CPU="${COMP_CPU:-1}"
 MIB="${COMP_MIB:-100}"
 WORK="${COMP_DIR:-/tmp/imgbuild-compression}"
-LEVELS_ZLIBRS="${COMP_ZLIBRS_LEVELS-1 2 3 4 5 6 7 8 9}"
+LEVELS_ZLIBRS="${COMP_ZLIBRS_LEVELS-2 3 4 5 6 7 8 9}"
+# imgbuild's own encoder (src/deflate.rs): `fast` (= level 1) and the alternatives measured for it,
+# as `--own HASH_BITS,WAYS,INSERT_MAX,SKIP_SHIFT,BLOCK_SYMS[,DEPTH,NICE,LAZY]` (bench/deflate.rs).
+OWN="${COMP_OWN-15,2,0,0,0 15,1,0,0,0 15,2,0,4,0 15,2,8,4,8192 16,1,0,4,8192 16,1,4,4,8192 15,1,258,0,8192,8,32,8}"
 log() { printf 'compression: %s\n' "$*" >&2; }
 
 for tool in gzip libdeflate-gzip igzip pigz zstd taskset python3 /usr/bin/time; do
     command -v "$tool" >/dev/null 2>&1 || { log "missing $tool"; exit 1; }
 done
-if [[ -n "$LEVELS_ZLIBRS" ]]; then
+if [[ -n "$LEVELS_ZLIBRS$OWN" ]]; then
     log "building the deflate bench binary (release)"
     DEFLATE_BIN="$(cd "$ROOT" && cargo build --release --quiet --bench deflate --message-format=json |
-        python3 -c 'import json, sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable")][-1])')"
+        python3 -c 'import json, sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("target", {}).get("name") == "deflate" and j.get("executable")][-1])')"
 fi
 
 mkdir -p "$WORK"
@@ -77,6 +80,12 @@ fi
 for l in $LEVELS_ZLIBRS; do
     row "imgbuild zlib-rs -$l (pigz framing, 1 thread)" "$DEFLATE_BIN --level $l <in.tar"
 done
+if [[ -n "$OWN" ]]; then
+    row "imgbuild own encoder, level 1 = fast (pigz framing, 1 thread)" "$DEFLATE_BIN --level 1 <in.tar"
+    for o in $OWN; do
+        row "imgbuild own encoder --own $o" "$DEFLATE_BIN --own $o <in.tar"
+    done
+fi
 if [[ -n "${COMP_EXTRA:-}" ]]; then
     # COMP_EXTRA='label|command;label|command': further rows (e.g. other block sizes).
     IFS=';' read -ra extra <<<"$COMP_EXTRA"

@@ -70,7 +70,8 @@ use std::sync::{Arc, Mutex};
 
 /// Bumped whenever the tar or compressed bytes for the same inputs change (a new block size,
 /// a different deflate backend, tar header changes): old entries are then simply not found.
-const KEY_VERSION: &str = "imgbuild-layer-cache v1";
+/// v2: gzip level 1 (`fast`) became imgbuild's own encoder (issue 11).
+const KEY_VERSION: &str = "imgbuild-layer-cache v2";
 
 /// Markers of the layer shapes (key without contents) that were cached.
 pub const SHAPES: &str = "shapes";

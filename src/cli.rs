@@ -203,8 +203,8 @@ pub struct CommonArgs {
     )]
     pub compression: String,
 
-    /// Compression level [default: gzip 5, zstd 3]; gzip 0-9, zstd 1-19; `fast`: gzip 2,
-    /// zstd 1.
+    /// Compression level [default: gzip 5, zstd 3]; gzip 0-9, zstd 1-19; `fast`: gzip 1
+    /// (imgbuild's own fast encoder), zstd 1.
     #[arg(long, value_name = "N|fast")]
     pub compression_level: Option<String>,
 

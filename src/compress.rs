@@ -15,8 +15,10 @@
 //!   single-threaded mode is never used. The job size is fixed (4 MiB): it is part of the
 //!   bytes, and it bounds memory (each worker holds one job's input and output).
 //!
-//! The deflate implementation is pinned (flate2's zlib-rs backend, Cargo.toml) and guarded by
-//! golden digests: other deflate implementations produce other, equally valid, bytes.
+//! Two deflate engines write the blocks: level 1 (`fast`) is imgbuild's own greedy encoder
+//! ([`crate::deflate`], written for speed: bench/compression.md), the other levels zlib-rs
+//! (flate2's backend, pinned in Cargo.toml). Both are guarded by golden digests: other deflate
+//! implementations produce other, equally valid, bytes.
 
 use crate::image::{MEDIA_TYPE_LAYER_GZIP, MEDIA_TYPE_LAYER_ZSTD};
 use flate2::{Compress, FlushCompress, Status};
@@ -29,8 +31,9 @@ use std::thread::JoinHandle;
 /// Input block size of the parallel gzip encoder: pigz's default (128 KiB).
 /// Changing it changes every gzip digest.
 pub const GZIP_BLOCK: usize = 128 * 1024;
-/// `--compression-level fast` for gzip: see bench/compression.md for the choice.
-const GZIP_FAST: u32 = 2;
+/// `--compression-level fast` for gzip: level 1, imgbuild's own encoder ([`Engine::for_level`];
+/// bench/compression.md has the measurements behind the choice).
+const GZIP_FAST: u32 = 1;
 /// Deflate's window: the dictionary each block is primed with.
 const DICT: usize = 32 * 1024;
 
@@ -215,10 +218,41 @@ struct Job {
 /// A compressed block and the CRC-32 of its input (computed on the worker: no serial CRC pass).
 type Done = (u64, io::Result<(Vec<u8>, crc32fast::Hasher)>);
 
+/// What deflates a block: zlib-rs at a level, or imgbuild's own encoder ([`crate::deflate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    ZlibRs(u32),
+    Own(crate::deflate::Params),
+}
+
+impl Engine {
+    /// gzip level 1 (`fast`) is imgbuild's own greedy encoder; the other levels are zlib-rs's.
+    pub fn for_level(level: u32) -> Self {
+        if level == GZIP_FAST {
+            Engine::Own(crate::deflate::FAST)
+        } else {
+            Engine::ZlibRs(level)
+        }
+    }
+
+    /// Raw-deflate one block: primed with `dict`, ended with a sync flush, or final if `last`.
+    fn deflate(self, dict: Option<&[u8]>, data: &[u8], last: bool) -> io::Result<Vec<u8>> {
+        match self {
+            Engine::ZlibRs(level) => zlib_block(level, dict, data, last),
+            Engine::Own(p) => Ok(crate::deflate::deflate_block(
+                &p,
+                dict.unwrap_or_default(),
+                data,
+                last,
+            )),
+        }
+    }
+}
+
 /// Parallel, deterministic gzip (see the module docs).
 pub struct ParGzWriter<W: Write> {
     inner: W,
-    level: u32,
+    engine: Engine,
     /// The block being filled.
     buf: Vec<u8>,
     prev: Option<Arc<Vec<u8>>>,
@@ -245,7 +279,7 @@ pub struct ParGzWriter<W: Write> {
 impl<W: Write> fmt::Debug for ParGzWriter<W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ParGzWriter")
-            .field("level", &self.level)
+            .field("engine", &self.engine)
             .field("threads", &self.workers.len())
             .finish_non_exhaustive()
     }
@@ -253,14 +287,14 @@ impl<W: Write> fmt::Debug for ParGzWriter<W> {
 
 impl<W: Write> ParGzWriter<W> {
     pub fn new(inner: W, level: u32, threads: usize) -> Self {
-        Self::with_block_size(inner, level, threads, GZIP_BLOCK)
+        Self::with_engine(inner, Engine::for_level(level), threads, GZIP_BLOCK)
     }
 
-    /// [`ParGzWriter::new`] with another block size: for the block-size comparison in
-    /// bench/compression.sh only (the block size is part of the bytes; layers use
-    /// [`GZIP_BLOCK`]).
+    /// [`ParGzWriter::new`] with another engine or block size: for the comparisons in
+    /// bench/compression.sh only (both are part of the bytes; layers use
+    /// [`Engine::for_level`] and [`GZIP_BLOCK`]).
     #[doc(hidden)]
-    pub fn with_block_size(inner: W, level: u32, threads: usize, block: usize) -> Self {
+    pub fn with_engine(inner: W, engine: Engine, threads: usize, block: usize) -> Self {
         let threads = threads.max(1);
         let block = block.max(DICT);
         let (jobs, job_rx) = mpsc::channel::<Job>();
@@ -286,7 +320,9 @@ impl<W: Write> ParGzWriter<W> {
                         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             let mut crc = crc32fast::Hasher::new();
                             crc.update(&job.data);
-                            deflate_block(level, dict, &job.data, job.last).map(|out| (out, crc))
+                            engine
+                                .deflate(dict, &job.data, job.last)
+                                .map(|out| (out, crc))
                         }))
                         .unwrap_or_else(|_| Err(io::Error::other("a gzip worker thread panicked")));
                         if done_tx.send((job.seq, out)).is_err() {
@@ -298,7 +334,7 @@ impl<W: Write> ParGzWriter<W> {
             .collect();
         ParGzWriter {
             inner,
-            level,
+            engine,
             buf: Vec::with_capacity(block),
             block,
             prev: None,
@@ -359,9 +395,9 @@ impl<W: Write> ParGzWriter<W> {
         if !self.header_written {
             // RFC 1952: ID1 ID2 CM=8 FLG=0 MTIME=0 XFL OS=255 (unknown), as flate2's GzBuilder
             // wrote before; XFL 2 = best compression, 4 = fastest.
-            let xfl = match self.level {
-                9 => 2,
-                1 => 4,
+            let xfl = match self.engine {
+                Engine::ZlibRs(9) => 2,
+                Engine::ZlibRs(1) | Engine::Own(_) => 4,
                 _ => 0,
             };
             self.inner
@@ -438,7 +474,7 @@ impl<W: Write> Write for ParGzWriter<W> {
 /// reads some of them, so the output would depend on which blocks the worker compressed
 /// before (bench/compression.md: 5-11 of 230 blocks of binary input at levels 1-6). The
 /// fresh state costs about 1% of a build's CPU.
-fn deflate_block(level: u32, dict: Option<&[u8]>, data: &[u8], last: bool) -> io::Result<Vec<u8>> {
+fn zlib_block(level: u32, dict: Option<&[u8]>, data: &[u8], last: bool) -> io::Result<Vec<u8>> {
     let mut c = Compress::new(flate2::Compression::new(level), false);
     if let Some(d) = dict {
         c.set_dictionary(d).map_err(io::Error::other)?;
@@ -520,8 +556,14 @@ mod tests {
             GZIP_BLOCK + 1,
             5 * GZIP_BLOCK + 77,
         ];
-        for codec in [Codec::Gzip, Codec::Zstd] {
-            let c = Compression::new(codec, None).unwrap();
+        // The default levels, and gzip `fast` (the other engine: its per-thread buffers are
+        // reused across blocks and must not carry anything over).
+        for (codec, level) in [
+            (Codec::Gzip, None),
+            (Codec::Gzip, Some(1)),
+            (Codec::Zstd, None),
+        ] {
+            let c = Compression::new(codec, level).unwrap();
             for size in sizes {
                 let data = sample(size);
                 let one = encode(c, 1, &data, 65536);
@@ -578,9 +620,9 @@ mod tests {
             (
                 Codec::Gzip,
                 1,
-                "sha256:383bbf22493839bda67c8b9ec7c12332f23ac5a9e6670c2e1aa3d23fa23a3e66",
+                "sha256:39520f54704181520a1af25013698a60656857e495658121e516adb47cbc5d49",
             ),
-            // The default level and `fast`.
+            // The default level; `fast` is level 1 (imgbuild's own encoder).
             (
                 Codec::Gzip,
                 5,

@@ -20,6 +20,7 @@ pub mod cache;
 pub mod compress;
 pub mod context;
 pub mod copy;
+pub mod deflate;
 pub mod deploy;
 pub mod digest;
 pub mod docker_archive;
