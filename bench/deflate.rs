@@ -2,9 +2,11 @@
 //! bytes to stdout. `bench/compression.sh` times it per level on one core against the gzip,
 //! libdeflate, ISA-L and zstd command-line tools.
 //!
-//!   deflate [--codec gzip|zstd] [--level N] [--threads N] [--block-kib N] < in.tar > out.gz
+//!   deflate [--codec gzip|zstd] [--level N] [--threads N] [--block-kib N] [--own P] < in.tar > out.gz
 //!
-//! `--block-kib` (gzip only) tries another block size than the layers' 128 KiB.
+//! `--block-kib` (gzip only) tries another block size than the layers' 128 KiB; `--own P`
+//! (gzip only) runs imgbuild's own encoder (src/deflate.rs) with the parameters
+//! `HASH_BITS,WAYS,INSERT_MAX,SKIP_SHIFT[,BLOCK_SYMS[,DEPTH,NICE,LAZY]]`.
 
 use std::io::{self, BufWriter, Read, Write};
 
@@ -19,7 +21,7 @@ fn main() -> io::Result<()> {
     // than wait on stdin (a CI step that hangs is worse than one that fails).
     if args.len() == 0 {
         eprintln!(
-            "usage: deflate [--codec gzip|zstd] --level N [--threads N] [--block-kib N] <in >out"
+            "usage: deflate [--codec gzip|zstd] --level N [--threads N] [--block-kib N] [--own P] <in >out"
         );
         return Ok(());
     }
