@@ -8,10 +8,12 @@
 //! bytes depend on the input (block, dictionary, last-ness) and [`Params`] alone.
 //!
 //! How: greedy LZ77 over a multiplicative hash of 4 bytes with `ways` candidates per bucket
-//! (libdeflate's "fastest" design); the dictionary's positions are inserted first so matches
-//! reach back into it (RFC 1951 3.2: distances up to 32 KiB). The block's symbols are then
-//! written as one dynamic-Huffman block (3.2.7), or a fixed-Huffman (3.2.6) or stored (3.2.4)
-//! block when that is smaller. Code lengths come from Moffat and Katajainen's in-place
+//! (libdeflate's and ISA-L's "fastest" design), stepping faster through stretches without
+//! matches; the dictionary's positions are inserted first so matches reach back into it
+//! (RFC 1951 3.2: distances up to 32 KiB). (A hash-chain mode with lazy matching is there for
+//! the measurements in bench/compression.md; no level uses it.) The symbols are then written
+//! as dynamic-Huffman blocks (3.2.7) of about [`Params::block_syms`] symbols, each as a
+//! fixed-Huffman (3.2.6) or stored (3.2.4) block instead when that is smaller. Code lengths come from Moffat and Katajainen's in-place
 //! algorithm, limited to 15 bits (7 for the code-length code) with miniz's adjustment. A block
 //! that is not the last ends with a sync flush (an empty stored block, byte-aligned), exactly as
 //! zlib's `Z_SYNC_FLUSH` does, so blocks concatenate into one stream; the last block has
