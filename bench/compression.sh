@@ -21,8 +21,8 @@ MIB="${COMP_MIB:-100}"
 WORK="${COMP_DIR:-/tmp/imgbuild-compression}"
 LEVELS_ZLIBRS="${COMP_ZLIBRS_LEVELS-2 3 4 5 6 7 8 9}"
 # imgbuild's own encoder (src/deflate.rs): `fast` (= level 1) and the alternatives measured for it,
-# as `--own HASH_BITS,WAYS,INSERT_MAX,SKIP_SHIFT,BLOCK_SYMS[,DEPTH,NICE,LAZY]` (bench/deflate.rs).
-OWN="${COMP_OWN-15,2,0,0,0 15,1,0,0,0 15,2,0,4,0 15,2,8,4,8192 16,1,0,4,8192 16,1,4,4,8192 15,1,258,0,8192,8,32,8}"
+# as `--own HASH_BITS,WAYS,INSERT_MAX,SKIP_SHIFT,BLOCK_SYMS` (bench/deflate.rs).
+OWN="${COMP_OWN-15,2,0,0,0 15,1,0,0,0 15,2,0,4,0 15,2,8,4,8192 16,1,0,4,8192 16,1,4,4,8192}"
 log() { printf 'compression: %s\n' "$*" >&2; }
 
 for tool in gzip libdeflate-gzip igzip pigz zstd taskset python3 /usr/bin/time; do

@@ -6,7 +6,7 @@
 //!
 //! `--block-kib` (gzip only) tries another block size than the layers' 128 KiB; `--own P`
 //! (gzip only) runs imgbuild's own encoder (src/deflate.rs) with the parameters
-//! `HASH_BITS,WAYS,INSERT_MAX,SKIP_SHIFT[,BLOCK_SYMS[,DEPTH,NICE,LAZY]]`.
+//! `HASH_BITS,WAYS,INSERT_MAX,SKIP_SHIFT[,BLOCK_SYMS]`.
 
 use std::io::{self, BufWriter, Read, Write};
 
@@ -31,7 +31,7 @@ fn main() -> io::Result<()> {
             "--codec" => codec = v.parse().map_err(io::Error::other)?,
             "--level" => level = Some(v.parse().map_err(io::Error::other)?),
             "--threads" => threads = v.parse().map_err(io::Error::other)?,
-            // `--own HASH_BITS,WAYS,INSERT_MAX,SKIP_SHIFT[,BLOCK_SYMS[,DEPTH,NICE,LAZY]]`: imgbuild's own encoder with those
+            // `--own HASH_BITS,WAYS,INSERT_MAX,SKIP_SHIFT[,BLOCK_SYMS]`: imgbuild's own encoder with those
             // parameters (src/deflate.rs).
             "--own" => {
                 let n: Vec<u32> = v
@@ -44,9 +44,6 @@ fn main() -> io::Result<()> {
                     insert_max: n[2] as usize,
                     skip_shift: n[3],
                     block_syms: n.get(4).map_or(0, |&b| b as usize),
-                    depth: n.get(5).copied().unwrap_or(0),
-                    nice: n.get(6).map_or(0, |&b| b as usize),
-                    lazy: n.get(7).map_or(0, |&b| b as usize),
                 });
             }
             "--block-kib" => block = Some(v.parse::<usize>().map_err(io::Error::other)? << 10),

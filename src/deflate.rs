@@ -10,8 +10,7 @@
 //! How: greedy LZ77 over a multiplicative hash of 4 bytes with `ways` candidates per bucket
 //! (libdeflate's and ISA-L's "fastest" design), stepping faster through stretches without
 //! matches; the dictionary's positions are inserted first so matches reach back into it
-//! (RFC 1951 3.2: distances up to 32 KiB). (A hash-chain mode with lazy matching is there for
-//! the measurements in bench/compression.md; no level uses it.) The symbols are then written
+//! (RFC 1951 3.2: distances up to 32 KiB). The symbols are then written
 //! as dynamic-Huffman blocks (3.2.7) of about [`Params::block_syms`] symbols, each as a
 //! fixed-Huffman (3.2.6) or stored (3.2.4) block instead when that is smaller. Code lengths come from Moffat and Katajainen's in-place
 //! algorithm, limited to 15 bits (7 for the code-length code) with miniz's adjustment. A block
@@ -49,13 +48,6 @@ pub struct Params {
     /// A new Huffman block after this many symbols (codes that follow the data); 0: one
     /// block per input block.
     pub block_syms: usize,
-    /// Hash chains instead of buckets: candidates tried per position (0: buckets, `ways`).
-    pub depth: u32,
-    /// Chains: stop searching at a match this long.
-    pub nice: usize,
-    /// Chains: below this length, also try the next position and keep the longer match
-    /// (zlib's lazy evaluation); 0: greedy.
-    pub lazy: usize,
 }
 
 /// `--compression-level fast` (see bench/compression.md for the measurements behind it).
@@ -65,9 +57,6 @@ pub const FAST: Params = Params {
     insert_max: 4,
     skip_shift: 4,
     block_syms: 8192,
-    depth: 0,
-    nice: 0,
-    lazy: 0,
 };
 
 /// Per-thread buffers, reused across blocks and cleared for each (the output must not
@@ -76,7 +65,6 @@ pub const FAST: Params = Params {
 struct State {
     buf: Vec<u8>,
     table: Vec<u32>,
-    prev: Vec<u32>,
     seqs: Vec<Seq>,
 }
 
@@ -89,12 +77,7 @@ thread_local! {
 pub fn deflate_block(p: &Params, dict: &[u8], data: &[u8], last: bool) -> Vec<u8> {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        let State {
-            buf,
-            table,
-            prev,
-            seqs,
-        } = &mut *s;
+        let State { buf, table, seqs } = &mut *s;
         let dict = &dict[dict.len().saturating_sub(WINDOW)..];
         buf.clear();
         buf.extend_from_slice(dict);
@@ -103,9 +86,7 @@ pub fn deflate_block(p: &Params, dict: &[u8], data: &[u8], last: bool) -> Vec<u8
         table.clear();
         table.resize(p.ways << p.hash_bits, 0);
         seqs.clear();
-        if p.depth > 0 {
-            find_matches_chained(p, buf, dict.len(), table, prev, seqs);
-        } else if p.ways >= 2 {
+        if p.ways >= 2 {
             find_matches::<2>(p, buf, dict.len(), table, seqs);
         } else {
             find_matches::<1>(p, buf, dict.len(), table, seqs);
@@ -248,102 +229,6 @@ fn find_matches<const WAYS: usize>(
         pos += len;
         anchor = pos;
         misses = 0;
-    }
-    seqs.push(((end - anchor) as u32, 0));
-}
-
-/// The longest match for `pos` among at most `depth` chain candidates from `cand`, if longer
-/// than `best`: (length, distance), or (`best`, 0).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn longest(
-    buf: &[u8],
-    prev: &[u32],
-    mut cand: u32,
-    pos: usize,
-    end: usize,
-    depth: u32,
-    nice: usize,
-    mut best: usize,
-) -> (usize, usize) {
-    let here = pos as u32 + OFFSET;
-    let limit = (end - pos).min(MAX_MATCH);
-    let cur = read32(buf, pos);
-    let mut best_dist = 0;
-    for _ in 0..depth {
-        let dist = here.wrapping_sub(cand) as usize;
-        if dist > WINDOW || best >= limit {
-            break;
-        }
-        let c = pos - dist;
-        // Only a candidate that also matches at the best length so far can beat it.
-        if buf[c + best] == buf[pos + best] && read32(buf, c) == cur {
-            let len = match_len(buf, c, pos, limit);
-            if len > best {
-                best = len;
-                best_dist = dist;
-                if len >= nice {
-                    break;
-                }
-            }
-        }
-        cand = prev[c];
-    }
-    (best, best_dist)
-}
-
-/// LZ77 over hash chains (every position inserted), greedy or lazy ([`Params::lazy`]).
-fn find_matches_chained(
-    p: &Params,
-    buf: &[u8],
-    start: usize,
-    head: &mut [u32],
-    prev: &mut Vec<u32>,
-    seqs: &mut Vec<Seq>,
-) {
-    let end = buf.len() - PAD;
-    let bits = p.hash_bits;
-    let hashable = end.saturating_sub(MIN_MATCH - 1);
-    prev.clear();
-    prev.resize(hashable.max(1), 0);
-    // Insert `pos`; the chain's previous head.
-    let insert = |head: &mut [u32], prev: &mut [u32], pos: usize| -> u32 {
-        let h = hash(read32(buf, pos), bits);
-        let first = head[h];
-        prev[pos] = first;
-        head[h] = pos as u32 + OFFSET;
-        first
-    };
-    for pos in 0..start.min(hashable) {
-        insert(head, prev, pos);
-    }
-    let mut anchor = start;
-    let mut pos = start;
-    while pos < hashable {
-        let first = insert(head, prev, pos);
-        let (mut len, mut dist) =
-            longest(buf, prev, first, pos, end, p.depth, p.nice, MIN_MATCH - 1);
-        if dist == 0 {
-            pos += 1;
-            continue;
-        }
-        let mut at = pos;
-        while len < p.lazy && at + 1 < hashable {
-            let first = insert(head, prev, at + 1);
-            let (l2, d2) = longest(buf, prev, first, at + 1, end, p.depth, p.nice, len);
-            if d2 == 0 {
-                break;
-            }
-            (len, dist, at) = (l2, d2, at + 1);
-        }
-        seqs.push(((at - anchor) as u32, ((dist as u32 - 1) << 9) | len as u32));
-        if len <= p.insert_max {
-            for q in at + 1..(at + len).min(hashable) {
-                insert(head, prev, q);
-            }
-        }
-        pos = at + len;
-        anchor = pos;
     }
     seqs.push(((end - anchor) as u32, 0));
 }
@@ -959,17 +844,8 @@ mod tests {
                 ..FAST
             },
             Params {
-                depth: 8,
-                nice: 32,
-                lazy: 8,
-                insert_max: 258,
-                ..FAST
-            },
-            Params {
-                depth: 2,
-                nice: 300,
-                lazy: 0,
-                insert_max: 0,
+                ways: 2,
+                insert_max: 8,
                 hash_bits: 9,
                 ..FAST
             },
@@ -979,7 +855,6 @@ mod tests {
                 insert_max: 16,
                 skip_shift: 1,
                 block_syms: 7,
-                ..FAST
             },
         ];
         for (name, data) in inputs() {
@@ -1020,16 +895,12 @@ mod tests {
                 }
             }
             data.truncate(len);
-            let depth = if rnd(2) == 0 { 0 } else { 1 + rnd(16) as u32 };
             let p = Params {
                 hash_bits: 8 + rnd(9) as u32,
                 ways: 1 + rnd(2) as usize,
                 insert_max: rnd(300) as usize,
                 skip_shift: rnd(7) as u32,
                 block_syms: rnd(3000) as usize,
-                depth,
-                nice: rnd(300) as usize,
-                lazy: rnd(40) as usize,
             };
             let block = 1 + rnd(6000) as usize;
             let raw = encode(&p, &data, block);
