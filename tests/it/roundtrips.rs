@@ -88,6 +88,27 @@ fn warmed_behind_a_delay() -> (Registry, Proxy, tempfile::TempDir, tempfile::Tem
     (reg, proxy, ws, cache)
 }
 
+/// The round trips on the critical path of `seen`, printed with the request log.
+fn logged_depth(label: &str, seen: &[Seen]) -> usize {
+    let depth = proxy::critical_path(seen, |_| true, |_| true);
+    eprintln!(
+        "{label}: {depth} round trips, {} requests:\n{}",
+        seen.len(),
+        show(seen)
+    );
+    depth
+}
+
+/// The image's part of a push (up to its `latest` tag) took at most `max` round trips.
+fn assert_image_part_within(seen: &[Seen], max: usize) {
+    let depth = proxy::critical_path(seen, |_| true, |s| is_tag_put(s, "latest"));
+    assert!(
+        depth <= max,
+        "{depth} round trips to the tag:\n{}",
+        show(seen)
+    );
+}
+
 fn show(seen: &[Seen]) -> String {
     let t0 = seen.first().map(|s| s.at);
     seen.iter()
@@ -140,12 +161,7 @@ fn cold_push_waits_seven_round_trips_and_a_re_push_sends_two_requests() {
     // together), the manifests together, the index under its tag (one PUT stores and tags it).
     let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/cold", NO_REFERRERS);
     let index = index_of_tag(&reg, "rt/cold", "latest");
-    let depth = proxy::critical_path(&seen, |_| true, |_| true);
-    eprintln!(
-        "cold push: {depth} round trips, {} requests:\n{}",
-        seen.len(),
-        show(&seen)
-    );
+    let depth = logged_depth("cold push", &seen);
     assert!(depth <= 7, "{depth} round trips:\n{}", show(&seen));
     // 1 ping + 7 blobs x 4 + 3 manifests + the index by its tag, and the tag's HEAD (beside
     // the blobs).
@@ -332,12 +348,7 @@ fn referrers_are_skipped_only_when_this_cache_recorded_attaching_them() {
     // The image's part of a push with referrers (ending with its tag) is still seven round
     // trips at most: on a new repository.
     let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/att2", &[]);
-    let depth = proxy::critical_path(&seen, |_| true, |s| is_tag_put(s, "latest"));
-    assert!(
-        depth <= 7,
-        "{depth} round trips to the tag:\n{}",
-        show(&seen)
-    );
+    assert_image_part_within(&seen, 7);
 
     // Now recorded: a re-push is the ping and the tag's HEAD, referrers included.
     for repo in ["rt/att", "rt/att2"] {
@@ -385,22 +396,12 @@ fn attaching_referrers_to_every_platform_is_six_round_trips_after_the_tag() {
     // referrer manifests; the three referrers tags.
     let seen = push_ok(ws.path(), cache.path(), &proxy, "rt/refs", &[]);
     let attach = after_tag(&seen);
-    let depth = proxy::critical_path(&attach, |_| true, |_| true);
-    eprintln!(
-        "attach: {depth} round trips, {} requests:\n{}",
-        attach.len(),
-        show(&attach)
-    );
+    let depth = logged_depth("attach", &attach);
     assert!(depth <= 6, "{depth} round trips:\n{}", show(&seen));
     // 3 API GETs + 3 tag GETs, 7 blobs x 4 (HEAD, POST, PUT, HEAD), 6 manifests, 3 tags.
     assert_eq!(attach.len(), 6 + 28 + 6 + 3, "{}", show(&attach));
     // The image's part is unchanged by what follows it.
-    let image = proxy::critical_path(&seen, |_| true, |s| is_tag_put(s, "latest"));
-    assert!(
-        image <= 7,
-        "{image} round trips to the tag:\n{}",
-        show(&seen)
-    );
+    assert_image_part_within(&seen, 7);
     let whole = proxy::critical_path(&seen, |_| true, |_| true);
     eprintln!("whole push: {whole} round trips, {} requests", seen.len());
     assert!(whole <= 13, "{whole} round trips:\n{}", show(&seen));
