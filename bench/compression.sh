@@ -30,8 +30,9 @@ for tool in gzip libdeflate-gzip igzip pigz zstd taskset python3 /usr/bin/time; 
 done
 if [[ -n "$LEVELS_ZLIBRS$OWN" ]]; then
     log "building the deflate bench binary (release)"
-    DEFLATE_BIN="$(cd "$ROOT" && cargo build --release --quiet --bench deflate --message-format=json |
-        python3 -c 'import json, sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("target", {}).get("name") == "deflate" and j.get("executable")][-1])')"
+    # shellcheck source=bench/bench-bin.sh
+    source "$ROOT/bench/bench-bin.sh"
+    DEFLATE_BIN="$(bench_bin deflate)"
 fi
 
 mkdir -p "$WORK"
