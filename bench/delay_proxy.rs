@@ -26,7 +26,7 @@
 //! query string is left out). `report` counts the requests and the round trips: the longest
 //! chain of requests that ran one after another (each started after the previous one ended).
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -10,7 +10,9 @@
 # linux/arm64) one 100 MiB artifact built from seeded slices of the machine's shared libraries
 # and documentation (not zeros, not random), plus a small config layer. Every measured command
 # runs against a fresh local docker-registry (127.0.0.1 only), wall time and peak RSS from
-# /usr/bin/time; the table shows medians of BENCH_RUNS runs and the ratios imgbuild/peer.
+# /usr/bin/time; the table shows medians of BENCH_RUNS runs and the ratios imgbuild/peer. The
+# rows whose ratios are targets (imgbuild's cold pushes and buildah; 1 and 2 cores) run in
+# turn, run by run (`measure_together`), so the machine's drift weighs on both sides alike.
 # The machine is shared and has 2 cores: figures are noisy, compare ratios from one run.
 #
 # Results: every measured row is appended to res/rows.tsv (key, median wall s, median peak RSS
@@ -160,18 +162,19 @@ EOF
     log "registry did not start"; cat reg/log >&2; exit 1
 }
 
-# measure NAME SETUP CMD: run SETUP (untimed) then CMD (timed) RUNS times; record medians.
-measure() {
-    local name="$1" setup="$2" cmd="$3" runs="${4:-$RUNS}" i
-    : >"res/$name.raw"
-    for ((i = 1; i <= runs; i++)); do
-        eval "$setup"
-        if ! /usr/bin/time -f '%e %M' -o res/time.txt bash -c "$cmd" >res/out.txt 2>res/err.txt; then
-            log "$name failed:"; tail -5 res/err.txt >&2; return 1
-        fi
-        tail -1 res/time.txt >>"res/$name.raw"
-    done
-    python3 - "$name" <<'PY'
+# run_once NAME SETUP CMD: run SETUP (untimed) then CMD (timed); append wall s and peak RSS
+# KiB to res/NAME.raw.
+run_once() {
+    eval "$2"
+    if ! /usr/bin/time -f '%e %M' -o res/time.txt bash -c "$3" >res/out.txt 2>res/err.txt; then
+        log "$1 failed:"; tail -5 res/err.txt >&2; return 1
+    fi
+    tail -1 res/time.txt >>"res/$1.raw"
+}
+
+# record NAME: the medians of res/NAME.raw into res/NAME.med and res/rows.tsv.
+record() {
+    python3 - "$1" <<'PY'
 import statistics, sys
 name = sys.argv[1]
 rows = [l.split() for l in open(f"res/{name}.raw") if l.strip()]
@@ -180,7 +183,37 @@ rss = statistics.median(int(r[1]) for r in rows) / 1024
 open(f"res/{name}.med", "w").write(f"{wall:.2f} {rss:.0f}\n")
 open("res/rows.tsv", "a").write(f"{name}\t{wall:.2f}\t{rss:.0f}\t{len(rows)}\n")
 PY
-    log "$name: $(cat "res/$name.med") (wall s, peak RSS MiB; median of $runs)"
+    log "$1: $(cat "res/$1.med") (wall s, peak RSS MiB; median of $(wc -l <"res/$1.raw"))"
+}
+
+# measure NAME SETUP CMD [RUNS]: RUNS runs (default $RUNS) one after another; record medians.
+measure() {
+    local runs="${4:-$RUNS}" i
+    : >"res/$1.raw"
+    for ((i = 1; i <= runs; i++)); do
+        run_once "$1" "$2" "$3" || return 1
+    done
+    record "$1"
+}
+
+# measure_together NAME SETUP CMD [NAME SETUP CMD ...]: the rows in turn, $RUNS rounds (the
+# first run of each, then the second of each, ...), so that a machine whose speed drifts
+# during the bench (a shared one does, by 25% within minutes) weighs on all of them alike.
+# The rows whose ratios are targets are measured this way.
+measure_together() {
+    local -a names=() setups=() cmds=()
+    local i k
+    while (($# >= 3)); do
+        names+=("$1") setups+=("$2") cmds+=("$3")
+        shift 3
+    done
+    for k in "${!names[@]}"; do : >"res/${names[k]}.raw"; done
+    for ((i = 1; i <= RUNS; i++)); do
+        for k in "${!names[@]}"; do
+            run_once "${names[k]}" "${setups[k]}" "${cmds[k]}" || return 1
+        done
+    done
+    for k in "${!names[@]}"; do record "${names[k]}"; done
 }
 
 export IMGBUILD_CACHE="$WORK/cache"
@@ -189,36 +222,9 @@ export NO_COLOR=1
 # --------------------------------------------------------------------------------------------
 # The rows
 # --------------------------------------------------------------------------------------------
-log "1. imgbuild push, cold (fresh registry, empty cache)"
-measure imgbuild_cold 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
-    "$IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/imgbuild"
-
-log "1a. imgbuild build (no registry), cold: the compression part of row 1"
-measure imgbuild_build 'rm -rf "$IMGBUILD_CACHE" out-build' \
-    "$IMGBUILD build -q --no-arch-check -f in/spec.toml -o out-build"
-rm -rf out-build
-
-log "1c. bytes read from input files by a cold push (-v counter): the inputs' size, not twice"
-fresh_registry
-rm -rf "$IMGBUILD_CACHE"
-input_read=$("$IMGBUILD" push -v --no-arch-check -f in/spec.toml --repo "127.0.0.1:$PORT/bench/reads" 2>&1 >/dev/null |
-    sed -n 's/^read \([0-9]*\) bytes from input files$/\1/p')
-input_size=$(find in/amd64 in/arm64 in/conf -type f -printf '%s\n' | awk '{s += $1} END {print s}')
-log "cold push read ${input_read:-?} bytes from inputs of ${input_size} bytes"
-
-log "1b. imgbuild push --compression zstd, cold"
-measure imgbuild_cold_zstd 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
-    "$IMGBUILD push -q --no-arch-check --compression zstd -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/zstd"
-
-log "1c. imgbuild push, cold, without SBOM/provenance referrers (row 1 attaches both)"
-measure imgbuild_cold_noattach 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
-    "$IMGBUILD push -q --no-arch-check --sbom none --provenance none -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/noattach"
-
-log "1d. imgbuild push, cold, --upload-mode put: each layer uploaded once complete (row 1 streams it while compressed)"
-measure imgbuild_cold_put 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
-    "$IMGBUILD push -q --no-arch-check --upload-mode put -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/put"
-
-log "2. buildah from scratch, add, commit, manifest push --all (vfs, chroot)"
+log "1. the rows the targets compare, in turn run by run: imgbuild push, cold (fresh registry,"
+log "   empty cache): gzip default, gzip fast, zstd, zstd fast; buildah from scratch, add, commit,"
+log "   manifest push --all (vfs, chroot)"
 cat >res/buildah.sh <<'EOF'
 set -euo pipefail
 B=(buildah --root "$WORK/bh/root" --runroot "$WORK/bh/run" --storage-driver vfs)
@@ -234,8 +240,38 @@ for arch in amd64 arm64; do
 done
 "${B[@]}" manifest push --all --tls-verify=false bench "docker://127.0.0.1:$PORT/bench/buildah:latest" >/dev/null 2>&1
 EOF
-measure buildah 'fresh_registry; rm -rf bh' "bash res/buildah.sh"
+measure_together \
+    imgbuild_cold 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/imgbuild" \
+    imgbuild_cold_fast 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check --compression-level fast -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/fast" \
+    imgbuild_cold_zstd 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check --compression zstd -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/zstd" \
+    imgbuild_cold_zstd_fast 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check --compression zstd --compression-level fast -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/zstdfast" \
+    buildah 'fresh_registry; rm -rf bh' "bash res/buildah.sh"
 rm -rf bh
+
+log "1a. imgbuild build (no registry), cold: the compression part of row 1"
+measure imgbuild_build 'rm -rf "$IMGBUILD_CACHE" out-build' \
+    "$IMGBUILD build -q --no-arch-check -f in/spec.toml -o out-build"
+rm -rf out-build
+
+log "1c. bytes read from input files by a cold push (-v counter): the inputs' size, not twice"
+fresh_registry
+rm -rf "$IMGBUILD_CACHE"
+input_read=$("$IMGBUILD" push -v --no-arch-check -f in/spec.toml --repo "127.0.0.1:$PORT/bench/reads" 2>&1 >/dev/null |
+    sed -n 's/^read \([0-9]*\) bytes from input files$/\1/p')
+input_size=$(find in/amd64 in/arm64 in/conf -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+log "cold push read ${input_read:-?} bytes from inputs of ${input_size} bytes"
+
+log "1c. imgbuild push, cold, without SBOM/provenance referrers (row 1 attaches both)"
+measure imgbuild_cold_noattach 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check --sbom none --provenance none -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/noattach"
+
+log "1d. imgbuild push, cold, --upload-mode put: each layer uploaded once complete (row 1 streams it while compressed)"
+measure imgbuild_cold_put 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "$IMGBUILD push -q --no-arch-check --upload-mode put -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/put"
 
 log "3. docker build + docker push, per platform"
 if docker info >/dev/null 2>&1; then
@@ -303,14 +339,6 @@ rm -rf in/big
 # --------------------------------------------------------------------------------------------
 # Compression levels and scaling (issue 11: deflate engine, fast setting, cores)
 # --------------------------------------------------------------------------------------------
-log "8. imgbuild push, cold, the fast gzip setting (--compression-level fast)"
-measure imgbuild_cold_fast 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
-    "$IMGBUILD push -q --no-arch-check --compression-level fast -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/fast"
-
-log "8a. imgbuild push, cold, zstd at its fast setting (--compression zstd --compression-level fast: level 1)"
-measure imgbuild_cold_zstd_fast 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
-    "$IMGBUILD push -q --no-arch-check --compression zstd --compression-level fast -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/zstdfast"
-
 # layer_bytes_ratio LEVEL: the 100 MiB layer's blob size / `gzip -6` of the same tar, at
 # --compression-level LEVEL (`default`: without the flag).
 layer_bytes_ratio() {
@@ -329,9 +357,10 @@ ratio_fast="$(layer_bytes_ratio fast 2>/dev/null || echo '?')"
 log "layer bytes vs gzip -6 of the same tar: default ${ratio_default}, fast ${ratio_fast}"
 
 log "9. scaling: imgbuild push, cold, pinned to 1 core and to 2 cores (taskset)"
-measure imgbuild_cold_1cpu 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
-    "taskset -c 0 $IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/cpu1"
-measure imgbuild_cold_2cpu 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+measure_together \
+    imgbuild_cold_1cpu 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
+    "taskset -c 0 $IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/cpu1" \
+    imgbuild_cold_2cpu 'fresh_registry; rm -rf "$IMGBUILD_CACHE"' \
     "taskset -c 0,1 $IMGBUILD push -q --no-arch-check -f in/spec.toml --repo 127.0.0.1:\$PORT/bench/cpu2"
 # (end of the compression levels and scaling section)
 
