@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by bench/*.sh. bench_bin NAME: build the bench binary NAME (bench/NAME.rs, a
 # `[[bench]]` with `harness = false` in Cargo.toml) in release mode and print its path (cargo
 # names it target/release/deps/NAME-HASH; its JSON messages say which).

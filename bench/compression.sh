@@ -30,7 +30,7 @@ for tool in gzip libdeflate-gzip igzip pigz zstd taskset python3 /usr/bin/time; 
 done
 if [[ -n "$LEVELS_ZLIBRS$OWN" ]]; then
     log "building the deflate bench binary (release)"
-    # shellcheck source=bench/bench-bin.sh
+    # shellcheck disable=SC1091 # bench/bench-bin.sh (bench_bin), sourced by path
     source "$ROOT/bench/bench-bin.sh"
     DEFLATE_BIN="$(bench_bin deflate)"
 fi

@@ -47,7 +47,7 @@ if [[ -z "${BENCH_NO_BUILD:-}" ]]; then
     (cd "$ROOT" && cargo build --release --quiet)
 fi
 # The round-trip rows' delaying proxy (bench/delay_proxy.rs; quick to build, so built always).
-# shellcheck source=bench/bench-bin.sh
+# shellcheck disable=SC1091 # bench/bench-bin.sh (bench_bin), sourced by path
 source "$ROOT/bench/bench-bin.sh"
 DELAY_PROXY="$(bench_bin delay_proxy)"
 
