@@ -43,13 +43,19 @@ const HOP: &[&str] = &[
 ];
 
 fn main() {
+    const USAGE: &str =
+        "usage: delay_proxy LISTEN_PORT UPSTREAM_HOST:PORT DELAY_MS LOG_FILE | report LOG_FILE";
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.as_slice() {
+        // `cargo test --all-targets` runs this binary with no arguments: say how to use it
+        // and succeed (serving would never end).
+        [] => {
+            eprintln!("{USAGE}");
+            Ok(())
+        }
         [cmd, log] if cmd == "report" => report(log),
         [port, upstream, delay, log] => serve(port, upstream, delay, log),
-        _ => Err(io::Error::other(
-            "usage: delay_proxy LISTEN_PORT UPSTREAM_HOST:PORT DELAY_MS LOG_FILE | report LOG_FILE",
-        )),
+        _ => Err(io::Error::other(USAGE)),
     };
     if let Err(e) = result {
         eprintln!("delay_proxy: {e}");
