@@ -186,16 +186,6 @@ PY
     log "$1: $(cat "res/$1.med") (wall s, peak RSS MiB; median of $(wc -l <"res/$1.raw"))"
 }
 
-# measure NAME SETUP CMD [RUNS]: RUNS runs (default $RUNS) one after another; record medians.
-measure() {
-    local runs="${4:-$RUNS}" i
-    : >"res/$1.raw"
-    for ((i = 1; i <= runs; i++)); do
-        run_once "$1" "$2" "$3" || return 1
-    done
-    record "$1"
-}
-
 # measure_together NAME SETUP CMD [NAME SETUP CMD ...]: the rows in turn, $RUNS rounds (the
 # first run of each, then the second of each, ...), so that a machine whose speed drifts
 # during the bench (a shared one does, by 25% within minutes) weighs on all of them alike.
@@ -214,6 +204,12 @@ measure_together() {
         done
     done
     for k in "${!names[@]}"; do record "${names[k]}"; done
+}
+
+# measure NAME SETUP CMD [RUNS]: one row, RUNS runs (default $RUNS); record medians.
+measure() {
+    local RUNS="${4:-$RUNS}"
+    measure_together "$1" "$2" "$3"
 }
 
 export IMGBUILD_CACHE="$WORK/cache"
