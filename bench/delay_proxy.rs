@@ -142,6 +142,31 @@ impl Head {
         self.get("content-length")
             .and_then(|v| v.trim().parse().ok())
     }
+    /// The status of an answer's head (0 if there is none).
+    fn status(&self) -> u16 {
+        self.start
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+    /// The message with this start line, the headers that are not hop-by-hop, `length` as
+    /// Content-Length, and `body`.
+    fn message(&self, start: &str, length: Option<&str>, body: &[u8]) -> Vec<u8> {
+        let mut head = format!("{start}\r\n");
+        for (k, v) in &self.headers {
+            if !HOP.contains(&k.to_ascii_lowercase().as_str()) {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        if let Some(n) = length {
+            head.push_str(&format!("Content-Length: {n}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut msg = head.into_bytes();
+        msg.extend_from_slice(body);
+        msg
+    }
     fn closes(&self) -> bool {
         self.get("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"))
@@ -228,12 +253,7 @@ impl Upstream {
     fn exchange(&mut self, method: &str, req: &[u8]) -> io::Result<(Head, Vec<u8>, bool)> {
         self.write.write_all(req)?;
         let head = read_head(&mut self.read)?.ok_or(io::ErrorKind::ConnectionReset)?;
-        let status: u16 = head
-            .start
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let status = head.status();
         let bodiless = method == "HEAD" || status / 100 == 1 || status == 204 || status == 304;
         let to_eof = !bodiless && !head.chunked() && head.length().is_none();
         let body = if bodiless {
@@ -264,18 +284,12 @@ fn connection(client: TcpStream, shared: &Shared) -> io::Result<()> {
         let target = words.next().unwrap_or("").to_string();
         std::thread::sleep(shared.delay);
 
-        let mut req = format!("{method} {target} HTTP/1.1\r\n");
-        for (k, v) in &head.headers {
-            if !HOP.contains(&k.to_ascii_lowercase().as_str()) {
-                req.push_str(&format!("{k}: {v}\r\n"));
-            }
-        }
-        if !body.is_empty() || matches!(method.as_str(), "PUT" | "POST" | "PATCH") {
-            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        req.push_str("\r\n");
-        let mut req = req.into_bytes();
-        req.extend_from_slice(&body);
+        let sends_length = !body.is_empty() || matches!(method.as_str(), "PUT" | "POST" | "PATCH");
+        let req = head.message(
+            &format!("{method} {target} HTTP/1.1"),
+            sends_length.then(|| body.len().to_string()).as_deref(),
+            &body,
+        );
 
         let mut answer = None;
         for attempt in 0..2 {
@@ -299,27 +313,15 @@ fn connection(client: TcpStream, shared: &Shared) -> io::Result<()> {
             upstream = None;
         }
 
-        let mut msg = format!("{}\r\n", resp.start);
-        for (k, v) in &resp.headers {
-            if !HOP.contains(&k.to_ascii_lowercase().as_str()) {
-                msg.push_str(&format!("{k}: {v}\r\n"));
-            }
-        }
-        if method == "HEAD" {
-            if let Some(n) = resp.get("content-length") {
-                msg.push_str(&format!("Content-Length: {n}\r\n"));
-            }
+        // A HEAD answer keeps the registry's length and has no body; others get the body's.
+        let msg = if method == "HEAD" {
+            resp.message(&resp.start, resp.get("content-length"), &[])
         } else {
-            msg.push_str(&format!("Content-Length: {}\r\n", payload.len()));
-        }
-        msg.push_str("\r\n");
-        let mut msg = msg.into_bytes();
-        if method != "HEAD" {
-            msg.extend_from_slice(&payload);
-        }
+            resp.message(&resp.start, Some(&payload.len().to_string()), &payload)
+        };
         out.write_all(&msg)?;
         let end = shared.epoch.elapsed().as_nanos();
-        let status = resp.start.split_whitespace().nth(1).unwrap_or("?");
+        let status = resp.status();
         let path = target.split('?').next().unwrap_or("");
         let line = format!("{start} {end} {method} {path} {status}\n");
         shared
